@@ -1,0 +1,5 @@
+import sys
+
+from lovd.cli import main
+
+sys.exit(main())

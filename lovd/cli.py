@@ -1,0 +1,224 @@
+"""The ``lovd`` command: serve, session, cleanup, doctor, image, demo, version."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import aiohttp
+
+from lovd import __version__
+from lovd import config as config_mod
+from lovd.config import Config, ConfigError
+
+EXIT_USAGE = 2
+
+
+def _socket_path(args: argparse.Namespace, cfg: Config | None) -> str:
+    if args.socket:
+        return str(args.socket)
+    env = os.environ.get("LOVD_SOCKET")
+    if env:
+        return env
+    listen = cfg.listen if cfg else "unix:/run/lovd/api.sock"
+    if not listen.startswith("unix:"):
+        raise SystemExit("lovd: the API is not on a unix socket; pass --socket PATH")
+    return listen[len("unix:") :]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+async def _call(sock: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=sock), timeout=timeout
+    ) as http:
+        try:
+            async with http.request(method, f"http://lovd{path}", json=body) as r:
+                text = await r.text()
+                data = json.loads(text) if text and "json" in r.content_type else text
+                if r.status >= 400:
+                    raise ApiError(r.status, data)
+                return r.status, data
+        except aiohttp.ClientConnectorError as e:
+            raise SystemExit(
+                f"lovd: cannot connect to {sock}: {e.os_error.strerror if e.os_error else e}. "
+                "Is lovd running (systemctl start lovd, or lovd serve)? "
+                "Do you have access to the socket (group lovd)?"
+            ) from e
+
+
+def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    sock = _socket_path(args, args.cfg)
+    try:
+        _, data = asyncio.run(_call(sock, method, path, body))
+    except ApiError as e:
+        detail = e.body.get("detail") if isinstance(e.body, dict) else e.body
+        print(f"lovd: {detail} (HTTP {e.status})", file=sys.stderr)
+        raise SystemExit(1) from e
+    return data
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    widths = [max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    for r in rows:
+        lines.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lovd import log
+    from lovd.daemon import Daemon, StartupError
+
+    cfg: Config = args.cfg
+    log.setup(cfg.log_level)
+    listen = args.listen
+    if listen and not listen.startswith(("unix:", "tcp:")):
+        print("lovd: --listen expects unix:PATH or tcp:HOST:PORT", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(Daemon(cfg, listen_override=listen).run())
+    except StartupError as e:
+        print(f"lovd: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    sub = args.session_cmd
+    if sub == "create":
+        data = _api(args, "POST", "/api/sessions", {"wait": not args.no_wait})
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(f"session {data['id']} {data['status']}")
+            print(f"  open: {data['url']}")
+            print("  (the link carries the session's token; it is shown only now)")
+        return 0
+    if sub == "list":
+        data = _api(args, "GET", "/api/sessions")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(_table(data["sessions"], ["id", "status", "port", "created_at", "reason"]))
+        return 0
+    if sub == "show":
+        data = _api(args, "GET", f"/api/sessions/{args.id}?history=1")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            for k, v in data.items():
+                if k not in ("events", "health"):
+                    print(f"{k:14} {v}")
+            for e in reversed(data.get("events", [])[:10]):
+                print(f"  {e['at']} {e['kind']} {e['detail']}")
+        return 0
+    if sub == "rm":
+        for sid in args.ids:
+            _api(args, "DELETE", f"/api/sessions/{sid}")
+            print(f"deleted {sid}")
+        return 0
+    raise AssertionError(sub)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    data = _api(args, "POST", "/api/cleanup")
+    print(json.dumps(data) if args.json else f"removed {len(data['removed'])} sessions")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lovd.doctor import render, run_checks
+
+    results = asyncio.run(run_checks(args.cfg))
+    print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else render(results))
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from lovd.images import build
+
+    return build(args.cfg, test=args.test, tag=args.tag)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lovd.demo.run import main as demo_main
+
+    return demo_main(args.cfg, args.listen)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"lovd {__version__}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lovd", description=__doc__)
+    p.add_argument("--config", help="config file (default $LOVD_CONFIG or /etc/lovd/lovd.conf)")
+    p.add_argument("--socket", help="API socket for client commands (default from config)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--listen", help="unix:PATH or tcp:HOST:PORT (overrides config)")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("session", help="manage sessions")
+    ss = s.add_subparsers(dest="session_cmd", required=True)
+    c = ss.add_parser("create", help="create a session and wait until it runs")
+    c.add_argument("--no-wait", action="store_true", help="return while it is starting")
+    c.add_argument("--json", action="store_true")
+    c = ss.add_parser("list", help="list sessions")
+    c.add_argument("--json", action="store_true")
+    c = ss.add_parser("show", help="show one session with its recent events")
+    c.add_argument("id")
+    c.add_argument("--json", action="store_true")
+    c = ss.add_parser("rm", help="delete sessions")
+    c.add_argument("ids", nargs="+", metavar="ID")
+    s.set_defaults(fn=cmd_session)
+
+    s = sub.add_parser("cleanup", help="delete expired/dead sessions, stop idle ones")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_cleanup)
+
+    s = sub.add_parser("doctor", help="check this host for everything lovd needs")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("image", help="session images")
+    si = s.add_subparsers(dest="image_cmd", required=True)
+    b = si.add_parser("build", help="build the session image (offline-capable)")
+    b.add_argument("--test", action="store_true", help="build the tiny test image instead")
+    b.add_argument("--tag", help="image tag (default: the configured image)")
+    s.set_defaults(fn=cmd_image)
+
+    s = sub.add_parser("demo", help="run the Lovdata MCP and LLM stand-ins in the foreground")
+    s.add_argument("--listen", default="0.0.0.0", help="address the stand-ins bind")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("version", help="print the version")
+    s.set_defaults(fn=cmd_version)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        print(f"lovd: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    rc: int = args.fn(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

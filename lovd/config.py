@@ -1,0 +1,342 @@
+"""Typed settings loaded from YAML (``lovd.conf``) and the environment.
+
+Every setting is one dataclass field whose metadata carries its YAML key (dotted
+path into nested mappings) and its help text; ``lovd.conf.example`` is checked
+against this list by the test suite, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/lovd/lovd.conf"
+
+
+class ConfigError(Exception):
+    """A configuration problem the operator must fix; the message names the key."""
+
+
+def setting(key: str, default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    meta = {"key": key, "help": help}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- daemon ---
+    listen: str = setting(
+        "listen",
+        "unix:/run/lovd/api.sock",
+        "Where the API listens when not socket-activated: unix:PATH or tcp:HOST:PORT.",
+    )
+    state_dir: str = setting(
+        "state_dir",
+        "/var/lib/lovd",
+        "Database, session workspaces and the host key live here (systemd StateDirectory).",
+    )
+    runtime_dir: str = setting(
+        "runtime_dir",
+        "",
+        "Per-session secret files (tmpfs). Empty: $RUNTIME_DIRECTORY, else <state_dir>/run.",
+    )
+    public_url: str = setting(
+        "public_url",
+        "http://localhost",
+        "Base URL browsers use to reach Caddy; session links are <public_url>/c/<id>.",
+    )
+    log_level: str = setting("log_level", "info", "debug, info, warning or error.")
+    idle_exit: float = setting(
+        "idle_exit",
+        0.0,
+        "Seconds without API requests after which a socket-activated lovd exits (0: never). "
+        "Sessions keep running; the next connection starts lovd again.",
+    )
+    watchdog: bool = setting(
+        "watchdog", True, "Send WATCHDOG=1 to systemd when WatchdogSec= is set on the unit."
+    )
+    max_body: int = setting(
+        "max_body", 65536, "Largest accepted request body in bytes; larger bodies get 413."
+    )
+    host_id: str = setting(
+        "host_id",
+        "",
+        "Name of this host in shared state (PostgreSQL). Empty: the machine's hostname.",
+    )
+
+    # --- containers ---
+    runner: str = setting(
+        "runner",
+        "auto",
+        "auto, systemd or podman. systemd runs each container as a transient unit of the "
+        "lovd user's systemd manager; podman runs podman directly; auto picks systemd when "
+        "a user manager is reachable.",
+    )
+    podman: str = setting("podman.binary", "podman", "The podman executable.")
+    podman_socket: str = setting(
+        "podman.socket",
+        "",
+        "Podman API socket for listing/inspecting containers. Empty: "
+        "$XDG_RUNTIME_DIR/podman/podman.sock when it exists, else the podman CLI.",
+    )
+    image: str = setting(
+        "image", "localhost/lovd-session:latest", "Session container image (lovd image build)."
+    )
+    container_port: int = setting(
+        "container_port", 4096, "Port the session server listens on inside the container."
+    )
+    container_user: str = setting(
+        "container_user",
+        "",
+        "User the container's process runs as (podman --user). Empty: the image's default.",
+    )
+    health_path: str = setting(
+        "health_path", "/global/health", "HTTP path probed for readiness and health."
+    )
+    port_range: str = setting(
+        "port_range",
+        "20000-29999",
+        "Host loopback ports published for session containers (127.0.0.1 only).",
+    )
+    userns: str = setting(
+        "userns",
+        "auto",
+        "podman --userns for session containers. 'auto' gives each container its own "
+        "subordinate id range (never keep-id: that maps the container onto lovd itself).",
+    )
+    extra_run_args: list[str] = setting(
+        "extra_run_args", [], "Additional podman run arguments (no secrets: argv is public)."
+    )
+    host_gateway: str = setting(
+        "host_gateway",
+        "host.containers.internal",
+        "Name containers use to reach services on the host (the demo stand-ins).",
+    )
+
+    # --- limits and lifecycle ---
+    memory_max: str = setting("limits.memory", "4G", "Memory limit per session (MemoryMax=).")
+    cpus: float = setting("limits.cpus", 1.0, "CPU limit per session, in CPUs (CPUQuota=).")
+    tasks_max: int = setting("limits.tasks", 512, "Process/thread limit per session (TasksMax=).")
+    max_running: int = setting(
+        "limits.max_running", 3, "Sessions that may run at once; more get 429 + Retry-After."
+    )
+    ready_timeout: float = setting(
+        "ready_timeout", 60.0, "Seconds a starting session may take to answer its health path."
+    )
+    stop_timeout: int = setting(
+        "stop_timeout", 5, "Seconds podman waits after SIGTERM before SIGKILL."
+    )
+    idle_timeout: float = setting(
+        "idle_timeout", 3600.0, "Seconds without activity before a session is stopped (0: never)."
+    )
+    session_ttl: float = setting(
+        "session_ttl", 86400.0, "Seconds after creation at which a session is deleted."
+    )
+    orphan_grace: float = setting(
+        "orphan_grace",
+        60.0,
+        "Seconds a labelled container without a session row may live before removal "
+        "(protects containers whose row is still being written).",
+    )
+    health_interval: float = setting(
+        "health.interval", 30.0, "Seconds between health checks of running sessions."
+    )
+    health_start_grace: float = setting(
+        "health.start_grace", 60.0, "Seconds after start before failed checks count."
+    )
+    restart_attempts: int = setting(
+        "health.restart_attempts", 3, "Restarts of an unhealthy session before it is failed."
+    )
+
+    # --- legal research session ---
+    mcp_lovdata_url: str = setting(
+        "mcp.lovdata.url",
+        "",
+        "Lovdata MCP server URL (streamable HTTP). Empty: demo stand-in when demo is on.",
+    )
+    mcp_lovdata_token: str = setting(
+        "mcp.lovdata.token", "", "Bearer token for the Lovdata MCP server (secret)."
+    )
+    sequential_thinking: bool = setting(
+        "mcp.sequential_thinking", False, "Enable the local sequential-thinking MCP server."
+    )
+    model: str = setting(
+        "llm.model", "", "Default model, provider/model. Empty: the demo stub when demo is on."
+    )
+    llm_base_url: str = setting(
+        "llm.base_url", "", "OpenAI-compatible endpoint for the 'lovd' provider."
+    )
+    llm_api_key: str = setting("llm.api_key", "", "API key for llm.base_url (secret).")
+    openai_api_key: str = setting("llm.openai_api_key", "", "OpenAI API key (secret).")
+    anthropic_api_key: str = setting("llm.anthropic_api_key", "", "Anthropic API key (secret).")
+    google_api_key: str = setting("llm.google_api_key", "", "Google AI API key (secret).")
+    permissions_deny: list[str] = setting(
+        "llm.deny_tools",
+        ["bash", "edit", "webfetch"],
+        "OpenCode tools a legal chat does not need; denied in every session.",
+    )
+    demo: str = setting(
+        "demo",
+        "auto",
+        "auto, on or off. Demo mode starts the Lovdata MCP and LLM stand-ins and points "
+        "sessions at them; auto turns it on when no MCP URL and no LLM key is configured.",
+    )
+    demo_corpus: str = setting(
+        "demo_corpus", "", "Statute corpus JSON for the Lovdata stand-in. Empty: bundled fixture."
+    )
+    demo_mcp_port: int = setting("demo_mcp_port", 18765, "Port of the Lovdata MCP stand-in.")
+    demo_llm_port: int = setting("demo_llm_port", 18766, "Port of the stub LLM.")
+
+    # --- PostgreSQL ---
+    postgres_dsn: str = setting(
+        "postgres.dsn", "", "PostgreSQL conninfo; empty disables sync (SQLite only)."
+    )
+
+    # --- derived helpers ---
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_path / "lovd.db"
+
+    @property
+    def sessions_path(self) -> Path:
+        return self.state_path / "sessions"
+
+    @property
+    def secrets_path(self) -> Path:
+        base = self.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return Path(base) if base else self.state_path / "run"
+
+    @property
+    def ports(self) -> range:
+        lo, _, hi = self.port_range.partition("-")
+        return range(int(lo), int(hi) + 1)
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    attr: str
+    default: Any
+    help: str
+    type: type
+
+
+def settings() -> Iterator[Setting]:
+    for f in dataclasses.fields(Config):
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
+        yield Setting(f.metadata["key"], f.name, default, f.metadata["help"], type(default))
+
+
+_CHOICES = {
+    "runner": ("auto", "systemd", "podman"),
+    "demo": ("auto", "on", "off"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    known_sections = {s.key.rsplit(".", 1)[0] for s in settings() if "." in s.key}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and any(
+            sec == key or sec.startswith(key + ".") for sec in known_sections
+        ):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _coerce(s: Setting, value: Any) -> Any:
+    if s.type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if s.type is list:
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{s.key}: expected a list of strings, got {value!r}")
+        return list(value)
+    if s.type is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, s.type) or (s.type is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"{s.key}: expected {s.type.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    for attr, choices in _CHOICES.items():
+        if getattr(cfg, attr) not in choices:
+            key = next(s.key for s in settings() if s.attr == attr)
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}")
+    try:
+        ports = cfg.ports
+    except ValueError as e:
+        raise ConfigError(f"port_range: expected LOW-HIGH, got {cfg.port_range!r}") from e
+    if not ports or ports.start < 1024 or ports.stop > 65536:
+        raise ConfigError(f"port_range: {cfg.port_range!r} must lie within 1024-65535")
+    if not cfg.listen.startswith(("unix:", "tcp:")):
+        raise ConfigError(f"listen: expected unix:PATH or tcp:HOST:PORT, got {cfg.listen!r}")
+    if not cfg.health_path.startswith("/"):
+        raise ConfigError(f"health_path: must start with '/', got {cfg.health_path!r}")
+    for name in ("max_running", "tasks_max", "max_body", "restart_attempts"):
+        if getattr(cfg, name) < 1:
+            key = next(s.key for s in settings() if s.attr == name)
+            raise ConfigError(f"{key}: must be at least 1")
+    if cfg.cpus <= 0:
+        raise ConfigError("limits.cpus: must be greater than 0")
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    by_key = {s.key: s for s in settings()}
+    values: dict[str, Any] = {}
+    for key, value in _flatten(data):
+        s = by_key.get(key)
+        if s is None:
+            raise ConfigError(f"unknown setting {key!r} (see lovd.conf.example for all keys)")
+        values[s.attr] = _coerce(s, value)
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load the config file (``path``, else $LOVD_CONFIG, else the default path).
+
+    A missing *default* file is fine (all defaults); a missing explicit file is an error.
+    """
+    explicit = path or os.environ.get("LOVD_CONFIG")
+    p = Path(explicit or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    try:
+        text = p.read_text()
+    except FileNotFoundError as e:
+        if explicit:
+            raise ConfigError(f"config file {p} does not exist") from e
+        text = ""
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+    try:
+        loaded = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+    data.update(loaded)
+    merged = _flatten(data)
+    flat = dict(merged)
+    flat.update(overrides or {})
+    return from_mapping(flat)

@@ -1,0 +1,274 @@
+"""``lovd serve``: wire the components together and run until told to stop.
+
+Startup order matters for crash safety: open the store, reconcile with the
+containers that really exist (re-adopting sessions that survived a crash), then
+accept requests and tell systemd we are ready. Shutdown never stops session
+containers: they belong to the user's systemd manager (or conmon), not to us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from lovd import __version__
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.metrics import Metrics
+from lovd.podman import PodmanAPI, PodmanCLI, PodmanClient, default_api_socket
+from lovd.runner import PodmanRunner, Runner, SystemdRunner, user_manager_reachable
+from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.store import Store
+from lovd.systemd.activation import listen_fds
+from lovd.systemd.notify import Notifier
+from lovd.web.app import STATE, create_app
+
+log = logging.getLogger(__name__)
+
+ACTIVITY_FLUSH_SECONDS = 5.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+async def make_podman_client(config: Config, http_close: list[Any]) -> PodmanClient:
+    path = config.podman_socket or default_api_socket()
+    if path:
+        api = PodmanAPI(path)
+        http_close.append(api)
+        try:
+            await api.list("probe")
+            log.info("using the Podman API socket %s", path)
+            return api
+        except LovdError as e:
+            log.warning("Podman API socket unusable (%s); falling back to the CLI", e.message)
+    return PodmanCLI(config.podman)
+
+
+async def make_runner(config: Config, client: PodmanClient, instance_id: str) -> Runner:
+    kind = config.runner
+    if kind == "auto":
+        kind = "systemd" if await user_manager_reachable() else "podman"
+    if kind == "systemd":
+        if not await user_manager_reachable():
+            raise StartupError(
+                "runner: systemd needs the lovd user's systemd manager; enable it with "
+                "'loginctl enable-linger lovd' (or set runner: podman)"
+            )
+        return SystemdRunner(
+            client, config.podman, instance_id,
+            restart_attempts=config.restart_attempts, ready_timeout=config.ready_timeout,
+        )
+    return PodmanRunner(client, config.podman, instance_id)
+
+
+def _bind_unix(path: str) -> socket.socket:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(p.lstat().st_mode):
+            # Ours from a previous run (systemd-owned sockets come via LISTEN_FDS instead).
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+            except OSError:
+                p.unlink()
+            else:
+                raise StartupError(f"another process is already listening on {path}")
+            finally:
+                probe.close()
+        else:
+            raise StartupError(f"{path} exists and is not a socket; remove it or change listen")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(512)
+    return sock
+
+
+def _bind(listen: str) -> tuple[socket.socket, str | None]:
+    kind, _, where = listen.partition(":")
+    if kind == "unix":
+        return _bind_unix(where), where
+    host, _, port = where.rpartition(":")
+    sock = socket.create_server((host or "127.0.0.1", int(port)), backlog=512)
+    return sock, None
+
+
+@dataclass
+class Daemon:
+    config: Config
+    listen_override: str | None = None
+    notifier: Notifier = field(default_factory=Notifier)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    app: web.Application | None = None
+    sessions: Sessions | None = None
+    _closers: list[Any] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _unlink: str | None = None
+
+    async def run(self) -> int:
+        if os.geteuid() == 0:
+            raise StartupError(
+                "lovd must not run as root: run it as the lovd user "
+                "(systemctl start lovd, or runuser -u lovd -- lovd serve)"
+            )
+        c = self.config
+        for d in (c.state_path, c.sessions_path):
+            try:
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as e:
+                raise StartupError(f"state_dir: cannot create {d}: {e.strerror}") from e
+        store = await Store.open(c.db_path)
+        self._closers.append(store)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=16, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        self._closers.append(http)
+        client = await make_podman_client(c, self._closers)
+        runner = await make_runner(c, client, store.instance_id)
+        metrics = Metrics()
+        env = SessionEnv(c, load_host_key(c.state_path))
+        host_id = c.host_id or socket.gethostname()
+        sessions = Sessions(c, store, runner, http, env, metrics, host_id)
+        self.sessions = sessions
+        metrics.track_sessions(lambda: _count_by_state(store))
+
+        t0 = time.monotonic()
+        report = await sessions.reconcile(startup=True)
+        log.info(
+            "reconciled in %.3f s: %d adopted, %d lost, %d orphans removed (runner %s)",
+            time.monotonic() - t0, len(report["adopted"]), len(report["lost"]),
+            len(report["orphans_removed"]), runner.name,
+        )
+
+        checks = _health_checks(c, store, runner)
+        self.app = create_app(
+            sessions=sessions, metrics_=metrics, public_url=c.public_url,
+            max_body=c.max_body, health_checks=checks, version=__version__,
+        )
+        app_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await app_runner.setup()
+        socks = listen_fds()
+        if not socks:
+            sock, self._unlink = _bind(self.listen_override or c.listen)
+            socks = [sock]
+        for s in socks:
+            await web.SockSite(app_runner, s, shutdown_timeout=5).start()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        self._every(c.health_interval, sessions.reconcile)
+        self._every(ACTIVITY_FLUSH_SECONDS, sessions.flush_activity)
+        self._every(min(60.0, max(5.0, c.idle_timeout / 10 or 60.0)), sessions.cleanup)
+        wd = self.notifier.watchdog_interval() if c.watchdog else None
+        if wd:
+            self._tasks.append(asyncio.create_task(self.notifier.watchdog_loop(wd)))
+        if c.idle_exit > 0:
+            self._tasks.append(asyncio.create_task(self._idle_exit(c.idle_exit)))
+
+        where = ", ".join(str(s.getsockname()) for s in socks)
+        self.notifier.ready(f"serving on {where}; {len(store.all())} sessions")
+        log.info("lovd %s serving on %s", __version__, where)
+        await self.stop_event.wait()
+
+        self.notifier.stopping("shutting down; session containers keep running")
+        log.info("shutting down (session containers keep running)")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await sessions.drain()
+        await sessions.flush_activity()
+        await app_runner.cleanup()
+        if self._unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._unlink)
+        for obj in reversed(self._closers):
+            await obj.close()
+        return 0
+
+    def _every(self, seconds: float, fn: Callable[[], Awaitable[Any]]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(seconds)
+                try:
+                    await fn()
+                except Exception:
+                    log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+        self._tasks.append(asyncio.create_task(loop()))
+
+    async def _idle_exit(self, seconds: float) -> None:
+        assert self.app is not None
+        st = self.app[STATE]
+        while True:
+            idle = time.monotonic() - st.last_request
+            if idle >= seconds:
+                log.info("no API requests for %.0f s (idle_exit): exiting", idle)
+                self.stop_event.set()
+                return
+            await asyncio.sleep(max(0.5, seconds - idle))
+
+
+def _count_by_state(store: Store) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in store.all():
+        counts[s.status] = counts.get(s.status, 0) + 1
+    return counts
+
+
+def _health_checks(
+    config: Config, store: Store, runner: Runner
+) -> dict[str, Callable[[], Awaitable[tuple[bool, str]]]]:
+    cache: dict[str, tuple[float, tuple[bool, str]]] = {}
+
+    def cached(name: str, ttl: float, fn: Callable[[], Awaitable[tuple[bool, str]]]) -> Any:
+        async def check() -> tuple[bool, str]:
+            hit = cache.get(name)
+            if hit and time.monotonic() - hit[0] < ttl:
+                return hit[1]
+            result = await fn()
+            cache[name] = (time.monotonic(), result)
+            return result
+
+        return check
+
+    async def database() -> tuple[bool, str]:
+        return True, f"{len(store.all())} sessions"
+
+    async def podman() -> tuple[bool, str]:
+        try:
+            n = len(await runner.list())
+        except LovdError as e:
+            return False, e.message
+        return True, f"{n} containers ({runner.name} runner)"
+
+    async def image() -> tuple[bool, str]:
+        if await runner.client.image_exists(config.image):
+            return True, config.image
+        return False, f"{config.image} missing: run 'lovd image build'"
+
+    return {
+        "database": database,
+        "podman": cached("podman", 5.0, podman),
+        "image": cached("image", 30.0, image),
+    }

@@ -1,0 +1,442 @@
+"""A stub of an OpenAI-compatible chat model, for demo mode and tests.
+
+``POST /v1/chat/completions`` (streamed SSE when ``stream`` is true, JSON otherwise) and
+``GET /v1/models``. It plays a model just well enough for a full OpenCode round trip:
+
+1. a legal question, with a Lovdata search tool on offer → a tool call with a query
+   made from the question's content words ("Hva sier arbeidsmiljøloven om oppsigelse?"
+   → ``{"query": "oppsigelse", "law_id": "arbeidsmiljøloven"}``);
+2. a tool result as the last message → a Norwegian answer that quotes the provisions
+   found and cites section, law and the exact lovdata.no URL from the result;
+3. OpenCode's title-generation request → a short title; anything else → a short
+   generic answer.
+
+    python -m lovd.demo.llm_stub --host 127.0.0.1 --port 8766
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+MODEL_ID = "legal-stub"
+STREAM_CHUNK_WORDS = 4
+
+# Tool suffixes in the order the stub prefers them; OpenCode prefixes MCP tools with the
+# server's name ("lovdata_search_provisions_fulltext"), other clients may not.
+SEARCH_TOOL_SUFFIXES: tuple[str, ...] = (
+    "search_provisions_fulltext",
+    "search_provisions_semantic",
+    "search_laws_fulltext",
+    "search_laws_semantic",
+    "resolve_reference",
+)
+
+LEGAL_WORDS: frozenset[str] = frozenset(
+    """
+    lov loven lover lovens forskrift forskriften paragraf bestemmelse rett rettigheter
+    plikt plikter oppsigelse oppsigelsen avskjed arbeidsgiver arbeidstaker arbeidsavtale
+    leie husleie leier utleier depositum personvern personopplysninger samtykke grunnlov
+    grunnloven ytringsfrihet domstol straff erstatning kontrakt avtale juridisk lovlig
+    ulovlig
+    law laws statute regulation section legal lawful unlawful rights dismissal tenant
+    landlord employer employee contract privacy constitution court
+    """.split()
+)
+
+# Words that shape a question but say nothing about its subject.
+QUESTION_WORDS: frozenset[str] = frozenset(
+    """
+    hva hvem hvor hvordan hvilke hvilken hvilket hvorfor når sier står gjelder om og i på
+    til av for med som er det den de en et å at har kan skal må ikke eller fra ved etter
+    jeg meg min mitt du deg vi oss meg norsk norske norge loven lov lovens regler reglene
+    the a an of to in on for and or is are what which who how does do about say says
+    under according rules norway norwegian me my i can
+    """.split()
+)
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+_URL_RE = re.compile(r"https://lovdata\.no/[^\s\"'<>)\]\\,]+")
+_LAW_NAME_RE = re.compile(r"^\w+(loven|lova|lov)$")
+_ENGLISH_HINTS = frozenset({"what", "does", "the", "law", "how", "which", "is", "are"})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the stub decided to say: either text or one tool call."""
+
+    text: str = ""
+    tool_name: str | None = None
+    tool_arguments: dict[str, Any] | None = None
+
+
+# --- message helpers ---------------------------------------------------------------------
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """Content of a chat message as text (string or list of content parts)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", "")) for part in content if isinstance(part, dict)
+        )
+    return ""
+
+
+def tool_names(body: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for tool in body.get("tools") or []:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    return names
+
+
+def tool_parameters(body: dict[str, Any], name: str) -> set[str]:
+    for tool in body.get("tools") or []:
+        fn = tool.get("function") or {}
+        if fn.get("name") == name:
+            return set((fn.get("parameters") or {}).get("properties") or {})
+    return set()
+
+
+def pick_search_tool(names: Sequence[str]) -> str | None:
+    for suffix in SEARCH_TOOL_SUFFIXES:
+        for name in names:
+            if name.endswith(suffix):
+                return name
+    return None
+
+
+def is_title_request(messages: Sequence[dict[str, Any]], body: dict[str, Any]) -> bool:
+    """OpenCode asks for a session title with a dedicated system prompt and no tools."""
+    if body.get("tools"):
+        return False
+    system = " ".join(message_text(m) for m in messages if m.get("role") == "system").lower()
+    return "title" in system and ("generat" in system or "thread" in system)
+
+
+def looks_legal(question: str, names: Sequence[str]) -> bool:
+    words = {w.lower() for w in _WORD_RE.findall(question)}
+    if words & LEGAL_WORDS or "§" in question:
+        return True
+    if any(_LAW_NAME_RE.match(w) for w in words):
+        return True
+    # With Lovdata tools on offer, any question is taken to be about law.
+    return "?" in question and any("lovdata" in n for n in names)
+
+
+def extract_query(question: str) -> tuple[str, str | None]:
+    """(search words, law named in the question or None).
+
+    "Hva sier arbeidsmiljøloven om oppsigelse?" → ("oppsigelse", "arbeidsmiljøloven").
+    """
+    words = [w.lower() for w in _WORD_RE.findall(question)]
+    law = next((w for w in words if _LAW_NAME_RE.match(w) and w not in QUESTION_WORDS), None)
+    terms = [w for w in words if w not in QUESTION_WORDS and w != law and len(w) > 1]
+    return (" ".join(terms[:4]) or (law or question.strip())), law
+
+
+def is_english(text: str) -> bool:
+    words = {w.lower() for w in _WORD_RE.findall(text)}
+    return len(words & _ENGLISH_HINTS) >= 2
+
+
+# --- answers from tool results -----------------------------------------------------------
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def provisions_in(tool_output: str) -> list[dict[str, Any]]:
+    """Provision records (dicts with a section and a lovdata.no URL) in a tool result."""
+    try:
+        data: Any = json.loads(tool_output)
+    except ValueError:
+        # Some clients wrap the MCP text; fall back to the first JSON object inside.
+        start, end = tool_output.find("{"), tool_output.rfind("}")
+        try:
+            data = json.loads(tool_output[start : end + 1]) if start >= 0 else None
+        except ValueError:
+            data = None
+    found: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for item in _walk(data):
+        url = item.get("url")
+        if isinstance(url, str) and url.startswith("https://lovdata.no/") and item.get("section"):
+            if url not in seen:
+                seen.add(url)
+                found.append(item)
+    return found
+
+
+def _first_sentence(text: str, limit: int = 280) -> str:
+    flat = " ".join(text.split())
+    match = re.search(r"(.+?[.!?])(\s|$)", flat)
+    sentence = match.group(1) if match else flat
+    return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
+
+
+def answer_from_tool_output(question: str, tool_output: str) -> str:
+    provisions = provisions_in(tool_output)
+    english = is_english(question)
+    if not provisions:
+        urls = list(dict.fromkeys(_URL_RE.findall(tool_output)))
+        if urls:
+            lead = "Relevant sources:" if english else "Relevante kilder:"
+            return lead + "\n" + "\n".join(f"- {u}" for u in urls[:3])
+        if english:
+            return (
+                "I found no provisions in Lovdata that answer the question. Try rephrasing "
+                "it or naming the law."
+            )
+        return (
+            "Jeg fant ingen bestemmelser i Lovdata som besvarer spørsmålet. Prøv å "
+            "omformulere det eller nevne hvilken lov det gjelder."
+        )
+    lines: list[str] = []
+    if english:
+        lines.append("According to the provisions I found in Lovdata:")
+    else:
+        lines.append("Etter bestemmelsene jeg fant i Lovdata:")
+    for item in provisions[:3]:
+        law = item.get("law_short_title") or item.get("law_title") or ""
+        heading = f" ({item['heading']})" if item.get("heading") else ""
+        body = item.get("text") or item.get("snippet") or ""
+        cite = f"{item['section']} {law}".strip()
+        lines.append(f"\n**{cite}**{heading}: {_first_sentence(str(body))}")
+        lines.append(f"Kilde: {item['url']}")
+    first = provisions[0]
+    title = first.get("law_title")
+    if title:
+        date = f", {first['law_date']}" if first.get("law_date") else ""
+        lines.append(f"\nLov: {title}{date}.")
+    lines.append(
+        "\nDette er en automatisk oppsummering fra demo-modellen; les hele "
+        "bestemmelsen på lovdata.no før du bygger på den."
+    )
+    return "\n".join(lines)
+
+
+# --- the decision -------------------------------------------------------------------------
+
+
+def decide(body: dict[str, Any]) -> Reply:
+    messages: list[dict[str, Any]] = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    if not messages:
+        return Reply(text="Hei! Still meg et spørsmål om norsk lov.")
+    if is_title_request(messages, body):
+        users = [message_text(m) for m in messages if m.get("role") == "user"]
+        return Reply(text=make_title(users[-1] if users else ""))
+    last = messages[-1]
+    question = next(
+        (message_text(m) for m in reversed(messages) if m.get("role") == "user"), ""
+    )
+    if last.get("role") == "tool":
+        # All tool results since the question, in order; the model answers from them.
+        outputs: list[str] = []
+        for m in reversed(messages):
+            if m.get("role") == "tool":
+                outputs.insert(0, message_text(m))
+            elif m.get("role") == "user":
+                break
+        return Reply(text=answer_from_tool_output(question, "\n".join(outputs)))
+    names = tool_names(body)
+    tool = pick_search_tool(names)
+    if last.get("role") == "user" and tool and looks_legal(question, names):
+        query, law = extract_query(question)
+        params = tool_parameters(body, tool)
+        if tool.endswith("resolve_reference"):
+            args: dict[str, Any] = {"reference": question.strip()}
+        else:
+            args = {"query": query}
+            if law and "law_id" in params:
+                args["law_id"] = law
+            if "limit" in params:
+                args["limit"] = 3
+        return Reply(tool_name=tool, tool_arguments=args)
+    if is_english(question):
+        return Reply(text="I am a demo model for Norwegian legal questions. Ask me about a law.")
+    return Reply(
+        text="Jeg er en demomodell for spørsmål om norsk rett. Spør meg gjerne om en lov."
+    )
+
+
+def make_title(text: str) -> str:
+    words = _WORD_RE.findall(text)[:6]
+    title = " ".join(words) or "Juridisk spørsmål"
+    return title[:1].upper() + title[1:]
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+def _chunk(
+    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def stream_chunks(reply: Reply, model: str, *, include_usage: bool) -> list[dict[str, Any]]:
+    """The reply as OpenAI streaming chunks (without the final ``[DONE]``)."""
+    cid = f"chatcmpl-{secrets.token_hex(8)}"
+    created = int(time.time())
+    chunks = [_chunk(cid, created, model, {"role": "assistant", "content": ""}, None)]
+    if reply.tool_name is not None:
+        arguments = json.dumps(reply.tool_arguments or {}, ensure_ascii=False)
+        call_id = f"call_{secrets.token_hex(6)}"
+        head = {"index": 0, "id": call_id, "type": "function"}
+        head["function"] = {"name": reply.tool_name, "arguments": ""}
+        chunks.append(_chunk(cid, created, model, {"tool_calls": [head]}, None))
+        # Split the JSON arguments like a real model streams them.
+        middle = max(1, len(arguments) // 2)
+        for piece in (arguments[:middle], arguments[middle:]):
+            tool_delta = {"index": 0, "function": {"arguments": piece}}
+            chunks.append(_chunk(cid, created, model, {"tool_calls": [tool_delta]}, None))
+        finish = "tool_calls"
+    else:
+        words = reply.text.split(" ")
+        for i in range(0, len(words), STREAM_CHUNK_WORDS):
+            piece = " ".join(words[i : i + STREAM_CHUNK_WORDS])
+            if i + STREAM_CHUNK_WORDS < len(words):
+                piece += " "
+            chunks.append(_chunk(cid, created, model, {"content": piece}, None))
+        finish = "stop"
+    chunks.append(_chunk(cid, created, model, {}, finish))
+    if include_usage:
+        usage = _usage(reply)
+        chunks.append(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+    return chunks
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    completion = max(1, len(reply.text.split()) + (10 if reply.tool_name else 0))
+    return {"prompt_tokens": 100, "completion_tokens": completion, "total_tokens": 100 + completion}
+
+
+def completion_json(reply: Reply, model: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+    finish = "stop"
+    if reply.tool_name is not None:
+        message["tool_calls"] = [
+            {
+                "id": f"call_{secrets.token_hex(6)}",
+                "type": "function",
+                "function": {
+                    "name": reply.tool_name,
+                    "arguments": json.dumps(reply.tool_arguments or {}, ensure_ascii=False),
+                },
+            }
+        ]
+        finish = "tool_calls"
+    return {
+        "id": f"chatcmpl-{secrets.token_hex(8)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": _usage(reply),
+    }
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
+    if not isinstance(body, dict):
+        return web.json_response({"error": {"message": "expected an object"}}, status=400)
+    reply = decide(body)
+    model = str(body.get("model") or MODEL_ID)
+    logger.info(
+        "chat: %d messages, %d tools -> %s",
+        len(body.get("messages") or []),
+        len(body.get("tools") or []),
+        f"tool {reply.tool_name}" if reply.tool_name else f"{len(reply.text)} chars",
+    )
+    if not body.get("stream"):
+        return web.json_response(completion_json(reply, model))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    for chunk in stream_chunks(reply, model, include_usage=include_usage):
+        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "lovd"}],
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lovd.demo.llm_stub",
+        description="OpenAI-compatible stub model for lovd's demo mode and tests.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    web.run_app(create_app(), host=args.host, port=args.port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Prometheus metrics, on a registry owned by the app (no process-global registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from lovd.store import STATES
+
+
+class _SessionsByState(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> list[GaugeMetricFamily]:  # type: ignore[override]
+        g = GaugeMetricFamily("lovd_sessions", "Sessions by state", labels=["state"])
+        counts = self._counts()
+        for state in STATES:
+            if state != "deleted":
+                g.add_metric([state], counts.get(state, 0))
+        return [g]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "lovd_http_requests", "API requests", ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.sessions_created = Counter(
+            "lovd_sessions_created", "Sessions created", registry=self.registry
+        )
+        self.start_seconds = Histogram(
+            "lovd_session_start_seconds", "Time from start to ready",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60), registry=self.registry,
+        )
+        self.reconcile_seconds = Histogram(
+            "lovd_reconcile_seconds", "Duration of a reconcile pass", registry=self.registry
+        )
+        self.outbox_pending = Gauge(
+            "lovd_outbox_pending", "Outbox rows not yet synced", registry=self.registry
+        )
+
+    def track_sessions(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_SessionsByState(counts))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,312 @@
+"""Podman: turn a ContainerSpec into ``podman run`` argv, and talk to Podman.
+
+Two ways to talk to Podman, one interface (:class:`PodmanClient`):
+
+- :class:`PodmanCLI` execs ``podman`` (hosts without the API socket; the
+  direct runner);
+- :class:`PodmanAPI` uses the lovd user's libpod REST socket (``podman.socket``),
+  so a hardened daemon never has to exec podman (whose rootless mode needs the
+  setuid ``newuidmap``, which NoNewPrivileges= forbids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+
+from lovd import ids
+from lovd.errors import LovdError
+
+log = logging.getLogger(__name__)
+
+LABEL_SESSION = "lovd.session"
+LABEL_INSTANCE = "lovd.instance"
+SECRET_TARGET = "/run/secrets/lovd.env"
+API_VERSION = "v4.0.0"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    session_id: str
+    instance_id: str
+    image: str
+    host_port: int
+    container_port: int
+    workspace: Path
+    memory_max: str = "4G"
+    cpus: float = 1.0
+    tasks_max: int = 512
+    userns: str = "auto"
+    user: str = ""
+    stop_timeout: int = 5
+    extra_args: list[str] = field(default_factory=list)
+    cgroup_v2: bool = False
+    systemd_unit: str = ""
+
+    @property
+    def name(self) -> str:
+        return ids.container_name(self.session_id)
+
+    @property
+    def secret(self) -> str:
+        return ids.secret_name(self.session_id)
+
+
+def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
+    """argv for ``podman run`` (Quadlet conventions). No secret ever goes in here:
+    they reach the container as a mounted Podman secret."""
+    sid = ids.check(spec.session_id)
+    argv = [
+        podman,
+        "run",
+        "--name",
+        spec.name,
+        "--replace",
+        "--rm",
+        "-d",
+        "--init",
+        "--label",
+        f"{LABEL_SESSION}={sid}",
+        "--label",
+        f"{LABEL_INSTANCE}={spec.instance_id}",
+        "--cap-drop=all",
+        "--security-opt=no-new-privileges",
+        "--read-only",
+        "--tmpfs",
+        "/tmp:rw,nosuid,nodev,size=256m",
+        "--tmpfs",
+        "/run/secrets:rw,nosuid,nodev,noexec,size=1m",
+        "--secret",
+        f"{spec.secret},type=mount,target={SECRET_TARGET},mode=0400"
+        + (f",uid={spec.user.split(':')[0]}" if spec.user.split(":")[0].isdigit() else ""),
+        "--pids-limit",
+        str(spec.tasks_max),
+        "--stop-timeout",
+        str(spec.stop_timeout),
+        "--userns",
+        spec.userns,
+        "-v",
+        f"{spec.workspace}:/work:U",
+        "-p",
+        f"127.0.0.1:{spec.host_port}:{spec.container_port}",
+        "--env",
+        f"LOVD_SESSION_ID={sid}",
+    ]
+    if spec.user:
+        argv += ["--user", spec.user]
+    if limits:
+        # Only meaningful where rootless Podman can apply them (cgroup v2 with delegation);
+        # under systemd the unit's MemoryMax=/CPUQuota= are the authoritative limits.
+        argv += ["--memory", spec.memory_max, "--cpus", f"{spec.cpus:g}"]
+    if spec.systemd_unit:
+        argv += ["--sdnotify=conmon", "--env", f"PODMAN_SYSTEMD_UNIT={spec.systemd_unit}"]
+        if spec.cgroup_v2:
+            argv.append("--cgroups=split")
+    argv += spec.extra_args
+    argv.append(spec.image)
+    return argv
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    session_id: str
+    instance_id: str
+    state: str  # podman's: created, running, exited, stopping, ...
+    created: float
+    exit_code: int = 0
+
+
+def _info_from_ps(c: dict[str, Any]) -> ContainerInfo:
+    labels = c.get("Labels") or {}
+    names = c.get("Names") or [""]
+    return ContainerInfo(
+        id=c.get("Id", ""),
+        name=names[0],
+        session_id=labels.get(LABEL_SESSION, ""),
+        instance_id=labels.get(LABEL_INSTANCE, ""),
+        state=c.get("State", ""),
+        created=float(c.get("Created", 0) or 0),
+        exit_code=int(c.get("ExitCode", 0) or 0),
+    )
+
+
+class PodmanClient(Protocol):
+    async def list(self, instance_id: str) -> list[ContainerInfo]:
+        """Containers (any state) carrying lovd's labels for this instance."""
+
+    async def remove(self, name: str) -> None:
+        """Force-remove a container by name; absent is fine."""
+
+    async def create_secret(self, name: str, data: bytes) -> None:
+        """Create (or replace) a secret from data (never from argv)."""
+
+    async def remove_secret(self, name: str) -> None:
+        """Remove a secret; absent is fine."""
+
+    async def image_exists(self, image: str) -> bool: ...
+
+    async def logs(self, name: str, tail: int = 20) -> str: ...
+
+
+class PodmanCLI:
+    def __init__(self, binary: str = "podman") -> None:
+        self.binary = binary
+
+    async def run(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.binary,
+                *args,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError as e:
+            raise LovdError(
+                "runner-failed", f"{self.binary} not found: install podman (lovd doctor)"
+            ) from e
+        out, err = await proc.communicate(stdin)
+        if check and proc.returncode != 0:
+            msg = err.decode(errors="replace").strip().splitlines()
+            raise LovdError(
+                "runner-failed",
+                f"podman {args[0]} failed (exit {proc.returncode}): {msg[-1] if msg else ''}",
+            )
+        return out.decode(errors="replace")
+
+    async def list(self, instance_id: str) -> list[ContainerInfo]:
+        out = await self.run(
+            "ps", "-a", "--format", "json", "--filter", f"label={LABEL_INSTANCE}={instance_id}"
+        )
+        return [_info_from_ps(c) for c in json.loads(out or "[]")]
+
+    async def remove(self, name: str) -> None:
+        await self.run("rm", "-f", "-i", "-v", "-t", "0", name)
+
+    async def create_secret(self, name: str, data: bytes) -> None:
+        await self.run("secret", "rm", name, check=False)
+        await self.run("secret", "create", name, "-", stdin=data)
+
+    async def remove_secret(self, name: str) -> None:
+        await self.run("secret", "rm", name, check=False)
+
+    async def image_exists(self, image: str) -> bool:
+        proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            "image",
+            "exists",
+            image,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        return await proc.wait() == 0
+
+    async def logs(self, name: str, tail: int = 20) -> str:
+        try:
+            return await self.run("logs", "--tail", str(tail), name)
+        except LovdError:
+            return ""
+
+
+class PodmanAPI:
+    """libpod REST over the lovd user's Podman API socket."""
+
+    def __init__(self, socket_path: str, session: aiohttp.ClientSession | None = None) -> None:
+        self.socket_path = socket_path
+        self._own = session is None
+        self._http = session or aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=socket_path),
+            timeout=aiohttp.ClientTimeout(total=30),
+        )
+
+    async def close(self) -> None:
+        if self._own:
+            await self._http.close()
+
+    async def _req(
+        self, method: str, path: str, *, data: bytes | None = None, ok: tuple[int, ...] = ()
+    ) -> Any:
+        url = f"http://podman/{API_VERSION}/libpod{path}"
+        try:
+            async with self._http.request(method, url, data=data) as r:
+                body = await r.read()
+                if r.status >= 400 and r.status not in ok:
+                    try:
+                        msg = json.loads(body).get("message", "")
+                    except ValueError:
+                        msg = body[:200].decode(errors="replace")
+                    raise LovdError(
+                        "runner-failed", f"podman API {method} {path}: {r.status} {msg}"
+                    )
+                return json.loads(body) if body and r.content_type == "application/json" else None
+        except aiohttp.ClientError as e:
+            raise LovdError(
+                "runner-failed",
+                f"podman API socket {self.socket_path} unreachable ({e}); "
+                "enable it with: systemctl --user enable --now podman.socket",
+            ) from e
+
+    async def list(self, instance_id: str) -> list[ContainerInfo]:
+        filters = quote(json.dumps({"label": [f"{LABEL_INSTANCE}={instance_id}"]}))
+        data = await self._req("GET", f"/containers/json?all=true&filters={filters}")
+        return [_info_from_ps(c) for c in data or []]
+
+    async def remove(self, name: str) -> None:
+        await self._req("DELETE", f"/containers/{quote(name)}?force=true&v=true", ok=(404,))
+
+    async def create_secret(self, name: str, data: bytes) -> None:
+        await self.remove_secret(name)
+        await self._req("POST", f"/secrets/create?name={quote(name)}", data=data)
+
+    async def remove_secret(self, name: str) -> None:
+        await self._req("DELETE", f"/secrets/{quote(name)}", ok=(404,))
+
+    async def image_exists(self, image: str) -> bool:
+        url = f"http://podman/{API_VERSION}/libpod/images/{quote(image, safe='')}/exists"
+        try:
+            async with self._http.get(url) as r:
+                return r.status == 204
+        except aiohttp.ClientError:
+            return False
+
+    async def logs(self, name: str, tail: int = 20) -> str:
+        url = f"http://podman/{API_VERSION}/libpod/containers/{quote(name)}/logs"
+        try:
+            async with self._http.get(
+                url, params={"stdout": "true", "stderr": "true", "tail": str(tail)}
+            ) as r:
+                raw = await r.read()
+        except aiohttp.ClientError:
+            return ""
+        return _demux(raw)
+
+
+def _demux(raw: bytes) -> str:
+    """Docker-style multiplexed log stream (8-byte frame headers) to text."""
+    out, i = [], 0
+    while i + 8 <= len(raw):
+        size = int.from_bytes(raw[i + 4 : i + 8], "big")
+        out.append(raw[i + 8 : i + 8 + size])
+        i += 8 + size
+    return b"".join(out).decode(errors="replace") if out else raw.decode(errors="replace")
+
+
+def default_api_socket() -> str | None:
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    path = Path(runtime) / "podman" / "podman.sock"
+    return str(path) if path.exists() else None
+
+
+def cgroup_v2() -> bool:
+    """True on a pure cgroup v2 host (where rootless Podman can apply limits)."""
+    return Path("/sys/fs/cgroup/cgroup.controllers").exists()

@@ -1,0 +1,435 @@
+"""The session lifecycle: create, start, wait for readiness, stop, wake, delete, cleanup.
+
+All state changes go through the store (and so the outbox). Each session has its
+own lock, so concurrent requests for one session serialize while different
+sessions proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from lovd import ids
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.metrics import Metrics
+from lovd.podman import ContainerSpec, cgroup_v2
+from lovd.runner import Runner
+from lovd.store import ACTIVE_STATES, Session, Store
+
+log = logging.getLogger(__name__)
+
+# After a failed start, how long the admission slot estimate assumes a session runs.
+_RETRY_AFTER_DEFAULT = 30
+
+
+@dataclass
+class SessionEnv:
+    """Builds the secret environment of a session container from config."""
+
+    config: Config
+    host_key: bytes
+    demo_urls: dict[str, str] = field(default_factory=dict)
+
+    def password(self, session_id: str) -> str:
+        return ids.derive_password(self.host_key, session_id)
+
+    def basic_auth(self, session_id: str) -> str:
+        raw = f"opencode:{self.password(session_id)}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def build(self, session_id: str) -> dict[str, str]:
+        c = self.config
+        return {
+            "OPENCODE_SERVER_PASSWORD": self.password(session_id),
+            "LOVD_SESSION_ID": session_id,
+            "LOVDATA_MCP_URL": c.mcp_lovdata_url or self.demo_urls.get("mcp", ""),
+            "LOVDATA_MCP_TOKEN": c.mcp_lovdata_token,
+            "LOVD_SEQUENTIAL_THINKING": "1" if c.sequential_thinking else "0",
+            "LOVD_MODEL": c.model or self.demo_urls.get("model", ""),
+            "LOVD_LLM_BASE_URL": c.llm_base_url or self.demo_urls.get("llm", ""),
+            "LOVD_LLM_API_KEY": c.llm_api_key or ("demo" if self.demo_urls else ""),
+            "OPENAI_API_KEY": c.openai_api_key,
+            "ANTHROPIC_API_KEY": c.anthropic_api_key,
+            "GOOGLE_GENERATIVE_AI_API_KEY": c.google_api_key,
+            "LOVD_PERMISSIONS_DENY": ",".join(c.permissions_deny),
+        }
+
+
+class Sessions:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runner: Runner,
+        http: aiohttp.ClientSession,
+        env: SessionEnv,
+        metrics: Metrics,
+        host_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.http = http
+        self.env = env
+        self.metrics = metrics
+        self.host_id = host_id
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._admission = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._orphans_seen: dict[str, float] = {}
+        self.activity: dict[str, float] = {}
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+    # --- queries ---
+
+    def get(self, session_id: str) -> Session:
+        s = self.store.get(ids.check(session_id))
+        if s is None:
+            raise LovdError("session-not-found", f"no session {session_id}")
+        return s
+
+    def list(self) -> list[Session]:
+        return self.store.all()
+
+    def running_count(self) -> int:
+        return self.store.count(ACTIVE_STATES)
+
+    # --- create / start ---
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot may free up: the soonest idle-timeout among running sessions."""
+        if not self.config.idle_timeout:
+            return _RETRY_AFTER_DEFAULT
+        now = self.clock()
+        waits = [
+            s.last_activity + self.config.idle_timeout - now
+            for s in self.store.all()
+            if s.status in ACTIVE_STATES
+        ]
+        soonest = min(waits, default=_RETRY_AFTER_DEFAULT)
+        return max(1, min(int(soonest) + 1, 3600))
+
+    def _admit(self) -> None:
+        if self.running_count() >= self.config.max_running:
+            retry = self._retry_after()
+            raise LovdError(
+                "too-many-sessions",
+                f"all {self.config.max_running} session places are in use; "
+                f"try again in {retry} s",
+                retry_after=retry,
+                extra={"limit": self.config.max_running},
+            )
+
+    def _pick_port(self) -> int:
+        used = self.store.used_ports()
+        for port in self.config.ports:
+            if port in used:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise LovdError(
+            "unavailable",
+            f"no free port in port_range {self.config.port_range}; widen it in lovd.conf",
+        )
+
+    async def create(self, wait: bool = True) -> tuple[Session, str]:
+        """Create and start a session. Returns the session and its token (shown once)."""
+        token = ids.new_token()
+        async with self._admission:
+            self._admit()
+            now = self.clock()
+            sid = ids.new_session_id()
+            session = await self.store.insert(
+                Session(
+                    id=sid,
+                    status="creating",
+                    reason="",
+                    token_hash=ids.hash_token(token),
+                    port=self._pick_port(),
+                    container_id="",
+                    host_id=self.host_id,
+                    created_at=now,
+                    updated_at=now,
+                    expires_at=now + self.config.session_ttl,
+                    last_activity=now,
+                )
+            )
+        log.info("session created", extra={"SESSION_ID": sid})
+        self.metrics.sessions_created.inc()
+        if wait:
+            session = await self._start(sid)
+        else:
+            self._spawn(self._start_logged(sid))
+        return session, token
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_logged(self, sid: str) -> None:
+        try:
+            await self._start(sid)
+        except LovdError as e:
+            log.warning("session start failed: %s", e.message, extra={"SESSION_ID": sid})
+
+    def spec(self, session: Session) -> ContainerSpec:
+        c = self.config
+        return ContainerSpec(
+            session_id=session.id,
+            instance_id=self.store.instance_id,
+            image=c.image,
+            host_port=session.port,
+            container_port=c.container_port,
+            workspace=c.sessions_path / session.id,
+            memory_max=c.memory_max,
+            cpus=c.cpus,
+            tasks_max=c.tasks_max,
+            userns=c.userns,
+            user=c.container_user,
+            stop_timeout=c.stop_timeout,
+            extra_args=list(c.extra_run_args),
+            cgroup_v2=cgroup_v2(),
+            systemd_unit=ids.unit_name(session.id) if self.runner.name == "systemd" else "",
+        )
+
+    async def _start(self, sid: str) -> Session:
+        async with self.lock(sid):
+            session = self.store.get(sid)
+            if session is None:
+                raise LovdError("session-not-found", f"no session {sid}")
+            if session.status == "running":
+                return session
+            t0 = time.monotonic()
+            session = await self.store.update(sid, status="starting", reason="")
+            workspace = self.config.sessions_path / sid
+            workspace.mkdir(parents=True, exist_ok=True)
+            try:
+                cid = await self.runner.start(self.spec(session), self.env.build(sid))
+                await self.store.update(sid, container_id=cid, event="container-started")
+                await self._wait_ready(sid)
+            except LovdError as e:
+                await self.runner.stop(sid)
+                return await self._fail(sid, e)
+            except (asyncio.CancelledError, Exception) as e:
+                await self.runner.stop(sid)
+                await self._fail(sid, LovdError("internal", f"start interrupted: {e!r}"))
+                raise
+            session = await self.store.update(
+                sid, status="running", reason="", started_at=self.clock(),
+                last_activity=self.clock(),
+            )
+            elapsed = time.monotonic() - t0
+            self.metrics.start_seconds.observe(elapsed)
+            log.info(
+                "session running (ready in %.3f s)", elapsed,
+                extra={"SESSION_ID": sid, "CONTAINER_ID": session.container_id},
+            )
+            return session
+
+    async def _fail(self, sid: str, err: LovdError) -> Session:
+        await self.store.update(sid, status="failed", reason=err.message)
+        log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
+        raise err
+
+    async def probe(self, session: Session, timeout: float = 0.3) -> tuple[bool, str]:
+        url = f"http://127.0.0.1:{session.port}{self.config.health_path}"
+        try:
+            async with self.http.get(
+                url,
+                headers={"Authorization": self.env.basic_auth(session.id)},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as r:
+                await r.read()
+                return r.status < 400, f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return False, type(e).__name__
+
+    async def _wait_ready(self, sid: str) -> None:
+        """Poll the health path with short timeouts: OpenCode may hang a request sent in
+        the first second after its port opens, so a long timeout would stall readiness."""
+        deadline = time.monotonic() + self.config.ready_timeout
+        delay = 0.01
+        checks = 0
+        while time.monotonic() < deadline:
+            session = self.store.get(sid)
+            if session is None:
+                raise LovdError("session-not-found", f"session {sid} was deleted while starting")
+            ok, _ = await self.probe(session)
+            if ok:
+                return
+            checks += 1
+            if checks % 20 == 0 and not await self._container_alive(sid):
+                name = ids.container_name(sid)
+                logs = (await self.runner.client.logs(name)).strip().splitlines()
+                raise LovdError(
+                    "runner-failed",
+                    "session container exited while starting"
+                    + (f": {logs[-1]}" if logs else ""),
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        raise LovdError(
+            "start-timeout",
+            f"session did not answer {self.config.health_path} within "
+            f"{self.config.ready_timeout:g} s (ready_timeout)",
+        )
+
+    async def _container_alive(self, sid: str) -> bool:
+        return any(
+            c.session_id == sid and c.state == "running" for c in await self.runner.list()
+        )
+
+    # --- stop / wake / delete ---
+
+    async def stop(self, sid: str, status: str = "stopped", reason: str = "") -> Session:
+        async with self.lock(sid):
+            self.get(sid)
+            await self.store.update(sid, status="stopping", reason=reason)
+            await self.runner.stop(sid)
+            return await self.store.update(sid, status=status, reason=reason, container_id="")
+
+    async def wake(self, sid: str) -> Session:
+        """Start a stopped session again (same workspace), subject to admission."""
+        session = self.get(sid)
+        if session.status in ("running", "starting"):
+            return session if session.status == "running" else await self._start(sid)
+        async with self._admission:
+            self._admit()
+            await self.store.update(sid, status="starting", reason="waking")
+        return await self._start(sid)
+
+    async def delete(self, sid: str, reason: str = "deleted by request") -> None:
+        async with self.lock(sid):
+            self.get(sid)
+            await self.store.update(sid, status="stopping", reason=reason)
+            await self.runner.stop(sid)
+            await self.runner.remove_workspace(self.config.sessions_path / sid)
+            await self.store.delete(sid, reason)
+        self._locks.pop(sid, None)
+        self.activity.pop(sid, None)
+        log.info("session deleted: %s", reason, extra={"SESSION_ID": sid})
+
+    def touch(self, sid: str) -> None:
+        """Record activity (cheap, in memory; flushed to the store periodically)."""
+        self.activity[sid] = self.clock()
+
+    async def flush_activity(self) -> None:
+        pending, self.activity = self.activity, {}
+        await self.store.touch(pending)
+
+    async def cleanup(self) -> list[str]:
+        """Delete expired and dead sessions; stop idle ones. Returns deleted ids."""
+        await self.flush_activity()
+        now = self.clock()
+        removed: list[str] = []
+        for s in self.store.all():
+            try:
+                if s.expires_at <= now:
+                    await self.delete(s.id, "expired (session_ttl)")
+                    removed.append(s.id)
+                elif s.status in ("failed", "stopped"):
+                    await self.delete(s.id, f"cleanup of {s.status} session")
+                    removed.append(s.id)
+                elif (
+                    s.status == "running"
+                    and self.config.idle_timeout
+                    and s.last_activity + self.config.idle_timeout <= now
+                ):
+                    await self.stop(s.id, "idle-stopped", "no activity for idle_timeout")
+            except LovdError as e:
+                log.warning("cleanup of %s failed: %s", s.id, e.message,
+                            extra={"SESSION_ID": s.id})
+        return removed
+
+    # --- reconcile ---
+
+    async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
+        """Make actual containers match the store: adopt, mark vanished, collect orphans."""
+        containers = {c.session_id: c for c in await self.runner.list()}
+        report: dict[str, list[str]] = {"adopted": [], "lost": [], "orphans_removed": []}
+        for s in self.store.all():
+            if self.lock(s.id).locked():
+                continue  # a start/stop is in flight; it will settle the row itself
+            c = containers.get(s.id)
+            alive = c is not None and c.state == "running"
+            unit = await self.runner.unit_state(s.id) if self.runner.name == "systemd" else None
+            if s.status in ("running", "starting", "idle-stopped", "stopping") and alive:
+                assert c is not None
+                if s.status != "running" or s.container_id != c.id:
+                    await self.store.update(
+                        s.id, status="running", reason="re-adopted", container_id=c.id
+                    )
+                report["adopted"].append(s.id)
+            elif s.status in ("running", "starting", "creating", "stopping") and not alive:
+                if unit is not None and unit.active in ("activating", "active"):
+                    continue  # systemd is restarting it
+                if unit is not None and unit.active == "failed":
+                    reason = f"unit failed ({unit.result}) after {unit.restarts} restarts"
+                    status = "failed"
+                elif c is not None and c.exit_code:
+                    reason, status = f"container exited with code {c.exit_code}", "failed"
+                elif s.status == "creating":
+                    reason, status = "lovd stopped while the session was being created", "failed"
+                else:
+                    reason = ("container vanished while lovd was down" if startup
+                              else "container stopped unexpectedly")
+                    status = "stopped"
+                await self.runner.stop(s.id)
+                await self.store.update(s.id, status=status, reason=reason, container_id="")
+                report["lost"].append(s.id)
+                log.warning("session %s: %s", status, reason, extra={"SESSION_ID": s.id})
+        now = time.monotonic()
+        known = {s.id for s in self.store.all()}
+        for sid, c in containers.items():
+            if sid in known:
+                continue
+            first = self._orphans_seen.setdefault(c.id, now)
+            # Podman's Created is wall-clock; the grace also runs from when we first saw it.
+            age = max(time.time() - c.created, now - first)
+            if age >= self.config.orphan_grace:
+                log.info("removing orphan container %s", c.name, extra={"CONTAINER_ID": c.id})
+                await self.runner.client.remove(c.name)
+                if ids.is_valid(sid):
+                    await self.runner.client.remove_secret(ids.secret_name(sid))
+                self._orphans_seen.pop(c.id, None)
+                report["orphans_removed"].append(c.name)
+        return report
+
+    async def drain(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def load_host_key(state: Path) -> bytes:
+    """A 32-byte key, created once per state dir (0600), that derives container passwords."""
+    path = state / "host.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key

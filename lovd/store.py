@@ -1,0 +1,362 @@
+"""SQLite state: sessions, their event/health history, and the outbox.
+
+SQLite (WAL, synchronous=FULL) is the local source of truth. lovd is its only
+writer: every write takes one lock and one ``BEGIN IMMEDIATE`` transaction, and
+every change to a session also appends an outbox row in that same transaction,
+so a relay (PostgreSQL sync) can never miss or reorder a change, even across a
+crash. Reads are served from an in-memory copy of the sessions table that is
+updated only after a commit succeeds: it is derived state, rebuilt on open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+# Session states (MISSION.md): creating → starting → running → (idle-stopped ⇄ running)
+# → stopping → stopped/failed → deleted. "deleted" rows leave the table; the outbox
+# carries the deletion.
+STATES = (
+    "creating",
+    "starting",
+    "running",
+    "idle-stopped",
+    "stopping",
+    "stopped",
+    "failed",
+    "deleted",
+)
+ACTIVE_STATES = frozenset({"creating", "starting", "running"})
+
+_MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        token_hash TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        container_id TEXT NOT NULL DEFAULT '',
+        host_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        last_activity REAL NOT NULL,
+        started_at REAL NOT NULL DEFAULT 0,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        version INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE UNIQUE INDEX sessions_port ON sessions(port);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_session ON events(session_id, seq);
+    CREATE TABLE health (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        ok INTEGER NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX health_session ON health(session_id, seq);
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        entity TEXT NOT NULL,
+        key TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    status: str
+    reason: str
+    token_hash: str
+    port: int
+    container_id: str
+    host_id: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    last_activity: float
+    started_at: float = 0.0
+    restarts: int = 0
+    version: int = 1
+
+    def public(self, public_url: str) -> dict[str, Any]:
+        """The API representation (never the token hash)."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "reason": self.reason,
+            "url": f"{public_url.rstrip('/')}/c/{self.id}",
+            "container_id": self.container_id,
+            "port": self.port,
+            "host_id": self.host_id,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "expires_at": _iso(self.expires_at),
+            "last_activity": _iso(self.last_activity),
+            "restarts": self.restarts,
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(Session)]
+
+
+class Store:
+    """One writer; reads from memory. Create with :meth:`open`."""
+
+    def __init__(self, db: aiosqlite.Connection, instance_id: str) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+        self._sessions: dict[str, Session] = {}
+        self.instance_id = instance_id
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await _migrate(db)
+            instance = await _instance_id(db)
+        except BaseException:
+            await db.close()
+            raise
+        store = cls(db, instance)
+        await store._load()
+        path.chmod(0o600)
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _load(self) -> None:
+        async with self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sessions") as cur:
+            rows = await cur.fetchall()
+        self._sessions = {r[0]: Session(*r) for r in rows}
+
+    # --- reads (memory) ---
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def all(self) -> list[Session]:
+        return sorted(self._sessions.values(), key=lambda s: s.created_at)
+
+    def count(self, states: Iterable[str]) -> int:
+        wanted = set(states)
+        return sum(1 for s in self._sessions.values() if s.status in wanted)
+
+    def used_ports(self) -> set[int]:
+        return {s.port for s in self._sessions.values()}
+
+    # --- writes ---
+
+    async def insert(self, session: Session, event: str = "created") -> Session:
+        async with self._tx() as db:
+            await db.execute(
+                f"INSERT INTO sessions ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                dataclasses.astuple(session),
+            )
+            await self._record(db, session, "upsert", event, session.reason)
+        self._sessions[session.id] = session
+        return session
+
+    async def update(self, session_id: str, *, event: str = "", **changes: Any) -> Session:
+        """Apply ``changes`` to one session; bumps version and updated_at."""
+        async with self._tx() as db:
+            current = self._sessions.get(session_id)
+            if current is None:
+                raise KeyError(session_id)
+            new = dataclasses.replace(
+                current, updated_at=time.time(), version=current.version + 1, **changes
+            )
+            sets = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+            await db.execute(
+                f"UPDATE sessions SET {sets} WHERE id = ?",
+                (*dataclasses.astuple(new)[1:], session_id),
+            )
+            await self._record(db, new, "upsert", event or f"status:{new.status}", new.reason)
+        self._sessions[session_id] = new
+        return new
+
+    async def delete(self, session_id: str, reason: str = "") -> None:
+        async with self._tx() as db:
+            current = self._sessions.get(session_id)
+            if current is None:
+                return
+            gone = dataclasses.replace(
+                current,
+                status="deleted",
+                reason=reason,
+                updated_at=time.time(),
+                version=current.version + 1,
+            )
+            await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            await self._record(db, gone, "delete", "deleted", reason)
+        del self._sessions[session_id]
+
+    async def touch(self, activity: dict[str, float]) -> None:
+        """Persist last-activity times in one transaction (no outbox: not a state change)."""
+        live = {k: v for k, v in activity.items() if k in self._sessions}
+        if not live:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE sessions SET last_activity = MAX(last_activity, ?) WHERE id = ?",
+                [(ts, sid) for sid, ts in live.items()],
+            )
+        for sid, ts in live.items():
+            s = self._sessions.get(sid)
+            if s is not None and ts > s.last_activity:
+                self._sessions[sid] = dataclasses.replace(s, last_activity=ts)
+
+    async def add_health(self, session_id: str, ok: bool, detail: str, keep: int = 100) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO health (session_id, ts, ok, detail) VALUES (?, ?, ?, ?)",
+                (session_id, time.time(), int(ok), detail),
+            )
+            await db.execute(
+                "DELETE FROM health WHERE session_id = ? AND seq NOT IN "
+                "(SELECT seq FROM health WHERE session_id = ? ORDER BY seq DESC LIMIT ?)",
+                (session_id, session_id, keep),
+            )
+
+    async def history(self, session_id: str, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
+        async with self._db.execute(
+            "SELECT ts, kind, detail FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
+            (session_id, limit),
+        ) as cur:
+            events = [{"at": _iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()]
+        async with self._db.execute(
+            "SELECT ts, ok, detail FROM health WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
+            (session_id, limit),
+        ) as cur:
+            health = [
+                {"at": _iso(r[0]), "ok": bool(r[1]), "detail": r[2]} for r in await cur.fetchall()
+            ]
+        return {"events": events, "health": health}
+
+    # --- outbox (consumed by the PostgreSQL relay) ---
+
+    async def outbox_batch(self, limit: int = 500) -> list[tuple[int, str, str, int, str, str]]:
+        async with self._db.execute(
+            "SELECT seq, entity, key, version, op, payload FROM outbox ORDER BY seq LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+
+    async def outbox_ack(self, upto_seq: int) -> None:
+        async with self._tx() as db:
+            await db.execute("DELETE FROM outbox WHERE seq <= ?", (upto_seq,))
+
+    async def outbox_size(self) -> int:
+        async with self._db.execute("SELECT COUNT(*) FROM outbox") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # --- internals ---
+
+    async def _record(
+        self, db: aiosqlite.Connection, s: Session, op: str, event: str, detail: str
+    ) -> None:
+        now = time.time()
+        await db.execute(
+            "INSERT INTO events (session_id, ts, kind, detail) VALUES (?, ?, ?, ?)",
+            (s.id, now, event, detail),
+        )
+        payload = {c: getattr(s, c) for c in _COLUMNS if c != "token_hash"}
+        payload["token_hash"] = s.token_hash  # needed to restore sessions on a fresh host
+        await db.execute(
+            "INSERT INTO outbox (entity, key, version, op, payload, created_at) "
+            "VALUES ('session', ?, ?, ?, ?, ?)",
+            (s.id, s.version, op, json.dumps(payload), now),
+        )
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+
+class _Transaction:
+    def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
+        self._db = db
+        self._lock = lock
+
+    async def __aenter__(self) -> aiosqlite.Connection:
+        await self._lock.acquire()
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._db
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                await self._db.execute("COMMIT")
+            else:
+                await self._db.execute("ROLLBACK")
+        finally:
+            self._lock.release()
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(_MIGRATIONS):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this lovd "
+            f"({len(_MIGRATIONS)}); upgrade lovd or restore a backup"
+        )
+    for i, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+        log.info("migrating database schema to version %d", i)
+        await db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {i}; COMMIT;")
+
+
+async def _instance_id(db: aiosqlite.Connection) -> str:
+    """A random id for this state directory; it labels our containers so two lovd
+    instances sharing one Podman store never collect each other's containers."""
+    async with db.execute("SELECT value FROM meta WHERE key = 'instance_id'") as cur:
+        row = await cur.fetchone()
+    if row:
+        return str(row[0])
+    instance = secrets.token_hex(6)
+    await db.execute("INSERT INTO meta (key, value) VALUES ('instance_id', ?)", (instance,))
+    return instance

@@ -1,0 +1,1 @@
+"""Thin helpers for systemd's process protocols (socket activation, sd_notify)."""

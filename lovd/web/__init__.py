@@ -1,0 +1,1 @@
+"""lovd's HTTP layer."""

@@ -1,0 +1,289 @@
+"""The aiohttp application: the session API, health, metrics, OpenAPI and the browser entry.
+
+``create_app`` takes every dependency explicitly; nothing here is global.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from lovd import ids
+from lovd.errors import LovdError
+from lovd.log import request_id
+from lovd.metrics import Metrics
+from lovd.sessions import Sessions
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+COOKIE = "lovd_session"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+@dataclass
+class AppState:
+    sessions: Sessions
+    metrics: Metrics
+    public_url: str
+    max_body: int
+    health_checks: dict[str, HealthCheck] = field(default_factory=dict)
+    last_request: float = field(default_factory=time.monotonic)
+    version: str = "0"
+
+
+STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
+
+
+def problem(err: LovdError, instance: str | None = None) -> web.Response:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return web.Response(
+        status=err.status,
+        body=json.dumps(err.problem(instance)).encode(),
+        content_type=PROBLEM,
+        headers=headers,
+    )
+
+
+_HTTP_CODES = {
+    400: "bad-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "body-too-large",
+    415: "unsupported-media-type",
+}
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    st = request.app[STATE]
+    st.last_request = time.monotonic()
+    rid = request.headers.get("X-Request-Id", "")
+    if not (0 < len(rid) <= 64 and rid.isascii() and rid.replace("-", "").isalnum()):
+        rid = secrets.token_hex(8)
+    token = request_id.set(rid)
+    route = request.match_info.route.resource
+    route_name = route.canonical if route is not None else "unmatched"
+    status = 500
+    try:
+        if request.content_length is not None and request.content_length > st.max_body:
+            raise LovdError(
+                "body-too-large",
+                f"request body of {request.content_length} bytes exceeds max_body "
+                f"({st.max_body} bytes)",
+            )
+        resp = await handler(request)
+        status = resp.status
+        resp.headers["X-Request-Id"] = rid
+        return resp
+    except LovdError as e:
+        status = e.status
+        resp = problem(e, request.path)
+    except web.HTTPRequestEntityTooLarge as e:
+        status = 413
+        resp = problem(
+            LovdError("body-too-large", f"request body exceeds max_body ({st.max_body} bytes)"),
+            request.path,
+        )
+        del e
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        status = e.status
+        code = _HTTP_CODES.get(e.status, "bad-request" if e.status < 500 else "internal")
+        resp = problem(LovdError(code, e.reason or "request refused"), request.path)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        resp = problem(
+            LovdError("internal", f"internal error; see lovd's log for request id {rid}"),
+            request.path,
+        )
+    finally:
+        request_id.reset(token)
+        st.metrics.requests.labels(request.method, route_name, str(status)).inc()
+    resp.headers["X-Request-Id"] = rid
+    return resp
+
+
+async def _json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    if request.content_type not in ("application/json", "application/octet-stream", ""):
+        raise LovdError(
+            "unsupported-media-type", f"expected application/json, got {request.content_type}"
+        )
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LovdError("invalid-json", f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise LovdError("bad-request", "request body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise LovdError(
+            "bad-request",
+            f"unknown field(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}",
+        )
+    return body
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise LovdError("bad-request", f"{name} must be true or false, got {value!r}")
+
+
+async def create_session(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    body = await _json_body(request, {"wait"})
+    wait = _bool(body.get("wait", request.query.get("wait", True)), "wait")
+    session, token = await st.sessions.create(wait=wait)
+    data = session.public(st.public_url)
+    data["token"] = token
+    data["url"] = f"{data['url']}?token={token}"
+    return web.json_response(
+        data, status=201, headers={"Location": f"/api/sessions/{session.id}"}
+    )
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    return web.json_response(
+        {"sessions": [s.public(st.public_url) for s in st.sessions.list()]}
+    )
+
+
+async def get_session(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    s = st.sessions.get(request.match_info["id"])
+    data = s.public(st.public_url)
+    if request.query.get("history") in ("1", "true"):
+        data.update(await st.sessions.store.history(s.id))
+    return web.json_response(data)
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    sid = ids.check(request.match_info["id"])
+    await st.sessions.delete(sid)
+    return web.Response(status=204)
+
+
+async def cleanup(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    await _json_body(request, set())
+    removed = await st.sessions.cleanup()
+    return web.json_response({"removed": removed})
+
+
+async def health(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    checks: dict[str, dict[str, Any]] = {}
+    ok_all = True
+    for name, check in st.health_checks.items():
+        try:
+            ok, detail = await check()
+        except Exception as e:  # a failing check is a result, not a crash
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        checks[name] = {"ok": ok, "detail": detail}
+        ok_all = ok_all and ok
+    body = {
+        "status": "ok" if ok_all else "degraded",
+        "version": st.version,
+        "checks": checks,
+        "sessions": {
+            "running": st.sessions.running_count(),
+            "total": len(st.sessions.list()),
+            "limit": st.sessions.config.max_running,
+        },
+    }
+    return web.json_response(body, status=200 if ok_all else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    resp = web.Response(body=st.metrics.render())
+    resp.content_type = "text/plain"
+    resp.charset = "utf-8"
+    resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    return resp
+
+
+def load_openapi() -> dict[str, Any]:
+    text = resources.files("lovd.web").joinpath("openapi.yaml").read_text()
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app["openapi"])
+
+
+async def browser_entry(request: web.Request) -> web.Response:
+    """``/c/{id}?token=…``: trade the one-time link for a session cookie, then go to ``/``."""
+    st = request.app[STATE]
+    sid = ids.check(request.match_info["id"])
+    token = request.query.get("token", "")
+    s = st.sessions.store.get(sid)
+    if s is None or not token or not ids.token_matches(token, s.token_hash):
+        raise LovdError("unauthorized", "this session link is not valid (wrong or old token)")
+    if s.expires_at <= time.time():
+        raise LovdError("forbidden", "this session has expired; start a new one")
+    secure = request.headers.get("X-Forwarded-Proto", request.scheme) == "https"
+    resp = web.Response(status=303, headers={"Location": "/"})
+    resp.set_cookie(
+        ("__Host-" if secure else "") + COOKIE,
+        f"{sid}.{token}",
+        httponly=True,
+        samesite="Lax",
+        secure=secure,
+        path="/",
+        max_age=max(0, int(s.expires_at - time.time())),
+    )
+    return resp
+
+
+def create_app(
+    *,
+    sessions: Sessions,
+    metrics_: Metrics,
+    public_url: str,
+    max_body: int,
+    health_checks: dict[str, HealthCheck] | None = None,
+    version: str = "0",
+) -> web.Application:
+    app = web.Application(middlewares=[middleware], client_max_size=max_body)
+    app[STATE] = AppState(
+        sessions=sessions,
+        metrics=metrics_,
+        public_url=public_url,
+        max_body=max_body,
+        health_checks=health_checks or {},
+        version=version,
+    )
+    app["openapi"] = load_openapi()
+    app.router.add_post("/api/sessions", create_session)
+    app.router.add_get("/api/sessions", list_sessions)
+    app.router.add_get("/api/sessions/{id}", get_session)
+    app.router.add_delete("/api/sessions/{id}", delete_session)
+    app.router.add_post("/api/cleanup", cleanup)
+    app.router.add_get("/api/health", health)
+    app.router.add_get("/api/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/c/{id}", browser_entry)
+    return app

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 host for lovd: packages, the unprivileged `lovd` user with
+# subordinate ids, its rootless Podman configuration, a venv with lovd installed,
+# and the session images. Idempotent: safe to run again after every pull.
+#
+#   sudo packaging/setup-host.sh            # everything
+#   LOVD_SKIP_APT=1 packaging/setup-host.sh # skip apt (already installed)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+LOVD_USER=${LOVD_USER:-lovd}
+LOVD_HOME=${LOVD_HOME:-/var/lib/lovd}
+VENV=${LOVD_VENV:-/opt/lovd/venv}
+SUBID_START=${LOVD_SUBID_START:-524288}
+SUBID_COUNT=${LOVD_SUBID_COUNT:-1048576}
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup-host.sh configures system users and packages: run it as root (sudo)." >&2
+  exit 2
+fi
+
+if [ -z "${LOVD_SKIP_APT:-}" ]; then
+  pkgs=(podman runc crun conmon uidmap slirp4netns fuse-overlayfs catatonit caddy
+        systemd-container dbus-user-session busybox-static debootstrap
+        postgresql chromium chromium-driver python3-venv curl)
+  missing=()
+  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Debian enables these on install; lovd drives its own Caddy and tests own
+  # their PostgreSQL clusters, so the stock services must not hold :80 / :5432.
+  for svc in caddy postgresql; do
+    if [ -d /run/systemd/system ]; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
+  done
+fi
+
+# slirp4netns (rootless networking) opens /dev/net/tun; 0666 is the usual mode.
+if [ -e /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
+  chmod 0666 /dev/net/tun
+fi
+
+if ! id "$LOVD_USER" >/dev/null 2>&1; then
+  log "creating user $LOVD_USER"
+  useradd --system --user-group --home-dir "$LOVD_HOME" --create-home \
+    --shell /usr/sbin/nologin --comment "lovd session daemon" "$LOVD_USER"
+fi
+install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0750 "$LOVD_HOME"
+if ! grep -q "^$LOVD_USER:" /etc/subuid; then
+  usermod --add-subuids "$SUBID_START-$((SUBID_START + SUBID_COUNT - 1))" "$LOVD_USER"
+fi
+if ! grep -q "^$LOVD_USER:" /etc/subgid; then
+  usermod --add-subgids "$SUBID_START-$((SUBID_START + SUBID_COUNT - 1))" "$LOVD_USER"
+fi
+uid=$(id -u "$LOVD_USER")
+
+# Podman for the lovd user. The runtime is chosen by what works on this host
+# (crun refuses hybrid cgroups), not hard-coded in lovd.
+runtime=crun
+if [ ! -f /sys/fs/cgroup/cgroup.controllers ] || ! command -v crun >/dev/null; then runtime=runc; fi
+if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
+  cgroup_manager=systemd; events_logger=journald
+else
+  cgroup_manager=cgroupfs; events_logger=file
+fi
+cfg="$LOVD_HOME/.config/containers"
+install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0700 "$LOVD_HOME/.config" "$cfg"
+cat > "$cfg/containers.conf" <<CONF
+# Written by lovd's setup-host.sh.
+[containers]
+# Rootless processes may not raise limits above the hard limit of the user.
+default_ulimits = ["nofile=8192:8192", "nproc=32768:32768"]
+[engine]
+runtime = "$runtime"
+cgroup_manager = "$cgroup_manager"
+events_logger = "$events_logger"
+CONF
+cat > "$cfg/storage.conf" <<CONF
+# Written by lovd's setup-host.sh: native rootless overlay instead of the vfs
+# fallback (which copies every image per container).
+[storage]
+driver = "overlay"
+CONF
+chown "$LOVD_USER:$LOVD_USER" "$cfg/containers.conf" "$cfg/storage.conf"
+
+if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
+  loginctl enable-linger "$LOVD_USER"
+else
+  # No systemd: give the user a runtime dir as pam_systemd would.
+  install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0700 "/run/user/$uid"
+fi
+
+log "installing lovd into $VENV"
+install -d -m 0755 "$(dirname "$VENV")"
+# Debian's interpreter, so the unprivileged lovd user can run the venv.
+[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q "$here[dev]"
+
+as_lovd() { runuser -u "$LOVD_USER" -- env -C "$LOVD_HOME" HOME="$LOVD_HOME" XDG_RUNTIME_DIR="/run/user/$uid" "$@"; }
+as_lovd podman system migrate >/dev/null 2>&1 || true
+
+log "building the test session image"
+as_lovd "$VENV/bin/lovd" image build --test >/dev/null
+if [ -z "${LOVD_SKIP_OPENCODE_IMAGE:-}" ]; then
+  log "building the OpenCode session image"
+  as_lovd "$VENV/bin/lovd" image build
+fi
+log "host ready: run 'lovd doctor' as $LOVD_USER to check it"
