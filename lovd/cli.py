@@ -72,7 +72,9 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     widths = [max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     for r in rows:
-        lines.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True)))
+        lines.append(
+            "  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(cols, widths, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -201,7 +203,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_image)
 
     s = sub.add_parser("demo", help="run the Lovdata MCP and LLM stand-ins in the foreground")
-    s.add_argument("--listen", default="0.0.0.0", help="address the stand-ins bind")
+    s.add_argument(
+        "--listen", default="0.0.0.0", help="address the stand-ins bind"  # noqa: S104
+    )
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("version", help="print the version")

@@ -8,7 +8,9 @@ against this list by the test suite, so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ class ConfigError(Exception):
     """A configuration problem the operator must fix; the message names the key."""
 
 
-def setting(key: str, default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+def setting(key: str, default: Any, help: str) -> Any:
     meta = {"key": key, "help": help}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -235,10 +237,8 @@ class Setting:
 
 def settings() -> Iterator[Setting]:
     for f in dataclasses.fields(Config):
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = f.default
+        factory = f.default_factory
+        default = factory() if factory is not dataclasses.MISSING else f.default
         yield Setting(f.metadata["key"], f.name, default, f.metadata["help"], type(default))
 
 
@@ -340,3 +340,42 @@ def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) ->
     flat = dict(merged)
     flat.update(overrides or {})
     return from_mapping(flat)
+
+
+_EXAMPLE_HEADER = """\
+# lovd configuration (YAML). Copy to /etc/lovd/lovd.conf (or point LOVD_CONFIG at it).
+# Every key is optional; the values shown are the defaults. Unknown keys are errors.
+# Secrets (tokens, API keys) belong only here or in a file readable by lovd alone:
+# lovd passes them to session containers as Podman secrets, never on a command line.
+"""
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | str):
+        return json.dumps(v, ensure_ascii=False)
+    return repr(v)
+
+
+def render_example() -> str:
+    """lovd.conf.example, generated from the settings (``python -m lovd.config > …``)."""
+    lines = [_EXAMPLE_HEADER]
+    section: list[str] = []
+    for s in sorted(settings(), key=lambda s: (s.key.count(".") > 0, s.key.split(".")[:-1])):
+        parts = s.key.split(".")
+        if parts[:-1] != section:
+            common = 0
+            while common < min(len(section), len(parts) - 1) and section[common] == parts[common]:
+                common += 1
+            lines.append("")
+            lines.extend("  " * i + parts[i] + ":" for i in range(common, len(parts) - 1))
+            section = parts[:-1]
+        indent = "  " * (len(parts) - 1)
+        lines.extend(f"{indent}# {h}" for h in textwrap.wrap(s.help, 92 - len(indent)))
+        lines.append(f"{indent}{parts[-1]}: {_yaml_value(s.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_example(), end="")

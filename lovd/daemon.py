@@ -70,8 +70,11 @@ async def make_runner(config: Config, client: PodmanClient, instance_id: str) ->
                 "'loginctl enable-linger lovd' (or set runner: podman)"
             )
         return SystemdRunner(
-            client, config.podman, instance_id,
-            restart_attempts=config.restart_attempts, ready_timeout=config.ready_timeout,
+            client,
+            config.podman,
+            instance_id,
+            restart_attempts=config.restart_attempts,
+            ready_timeout=config.ready_timeout,
         )
     return PodmanRunner(client, config.podman, instance_id)
 
@@ -150,20 +153,26 @@ class Daemon:
         host_id = c.host_id or socket.gethostname()
         sessions = Sessions(c, store, runner, http, env, metrics, host_id)
         self.sessions = sessions
-        metrics.track_sessions(lambda: _count_by_state(store))
 
         t0 = time.monotonic()
         report = await sessions.reconcile(startup=True)
         log.info(
             "reconciled in %.3f s: %d adopted, %d lost, %d orphans removed (runner %s)",
-            time.monotonic() - t0, len(report["adopted"]), len(report["lost"]),
-            len(report["orphans_removed"]), runner.name,
+            time.monotonic() - t0,
+            len(report["adopted"]),
+            len(report["lost"]),
+            len(report["orphans_removed"]),
+            runner.name,
         )
 
         checks = _health_checks(c, store, runner)
         self.app = create_app(
-            sessions=sessions, metrics_=metrics, public_url=c.public_url,
-            max_body=c.max_body, health_checks=checks, version=__version__,
+            sessions=sessions,
+            metrics_=metrics,
+            public_url=c.public_url,
+            max_body=c.max_body,
+            health_checks=checks,
+            version=__version__,
         )
         app_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await app_runner.setup()
@@ -227,13 +236,6 @@ class Daemon:
                 self.stop_event.set()
                 return
             await asyncio.sleep(max(0.5, seconds - idle))
-
-
-def _count_by_state(store: Store) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for s in store.all():
-        counts[s.status] = counts.get(s.status, 0) + 1
-    return counts
 
 
 def _health_checks(

@@ -53,8 +53,14 @@ async def run_checks(config: Config) -> list[Check]:
     user = pwd.getpwuid(os.getuid()).pw_name
     out: list[Check] = []
     if os.geteuid() == 0:
-        out.append(Check("user", "fail", "running as root",
-                         "run lovd (and lovd doctor) as the lovd user: runuser -u lovd -- lovd doctor"))
+        out.append(
+            Check(
+                "user",
+                "fail",
+                "running as root",
+                "run lovd (and lovd doctor) as the lovd user: runuser -u lovd -- lovd doctor",
+            )
+        )
     else:
         out.append(Check("user", "ok", f"running as {user} (uid {os.getuid()})"))
 
@@ -65,13 +71,26 @@ async def run_checks(config: Config) -> list[Check]:
     else:
         code, text = await _run(config.podman, "info", "--format", "json")
         if code != 0:
-            out.append(Check("podman", "fail", f"podman info failed: {text.splitlines()[-1:]}",
-                             "check subuid/subgid and run 'podman system migrate' as this user"))
+            out.append(
+                Check(
+                    "podman",
+                    "fail",
+                    f"podman info failed: {text.splitlines()[-1:]}",
+                    "check subuid/subgid and run 'podman system migrate' as this user",
+                )
+            )
         else:
             info = json.loads(text)
             ver = info.get("version", {})
-            out.append(Check("podman", "ok", f"podman {ver.get('Version', '?')} usable as {user}"
-                             if isinstance(ver, dict) else "podman usable"))
+            out.append(
+                Check(
+                    "podman",
+                    "ok",
+                    f"podman {ver.get('Version', '?')} usable as {user}"
+                    if isinstance(ver, dict)
+                    else "podman usable",
+                )
+            )
     host = info.get("host", {}) if isinstance(info.get("host"), dict) else {}
     store = info.get("store", {}) if isinstance(info.get("store"), dict) else {}
     assert isinstance(host, dict) and isinstance(store, dict)
@@ -82,9 +101,15 @@ async def run_checks(config: Config) -> list[Check]:
         if driver == "overlay":
             out.append(Check("storage", "ok", "overlay storage driver"))
         else:
-            out.append(Check("storage", "warn", f"storage driver {driver} (copies images per container)",
-                             'set driver = "overlay" in ~/.config/containers/storage.conf, then '
-                             "podman system reset"))
+            out.append(
+                Check(
+                    "storage",
+                    "warn",
+                    f"storage driver {driver} (copies images per container)",
+                    'set driver = "overlay" in ~/.config/containers/storage.conf, then '
+                    "podman system reset",
+                )
+            )
 
     for kind in ("subuid", "subgid"):
         n = _subids(f"/etc/{kind}", user)
@@ -93,54 +118,100 @@ async def run_checks(config: Config) -> list[Check]:
         if n >= 65536:
             out.append(Check(kind, "ok", f"{n} subordinate ids for {user}"))
         else:
-            out.append(Check(kind, "fail", f"{n} subordinate ids for {user} (need >= 65536)",
-                             f"usermod --add-{kind}s 524288-1572863 {user}"))
+            out.append(
+                Check(
+                    kind,
+                    "fail",
+                    f"{n} subordinate ids for {user} (need >= 65536)",
+                    f"usermod --add-{kind}s 524288-1572863 {user}",
+                )
+            )
 
     if cgroup_v2():
-        out.append(Check("cgroups", "ok", "cgroup v2: memory/CPU/task limits are enforced "
-                         "(with delegation to the user manager)"))
+        out.append(
+            Check(
+                "cgroups",
+                "ok",
+                "cgroup v2: memory/CPU/task limits are enforced "
+                "(with delegation to the user manager)",
+            )
+        )
     else:
-        out.append(Check("cgroups", "warn",
-                         "cgroup v1/hybrid: rootless containers cannot have memory/CPU limits "
-                         "enforced; pids-limit is applied by the runtime, unit limits are recorded only",
-                         "boot with systemd.unified_cgroup_hierarchy=1 for enforced limits"))
+        out.append(
+            Check(
+                "cgroups",
+                "warn",
+                "cgroup v1/hybrid: rootless containers cannot have memory/CPU limits "
+                "enforced; pids-limit is applied by the runtime, unit limits are recorded only",
+                "boot with systemd.unified_cgroup_hierarchy=1 for enforced limits",
+            )
+        )
 
     tun = Path("/dev/net/tun")
     if tun.exists() and os.access(tun, os.R_OK | os.W_OK):
         out.append(Check("network", "ok", "/dev/net/tun usable (slirp4netns)"))
     else:
-        out.append(Check("network", "fail", "/dev/net/tun not usable by this user",
-                         "chmod 0666 /dev/net/tun"))
+        out.append(
+            Check(
+                "network", "fail", "/dev/net/tun not usable by this user", "chmod 0666 /dev/net/tun"
+            )
+        )
 
     if await user_manager_reachable():
         out.append(Check("user-manager", "ok", "systemd user manager reachable (systemd runner)"))
     else:
         status = "fail" if config.runner == "systemd" else "warn"
-        out.append(Check("user-manager", status,
-                         "no systemd user manager: sessions run under the direct podman runner",
-                         f"loginctl enable-linger {user}"))
+        out.append(
+            Check(
+                "user-manager",
+                status,
+                "no systemd user manager: sessions run under the direct podman runner",
+                f"loginctl enable-linger {user}",
+            )
+        )
     linger = Path("/var/lib/systemd/linger") / user
     if Path("/run/systemd/system").exists():
-        out.append(Check("linger", "ok" if linger.exists() else "warn",
-                         "linger enabled" if linger.exists() else "linger not enabled",
-                         "" if linger.exists() else f"loginctl enable-linger {user}"))
+        out.append(
+            Check(
+                "linger",
+                "ok" if linger.exists() else "warn",
+                "linger enabled" if linger.exists() else "linger not enabled",
+                "" if linger.exists() else f"loginctl enable-linger {user}",
+            )
+        )
     api = config.podman_socket or default_api_socket()
-    out.append(Check("podman-api", "ok" if api else "warn",
-                     f"Podman API socket {api}" if api else "no Podman API socket (CLI fallback)",
-                     "" if api else "systemctl --user enable --now podman.socket"))
+    out.append(
+        Check(
+            "podman-api",
+            "ok" if api else "warn",
+            f"Podman API socket {api}" if api else "no Podman API socket (CLI fallback)",
+            "" if api else "systemctl --user enable --now podman.socket",
+        )
+    )
 
     state = config.state_path
     if state.is_dir() and os.access(state, os.W_OK):
         out.append(Check("state-dir", "ok", f"{state} writable"))
     else:
-        out.append(Check("state-dir", "fail", f"{state} missing or not writable by {user}",
-                         f"install -d -o {user} -m 0750 {state}"))
+        out.append(
+            Check(
+                "state-dir",
+                "fail",
+                f"{state} missing or not writable by {user}",
+                f"install -d -o {user} -m 0750 {state}",
+            )
+        )
 
     if podman and info:
         code, _ = await _run(config.podman, "image", "exists", config.image)
-        out.append(Check("image", "ok" if code == 0 else "fail",
-                         f"{config.image} {'present' if code == 0 else 'missing'}",
-                         "" if code == 0 else "lovd image build"))
+        out.append(
+            Check(
+                "image",
+                "ok" if code == 0 else "fail",
+                f"{config.image} {'present' if code == 0 else 'missing'}",
+                "" if code == 0 else "lovd image build",
+            )
+        )
     return out
 
 

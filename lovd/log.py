@@ -21,7 +21,11 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 FIELDS = ("SESSION_ID", "REQUEST_ID", "UNIT", "CONTAINER_ID", "CODE")
 _PRIORITY = {
-    logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
 }
 
 

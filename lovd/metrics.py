@@ -15,7 +15,7 @@ class _SessionsByState(Collector):
     def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
         self._counts = counts
 
-    def collect(self) -> list[GaugeMetricFamily]:  # type: ignore[override]
+    def collect(self) -> list[GaugeMetricFamily]:
         g = GaugeMetricFamily("lovd_sessions", "Sessions by state", labels=["state"])
         counts = self._counts()
         for state in STATES:
@@ -28,15 +28,19 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "lovd_http_requests", "API requests", ["method", "route", "status"],
+            "lovd_http_requests",
+            "API requests",
+            ["method", "route", "status"],
             registry=self.registry,
         )
         self.sessions_created = Counter(
             "lovd_sessions_created", "Sessions created", registry=self.registry
         )
         self.start_seconds = Histogram(
-            "lovd_session_start_seconds", "Time from start to ready",
-            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60), registry=self.registry,
+            "lovd_session_start_seconds",
+            "Time from start to ready",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60),
+            registry=self.registry,
         )
         self.reconcile_seconds = Histogram(
             "lovd_reconcile_seconds", "Duration of a reconcile pass", registry=self.registry

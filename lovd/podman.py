@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 LABEL_SESSION = "lovd.session"
 LABEL_INSTANCE = "lovd.instance"
-SECRET_TARGET = "/run/secrets/lovd.env"
+SECRET_TARGET = "/run/secrets/lovd.env"  # noqa: S105 - a path, not a password
 API_VERSION = "v4.0.0"
 
 

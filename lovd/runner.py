@@ -94,21 +94,13 @@ class PodmanRunner:
         self.instance_id = instance_id
 
     async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str:
-        if not await self.client.image_exists(spec.image):
-            raise LovdError(
-                "image-missing",
-                f"session image {spec.image} is not present for this user; "
-                "build it with: lovd image build",
-            )
         await self.client.create_secret(spec.secret, env_file(env))
         argv = run_argv(self.podman, spec, limits=spec.cgroup_v2)
         code, out, err = await _exec(*argv)
         if code != 0:
             await self.client.remove(spec.name)
             await self.client.remove_secret(spec.secret)
-            raise LovdError(
-                "runner-failed", f"podman run failed (exit {code}): {_last_line(err)}"
-            )
+            raise LovdError("runner-failed", f"podman run failed (exit {code}): {_last_line(err)}")
         return out.strip().splitlines()[-1]
 
     async def stop(self, session_id: str) -> None:
@@ -187,18 +179,18 @@ class SystemdRunner:
         ]
 
     async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str:
-        if not await self.client.image_exists(spec.image):
-            raise LovdError(
-                "image-missing",
-                f"session image {spec.image} is not present for the lovd user; "
-                "build it with: lovd image build",
-            )
         unit = ids.unit_name(spec.session_id)
         await self.client.create_secret(spec.secret, env_file(env))
         # A previous unit of this session may linger failed; reset it so the name is free.
         await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
-        argv = ["systemd-run", "--user", "--quiet", f"--unit={unit}", "--description",
-                f"lovd session {spec.session_id}"]
+        argv = [
+            "systemd-run",
+            "--user",
+            "--quiet",
+            f"--unit={unit}",
+            "--description",
+            f"lovd session {spec.session_id}",
+        ]
         for prop in self.properties(spec):
             argv += ["-p", prop]
         argv += ["--", *run_argv(self.podman, spec, limits=spec.cgroup_v2)]
@@ -229,8 +221,12 @@ class SystemdRunner:
     async def unit_state(self, session_id: str) -> UnitState | None:
         unit = ids.unit_name(session_id)
         code, out, _ = await _exec(
-            "systemctl", "--user", "show", unit,
-            "-p", "ActiveState,SubState,Result,NRestarts,LoadState",
+            "systemctl",
+            "--user",
+            "show",
+            unit,
+            "-p",
+            "ActiveState,SubState,Result,NRestarts,LoadState",
             env=self._env(),
         )
         if code != 0:
@@ -250,8 +246,18 @@ class SystemdRunner:
             return
         # Runs inside the user manager so the hardened daemon itself never execs podman.
         code, _, err = await _exec(
-            "systemd-run", "--user", "--quiet", "--wait", "--collect", "--",
-            self.podman, "unshare", "rm", "-rf", "--", str(path),
+            "systemd-run",
+            "--user",
+            "--quiet",
+            "--wait",
+            "--collect",
+            "--",
+            self.podman,
+            "unshare",
+            "rm",
+            "-rf",
+            "--",
+            str(path),
             env=self._env(),
         )
         if code != 0 and path.exists():

@@ -13,9 +13,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -91,6 +92,13 @@ class Sessions:
         self._tasks: set[asyncio.Task[None]] = set()
         self._orphans_seen: dict[str, float] = {}
         self.activity: dict[str, float] = {}
+        metrics.track_sessions(self.count_by_state)
+
+    def count_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.store.all():
+            counts[s.status] = counts.get(s.status, 0) + 1
+        return counts
 
     def lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())
@@ -103,7 +111,7 @@ class Sessions:
             raise LovdError("session-not-found", f"no session {session_id}")
         return s
 
-    def list(self) -> list[Session]:
+    def all(self) -> list[Session]:
         return self.store.all()
 
     def running_count(self) -> int:
@@ -129,8 +137,7 @@ class Sessions:
             retry = self._retry_after()
             raise LovdError(
                 "too-many-sessions",
-                f"all {self.config.max_running} session places are in use; "
-                f"try again in {retry} s",
+                f"all {self.config.max_running} session places are in use; try again in {retry} s",
                 retry_after=retry,
                 extra={"limit": self.config.max_running},
             )
@@ -181,8 +188,8 @@ class Sessions:
             self._spawn(self._start_logged(sid))
         return session, token
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -224,6 +231,12 @@ class Sessions:
             workspace = self.config.sessions_path / sid
             workspace.mkdir(parents=True, exist_ok=True)
             try:
+                if not await self.runner.client.image_exists(self.config.image):
+                    raise LovdError(
+                        "image-missing",
+                        f"session image {self.config.image} is not present in the lovd "
+                        "user's Podman store; build it with: lovd image build",
+                    )
                 cid = await self.runner.start(self.spec(session), self.env.build(sid))
                 await self.store.update(sid, container_id=cid, event="container-started")
                 await self._wait_ready(sid)
@@ -235,13 +248,17 @@ class Sessions:
                 await self._fail(sid, LovdError("internal", f"start interrupted: {e!r}"))
                 raise
             session = await self.store.update(
-                sid, status="running", reason="", started_at=self.clock(),
+                sid,
+                status="running",
+                reason="",
+                started_at=self.clock(),
                 last_activity=self.clock(),
             )
             elapsed = time.monotonic() - t0
             self.metrics.start_seconds.observe(elapsed)
             log.info(
-                "session running (ready in %.3f s)", elapsed,
+                "session running (ready in %.3f s)",
+                elapsed,
                 extra={"SESSION_ID": sid, "CONTAINER_ID": session.container_id},
             )
             return session
@@ -283,8 +300,7 @@ class Sessions:
                 logs = (await self.runner.client.logs(name)).strip().splitlines()
                 raise LovdError(
                     "runner-failed",
-                    "session container exited while starting"
-                    + (f": {logs[-1]}" if logs else ""),
+                    "session container exited while starting" + (f": {logs[-1]}" if logs else ""),
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.1)
@@ -295,9 +311,7 @@ class Sessions:
         )
 
     async def _container_alive(self, sid: str) -> bool:
-        return any(
-            c.session_id == sid and c.state == "running" for c in await self.runner.list()
-        )
+        return any(c.session_id == sid and c.state == "running" for c in await self.runner.list())
 
     # --- stop / wake / delete ---
 
@@ -357,8 +371,7 @@ class Sessions:
                 ):
                     await self.stop(s.id, "idle-stopped", "no activity for idle_timeout")
             except LovdError as e:
-                log.warning("cleanup of %s failed: %s", s.id, e.message,
-                            extra={"SESSION_ID": s.id})
+                log.warning("cleanup of %s failed: %s", s.id, e.message, extra={"SESSION_ID": s.id})
         return removed
 
     # --- reconcile ---
@@ -391,8 +404,11 @@ class Sessions:
                 elif s.status == "creating":
                     reason, status = "lovd stopped while the session was being created", "failed"
                 else:
-                    reason = ("container vanished while lovd was down" if startup
-                              else "container stopped unexpectedly")
+                    reason = (
+                        "container vanished while lovd was down"
+                        if startup
+                        else "container stopped unexpectedly"
+                    )
                     status = "stopped"
                 await self.runner.stop(s.id)
                 await self.store.update(s.id, status=status, reason=reason, container_id="")

@@ -262,7 +262,9 @@ class Store:
             "SELECT ts, kind, detail FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
             (session_id, limit),
         ) as cur:
-            events = [{"at": _iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()]
+            events = [
+                {"at": _iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()
+            ]
         async with self._db.execute(
             "SELECT ts, ok, detail FROM health WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
             (session_id, limit),
@@ -279,7 +281,7 @@ class Store:
             "SELECT seq, entity, key, version, op, payload FROM outbox ORDER BY seq LIMIT ?",
             (limit,),
         ) as cur:
-            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in await cur.fetchall()]
 
     async def outbox_ack(self, upto_seq: int) -> None:
         async with self._tx() as db:

@@ -43,6 +43,7 @@ class AppState:
 
 
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 
 
 def problem(err: LovdError, instance: str | None = None) -> web.Response:
@@ -133,7 +134,8 @@ async def _json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     if unknown:
         raise LovdError(
             "bad-request",
-            f"unknown field(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}",
+            f"unknown field(s): {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(allowed)) or 'none'}",
         )
     return body
 
@@ -156,16 +158,12 @@ async def create_session(request: web.Request) -> web.Response:
     data = session.public(st.public_url)
     data["token"] = token
     data["url"] = f"{data['url']}?token={token}"
-    return web.json_response(
-        data, status=201, headers={"Location": f"/api/sessions/{session.id}"}
-    )
+    return web.json_response(data, status=201, headers={"Location": f"/api/sessions/{session.id}"})
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    return web.json_response(
-        {"sessions": [s.public(st.public_url) for s in st.sessions.list()]}
-    )
+    return web.json_response({"sessions": [s.public(st.public_url) for s in st.sessions.all()]})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -198,7 +196,7 @@ async def health(request: web.Request) -> web.Response:
     for name, check in st.health_checks.items():
         try:
             ok, detail = await check()
-        except Exception as e:  # a failing check is a result, not a crash
+        except Exception as e:  # noqa: BLE001 - a failing check is a result, not a crash
             ok, detail = False, f"{type(e).__name__}: {e}"
         checks[name] = {"ok": ok, "detail": detail}
         ok_all = ok_all and ok
@@ -208,7 +206,7 @@ async def health(request: web.Request) -> web.Response:
         "checks": checks,
         "sessions": {
             "running": st.sessions.running_count(),
-            "total": len(st.sessions.list()),
+            "total": len(st.sessions.all()),
             "limit": st.sessions.config.max_running,
         },
     }
@@ -231,7 +229,7 @@ def load_openapi() -> dict[str, Any]:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app["openapi"])
+    return web.json_response(request.app[OPENAPI])
 
 
 async def browser_entry(request: web.Request) -> web.Response:
@@ -276,7 +274,7 @@ def create_app(
         health_checks=health_checks or {},
         version=version,
     )
-    app["openapi"] = load_openapi()
+    app[OPENAPI] = load_openapi()
     app.router.add_post("/api/sessions", create_session)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)

@@ -1,0 +1,99 @@
+"""A Runner stand-in for fast API tests and fault injection.
+
+It "starts a container" by serving the health path on the session's host port
+with a real aiohttp server, so readiness probing is exercised for real. The real
+runners are tested against real Podman in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aiohttp import web
+
+from lovd import ids
+from lovd.errors import LovdError
+from lovd.podman import ContainerInfo, ContainerSpec
+from lovd.runner import UnitState
+
+
+class _Client:
+    def __init__(self, runner: FakeRunner) -> None:
+        self.runner = runner
+
+    async def list(self, instance_id: str) -> list[ContainerInfo]:
+        return await self.runner.list()
+
+    async def remove(self, name: str) -> None:
+        sid = name.removeprefix("lovd-")
+        await self.runner.stop(sid)
+
+    async def create_secret(self, name: str, data: bytes) -> None:
+        self.runner.secrets[name] = data
+
+    async def remove_secret(self, name: str) -> None:
+        self.runner.secrets.pop(name, None)
+
+    async def image_exists(self, image: str) -> bool:
+        return not self.runner.image_missing
+
+    async def logs(self, name: str, tail: int = 20) -> str:
+        return "fake log line"
+
+
+class FakeRunner:
+    name = "fake"
+
+    def __init__(self, health_path: str = "/global/health") -> None:
+        self.client = _Client(self)
+        self.health_path = health_path
+        self.servers: dict[str, web.AppRunner] = {}
+        self.secrets: dict[str, bytes] = {}
+        self.starts: list[ContainerSpec] = []
+        self.fail_start: LovdError | None = None
+        self.never_ready = False
+        self.image_missing = False
+        self.start_delay = 0.0
+
+    async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str:
+        ids.check(spec.session_id)
+        if self.fail_start:
+            raise self.fail_start
+        await asyncio.sleep(self.start_delay)
+        self.starts.append(spec)
+        await self.client.create_secret(spec.secret, b"x")
+        app = web.Application()
+        if not self.never_ready:
+            async def health(_: web.Request) -> web.Response:
+                return web.json_response({"healthy": True})
+
+            app.router.add_get(self.health_path, health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()
+        self.servers[spec.session_id] = runner
+        return f"fake-{spec.session_id}"
+
+    async def stop(self, session_id: str) -> None:
+        r = self.servers.pop(session_id, None)
+        if r is not None:
+            await r.cleanup()
+        self.secrets.pop(ids.secret_name(session_id), None)
+
+    async def list(self) -> list[ContainerInfo]:
+        return [
+            ContainerInfo(f"fake-{sid}", f"lovd-{sid}", sid, "x", "running", 0.0)
+            for sid in self.servers
+        ]
+
+    async def unit_state(self, session_id: str) -> UnitState | None:
+        return None
+
+    async def remove_workspace(self, path: Path) -> None:
+        if path.exists():
+            path.rmdir()
+
+    async def close(self) -> None:
+        for sid in list(self.servers):
+            await self.stop(sid)

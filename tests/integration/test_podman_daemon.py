@@ -1,0 +1,152 @@
+"""lovd against real rootless Podman: a real daemon process, real containers, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.lovdproc import LovdProc, containers, podman
+
+pytestmark = pytest.mark.podman
+
+
+@pytest.fixture
+def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
+    p = LovdProc(tmp_path, **{"limits": {"max_running": 10}})
+    yield p.start()
+    p.stop()
+    # Leave nothing behind, even when a test failed half-way.
+    iid = p.instance_id() if (tmp_path / "state" / "lovd.db").exists() else ""
+    if iid:
+        for name in containers(f"lovd.instance={iid}"):
+            podman("rm", "-f", "-t", "0", name, check=False)
+            podman("secret", "rm", f"{name}-env", check=False)
+    subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)
+
+
+def http_get(port: int, path: str = "/") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def test_session_lifecycle_real_container(lovd: LovdProc) -> None:
+    r = lovd.cli("session", "create", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["status"] == "running"
+    assert "lovd test session" in http_get(s["port"])
+
+    name = f"lovd-{s['id']}"
+    inspect = json.loads(podman("inspect", name))[0]
+    assert inspect["Id"] == s["container_id"]
+    assert inspect["Config"]["Labels"]["lovd.session"] == s["id"]
+    assert inspect["HostConfig"]["ReadonlyRootfs"] is True
+    assert inspect["HostConfig"]["CapDrop"] and not inspect["HostConfig"]["CapAdd"]
+    workspace = lovd.tmp / "state" / "sessions" / s["id"]
+    assert workspace.is_dir()
+
+    # The per-session container password exists inside, but nowhere public.
+    env_in = podman("exec", name, "cat", "/run/secrets/lovd.env")
+    password = dict(
+        line.split("=", 1) for line in env_in.splitlines())["OPENCODE_SERVER_PASSWORD"]
+    assert len(password) >= 32
+    assert password not in json.dumps(inspect)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert password not in ps
+    assert password not in lovd.log_path.read_text()
+
+    listed = lovd.cli("session", "list", "--json")
+    assert [x["id"] for x in json.loads(listed.stdout)["sessions"]] == [s["id"]]
+
+    r = lovd.cli("session", "rm", s["id"])
+    assert r.returncode == 0, r.stderr
+    assert name not in containers(f"lovd.session={s['id']}")
+    assert f"{name}-env" not in podman("secret", "ls", "--format", "{{.Name}}")
+    assert not workspace.exists()
+    show = lovd.cli("session", "show", s["id"])
+    assert show.returncode == 1 and "no session" in show.stderr
+
+
+def test_kill9_readopts_sessions_and_collects_orphans(lovd: LovdProc) -> None:
+    created = []
+    for _ in range(10):
+        status, _, s = lovd.api("POST", "/api/sessions")
+        assert status == 201, s
+        created.append(s)
+    before = {s["id"]: s["container_id"] for s in created}
+    lovd.kill9()
+
+    iid = lovd.instance_id()
+    podman("run", "-d", "--rm", "--name", "lovd-orphan-test", "--label",
+           "lovd.session=ffffffffffffffff", "--label", f"lovd.instance={iid}",
+           "localhost/lovd-test:latest")
+    podman("run", "-d", "--rm", "--name", "unlabelled-test", "localhost/lovd-test:latest")
+    try:
+        lovd.start()
+        status, _, listed = lovd.api("GET", "/api/sessions")
+        after = {s["id"]: (s["status"], s["container_id"]) for s in listed["sessions"]}
+        assert after == {sid: ("running", cid) for sid, cid in before.items()}
+        for s in created:
+            assert "lovd test session" in http_get(s["port"])
+        assert "lovd-orphan-test" not in containers(f"lovd.instance={iid}")
+        assert "unlabelled-test" in podman("ps", "--format", "{{.Names}}")
+    finally:
+        podman("rm", "-f", "-t", "0", "unlabelled-test", "lovd-orphan-test", check=False)
+
+
+def test_vanished_container_is_marked_with_reason(lovd: LovdProc) -> None:
+    _, _, s = lovd.api("POST", "/api/sessions")
+    lovd.kill9()
+    podman("rm", "-f", "-t", "0", f"lovd-{s['id']}")
+    lovd.start()
+    _, _, got = lovd.api("GET", f"/api/sessions/{s['id']}")
+    assert got["status"] == "stopped" and "vanished" in got["reason"]
+
+
+BAD = ["../x", "%2e%2e%2f", "a" * 300, "abc%0d%0aX-Evil:%201", "abc%00def"]
+
+
+def test_bad_input_creates_nothing(lovd: LovdProc) -> None:
+    iid = lovd.instance_id()
+    for bad in BAD:
+        for method in ("GET", "DELETE"):
+            status, headers, body = lovd.api(method, f"/api/sessions/{bad}")
+            assert status in (400, 404), (bad, status)
+            assert headers["Content-Type"].startswith("application/problem+json")
+            assert body["status"] == status
+    status, headers, body = lovd.api("POST", "/api/sessions", raw=b'{"wait": tru')
+    assert status == 400 and body["code"] == "invalid-json"
+    status, _, body = lovd.api("POST", "/api/sessions", raw=b"{" + b" " * 100_000 + b"}")
+    assert status == 413 and body["code"] == "body-too-large"
+    _, _, listed = lovd.api("GET", "/api/sessions")
+    assert listed["sessions"] == [] and containers(f"lovd.instance={iid}") == {}
+
+
+def test_fourth_session_gets_429(tmp_path: Path, test_image: str) -> None:
+    p = LovdProc(tmp_path).start()  # default limit: 3
+    try:
+        for _ in range(3):
+            assert p.api("POST", "/api/sessions")[0] == 201
+        status, headers, body = p.api("POST", "/api/sessions")
+        assert status == 429 and int(headers["Retry-After"]) > 0
+        assert headers["Content-Type"].startswith("application/problem+json")
+        assert "try again" in body["detail"]
+        assert len(containers(f"lovd.instance={p.instance_id()}")) == 3
+        r = p.cli("session", "create")
+        assert r.returncode == 1 and "in use" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        _, _, listed = p.api("GET", "/api/sessions")
+        for s in listed["sessions"]:
+            p.api("DELETE", f"/api/sessions/{s['id']}")
+        p.stop()
+
+
+def test_refuses_to_run_as_root_message() -> None:
+    from lovd.daemon import StartupError
+    assert "must not run as root" in str(StartupError(
+        "lovd must not run as root: run it as the lovd user"))

@@ -1,0 +1,129 @@
+"""Run a real ``lovd serve`` subprocess and talk to it over its unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 120) -> None:
+        super().__init__("lovd", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def request(sock: str, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    conn = UnixHTTPConnection(sock)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        raw = r.read()
+        ctype = r.getheader("Content-Type", "")
+        data: Any = json.loads(raw) if raw and "json" in ctype else raw.decode(errors="replace")
+        return r.status, dict(r.getheaders()), data
+    finally:
+        conn.close()
+
+
+class LovdProc:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
+        self.tmp = tmp
+        self.sock = str(tmp / "api.sock")
+        base = random.randrange(30000, 60000, 100)
+        conf = {
+            "state_dir": str(tmp / "state"),
+            "image": "localhost/lovd-test:latest",
+            "runner": "podman",
+            "port_range": f"{base}-{base + 99}",
+            "orphan_grace": 0,
+            "ready_timeout": 30,
+        }
+        conf.update(settings)
+        self.config_path = tmp / "lovd.conf"
+        self.config_path.write_text(yaml.safe_dump(conf))
+        self.log_path = tmp / "lovd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> LovdProc:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lovd", "--config", str(self.config_path), "serve",
+             "--listen", f"unix:{self.sock}"],
+            stdout=log, stderr=log, env={**os.environ, "LOVD_DEBUG": ""},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"lovd exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                status, _, _ = request(self.sock, "GET", "/api/openapi.json")
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"lovd did not start: {self.log_path.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def api(self, method: str, path: str, body: Any = None,
+            raw: bytes | None = None, headers: dict[str, str] | None = None
+            ) -> tuple[int, dict[str, str], Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        h = {"Content-Type": "application/json"} if data else {}
+        h.update(headers or {})
+        return request(self.sock, method, path, data, h)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lovd", "--config", str(self.config_path),
+             "--socket", self.sock, *args],
+            capture_output=True, text=True, check=False, timeout=120,
+        )
+
+    def instance_id(self) -> str:
+        import sqlite3
+        with sqlite3.connect(self.tmp / "state" / "lovd.db") as db:
+            return str(db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()[0])
+
+
+def podman(*args: str, check: bool = True) -> str:
+    r = subprocess.run(["podman", *args], capture_output=True, text=True, check=False)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"podman {args}: {r.stderr}")
+    return r.stdout
+
+
+def containers(label: str) -> dict[str, str]:
+    """name -> id of containers (any state) with the label."""
+    out = podman("ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}} {{.ID}}")
+    return dict(line.split() for line in out.splitlines() if line.strip())

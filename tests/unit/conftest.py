@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from lovd import config
+from lovd.metrics import Metrics
+from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.store import Store
+from lovd.web.app import create_app
+from tests.fakes import FakeRunner
+
+
+@dataclass
+class Api:
+    client: TestClient  # type: ignore[type-arg]
+    sessions: Sessions
+    runner: FakeRunner
+    store: Store
+
+
+@pytest.fixture
+async def api(tmp_path: Path, unused_tcp_port_factory: object) -> AsyncIterator[Api]:
+    ports = [unused_tcp_port_factory() for _ in range(8)]  # type: ignore[operator]
+    cfg = config.from_mapping(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "port_range": f"{min(ports)}-{min(ports) + 200}",
+            "ready_timeout": 3,
+        }
+    )
+    cfg.sessions_path.mkdir(parents=True)
+    store = await Store.open(cfg.db_path)
+    runner = FakeRunner()
+    http = aiohttp.ClientSession()
+    metrics = Metrics()
+    sessions = Sessions(
+        cfg, store, runner, http, SessionEnv(cfg, load_host_key(cfg.state_path)), metrics, "h1"
+    )
+    app = create_app(sessions=sessions, metrics_=metrics, public_url="https://chat.example",
+                     max_body=cfg.max_body)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield Api(client, sessions, runner, store)
+    finally:
+        await client.close()
+        await runner.close()
+        await http.close()
+        await store.close()
