@@ -99,7 +99,7 @@ install -d -m 0755 "$(dirname "$VENV")"
 # Debian's interpreter, so the unprivileged lovd user can run the venv.
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q "$here[dev]"
+"$VENV/bin/pip" install -q -e "$here[dev]"
 
 as_lovd() { runuser -u "$LOVD_USER" -- env -C "$LOVD_HOME" HOME="$LOVD_HOME" XDG_RUNTIME_DIR="/run/user/$uid" "$@"; }
 as_lovd podman system migrate >/dev/null 2>&1 || true

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The test command (README, CI): prepares the host if needed, then runs
+#   1. ruff and mypy --strict,
+#   2. the suite as the unprivileged lovd user (real rootless Podman, Caddy,
+#      PostgreSQL, OpenCode, Chromium),
+#   3. the systemd end-to-end suite as root (it boots a systemd machine with
+#      systemd-nspawn and installs lovd into it with packaging/install.sh).
+# With CI=true, any test that cannot run here fails instead of skipping.
+#
+#   sudo packaging/run-tests.sh [pytest args for step 2]
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+VENV=${LOVD_VENV:-/opt/lovd/venv}
+LOVD_USER=${LOVD_USER:-lovd}
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "run-tests.sh sets up users and packages and runs parts of the suite as root: use sudo" >&2
+  exit 2
+fi
+
+if [ -z "${LOVD_SKIP_SETUP:-}" ]; then
+  bash packaging/setup-host.sh
+fi
+
+export PYTHONDONTWRITEBYTECODE=1
+echo "==> ruff"
+"$VENV/bin/ruff" check --no-cache lovd tests
+echo "==> mypy --strict lovd/"
+"$VENV/bin/mypy" --cache-dir=/tmp/lovd-mypy-cache lovd
+
+uid=$(id -u "$LOVD_USER")
+artifacts="$here/test-artifacts"
+install -d -o "$LOVD_USER" -m 0755 "$artifacts"
+echo "==> pytest as $LOVD_USER (unit, integration, browser)"
+status=0
+runuser -u "$LOVD_USER" -- env -C "$here" \
+  HOME="$(getent passwd "$LOVD_USER" | cut -d: -f6)" XDG_RUNTIME_DIR="/run/user/$uid" \
+  PATH="$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin" CI="${CI:-}" PYTHONDONTWRITEBYTECODE=1 \
+  LOVD_ARTIFACTS="$artifacts" \
+  "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rs --ignore=tests/e2e --ignore=tests/bench \
+  "$@" || status=$?
+
+if [ -d tests/e2e ] && [ -z "${LOVD_SKIP_E2E:-}" ]; then
+  echo "==> pytest as root (systemd end-to-end in a booted machine)"
+  "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rs tests/e2e || status=$?
+fi
+exit $status
