@@ -45,6 +45,7 @@ def request(sock: str, method: str, path: str, body: bytes | None = None,
 class LovdProc:
     def __init__(self, tmp: Path, **settings: Any) -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.sock = str(tmp / "api.sock")
         base = random.randrange(30000, 60000, 100)
         conf = {
@@ -61,7 +62,7 @@ class LovdProc:
         self.log_path = tmp / "lovd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> LovdProc:
+    def start(self, timeout: float = 60) -> LovdProc:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lovd", "--config", str(self.config_path), "serve",

@@ -25,6 +25,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 LOVDATA_BASE = "https://lovdata.no"
 
 # Lovdata's customary abbreviations ("forkortelser") for laws a corpus is likely to hold.
@@ -46,13 +51,13 @@ KNOWN_ABBREVIATIONS: dict[str, str] = {
 
 # Words too common to discriminate between provisions; dropped from queries so that a
 # question-shaped query ("hva sier loven om oppsigelse") still finds the right text.
-STOPWORDS: frozenset[str] = frozenset(
+STOPWORDS: frozenset[str] = _words(
     """
     og i på om til av for med som er det den de en et å at har kan skal ikke eller fra
     ved etter når hva hvem hvor hvordan hvilke hvilken hvorfor sier står gjelder loven
     lov lovens jeg meg min mitt du deg vi oss seg sin sitt sine være blir bli har hadde
     the a an of to in on for and or is are what which who how does do about law says
-    """.split()
+    """
 )
 
 _TOKEN_RE = re.compile(r"\w+", re.UNICODE)

@@ -30,6 +30,11 @@ from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 MODEL_ID = "legal-stub"
 STREAM_CHUNK_WORDS = 4
 
@@ -43,27 +48,26 @@ SEARCH_TOOL_SUFFIXES: tuple[str, ...] = (
     "resolve_reference",
 )
 
-LEGAL_WORDS: frozenset[str] = frozenset(
+LEGAL_WORDS: frozenset[str] = _words(
     """
     lov loven lover lovens forskrift forskriften paragraf bestemmelse rett rettigheter
     plikt plikter oppsigelse oppsigelsen avskjed arbeidsgiver arbeidstaker arbeidsavtale
     leie husleie leier utleier depositum personvern personopplysninger samtykke grunnlov
     grunnloven ytringsfrihet domstol straff erstatning kontrakt avtale juridisk lovlig
-    ulovlig
-    law laws statute regulation section legal lawful unlawful rights dismissal tenant
-    landlord employer employee contract privacy constitution court
-    """.split()
+    ulovlig law laws statute regulation section legal lawful unlawful rights dismissal
+    tenant landlord employer employee contract privacy constitution court
+    """
 )
 
 # Words that shape a question but say nothing about its subject.
-QUESTION_WORDS: frozenset[str] = frozenset(
+QUESTION_WORDS: frozenset[str] = _words(
     """
-    hva hvem hvor hvordan hvilke hvilken hvilket hvorfor når sier står gjelder om og i på
-    til av for med som er det den de en et å at har kan skal må ikke eller fra ved etter
-    jeg meg min mitt du deg vi oss meg norsk norske norge loven lov lovens regler reglene
-    the a an of to in on for and or is are what which who how does do about say says
-    under according rules norway norwegian me my i can
-    """.split()
+    hva hvem hvor hvordan hvilke hvilken hvilket hvorfor når sier står gjelder om og i
+    på til av for med som er det den de en et å at har kan skal må ikke eller fra ved
+    etter jeg meg min mitt du deg vi oss meg norsk norske norge loven lov lovens regler
+    reglene the a an of to in on for and or is are what which who how does do about say
+    says under according rules norway norwegian me my i can law laws legal
+    """
 )
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -90,9 +94,7 @@ def message_text(message: dict[str, Any]) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(
-            str(part.get("text", "")) for part in content if isinstance(part, dict)
-        )
+        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return ""
 
 
@@ -147,7 +149,11 @@ def extract_query(question: str) -> tuple[str, str | None]:
     words = [w.lower() for w in _WORD_RE.findall(question)]
     law = next((w for w in words if _LAW_NAME_RE.match(w) and w not in QUESTION_WORDS), None)
     terms = [w for w in words if w not in QUESTION_WORDS and w != law and len(w) > 1]
-    return (" ".join(terms[:4]) or (law or question.strip())), law
+    # Full-text search wants all words to match, so keep it to the legal terms when
+    # there are any ("stort depositum utleier kreve" → "depositum utleier").
+    legal = [w for w in terms if w in LEGAL_WORDS]
+    chosen = legal[:2] or terms[:3]
+    return (" ".join(chosen) or law or question.strip()), law
 
 
 def is_english(text: str) -> bool:
@@ -183,10 +189,11 @@ def provisions_in(tool_output: str) -> list[dict[str, Any]]:
     seen: set[str] = set()
     for item in _walk(data):
         url = item.get("url")
-        if isinstance(url, str) and url.startswith("https://lovdata.no/") and item.get("section"):
-            if url not in seen:
-                seen.add(url)
-                found.append(item)
+        if not isinstance(url, str) or not item.get("section"):
+            continue
+        if url.startswith("https://lovdata.no/") and url not in seen:
+            seen.add(url)
+            found.append(item)
     return found
 
 
@@ -249,9 +256,7 @@ def decide(body: dict[str, Any]) -> Reply:
         users = [message_text(m) for m in messages if m.get("role") == "user"]
         return Reply(text=make_title(users[-1] if users else ""))
     last = messages[-1]
-    question = next(
-        (message_text(m) for m in reversed(messages) if m.get("role") == "user"), ""
-    )
+    question = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
     if last.get("role") == "tool":
         # All tool results since the question, in order; the model answers from them.
         outputs: list[str] = []
@@ -277,9 +282,7 @@ def decide(body: dict[str, Any]) -> Reply:
         return Reply(tool_name=tool, tool_arguments=args)
     if is_english(question):
         return Reply(text="I am a demo model for Norwegian legal questions. Ask me about a law.")
-    return Reply(
-        text="Jeg er en demomodell for spørsmål om norsk rett. Spør meg gjerne om en lov."
-    )
+    return Reply(text="Jeg er en demomodell for spørsmål om norsk rett. Spør meg gjerne om en lov.")
 
 
 def make_title(text: str) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +31,16 @@ def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
     subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)
 
 
-def http_get(port: int, path: str = "/") -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+def password(session_id: str) -> str:
+    env = podman("exec", f"lovd-{session_id}", "cat", "/run/secrets/lovd.env")
+    return dict(line.split("=", 1) for line in env.splitlines())["OPENCODE_SERVER_PASSWORD"]
+
+
+def http_get(port: int, session_id: str, path: str = "/") -> str:
+    auth = base64.b64encode(f"opencode:{password(session_id)}".encode()).decode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
         return str(r.read().decode())
 
 
@@ -39,7 +49,10 @@ def test_session_lifecycle_real_container(lovd: LovdProc) -> None:
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert s["status"] == "running"
-    assert "lovd test session" in http_get(s["port"])
+    assert "lovd test session" in http_get(s["port"], s["id"])
+    with pytest.raises(urllib.error.HTTPError) as e:  # the container's own password holds
+        urllib.request.urlopen(f"http://127.0.0.1:{s['port']}/", timeout=5)
+    assert e.value.code == 401
 
     name = f"lovd-{s['id']}"
     inspect = json.loads(podman("inspect", name))[0]
@@ -51,14 +64,12 @@ def test_session_lifecycle_real_container(lovd: LovdProc) -> None:
     assert workspace.is_dir()
 
     # The per-session container password exists inside, but nowhere public.
-    env_in = podman("exec", name, "cat", "/run/secrets/lovd.env")
-    password = dict(
-        line.split("=", 1) for line in env_in.splitlines())["OPENCODE_SERVER_PASSWORD"]
-    assert len(password) >= 32
-    assert password not in json.dumps(inspect)
+    secret = password(s["id"])
+    assert len(secret) >= 32
+    assert secret not in json.dumps(inspect)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert password not in ps
-    assert password not in lovd.log_path.read_text()
+    assert secret not in ps
+    assert secret not in lovd.log_path.read_text()
 
     listed = lovd.cli("session", "list", "--json")
     assert [x["id"] for x in json.loads(listed.stdout)["sessions"]] == [s["id"]]
@@ -82,21 +93,22 @@ def test_kill9_readopts_sessions_and_collects_orphans(lovd: LovdProc) -> None:
     lovd.kill9()
 
     iid = lovd.instance_id()
-    podman("run", "-d", "--rm", "--name", "lovd-orphan-test", "--label",
+    orphan, unlabelled = f"lovd-orphan-{iid}", f"unlabelled-{iid}"
+    podman("run", "-d", "--rm", "--name", orphan, "--label",
            "lovd.session=ffffffffffffffff", "--label", f"lovd.instance={iid}",
            "localhost/lovd-test:latest")
-    podman("run", "-d", "--rm", "--name", "unlabelled-test", "localhost/lovd-test:latest")
+    podman("run", "-d", "--rm", "--name", unlabelled, "localhost/lovd-test:latest")
     try:
         lovd.start()
         status, _, listed = lovd.api("GET", "/api/sessions")
         after = {s["id"]: (s["status"], s["container_id"]) for s in listed["sessions"]}
         assert after == {sid: ("running", cid) for sid, cid in before.items()}
         for s in created:
-            assert "lovd test session" in http_get(s["port"])
-        assert "lovd-orphan-test" not in containers(f"lovd.instance={iid}")
-        assert "unlabelled-test" in podman("ps", "--format", "{{.Names}}")
+            assert "lovd test session" in http_get(s["port"], s["id"])
+        assert orphan not in containers(f"lovd.instance={iid}")
+        assert unlabelled in podman("ps", "--format", "{{.Names}}")
     finally:
-        podman("rm", "-f", "-t", "0", "unlabelled-test", "lovd-orphan-test", check=False)
+        podman("rm", "-f", "-t", "0", unlabelled, orphan, check=False)
 
 
 def test_vanished_container_is_marked_with_reason(lovd: LovdProc) -> None:
@@ -144,9 +156,3 @@ def test_fourth_session_gets_429(tmp_path: Path, test_image: str) -> None:
         for s in listed["sessions"]:
             p.api("DELETE", f"/api/sessions/{s['id']}")
         p.stop()
-
-
-def test_refuses_to_run_as_root_message() -> None:
-    from lovd.daemon import StartupError
-    assert "must not run as root" in str(StartupError(
-        "lovd must not run as root: run it as the lovd user"))

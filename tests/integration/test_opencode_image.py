@@ -1,0 +1,266 @@
+"""The real OpenCode session image against the demo stand-ins, with real rootless Podman.
+
+Runs the container the way lovd does (secret file, --read-only, --cap-drop=all,
+--userns=auto, --init) and drives OpenCode's HTTP API: a Norwegian legal question must
+make the stub model call a Lovdata tool on the MCP stand-in and come back with the
+lovdata.no URL of the provision it cites.
+
+Build the image first: packaging/images/opencode/build.sh (as the user running the tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lovd.demo.serve import StandIn, serve_llm_stub, serve_lovdata_mcp
+from tests.conftest import ROOT, image_present, need
+
+pytestmark = [pytest.mark.opencode, pytest.mark.podman]
+
+SESSION_IMAGE = os.environ.get("LOVD_SESSION_IMAGE", "localhost/lovd-session:latest")
+QUESTION = "Hva sier arbeidsmiljøloven om oppsigelse?"
+AML_URL = re.compile(r"https://lovdata\.no/lov/2005-06-17-62/§15-\d+")
+# Stand-ins bind every address: containers reach the host as host.containers.internal,
+# which rootless Podman (slirp4netns) maps to the host's own IP, not to its loopback.
+STANDIN_HOST = "0.0.0.0"
+
+
+@dataclass
+class Session:
+    name: str
+    port: int
+    password: str
+    mcp: StandIn
+    ready_seconds: float
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return basic_auth(self.password)
+
+
+def basic_auth(password: str) -> dict[str, str]:
+    token = base64.b64encode(f"opencode:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*args: str, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), input=input_text, capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def session_image() -> str:
+    if os.geteuid() == 0:
+        need(False, "rootless Podman tests run as the unprivileged lovd user, not root")
+    need(
+        image_present(SESSION_IMAGE),
+        f"{SESSION_IMAGE} missing: run packaging/images/opencode/build.sh as this user",
+    )
+    return SESSION_IMAGE
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    path = tmp_path / "lovd.env"
+    yield path, {}
+    path.unlink(missing_ok=True)
+
+
+def write_env(path: Path, values: dict[str, str]) -> None:
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
+    path.chmod(0o600)
+
+
+async def wait_ready(url: str, auth: dict[str, str], deadline: float) -> None:
+    # OpenCode can hang a request made just after its port opens: short timeouts, retry.
+    timeout = aiohttp.ClientTimeout(total=0.3)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(url + "/global/health", headers=auth) as resp:
+                    if resp.status == 200 and (await resp.json()).get("healthy"):
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"{url} not ready")
+
+
+@pytest.fixture
+async def session(session_image: str, tmp_path: Path) -> AsyncIterator[Session]:
+    mcp_token = secrets.token_urlsafe(16)
+    mcp = await serve_lovdata_mcp(STANDIN_HOST, 0, token=mcp_token)
+    llm = await serve_llm_stub(STANDIN_HOST, 0)
+    name = f"lovd-it-{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(32)
+    env_file = tmp_path / "lovd.env"
+    write_env(
+        env_file,
+        {
+            "OPENCODE_SERVER_PASSWORD": password,
+            "LOVD_SESSION_ID": name,
+            "LOVDATA_MCP_URL": f"http://host.containers.internal:{mcp.port}/mcp",
+            "LOVDATA_MCP_TOKEN": mcp_token,
+            "LOVD_SEQUENTIAL_THINKING": "1",
+            "LOVD_MODEL": "lovd/legal-stub",
+            "LOVD_LLM_BASE_URL": f"http://host.containers.internal:{llm.port}/v1",
+            "LOVD_LLM_API_KEY": "demo",
+            "OPENAI_API_KEY": "",
+            "ANTHROPIC_API_KEY": "",
+            "GOOGLE_GENERATIVE_AI_API_KEY": "",
+            "LOVD_PERMISSIONS_DENY": "bash,edit,webfetch",
+        },
+    )
+    created = run("podman", "secret", "create", name, str(env_file))
+    env_file.unlink()
+    assert created.returncode == 0, created.stderr
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    port = free_port()
+    started = time.monotonic()
+    try:
+        result = run(
+            "podman", "run", "-d", "--rm", "--name", name, "--init", "--userns=auto",
+            "--cap-drop=all", "--security-opt=no-new-privileges", "--read-only",
+            "--tmpfs", "/tmp", "--tmpfs", "/run/secrets",
+            "--secret", f"{name},type=mount,target=/run/secrets/lovd.env,mode=0400,uid=1000",
+            "-v", f"{workspace}:/work:U", "-p", f"127.0.0.1:{port}:4096",
+            "--label", f"lovd.session={name}", session_image,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        auth = basic_auth(password)
+        try:
+            await wait_ready(f"http://127.0.0.1:{port}", auth, time.monotonic() + 30)
+        except TimeoutError:
+            logs = run("podman", "logs", name)
+            pytest.fail(f"OpenCode did not become ready:\n{logs.stdout}\n{logs.stderr}")
+        ready = time.monotonic() - started
+        yield Session(name, port, password, mcp, ready)
+    finally:
+        run("podman", "rm", "-f", "-t", "0", name)
+        run("podman", "secret", "rm", name)
+        await llm.stop()
+        await mcp.stop()
+
+
+async def test_legal_question_round_trip(session: Session) -> None:
+    print(f"create→ready {session.ready_seconds:.2f} s")
+    timeout = aiohttp.ClientTimeout(total=90)
+    async with aiohttp.ClientSession(timeout=timeout, headers=session.auth) as http:
+        async with http.get(session.url + "/mcp") as resp:
+            status = await resp.json()
+        assert status["lovdata"]["status"] == "connected", status
+        assert status["sequential-thinking"]["status"] == "connected", status
+
+        async with http.get(session.url + "/skill") as resp:
+            skills = await resp.json()
+        assert "norwegian-legal-queries" in {s["name"] for s in skills}
+
+        async with http.post(session.url + "/session", json={}) as resp:
+            assert resp.status == 200
+            sid = (await resp.json())["id"]
+        body = {"parts": [{"type": "text", "text": QUESTION}]}
+        async with http.post(f"{session.url}/session/{sid}/message", json=body) as resp:
+            assert resp.status == 200
+            reply = await resp.json()
+
+        async with http.get(session.mcp.base_url.replace("0.0.0.0", "127.0.0.1") + "/calls") as r:
+            calls = await r.json()
+    tools = [c["tool"] for c in calls]
+    assert "search_provisions_fulltext" in tools, calls
+    text = "\n".join(p.get("text", "") for p in reply["parts"] if p["type"] == "text")
+    cited = AML_URL.findall(text)
+    assert cited, text
+    assert "https://lovdata.no/lov/2005-06-17-62/§15-7" in cited
+
+
+async def test_secrets_stay_out_of_argv_and_inspect(session: Session) -> None:
+    inspect = run("podman", "inspect", session.name)
+    assert inspect.returncode == 0, inspect.stderr
+    assert session.password not in inspect.stdout
+    top = run("podman", "top", session.name, "args")
+    assert "opencode serve" in top.stdout
+    assert session.password not in top.stdout
+    config = json.loads(inspect.stdout)[0]["Config"]
+    assert config["User"] == "1000:1000"
+
+
+async def test_denied_tools_and_unprivileged_user(session: Session) -> None:
+    out = run("podman", "exec", session.name, "sh", "-c", "id -u; cat /proc/1/status")
+    assert out.stdout.splitlines()[0] == "1000"
+    assert re.search(r"^CapEff:\s+0+$", out.stdout, re.M), out.stdout
+    async with (
+        aiohttp.ClientSession(headers=session.auth) as http,
+        http.get(session.url + "/config") as resp,
+    ):
+        cfg = await resp.json()
+    assert cfg["permission"]["bash"] == "deny"
+    assert cfg["permission"]["edit"] == "deny"
+    assert cfg["permission"]["webfetch"] == "deny"
+    async with aiohttp.ClientSession() as http, http.get(session.url + "/global/health") as resp:
+        assert resp.status == 401  # no password, no access
+
+
+async def test_stop_is_fast(session: Session) -> None:
+    started = time.monotonic()
+    result = run("podman", "stop", "-t", "10", session.name)
+    elapsed = time.monotonic() - started
+    print(f"stop {elapsed:.2f} s")
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 2.0
+
+
+def _keys(node: Any, prefix: str = "") -> set[str]:
+    if not isinstance(node, dict):
+        return set()
+    out: set[str] = set()
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else key
+        out.add(path)
+        out |= _keys(value, path)
+    return out
+
+
+def test_every_config_key_is_understood_by_opencode(session_image: str, tmp_path: Path) -> None:
+    # OpenCode drops keys it does not know without an error; compare what it resolved
+    # with the template, key by key.
+    raw = (ROOT / "config_opencode" / "opencode.jsonc").read_text(encoding="utf-8")
+    template = json.loads(
+        "\n".join(line for line in raw.splitlines() if not line.lstrip().startswith("//"))
+    )
+    result = run(
+        "podman", "run", "--rm", "--read-only", "--cap-drop=all",
+        "-e", "LOVDATA_MCP_URL=http://127.0.0.1:9/mcp", "-e", "LOVD_MODEL=lovd/legal-stub",
+        session_image, "opencode", "debug", "config",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    missing = _keys(template) - _keys(resolved)
+    assert not missing, f"keys OpenCode ignored: {sorted(missing)}"
+    assert resolved["model"] == "lovd/legal-stub"

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lovd import config, daemon
+from lovd.daemon import Daemon, StartupError
+
+
+async def test_refuses_to_run_as_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon.os, "geteuid", lambda: 0)
+    cfg = config.from_mapping({"state_dir": str(tmp_path / "s")})
+    with pytest.raises(StartupError, match="must not run as root"):
+        await Daemon(cfg).run()
+    assert not (tmp_path / "s").exists()  # refused before touching anything
+
+
+def test_refuses_a_live_socket_and_replaces_a_stale_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "api.sock")
+    live, _ = daemon._bind(f"unix:{path}")
+    with pytest.raises(StartupError, match="already listening"):
+        daemon._bind(f"unix:{path}")
+    live.close()  # the path stays behind, stale
+    again, _ = daemon._bind(f"unix:{path}")
+    assert again.getsockname() == path
+    again.close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StartupError, match="not a socket"):
+        daemon._bind(f"unix:{tmp_path / 'file'}")
