@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -126,6 +127,16 @@ class ContainerInfo:
     exit_code: int = 0
 
 
+def _created(value: Any) -> float:
+    """``podman ps --format json`` gives unix seconds; the libpod REST API an RFC 3339 string."""
+    if isinstance(value, str) and not value.replace(".", "", 1).isdigit():
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return 0.0
+    return float(value or 0)
+
+
 def _info_from_ps(c: dict[str, Any]) -> ContainerInfo:
     labels = c.get("Labels") or {}
     names = c.get("Names") or [""]
@@ -135,7 +146,7 @@ def _info_from_ps(c: dict[str, Any]) -> ContainerInfo:
         session_id=labels.get(LABEL_SESSION, ""),
         instance_id=labels.get(LABEL_INSTANCE, ""),
         state=c.get("State", ""),
-        created=float(c.get("Created", 0) or 0),
+        created=_created(c.get("Created")),
         exit_code=int(c.get("ExitCode", 0) or 0),
     )
 

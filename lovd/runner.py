@@ -127,6 +127,11 @@ async def _remove_tree(podman: str, path: Path) -> None:
         raise LovdError("runner-failed", f"could not remove workspace {path}: {_last_line(err)}")
 
 
+_SD_PRIVATE_ENV = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
+)
+
+
 class SystemdRunner:
     """Each session is a transient unit ``lovd-session-<id>.service`` in the lovd user's
     systemd manager; its ExecStart is ``podman run`` (Type=notify via conmon)."""
@@ -150,7 +155,9 @@ class SystemdRunner:
 
     @staticmethod
     def _env() -> dict[str, str]:
-        env = dict(os.environ)
+        # Not systemd's per-process protocol variables: children must not notify, ping or
+        # claim sockets on lovd's behalf ("reception only permitted for main PID").
+        env = {k: v for k, v in os.environ.items() if k not in _SD_PRIVATE_ENV}
         runtime = env.setdefault("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
         env.setdefault("DBUS_SESSION_BUS_ADDRESS", f"unix:path={runtime}/bus")
         return env
@@ -163,7 +170,8 @@ class SystemdRunner:
             "NotifyAccess=all",
             "KillMode=mixed",
             "Delegate=yes",
-            "CollectMode=inactive-or-failed",
+            # Default CollectMode=inactive: a unit that exhausted its restarts stays loaded
+            # as failed, so reconcile can read its Result (start() and stop() reset-failed).
             f"MemoryMax={spec.memory_max}",
             f"CPUQuota={round(spec.cpus * 100)}%",
             f"TasksMax={spec.tasks_max}",

@@ -1,0 +1,322 @@
+#!/usr/bin/env bash
+# Install lovd on a host where systemd is PID 1 (Debian 12 or similar).
+#
+#   sudo packaging/install.sh                    # install or upgrade (idempotent)
+#   sudo packaging/install.sh --uninstall        # remove lovd but keep its data
+#   sudo packaging/install.sh --uninstall --purge  # ... and the data, config and user
+#
+# What "install" does, in order:
+#   packages (apt, only what is missing) · the lovd user and lovd-api group (sysusers.d)
+#   with subordinate uid/gid ranges · tmpfiles.d · lovd into its own venv · the units,
+#   the user@.service delegation drop-in and a per-host lovd.service drop-in (the lovd
+#   user's uid) · /etc/lovd/lovd.conf (only if absent) · linger for lovd · lovd's rootless
+#   Podman config · its podman.socket · the session image (built as lovd) ·
+#   `systemctl enable --now lovd.socket`.
+#
+# Environment:
+#   LOVD_IMAGE=full|test|none   which session image to build (default full: OpenCode;
+#                               test: the tiny busybox image, for tests). An existing
+#                               image is kept unless LOVD_REBUILD_IMAGE=1.
+#   LOVD_SKIP_APT=1             do not install packages
+#   LOVD_VENV=/opt/lovd/venv    where lovd is installed; LOVD_REINSTALL=1 forces pip
+#   LOVD_SUBID_COUNT=1048576    size of lovd's subordinate id range (--userns=auto needs
+#                               65536 per container by default)
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOVD_USER=lovd
+API_GROUP=lovd-api
+STATE=/var/lib/lovd
+VENV=${LOVD_VENV:-/opt/lovd/venv}
+ETC=/etc/lovd
+UNIT_DIR=/etc/systemd/system
+SHARE=/usr/share/lovd
+SUBID_COUNT=${LOVD_SUBID_COUNT:-1048576}
+IMAGE_KIND=${LOVD_IMAGE:-full}
+TEST_IMAGE=localhost/lovd-test:latest
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+
+mode=install
+purge=
+for arg in "$@"; do
+  case $arg in
+    --uninstall) mode=uninstall ;;
+    --purge) purge=1 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) die "unknown argument $arg (see --help)" ;;
+  esac
+done
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it creates a system user and installs units)"
+[ -d /run/systemd/system ] || die "systemd is not running as PID 1 here; use packaging/setup-host.sh for hosts without systemd"
+
+uid_of() { id -u "$LOVD_USER" 2>/dev/null; }
+user_ctl() { systemctl --user --machine="$LOVD_USER@" "$@"; }
+
+as_lovd() {
+  local uid; uid=$(uid_of)
+  runuser -u "$LOVD_USER" -- env -C "$STATE" HOME="$STATE" USER="$LOVD_USER" LOGNAME="$LOVD_USER" \
+    XDG_RUNTIME_DIR="/run/user/$uid" DBUS_SESSION_BUS_ADDRESS="unix:path=/run/user/$uid/bus" \
+    PATH=/usr/local/bin:/usr/bin:/bin "$@"
+}
+
+# ---------------------------------------------------------------- uninstall
+uninstall() {
+  local uid; uid=$(uid_of || true)
+  log "stopping lovd"
+  systemctl disable --now lovd.socket lovd.service >/dev/null 2>&1 || true
+  if [ -n "$uid" ] && systemctl is-active --quiet "user@$uid.service"; then
+    log "stopping session units of the $LOVD_USER user"
+    user_ctl stop 'lovd-session-*.service' >/dev/null 2>&1 || true
+    user_ctl reset-failed 'lovd-session-*.service' >/dev/null 2>&1 || true
+    user_ctl disable --now podman.socket >/dev/null 2>&1 || true
+  fi
+  if [ -n "$uid" ]; then loginctl disable-linger "$LOVD_USER" 2>/dev/null || true; fi
+  rm -f "$UNIT_DIR/lovd.socket" "$UNIT_DIR/lovd.service" \
+        "$UNIT_DIR/user@.service.d/lovd-delegate.conf" \
+        /etc/sysusers.d/lovd.conf /etc/tmpfiles.d/lovd.conf
+  rm -rf "$UNIT_DIR/lovd.service.d" "$SHARE"
+  rmdir "$UNIT_DIR/user@.service.d" 2>/dev/null || true
+  rm -rf "$VENV"
+  rmdir "$(dirname "$VENV")" 2>/dev/null || true
+  systemctl daemon-reload
+  if [ -n "$purge" ]; then
+    log "purging data, configuration and the $LOVD_USER user"
+    if [ -n "$uid" ]; then
+      systemctl stop "user@$uid.service" >/dev/null 2>&1 || true
+      pkill -KILL -U "$uid" 2>/dev/null || true
+    fi
+    # Workspaces belong to lovd's subordinate ids; root removes them regardless.
+    rm -rf "$ETC"
+    # $STATE may be a mount point: empty it, then try to remove it.
+    find "$STATE" -mindepth 1 -delete 2>/dev/null || rm -rf "${STATE:?}"/* "${STATE:?}"/.[!.]* 2>/dev/null || true
+    rmdir "$STATE" 2>/dev/null || true
+    sed -i "/^$LOVD_USER:/d" /etc/subuid /etc/subgid
+    userdel "$LOVD_USER" 2>/dev/null || true
+    groupdel "$API_GROUP" 2>/dev/null || true
+    groupdel "$LOVD_USER" 2>/dev/null || true
+  else
+    log "kept: $STATE (data, Podman store), $ETC (config), the $LOVD_USER user; --purge removes them"
+  fi
+  log "lovd uninstalled"
+}
+
+if [ "$mode" = uninstall ]; then uninstall; exit 0; fi
+
+# ---------------------------------------------------------------- packages
+if [ -z "${LOVD_SKIP_APT:-}" ]; then
+  pkgs=(podman runc crun conmon uidmap slirp4netns fuse-overlayfs catatonit
+        dbus-user-session busybox-static python3-venv curl)
+  missing=()
+  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+# slirp4netns (rootless networking) opens /dev/net/tun; 0666 is the usual mode.
+if [ -e /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then chmod 0666 /dev/net/tun; fi
+
+# ---------------------------------------------------------------- user, ids, dirs
+log "user $LOVD_USER and group $API_GROUP (sysusers.d)"
+install -D -m 0644 "$SRC/units/lovd.sysusers" /etc/sysusers.d/lovd.conf
+systemd-sysusers /etc/sysusers.d/lovd.conf
+uid=$(uid_of) || die "systemd-sysusers did not create $LOVD_USER"
+
+# --userns=auto takes container ids from these ranges: pick one that overlaps nobody's.
+next_free_subid() {
+  awk -F: 'BEGIN { end = 524288 } NF >= 3 { e = $2 + $3; if (e > end) end = e } END { print end }' \
+    /etc/subuid /etc/subgid 2>/dev/null
+}
+touch /etc/subuid /etc/subgid
+start=$(next_free_subid)
+for f in subuid subgid; do
+  if ! grep -q "^$LOVD_USER:" "/etc/$f"; then
+    log "subordinate ${f#sub}s for $LOVD_USER: $start-$((start + SUBID_COUNT - 1))"
+    echo "$LOVD_USER:$start:$SUBID_COUNT" >> "/etc/$f"
+  fi
+done
+
+install -D -m 0644 "$SRC/units/lovd.tmpfiles" /etc/tmpfiles.d/lovd.conf
+systemd-tmpfiles --create /etc/tmpfiles.d/lovd.conf
+
+# ---------------------------------------------------------------- lovd itself
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  install -d -m 0755 "$(dirname "$VENV")"
+  # Debian's interpreter, so the unprivileged lovd user can run the venv.
+  /usr/bin/python3 -m venv "$VENV"
+fi
+if [ -n "${LOVD_REINSTALL:-}" ] || ! "$VENV/bin/python" -c 'import lovd, aiohttp, sdnotify' 2>/dev/null; then
+  log "installing lovd into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q "$SRC"
+fi
+"$VENV/bin/lovd" version >/dev/null || die "$VENV/bin/lovd does not run"
+# Image build scripts for `lovd image build` outside a source checkout.
+install -d -m 0755 "$SHARE"
+rm -rf "$SHARE/packaging.new"
+mkdir -p "$SHARE/packaging.new"
+cp -r "$SRC/packaging/images" "$SHARE/packaging.new/"
+[ -d "$SRC/config_opencode" ] && cp -r "$SRC/config_opencode" "$SHARE/"
+rm -rf "$SHARE/packaging" && mv "$SHARE/packaging.new" "$SHARE/packaging"
+
+# ---------------------------------------------------------------- config
+install -d -m 0750 -o root -g "$LOVD_USER" "$ETC"
+if [ ! -e "$ETC/lovd.conf" ]; then
+  log "writing $ETC/lovd.conf"
+  if [ -f "$SRC/lovd.conf.example" ]; then
+    # Under systemd the sessions must run in the user manager (the hardened unit
+    # cannot exec podman), so the runner is pinned rather than auto-detected.
+    sed -e 's|^runner:.*|runner: "systemd"|' \
+        -e "s|^  socket: \"\"|  socket: \"/run/user/$uid/podman/podman.sock\"|" \
+        "$SRC/lovd.conf.example" > "$ETC/lovd.conf.tmp"
+  else
+    printf 'runner: "systemd"\npodman:\n  socket: "/run/user/%s/podman/podman.sock"\n' "$uid" \
+      > "$ETC/lovd.conf.tmp"
+  fi
+  if [ "$IMAGE_KIND" = test ]; then
+    sed -i 's|^image:.*|image: "'"$TEST_IMAGE"'"|' "$ETC/lovd.conf.tmp"
+    grep -q '^image:' "$ETC/lovd.conf.tmp" || echo "image: \"$TEST_IMAGE\"" >> "$ETC/lovd.conf.tmp"
+  fi
+  chown root:"$LOVD_USER" "$ETC/lovd.conf.tmp"
+  chmod 0640 "$ETC/lovd.conf.tmp"
+  mv "$ETC/lovd.conf.tmp" "$ETC/lovd.conf"
+fi
+"$VENV/bin/lovd" --config "$ETC/lovd.conf" version >/dev/null \
+  || die "$ETC/lovd.conf is not valid (see the error above)"
+
+# ---------------------------------------------------------------- units
+log "installing units"
+install -m 0644 "$SRC/units/lovd.socket" "$SRC/units/lovd.service" "$UNIT_DIR/"
+if [ "$VENV" != /opt/lovd/venv ]; then
+  sed -i "s|/opt/lovd/venv|$VENV|" "$UNIT_DIR/lovd.service"
+fi
+install -D -m 0644 "$SRC/units/user@.service.d/delegate.conf" "$UNIT_DIR/user@.service.d/lovd-delegate.conf"
+install -d -m 0755 "$UNIT_DIR/lovd.service.d"
+cat > "$UNIT_DIR/lovd.service.d/10-user-manager.conf" <<EOF
+# Written by packaging/install.sh for this host: lovd's uid is $uid.
+# lovd starts session units in user@$uid.service over its bus and lists containers
+# through its Podman API socket, both under /run/user/$uid (hidden by ProtectHome=).
+[Unit]
+Wants=user@$uid.service
+After=user@$uid.service
+[Service]
+BindPaths=/run/user/$uid
+Environment=XDG_RUNTIME_DIR=/run/user/$uid DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/$uid/bus
+EOF
+systemctl daemon-reload
+
+# Let Caddy (if installed) reach the API socket.
+if id caddy >/dev/null 2>&1 && ! id -nG caddy | tr ' ' '\n' | grep -qx "$API_GROUP"; then
+  usermod -a -G "$API_GROUP" caddy
+fi
+
+# ---------------------------------------------------------------- the user manager
+log "enabling linger for $LOVD_USER (its systemd manager runs without a login)"
+loginctl enable-linger "$LOVD_USER"
+systemctl start "user@$uid.service"
+for _ in $(seq 100); do
+  [ -S "/run/user/$uid/bus" ] && [ -S "/run/user/$uid/systemd/private" ] && break
+  sleep 0.1
+done
+[ -S "/run/user/$uid/bus" ] || die "user@$uid.service has no bus at /run/user/$uid/bus (is dbus-user-session installed?)"
+
+# ---------------------------------------------------------------- rootless Podman
+log "configuring rootless Podman for $LOVD_USER"
+runtime=runc
+if [ -f /sys/fs/cgroup/cgroup.controllers ] && command -v crun >/dev/null; then runtime=crun; fi
+cgroup_manager=systemd
+# Rootless Podman cannot use cgroups at all on cgroup v1; the systemd manager then only
+# adds scope round trips, and cgroupfs is what Podman itself falls back to.
+[ -f /sys/fs/cgroup/cgroup.controllers ] || cgroup_manager=cgroupfs
+cfg="$STATE/.config/containers"
+install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0700 "$STATE/.config" "$cfg"
+tmp=$(mktemp)
+cat > "$tmp" <<CONF
+# Written by lovd's packaging/install.sh (rewritten on every install).
+[containers]
+# Rootless processes may not raise limits above the user's hard limits.
+default_ulimits = ["nofile=8192:8192", "nproc=32768:32768"]
+# Container stdout/stderr go to the journal, tagged with the session unit.
+log_driver = "journald"
+[engine]
+runtime = "$runtime"
+cgroup_manager = "$cgroup_manager"
+events_logger = "journald"
+CONF
+changed=
+put_config() {  # put_config SRC DEST: install only when different, and remember it
+  if ! cmp -s "$1" "$2"; then
+    install -o "$LOVD_USER" -g "$LOVD_USER" -m 0644 "$1" "$2"
+    changed=1
+  fi
+}
+put_config "$tmp" "$cfg/containers.conf"
+cat > "$tmp" <<CONF
+# Written by lovd's packaging/install.sh: native rootless overlay instead of the vfs
+# fallback (which copies every image per container).
+[storage]
+driver = "overlay"
+CONF
+put_config "$tmp" "$cfg/storage.conf"
+rm -f "$tmp"
+if [ -n "$changed" ]; then
+  # Only when the config changed: migrate restarts Podman's pause process (and with it
+  # every running container), and an API service still inside the old namespaces could
+  # no longer see new containers' network namespaces; the socket restarts it on demand.
+  user_ctl stop podman.service >/dev/null 2>&1 || true
+  as_lovd podman system migrate >/dev/null 2>&1 || true
+fi
+as_lovd podman info --format '{{.Host.OCIRuntime.Name}} {{.Store.GraphDriverName}}' >/dev/null \
+  || die "rootless podman does not work for $LOVD_USER (see the error above)"
+user_ctl enable --now podman.socket >/dev/null 2>&1 || user_ctl enable --now podman.socket
+for _ in $(seq 50); do [ -S "/run/user/$uid/podman/podman.sock" ] && break; sleep 0.1; done
+
+# ---------------------------------------------------------------- session image
+build_test_image_fallback() {
+  # The test image (used only if packaging/images/test/build.sh is absent): static
+  # busybox serving /www on :4096 with /global/health.
+  local root; root=$(mktemp -d)
+  mkdir -p "$root/bin" "$root/www/global" "$root/run/secrets" "$root/tmp" "$root/etc" "$root/work"
+  cp /bin/busybox "$root/bin/busybox"
+  for a in sh cat ls id kill sleep httpd; do ln -s busybox "$root/bin/$a"; done
+  echo '{"healthy":true}' > "$root/www/global/health"
+  echo 'lovd test session' > "$root/www/index.html"
+  tar -C "$root" -c . | as_lovd podman import \
+    --change 'CMD ["/bin/busybox", "httpd", "-f", "-p", "4096", "-h", "/www"]' - "$TEST_IMAGE" >/dev/null
+  rm -rf "$root"
+}
+case $IMAGE_KIND in
+  none) ;;
+  test|full)
+    if [ "$IMAGE_KIND" = test ]; then image=$TEST_IMAGE; flag=--test
+    else
+      image=$("$VENV/bin/python" -c 'import sys; from lovd import config; print(config.load(sys.argv[1]).image)' "$ETC/lovd.conf")
+      flag=
+    fi
+    if [ -n "${LOVD_REBUILD_IMAGE:-}" ] || ! as_lovd podman image exists "$image"; then
+      log "building the session image $image as $LOVD_USER"
+      if [ "$IMAGE_KIND" = test ] && [ ! -f "$SHARE/packaging/images/test/build.sh" ]; then
+        build_test_image_fallback
+      else
+        as_lovd env LOVD_PACKAGING_DIR="$SHARE/packaging" \
+          "$VENV/bin/lovd" --config "$ETC/lovd.conf" image build $flag
+      fi
+    fi ;;
+  *) die "LOVD_IMAGE must be full, test or none" ;;
+esac
+
+# ---------------------------------------------------------------- start
+log "enabling lovd.socket"
+systemctl enable --now lovd.socket
+# An upgrade: a running daemon picks up the new code and units.
+systemctl try-restart lovd.service
+if command -v curl >/dev/null; then
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 --unix-socket /run/lovd/api.sock http://lovd/api/health || true)
+  log "lovd API health: HTTP $code (curl --unix-socket /run/lovd/api.sock http://lovd/api/health)"
+fi
+log "done. Operators: usermod -aG $API_GROUP USER to use the lovd CLI; logs: journalctl -u lovd"

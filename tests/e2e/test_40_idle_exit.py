@@ -1,0 +1,69 @@
+"""idle_exit: with no API requests lovd exits (sending STOPPING=1) and leaves every
+session running; the socket stays, and the next connection starts lovd again, which
+re-adopts the sessions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.machine import E2E_CONFIG, Machine
+from tests.e2e.test_30_restart import ensure_sessions, unit_pids
+
+pytestmark = pytest.mark.systemd
+IDLE = 3.0
+
+
+def test_idle_exit_and_reactivation(machine: Machine) -> None:
+    m = machine
+    before = ensure_sessions(m, 2)
+    pids = unit_pids(m, list(before))
+    m.run("tee", "/etc/lovd/lovd.conf", input=E2E_CONFIG + f"idle_exit: {IDLE}\n")
+    try:
+        # PID 1 logs every sd_notify message it receives at debug level.
+        m.run("systemd-analyze", "log-level", "debug")
+        m.run("systemctl", "restart", "lovd.service")
+        started = time.monotonic()
+        cursor = m.cursor()
+        pid = m.main_pid()
+
+        def exited() -> bool:
+            return (
+                m.out("systemctl", "show", "lovd.service", "-p", "ActiveState", "--value")
+                == "inactive"
+            )
+
+        m.wait_for("lovd to exit when idle", exited, timeout=IDLE + 15, interval=0.2)
+        idle_for = time.monotonic() - started
+        m.run("systemd-analyze", "log-level", "info")
+        assert idle_for >= IDLE - 0.5
+        assert m.out("systemctl", "show", "lovd.service", "-p", "Result", "--value") == "success"
+        assert m.out("systemctl", "is-active", "lovd.socket") == "active"
+        journal = m.journal("--no-hostname", since_cursor=cursor)
+        notify = [
+            str(e.get("MESSAGE"))
+            for e in journal
+            if f"notification message from PID {pid}" in str(e.get("MESSAGE"))
+        ]
+        assert any("STOPPING=1" in x for x in notify), notify
+        lovd_says = [str(e.get("MESSAGE")) for e in journal if e.get("SYSLOG_IDENTIFIER") == "lovd"]
+        assert any("idle_exit" in x for x in lovd_says), lovd_says
+
+        # Sessions untouched while lovd is gone.
+        containers = m.running_containers()
+        assert all(f"lovd-{sid}" in containers for sid in before)
+        assert unit_pids(m, list(before)) == pids
+
+        # The next connection activates lovd, which re-adopts them.
+        cursor = m.cursor()
+        now = m.sessions()
+        assert m.out("systemctl", "is-active", "lovd.service") == "active"
+        for sid, cid in before.items():
+            assert now[sid]["status"] == "running" and now[sid]["container_id"] == cid
+        msgs = [str(e.get("MESSAGE")) for e in m.journal("-u", "lovd", since_cursor=cursor)]
+        assert any(f"{len(before)} adopted" in x for x in msgs), msgs
+    finally:
+        m.run("systemd-analyze", "log-level", "info", check=False)
+        m.run("tee", "/etc/lovd/lovd.conf", input=E2E_CONFIG)
+        m.run("systemctl", "restart", "lovd.service")
