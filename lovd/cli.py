@@ -153,9 +153,29 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lovd.demo.run import main as demo_main
+    import dataclasses
 
-    return demo_main(args.cfg, args.listen)
+    from lovd import log
+    from lovd.demo import mode
+
+    cfg = dataclasses.replace(args.cfg, demo="on", demo_listen=args.listen)
+    log.setup(cfg.log_level)
+
+    async def run() -> None:
+        demo = await mode.start(cfg)
+        for name, url in demo.urls.items():
+            print(f"{name:6} {url}")
+        print("(URLs as session containers see them; Ctrl-C stops)", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await demo.close()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -204,7 +224,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the Lovdata MCP and LLM stand-ins in the foreground")
     s.add_argument(
-        "--listen", default="0.0.0.0", help="address the stand-ins bind"  # noqa: S104
+        "--listen",
+        default="0.0.0.0",
+        help="address the stand-ins bind",  # noqa: S104
     )
     s.set_defaults(fn=cmd_demo)
 

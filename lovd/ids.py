@@ -52,8 +52,8 @@ def container_name(session_id: str) -> str:
     return f"lovd-{check(session_id)}"
 
 
-def secret_name(session_id: str) -> str:
-    return f"lovd-{check(session_id)}-env"
+def secret_file_name(session_id: str) -> str:
+    return f"{check(session_id)}.env"
 
 
 def derive_password(host_key: bytes, session_id: str) -> str:

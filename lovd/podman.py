@@ -48,6 +48,7 @@ class ContainerSpec:
     userns: str = "auto"
     user: str = ""
     stop_timeout: int = 5
+    secret_file: Path = Path("/nonexistent")
     extra_args: list[str] = field(default_factory=list)
     cgroup_v2: bool = False
     systemd_unit: str = ""
@@ -56,14 +57,13 @@ class ContainerSpec:
     def name(self) -> str:
         return ids.container_name(self.session_id)
 
-    @property
-    def secret(self) -> str:
-        return ids.secret_name(self.session_id)
-
 
 def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
-    """argv for ``podman run`` (Quadlet conventions). No secret ever goes in here:
-    they reach the container as a mounted Podman secret."""
+    """argv for ``podman run`` (Quadlet conventions). No secret ever goes in here: they
+    reach the container as a file bind-mounted read-only from lovd's runtime directory
+    (tmpfs, 0700), over a tmpfs at /run/secrets so the read-only root needs no mountpoint.
+    The file is world-readable *inside* only: with --userns=auto the host's lovd uid is
+    unmapped there, and the container's only user is the session itself."""
     sid = ids.check(spec.session_id)
     argv = [
         podman,
@@ -85,9 +85,8 @@ def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
         "/tmp:rw,nosuid,nodev,size=256m",
         "--tmpfs",
         "/run/secrets:rw,nosuid,nodev,noexec,size=1m",
-        "--secret",
-        f"{spec.secret},type=mount,target={SECRET_TARGET},mode=0400"
-        + (f",uid={spec.user.split(':')[0]}" if spec.user.split(":")[0].isdigit() else ""),
+        "-v",
+        f"{spec.secret_file}:{SECRET_TARGET}:ro",
         "--pids-limit",
         str(spec.tasks_max),
         "--stop-timeout",
@@ -158,12 +157,6 @@ class PodmanClient(Protocol):
     async def remove(self, name: str) -> None:
         """Force-remove a container by name; absent is fine."""
 
-    async def create_secret(self, name: str, data: bytes) -> None:
-        """Create (or replace) a secret from data (never from argv)."""
-
-    async def remove_secret(self, name: str) -> None:
-        """Remove a secret; absent is fine."""
-
     async def image_exists(self, image: str) -> bool: ...
 
     async def logs(self, name: str, tail: int = 20) -> str: ...
@@ -203,13 +196,6 @@ class PodmanCLI:
 
     async def remove(self, name: str) -> None:
         await self.run("rm", "-f", "-i", "-v", "-t", "0", name)
-
-    async def create_secret(self, name: str, data: bytes) -> None:
-        await self.run("secret", "rm", name, check=False)
-        await self.run("secret", "create", name, "-", stdin=data)
-
-    async def remove_secret(self, name: str) -> None:
-        await self.run("secret", "rm", name, check=False)
 
     async def image_exists(self, image: str) -> bool:
         proc = await asyncio.create_subprocess_exec(
@@ -274,13 +260,6 @@ class PodmanAPI:
 
     async def remove(self, name: str) -> None:
         await self._req("DELETE", f"/containers/{quote(name)}?force=true&v=true", ok=(404,))
-
-    async def create_secret(self, name: str, data: bytes) -> None:
-        await self.remove_secret(name)
-        await self._req("POST", f"/secrets/create?name={quote(name)}", data=data)
-
-    async def remove_secret(self, name: str) -> None:
-        await self._req("DELETE", f"/secrets/{quote(name)}", ok=(404,))
 
     async def image_exists(self, image: str) -> bool:
         url = f"http://podman/{API_VERSION}/libpod/images/{quote(image, safe='')}/exists"

@@ -2,13 +2,13 @@
 
 The contract (both runners, tested against real Podman):
 
-- ``start(spec, env)`` creates the session's secret from ``env`` (KEY=VALUE lines;
-  never argv) and starts the container, replacing any leftover container of the
-  same session. It returns the container id once Podman reports the container
+- ``start(spec)`` starts the container, replacing any leftover container of the same
+  session. The session's secrets are already in ``spec.secret_file`` (written by the
+  sessions service; never argv). It returns the container id once Podman reports the container
   running — *not* once the server inside is ready (the sessions service probes
   that). Failure raises ``LovdError`` (``image-missing`` or ``runner-failed``)
   and leaves no container behind.
-- ``stop(session_id)`` stops and removes the container (``--rm``) and its secret.
+- ``stop(session_id)`` stops and removes the container (``--rm``).
   Idempotent: an absent container is success. The workspace is never touched.
 - ``list()`` returns every container labelled for this lovd instance, in any
   state. Containers without lovd's instance label are never listed, so never touched.
@@ -48,7 +48,7 @@ class Runner(Protocol):
     name: str
     client: PodmanClient
 
-    async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str: ...
+    async def start(self, spec: ContainerSpec) -> str: ...
 
     async def stop(self, session_id: str) -> None: ...
 
@@ -57,13 +57,6 @@ class Runner(Protocol):
     async def unit_state(self, session_id: str) -> UnitState | None: ...
 
     async def remove_workspace(self, path: Path) -> None: ...
-
-
-def env_file(env: dict[str, str]) -> bytes:
-    for k, v in env.items():
-        if "\n" in v or "\0" in v or "=" in k:
-            raise ValueError(f"environment entry {k!r} cannot be passed safely")
-    return "".join(f"{k}={v}\n" for k, v in env.items()).encode()
 
 
 async def _exec(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -93,19 +86,16 @@ class PodmanRunner:
         self.podman = podman
         self.instance_id = instance_id
 
-    async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str:
-        await self.client.create_secret(spec.secret, env_file(env))
+    async def start(self, spec: ContainerSpec) -> str:
         argv = run_argv(self.podman, spec, limits=spec.cgroup_v2)
         code, out, err = await _exec(*argv)
         if code != 0:
             await self.client.remove(spec.name)
-            await self.client.remove_secret(spec.secret)
             raise LovdError("runner-failed", f"podman run failed (exit {code}): {_last_line(err)}")
         return out.strip().splitlines()[-1]
 
     async def stop(self, session_id: str) -> None:
         await self.client.remove(ids.container_name(session_id))
-        await self.client.remove_secret(ids.secret_name(session_id))
 
     async def list(self) -> list[ContainerInfo]:
         return await self.client.list(self.instance_id)
@@ -186,9 +176,8 @@ class SystemdRunner:
             f"Environment=PODMAN_SYSTEMD_UNIT={ids.unit_name(spec.session_id)}",
         ]
 
-    async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str:
+    async def start(self, spec: ContainerSpec) -> str:
         unit = ids.unit_name(spec.session_id)
-        await self.client.create_secret(spec.secret, env_file(env))
         # A previous unit of this session may linger failed; reset it so the name is free.
         await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
         argv = [
@@ -221,7 +210,6 @@ class SystemdRunner:
             log.warning("systemctl stop %s: %s", unit, _last_line(err), extra={"UNIT": unit})
         await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
         await self.client.remove(ids.container_name(session_id))
-        await self.client.remove_secret(ids.secret_name(session_id))
 
     async def list(self) -> list[ContainerInfo]:
         return await self.client.list(self.instance_id)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # After a failed start, how long the admission slot estimate assumes a session runs.
 _RETRY_AFTER_DEFAULT = 30
+_IMAGE_CHECK_TTL = 60.0
 
 
 @dataclass
@@ -49,9 +50,27 @@ class SessionEnv:
         raw = f"opencode:{self.password(session_id)}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
+    def write(self, session_id: str, directory: Path) -> Path:
+        """Write the session's secret env file (KEY=VALUE lines) and return its path.
+
+        The directory is 0700 and lovd's own; the file is 0444 so the container's user
+        (an unmapped uid under --userns=auto) can read it through the bind mount."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / ids.secret_file_name(session_id)
+        data = "".join(f"{k}={v}\n" for k, v in self.build(session_id).items())
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data.encode())
+            os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+        return path
+
     def build(self, session_id: str) -> dict[str, str]:
         c = self.config
-        return {
+        env = {
             "OPENCODE_SERVER_PASSWORD": self.password(session_id),
             "LOVD_SESSION_ID": session_id,
             "LOVDATA_MCP_URL": c.mcp_lovdata_url or self.demo_urls.get("mcp", ""),
@@ -65,6 +84,10 @@ class SessionEnv:
             "GOOGLE_GENERATIVE_AI_API_KEY": c.google_api_key,
             "LOVD_PERMISSIONS_DENY": ",".join(c.permissions_deny),
         }
+        for k, v in env.items():
+            if "\n" in v or "\0" in v:
+                raise LovdError("internal", f"setting for {k} contains a newline or NUL")
+        return env
 
 
 class Sessions:
@@ -91,6 +114,7 @@ class Sessions:
         self._admission = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._orphans_seen: dict[str, float] = {}
+        self._image_checked = float("-inf")
         self.activity: dict[str, float] = {}
         metrics.track_sessions(self.count_by_state)
 
@@ -199,6 +223,15 @@ class Sessions:
         except LovdError as e:
             log.warning("session start failed: %s", e.message, extra={"SESSION_ID": sid})
 
+    @property
+    def secrets_dir(self) -> Path:
+        # Per instance, so two lovd instances sharing a runtime dir never collect each
+        # other's files.
+        return self.config.secrets_path / f"secrets-{self.store.instance_id}"
+
+    def _drop_secret(self, sid: str) -> None:
+        (self.secrets_dir / ids.secret_file_name(sid)).unlink(missing_ok=True)
+
     def spec(self, session: Session) -> ContainerSpec:
         c = self.config
         return ContainerSpec(
@@ -216,6 +249,7 @@ class Sessions:
             stop_timeout=c.stop_timeout,
             extra_args=list(c.extra_run_args),
             cgroup_v2=cgroup_v2(),
+            secret_file=self.secrets_dir / ids.secret_file_name(session.id),
             systemd_unit=ids.unit_name(session.id) if self.runner.name == "systemd" else "",
         )
 
@@ -231,26 +265,27 @@ class Sessions:
             workspace = self.config.sessions_path / sid
             workspace.mkdir(parents=True, exist_ok=True)
             try:
-                if not await self.runner.client.image_exists(self.config.image):
-                    raise LovdError(
-                        "image-missing",
-                        f"session image {self.config.image} is not present in the lovd "
-                        "user's Podman store; build it with: lovd image build",
-                    )
-                cid = await self.runner.start(self.spec(session), self.env.build(sid))
-                await self.store.update(sid, container_id=cid, event="container-started")
+                await self._check_image()
+                try:
+                    self.env.write(sid, self.secrets_dir)
+                    cid = await self.runner.start(self.spec(session))
+                except LovdError:
+                    self._image_checked = float("-inf")
+                    await self._check_image()  # a vanished image gets its own clear error
+                    raise
                 await self._wait_ready(sid)
             except LovdError as e:
-                await self.runner.stop(sid)
+                await self._stop_container(sid)
                 return await self._fail(sid, e)
             except (asyncio.CancelledError, Exception) as e:
-                await self.runner.stop(sid)
+                await self._stop_container(sid)
                 await self._fail(sid, LovdError("internal", f"start interrupted: {e!r}"))
                 raise
             session = await self.store.update(
                 sid,
                 status="running",
                 reason="",
+                container_id=cid,
                 started_at=self.clock(),
                 last_activity=self.clock(),
             )
@@ -262,6 +297,23 @@ class Sessions:
                 extra={"SESSION_ID": sid, "CONTAINER_ID": session.container_id},
             )
             return session
+
+    async def _stop_container(self, sid: str) -> None:
+        await self.runner.stop(sid)
+        self._drop_secret(sid)
+
+    async def _check_image(self) -> None:
+        """Is the image present? A positive answer is trusted for a minute: the check
+        costs a Podman round trip on every start otherwise."""
+        if time.monotonic() - self._image_checked < _IMAGE_CHECK_TTL:
+            return
+        if not await self.runner.client.image_exists(self.config.image):
+            raise LovdError(
+                "image-missing",
+                f"session image {self.config.image} is not present in the lovd "
+                "user's Podman store; build it with: lovd image build",
+            )
+        self._image_checked = time.monotonic()
 
     async def _fail(self, sid: str, err: LovdError) -> Session:
         await self.store.update(sid, status="failed", reason=err.message)
@@ -319,7 +371,7 @@ class Sessions:
         async with self.lock(sid):
             self.get(sid)
             await self.store.update(sid, status="stopping", reason=reason)
-            await self.runner.stop(sid)
+            await self._stop_container(sid)
             return await self.store.update(sid, status=status, reason=reason, container_id="")
 
     async def wake(self, sid: str) -> Session:
@@ -336,7 +388,7 @@ class Sessions:
         async with self.lock(sid):
             self.get(sid)
             await self.store.update(sid, status="stopping", reason=reason)
-            await self.runner.stop(sid)
+            await self._stop_container(sid)
             await self.runner.remove_workspace(self.config.sessions_path / sid)
             await self.store.delete(sid, reason)
         self._locks.pop(sid, None)
@@ -397,7 +449,10 @@ class Sessions:
                 if unit is not None and unit.active in ("activating", "active"):
                     continue  # systemd is restarting it
                 if unit is not None and unit.active == "failed":
-                    reason = f"unit failed ({unit.result}) after {unit.restarts} restarts"
+                    reason = (  # NRestarts also counts the attempt refused at the start limit
+                        f"unit failed ({unit.result}); gave up after "
+                        f"{max(0, unit.restarts - 1)} restarts"
+                    )
                     status = "failed"
                 elif c is not None and c.exit_code:
                     reason, status = f"container exited with code {c.exit_code}", "failed"
@@ -410,7 +465,7 @@ class Sessions:
                         else "container stopped unexpectedly"
                     )
                     status = "stopped"
-                await self.runner.stop(s.id)
+                await self._stop_container(s.id)
                 await self.store.update(s.id, status=status, reason=reason, container_id="")
                 report["lost"].append(s.id)
                 log.warning("session %s: %s", status, reason, extra={"SESSION_ID": s.id})
@@ -426,9 +481,12 @@ class Sessions:
                 log.info("removing orphan container %s", c.name, extra={"CONTAINER_ID": c.id})
                 await self.runner.client.remove(c.name)
                 if ids.is_valid(sid):
-                    await self.runner.client.remove_secret(ids.secret_name(sid))
+                    self._drop_secret(sid)
                 self._orphans_seen.pop(c.id, None)
                 report["orphans_removed"].append(c.name)
+        for f in self.secrets_dir.glob("*.env") if self.secrets_dir.is_dir() else ():
+            if f.stem not in known and f.stem not in containers:
+                f.unlink(missing_ok=True)
         return report
 
     async def drain(self) -> None:

@@ -29,12 +29,6 @@ class _Client:
         sid = name.removeprefix("lovd-")
         await self.runner.stop(sid)
 
-    async def create_secret(self, name: str, data: bytes) -> None:
-        self.runner.secrets[name] = data
-
-    async def remove_secret(self, name: str) -> None:
-        self.runner.secrets.pop(name, None)
-
     async def image_exists(self, image: str) -> bool:
         return not self.runner.image_missing
 
@@ -56,15 +50,17 @@ class FakeRunner:
         self.image_missing = False
         self.start_delay = 0.0
 
-    async def start(self, spec: ContainerSpec, env: dict[str, str]) -> str:
+    async def start(self, spec: ContainerSpec) -> str:
         ids.check(spec.session_id)
         if self.fail_start:
             raise self.fail_start
         await asyncio.sleep(self.start_delay)
         self.starts.append(spec)
-        await self.client.create_secret(spec.secret, b"x")
+        assert spec.secret_file.is_file()
+        self.secrets[spec.session_id] = spec.secret_file.read_bytes()
         app = web.Application()
         if not self.never_ready:
+
             async def health(_: web.Request) -> web.Response:
                 return web.json_response({"healthy": True})
 
@@ -79,7 +75,7 @@ class FakeRunner:
         r = self.servers.pop(session_id, None)
         if r is not None:
             await r.cleanup()
-        self.secrets.pop(ids.secret_name(session_id), None)
+        self.secrets.pop(session_id, None)
 
     async def list(self) -> list[ContainerInfo]:
         return [

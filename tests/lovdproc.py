@@ -50,11 +50,14 @@ class LovdProc:
         base = random.randrange(30000, 60000, 100)
         conf = {
             "state_dir": str(tmp / "state"),
+            "runtime_dir": str(tmp / "run"),
             "image": "localhost/lovd-test:latest",
             "runner": "podman",
             "port_range": f"{base}-{base + 99}",
             "orphan_grace": 0,
             "ready_timeout": 30,
+            "demo": "off",
+            "caddy": {"admin": ""},
         }
         conf.update(settings)
         self.config_path = tmp / "lovd.conf"

@@ -27,7 +27,6 @@ def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
     if iid:
         for name in containers(f"lovd.instance={iid}"):
             podman("rm", "-f", "-t", "0", name, check=False)
-            podman("secret", "rm", f"{name}-env", check=False)
     subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)
 
 
@@ -66,6 +65,9 @@ def test_session_lifecycle_real_container(lovd: LovdProc) -> None:
     # The per-session container password exists inside, but nowhere public.
     secret = password(s["id"])
     assert len(secret) >= 32
+    secret_file = lovd.tmp / "run" / f"secrets-{lovd.instance_id()}" / f"{s['id']}.env"
+    assert secret in secret_file.read_text()
+    assert oct(secret_file.parent.stat().st_mode & 0o777) == "0o700"
     assert secret not in json.dumps(inspect)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert secret not in ps
@@ -77,7 +79,7 @@ def test_session_lifecycle_real_container(lovd: LovdProc) -> None:
     r = lovd.cli("session", "rm", s["id"])
     assert r.returncode == 0, r.stderr
     assert name not in containers(f"lovd.session={s['id']}")
-    assert f"{name}-env" not in podman("secret", "ls", "--format", "{{.Name}}")
+    assert not secret_file.exists()
     assert not workspace.exists()
     show = lovd.cli("session", "show", s["id"])
     assert show.returncode == 1 and "no session" in show.stderr

@@ -44,6 +44,9 @@ async def test_create_get_list_delete(api: Api) -> None:
     assert r.status == 201
     s = await r.json()
     check_schema("#/components/schemas/NewSession", s)
+    secret = api.runner.secrets[s["id"]].decode()
+    assert f"LOVD_SESSION_ID={s['id']}\n" in secret and "OPENCODE_SERVER_PASSWORD=" in secret
+    assert s["token"] not in secret
     assert s["status"] == "running" and len(s["token"]) >= 43
     assert s["url"].startswith(f"https://chat.example/c/{s['id']}?token=")
     assert r.headers["Location"] == f"/api/sessions/{s['id']}"

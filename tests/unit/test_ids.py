@@ -12,7 +12,7 @@ BAD = ["../x", "%2e%2e%2f", "a" * 300, "abc\r\ndef", "abcd\x00efabcdefab", "ABCD
 @pytest.mark.parametrize("bad", BAD)
 def test_bad_ids_never_become_names(bad: str) -> None:
     assert not ids.is_valid(bad)
-    for fn in (ids.check, ids.unit_name, ids.container_name, ids.secret_name):
+    for fn in (ids.check, ids.unit_name, ids.container_name, ids.secret_file_name):
         with pytest.raises(LovdError) as e:
             fn(bad)
         assert e.value.status == 400
