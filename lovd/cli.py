@@ -225,8 +225,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the Lovdata MCP and LLM stand-ins in the foreground")
     s.add_argument(
         "--listen",
-        default="0.0.0.0",
-        help="address the stand-ins bind",  # noqa: S104
+        default="0.0.0.0",  # noqa: S104 - containers reach the host by its own address
+        help="address the stand-ins bind",
     )
     s.set_defaults(fn=cmd_demo)
 

@@ -48,7 +48,8 @@ class Config:
     runtime_dir: str = setting(
         "runtime_dir",
         "",
-        "Per-session secret files (tmpfs). Empty: $RUNTIME_DIRECTORY, else <state_dir>/run.",
+        "Per-session secret files and sockets (should be a tmpfs). Empty: "
+        "$RUNTIME_DIRECTORY (systemd), else $XDG_RUNTIME_DIR/lovd, else <state_dir>/run.",
     )
     public_url: str = setting(
         "public_url",
@@ -97,8 +98,10 @@ class Config:
     )
     container_user: str = setting(
         "container_user",
-        "",
-        "User the container's process runs as (podman --user). Empty: the image's default.",
+        "1000",
+        "User the container's process runs as (podman --user); the session secret is owned "
+        "by it. lovd's images run as uid 1000. Empty: the image's default user (secret "
+        "then owned by container root).",
     )
     health_path: str = setting(
         "health_path", "/global/health", "HTTP path probed for readiness and health."
@@ -194,8 +197,64 @@ class Config:
     demo_corpus: str = setting(
         "demo_corpus", "", "Statute corpus JSON for the Lovdata stand-in. Empty: bundled fixture."
     )
-    demo_mcp_port: int = setting("demo_mcp_port", 18765, "Port of the Lovdata MCP stand-in.")
-    demo_llm_port: int = setting("demo_llm_port", 18766, "Port of the stub LLM.")
+    demo_mcp_port: int = setting(
+        "demo_mcp_port", 18765, "Port of the Lovdata MCP stand-in (0: any free port)."
+    )
+    demo_llm_port: int = setting("demo_llm_port", 18766, "Port of the stub LLM (0: any free port).")
+    demo_listen: str = setting(
+        "demo_listen",
+        "0.0.0.0",  # noqa: S104 - see help
+        "Address the demo stand-ins bind. Containers reach the host through host_gateway, "
+        "which Podman resolves to the host's own address, not to 127.0.0.1.",
+    )
+
+    # --- Caddy and the browser path ---
+    caddy_admin: str = setting(
+        "caddy.admin",
+        "unix//run/caddy/admin.sock",
+        "Caddy's admin API: unix//PATH or HOST:PORT. lovd pushes its one server there and "
+        "re-pushes it when Caddy restarts. Empty: lovd does not manage Caddy.",
+    )
+    caddy_listen: list[str] = setting(
+        "caddy.listen",
+        [":80"],
+        "Addresses of the public site in Caddy (e.g. ':443' with an https public_url, whose "
+        "host name then gets a managed certificate).",
+    )
+    caddy_server: str = setting(
+        "caddy.server",
+        "lovd",
+        "Name and @id of lovd's server in Caddy's config; lovd touches nothing else.",
+    )
+    caddy_auth_socket: str = setting(
+        "caddy.auth_socket",
+        "",
+        "Unix socket where lovd serves Caddy: forward_auth, landing page, session start. "
+        "Separate from the API socket so Caddy never reaches the operator API. "
+        "Empty: auth.sock next to the API socket (/run/lovd/auth.sock by default).",
+    )
+    caddy_check_interval: float = setting(
+        "caddy.check_interval",
+        1.0,
+        "Seconds between checks that lovd's server is still in Caddy's config.",
+    )
+    browser_start_limit: int = setting(
+        "browser.start_limit",
+        5,
+        "Sessions one client address may start from the landing page per start_window.",
+    )
+    browser_start_window: float = setting(
+        "browser.start_window", 600.0, "Seconds over which browser.start_limit counts."
+    )
+    browser_auth_failures: int = setting(
+        "browser.auth_failures",
+        10,
+        "Failed session-cookie/link checks one client address may make per "
+        "auth_failure_window before it gets 429.",
+    )
+    browser_auth_failure_window: float = setting(
+        "browser.auth_failure_window", 60.0, "Seconds over which browser.auth_failures counts."
+    )
 
     # --- PostgreSQL ---
     postgres_dsn: str = setting(
@@ -217,8 +276,14 @@ class Config:
 
     @property
     def secrets_path(self) -> Path:
-        base = self.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        return Path(base) if base else self.state_path / "run"
+        """Runtime files (session secrets, sockets): tmpfs wherever one is available."""
+        if self.runtime_dir:
+            return Path(self.runtime_dir)
+        systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if systemd:
+            return Path(systemd)
+        xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+        return Path(xdg) / "lovd" if xdg else self.state_path / "run"
 
     @property
     def ports(self) -> range:

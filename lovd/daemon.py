@@ -25,7 +25,9 @@ import aiohttp
 from aiohttp import web
 
 from lovd import __version__
+from lovd.caddy import CaddyManager, auth_socket_path
 from lovd.config import Config
+from lovd.demo import mode as demo_mode
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import PodmanAPI, PodmanCLI, PodmanClient, default_api_socket
@@ -35,6 +37,7 @@ from lovd.store import Store
 from lovd.systemd.activation import listen_fds
 from lovd.systemd.notify import Notifier
 from lovd.web.app import STATE, create_app
+from lovd.web.proxy import BrowserGate, serve_public
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,17 @@ class Daemon:
     _unlink: str | None = None
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        except BaseException:
+            # A failed start must exit at once: aiosqlite's non-daemon worker thread would
+            # otherwise keep the process alive until systemd's start timeout.
+            for obj in reversed(self._closers):
+                with contextlib.suppress(Exception):
+                    await obj.close()
+            raise
+
+    async def _run(self) -> int:
         if os.geteuid() == 0:
             raise StartupError(
                 "lovd must not run as root: run it as the lovd user "
@@ -149,7 +163,12 @@ class Daemon:
         client = await make_podman_client(c, self._closers)
         runner = await make_runner(c, client, store.instance_id)
         metrics = Metrics()
-        env = SessionEnv(c, load_host_key(c.state_path))
+        try:
+            demo = await demo_mode.start(c)
+        except (RuntimeError, OSError) as e:
+            raise StartupError(f"demo: {e}") from e
+        self._closers.append(demo)
+        env = SessionEnv(c, load_host_key(c.state_path), demo.urls)
         host_id = c.host_id or socket.gethostname()
         sessions = Sessions(c, store, runner, http, env, metrics, host_id)
         self.sessions = sessions
@@ -166,6 +185,10 @@ class Daemon:
         )
 
         checks = _health_checks(c, store, runner)
+        auth_socket = auth_socket_path(c, self.listen_override or c.listen)
+        caddy = CaddyManager.from_config(c, auth_socket)
+        if caddy is not None:
+            checks["caddy"] = caddy.health
         self.app = create_app(
             sessions=sessions,
             metrics_=metrics,
@@ -182,6 +205,7 @@ class Daemon:
             socks = [sock]
         for s in socks:
             await web.SockSite(app_runner, s, shutdown_timeout=5).start()
+        public = await self._serve_browser_path(sessions, caddy, auth_socket)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -205,6 +229,11 @@ class Daemon:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if caddy is not None:
+            await caddy.close()
+        await public.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(auth_socket)
         await sessions.drain()
         await sessions.flush_activity()
         await app_runner.cleanup()
@@ -214,6 +243,22 @@ class Daemon:
         for obj in reversed(self._closers):
             await obj.close()
         return 0
+
+    async def _serve_browser_path(
+        self, sessions: Sessions, caddy: CaddyManager | None, auth_socket: str
+    ) -> web.AppRunner:
+        """The public socket Caddy talks to (web/proxy.py), then keep Caddy configured."""
+        assert self.app is not None
+        st = self.app[STATE]
+
+        def seen() -> None:  # browser traffic counts as activity for idle_exit
+            st.last_request = time.monotonic()
+
+        gate = BrowserGate.from_config(self.config, sessions, on_request=seen)
+        public = await serve_public(gate, _bind_unix(auth_socket))
+        if caddy is not None:
+            caddy.start()
+        return public
 
     def _every(self, seconds: float, fn: Callable[[], Awaitable[Any]]) -> None:
         async def loop() -> None:

@@ -22,6 +22,7 @@ from lovd.errors import LovdError
 from lovd.log import request_id
 from lovd.metrics import Metrics
 from lovd.sessions import Sessions
+from lovd.web.proxy import add_browser_entry
 
 log = logging.getLogger(__name__)
 
@@ -232,30 +233,6 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
-async def browser_entry(request: web.Request) -> web.Response:
-    """``/c/{id}?token=…``: trade the one-time link for a session cookie, then go to ``/``."""
-    st = request.app[STATE]
-    sid = ids.check(request.match_info["id"])
-    token = request.query.get("token", "")
-    s = st.sessions.store.get(sid)
-    if s is None or not token or not ids.token_matches(token, s.token_hash):
-        raise LovdError("unauthorized", "this session link is not valid (wrong or old token)")
-    if s.expires_at <= time.time():
-        raise LovdError("forbidden", "this session has expired; start a new one")
-    secure = request.headers.get("X-Forwarded-Proto", request.scheme) == "https"
-    resp = web.Response(status=303, headers={"Location": "/"})
-    resp.set_cookie(
-        ("__Host-" if secure else "") + COOKIE,
-        f"{sid}.{token}",
-        httponly=True,
-        samesite="Lax",
-        secure=secure,
-        path="/",
-        max_age=max(0, int(s.expires_at - time.time())),
-    )
-    return resp
-
-
 def create_app(
     *,
     sessions: Sessions,
@@ -283,5 +260,5 @@ def create_app(
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/c/{id}", browser_entry)
+    add_browser_entry(app, sessions)  # /c/{id}: shared with the public socket (web/proxy.py)
     return app

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.podman
 
 @pytest.fixture
 def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
-    p = LovdProc(tmp_path, **{"limits": {"max_running": 10}})
+    p = LovdProc(tmp_path, limits={"max_running": 10})
     yield p.start()
     p.stop()
     # Leave nothing behind, even when a test failed half-way.
@@ -69,7 +69,7 @@ def test_session_lifecycle_real_container(lovd: LovdProc) -> None:
     assert secret in secret_file.read_text()
     assert oct(secret_file.parent.stat().st_mode & 0o777) == "0o700"
     assert secret not in json.dumps(inspect)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert secret not in ps
     assert secret not in lovd.log_path.read_text()
 

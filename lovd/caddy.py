@@ -1,0 +1,335 @@
+"""Caddy's admin API: lovd pushes one static server config and keeps it there.
+
+Routing never changes per session. lovd owns exactly one object in Caddy's config,
+the HTTP server ``apps.http.servers.<name>`` tagged ``"@id": "<name>"``:
+
+1. ``/c/*`` and ``/_lovd/*`` (and ``/`` for visitors without a session cookie) go to
+   lovd's public socket (landing page, session start, progress, browser entry);
+2. everything else goes through ``forward_auth`` to lovd's ``/_lovd/auth``, which
+   answers 2xx with ``X-Lovd-Upstream: 127.0.0.1:<port>`` and the container's
+   ``Authorization`` header, and ``reverse_proxy`` dials that header (streaming,
+   ``flush_interval -1``). Client-supplied ``X-Lovd-*`` headers are deleted first.
+
+Opening and closing sessions therefore never reloads Caddy (Caddy 2.6 reloads its
+whole config on every admin change and force-closes WebSockets of the old config).
+
+The contract of :class:`CaddyManager`:
+
+- ``apply()`` is idempotent: it reads lovd's object and writes only when it differs
+  (no write = no reload). It never touches config outside lovd's ``@id``.
+- ``run()`` checks every ``caddy.check_interval`` seconds and re-applies when Caddy
+  restarted (empty config) or somebody replaced the config; it logs transitions once.
+- On 2.6 the admin API on a unix socket only accepts an *empty* ``Host`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from lovd.config import Config
+
+log = logging.getLogger(__name__)
+
+COOKIE_NAME = "lovd_session"
+AUTH_PATH = "/_lovd/auth"
+UPSTREAM_HEADER = "X-Lovd-Upstream"
+
+
+class CaddyError(Exception):
+    """The admin API refused a request or cannot be reached; the message says which."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """What lovd's Caddy server looks like; rendered by :func:`render_server`."""
+
+    name: str
+    listen: tuple[str, ...]
+    auth_socket: str
+    public_url: str = ""
+
+    @property
+    def hosts(self) -> list[str]:
+        """Host names from public_url, so Caddy can manage certificates for HTTPS."""
+        parts = urlsplit(self.public_url)
+        host = parts.hostname or ""
+        if parts.scheme == "https" and host and host not in ("localhost", "127.0.0.1"):
+            return [host]
+        return []
+
+
+def _proxy_to_lovd(dial: str) -> dict[str, Any]:
+    return {"handler": "reverse_proxy", "upstreams": [{"dial": dial}]}
+
+
+def render_server(site: Site) -> dict[str, Any]:
+    """The JSON of lovd's Caddy server (the same as ``caddy adapt`` makes of caddy/Caddyfile)."""
+    lovd = f"unix/{site.auth_socket}"
+    forward_auth: dict[str, Any] = {
+        # What Caddyfile's `forward_auth <lovd> { uri /_lovd/auth; copy_headers … }` adapts to.
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": lovd}],
+        "rewrite": {"method": "GET", "uri": AUTH_PATH},
+        "headers": {
+            "request": {
+                "set": {
+                    "X-Forwarded-Method": ["{http.request.method}"],
+                    "X-Forwarded-Uri": ["{http.request.uri}"],
+                }
+            }
+        },
+        "handle_response": [
+            {
+                "match": {"status_code": [2]},
+                "routes": [
+                    {
+                        "handle": [
+                            {
+                                "handler": "headers",
+                                "request": {
+                                    "set": {
+                                        "Authorization": [
+                                            "{http.reverse_proxy.header.Authorization}"
+                                        ],
+                                        UPSTREAM_HEADER: [
+                                            "{http.reverse_proxy.header.X-Lovd-Upstream}"
+                                        ],
+                                    }
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        ],
+    }
+    to_session: dict[str, Any] = {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": "{http.request.header.X-Lovd-Upstream}"}],
+        # Stream SSE and chunked responses as they come; no buffering, no read timeout.
+        "flush_interval": -1,
+        "headers": {"request": {"delete": [UPSTREAM_HEADER]}},
+    }
+
+    def match(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        m: dict[str, Any] = dict(extra or {})
+        if site.hosts:
+            m["host"] = site.hosts
+        return {"match": [m]} if m else {}
+
+    routes: list[dict[str, Any]] = [
+        # Never trust internal headers from the client (runs before anything else).
+        {
+            **match(),
+            "handle": [{"handler": "headers", "request": {"delete": ["X-Lovd-*"]}}],
+        },
+        {
+            **match({"path": ["/c/*", "/_lovd/*"]}),
+            "handle": [_proxy_to_lovd(lovd)],
+            "terminal": True,
+        },
+        {
+            **match(
+                {
+                    "path": ["/"],
+                    "not": [{"header": {"Cookie": [f"*{COOKIE_NAME}=*"]}}],
+                }
+            ),
+            "handle": [_proxy_to_lovd(lovd)],
+            "terminal": True,
+        },
+        {**match(), "handle": [forward_auth, to_session], "terminal": True},
+    ]
+    server: dict[str, Any] = {"@id": site.name, "listen": list(site.listen), "routes": routes}
+    if not site.hosts:
+        # Plain HTTP on the configured addresses; no certificate management.
+        server["automatic_https"] = {"disable": True}
+    return server
+
+
+class CaddyAdmin:
+    """A tiny admin API client. ``address`` is ``unix//path`` or ``host:port``."""
+
+    def __init__(self, address: str, timeout: float = 5.0) -> None:
+        self.address = address
+        if address.startswith("unix/"):
+            self._base = "http://caddy-admin"
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=address[len("unix/") :])
+            self._headers = {"Host": ""}  # Caddy 2.6: only an empty Host passes on a unix socket
+        else:
+            self._base = "http://" + address.removeprefix("tcp/")
+            connector = aiohttp.TCPConnector(limit=4)
+            self._headers = {}
+        self._http = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+        )
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = dict(self._headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self._http.request(
+                method, self._base + path, data=data, headers=headers
+            ) as r:
+                raw = await r.read()
+                status = r.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise CaddyError(f"Caddy admin API at {self.address} unreachable: {e!r}") from e
+        try:
+            decoded = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            decoded = raw.decode(errors="replace")
+        return status, decoded
+
+    async def get(self, path: str) -> Any:
+        """The config at ``path``; ``None`` when it does not exist."""
+        status, body = await self.request("GET", path)
+        if status in (404, 400):  # unknown @id / invalid traversal path
+            return None
+        _check(status, body, "GET", path)
+        return body
+
+    async def send(self, method: str, path: str, body: Any) -> None:
+        status, resp = await self.request(method, path, body)
+        _check(status, resp, method, path)
+
+
+def _check(status: int, body: Any, method: str, path: str) -> None:
+    if status >= 300:
+        detail = body.get("error") if isinstance(body, dict) else body
+        raise CaddyError(f"Caddy refused {method} {path}: HTTP {status}: {detail}")
+
+
+def auth_socket_path(config: Config, listen: str) -> str:
+    """``caddy.auth_socket``, else ``auth.sock`` beside the API's unix socket."""
+    if config.caddy_auth_socket:
+        return config.caddy_auth_socket
+    kind, _, where = listen.partition(":")
+    if kind == "unix":
+        return str(Path(where).with_name("auth.sock"))
+    return str(config.secrets_path / "auth.sock")
+
+
+class CaddyManager:
+    """Keeps lovd's server in Caddy's config; see the module docstring for the contract."""
+
+    @classmethod
+    def from_config(cls, config: Config, auth_socket: str) -> CaddyManager | None:
+        """None when lovd does not manage Caddy (``caddy.admin`` empty)."""
+        if not config.caddy_admin:
+            return None
+        site = Site(
+            name=config.caddy_server,
+            listen=tuple(config.caddy_listen),
+            auth_socket=auth_socket,
+            public_url=config.public_url,
+        )
+        return cls(CaddyAdmin(config.caddy_admin), site, config.caddy_check_interval)
+
+    def __init__(self, admin: CaddyAdmin, site: Site, interval: float = 1.0) -> None:
+        self.admin = admin
+        self.site = site
+        self.desired = render_server(site)
+        self.interval = interval
+        self.ok = False
+        self.detail = "not checked yet"
+        self.applies = 0  # how many writes (= Caddy reloads) lovd caused
+        self.last_apply_seconds = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def current(self) -> Any:
+        return await self.admin.get(f"/id/{self.site.name}")
+
+    async def apply(self) -> bool:
+        """Make Caddy's copy of lovd's server equal to ``desired``. True when it wrote."""
+        current = await self.current()
+        if current == self.desired:
+            return False
+        t0 = time.monotonic()
+        if current is not None:
+            await self.admin.send("PATCH", f"/id/{self.site.name}", self.desired)
+        else:
+            await self._create(self.desired)
+        self.applies += 1
+        self.last_apply_seconds = time.monotonic() - t0
+        if await self.current() != self.desired:
+            raise CaddyError(
+                f"Caddy accepted lovd's server '{self.site.name}' but reads back something else"
+            )
+        return True
+
+    async def _create(self, server: dict[str, Any]) -> None:
+        """POST sets the object at a path, but the parent must exist: a freshly started
+        Caddy may have no ``apps`` at all, so create the shallowest missing level."""
+        name = self.site.name
+        get = self.admin.get
+        if await get("/config/apps/http/servers") is not None:
+            await self.admin.send("POST", f"/config/apps/http/servers/{name}", server)
+        elif await get("/config/apps/http") is not None:
+            await self.admin.send("POST", "/config/apps/http/servers", {name: server})
+        elif await get("/config/apps") is not None:
+            await self.admin.send("POST", "/config/apps/http", {"servers": {name: server}})
+        else:
+            await self.admin.send("POST", "/config/apps", {"http": {"servers": {name: server}}})
+
+    async def remove(self) -> None:
+        """Delete lovd's server (an operator action; lovd never does this on its own)."""
+        status, body = await self.admin.request("DELETE", f"/id/{self.site.name}")
+        if status not in (200, 404):
+            _check(status, body, "DELETE", f"/id/{self.site.name}")
+
+    async def check(self) -> None:
+        """One round of the loop: verify, re-apply when needed, record health."""
+        try:
+            wrote = await self.apply()
+        except CaddyError as e:
+            if self.ok or self.detail == "not checked yet":
+                log.warning("Caddy: %s (retrying every %.1f s)", e, self.interval)
+            self.ok, self.detail = False, str(e)
+            return
+        if wrote:
+            log.info(
+                "Caddy: applied lovd's server '%s' on %s (%.0f ms)",
+                self.site.name,
+                ", ".join(self.site.listen),
+                self.last_apply_seconds * 1000,
+            )
+        elif not self.ok:
+            log.info("Caddy: lovd's server '%s' is in place", self.site.name)
+        self.ok, self.detail = True, f"server '{self.site.name}' on {', '.join(self.site.listen)}"
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="caddy-manager")
+
+    async def close(self) -> None:
+        """Stop the loop. lovd's server stays in Caddy: a restarting lovd keeps its routes."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.admin.close()
+
+    async def health(self) -> tuple[bool, str]:
+        return self.ok, self.detail
