@@ -112,6 +112,7 @@ class Sessions:
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._admission = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._orphans_seen: dict[str, float] = {}
         self._image_checked = float("-inf")
@@ -268,7 +269,10 @@ class Sessions:
                 await self._check_image()
                 try:
                     self.env.write(sid, self.secrets_dir)
-                    cid = await self.runner.start(self.spec(session))
+                    # One `podman run` at a time: concurrent --userns=auto allocations
+                    # race in rootless Podman; the run is short next to readiness.
+                    async with self._start_lock:
+                        cid = await self.runner.start(self.spec(session))
                 except LovdError:
                     self._image_checked = float("-inf")
                     await self._check_image()  # a vanished image gets its own clear error

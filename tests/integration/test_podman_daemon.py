@@ -158,3 +158,15 @@ def test_fourth_session_gets_429(tmp_path: Path, test_image: str) -> None:
         for s in listed["sessions"]:
             p.api("DELETE", f"/api/sessions/{s['id']}")
         p.stop()
+
+
+def test_parallel_creates_all_succeed(lovd: LovdProc) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: lovd.api("POST", "/api/sessions"), range(6)))
+    assert [r[0] for r in results] == [201] * 6, [r[2] for r in results]
+    ports = {r[2]["port"] for r in results}
+    assert len(ports) == 6
+    for status, _, s in results:
+        assert "lovd test session" in http_get(s["port"], s["id"])
