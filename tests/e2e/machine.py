@@ -323,6 +323,9 @@ def booted(name: str = "lovd-e2e") -> Iterator[Machine]:
             # Podman storage must be a real filesystem (overlay on overlay fails).
             f"--bind={containers}:/var/lib/containers",
             f"--bind={home}:/var/lib/lovd",
+            # The checkout under test, at the same path: a clone may live in /tmp, which
+            # the booted machine mounts afresh.
+            f"--bind-ro={REPO}",
             "--capability=all",
             "--system-call-filter=@keyring @privileged @mount bpf",
             "--property=DeviceAllow=/dev/fuse rwm",
