@@ -23,6 +23,9 @@ if [ -z "${LOVD_SKIP_SETUP:-}" ]; then
   bash packaging/setup-host.sh
 fi
 
+# The browser tests drive Debian's chromium with playwright-core (never a browser download).
+sh tests/browser/setup.sh
+
 export PYTHONDONTWRITEBYTECODE=1
 echo "==> ruff"
 "$VENV/bin/ruff" check --no-cache lovd tests

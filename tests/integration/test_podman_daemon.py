@@ -168,5 +168,5 @@ def test_parallel_creates_all_succeed(lovd: LovdProc) -> None:
     assert [r[0] for r in results] == [201] * 6, [r[2] for r in results]
     ports = {r[2]["port"] for r in results}
     assert len(ports) == 6
-    for status, _, s in results:
+    for _, _, s in results:
         assert "lovd test session" in http_get(s["port"], s["id"])

@@ -1,0 +1,331 @@
+"""A real Caddy plus lovd's browser path, wired in-process the way ``lovd serve`` wires it.
+
+Used by tests/integration/test_caddy*.py, tests/browser and tests/bench. Caddy runs as a
+child process on free ports with its admin API on a unix socket in a temp dir. lovd's
+pieces are the production classes (Store, Sessions with the real Podman runner,
+BrowserGate on its own unix socket, CaddyManager); nothing is mocked.
+
+Host-side upstreams (``HostUpstream``) stand in for a session container only where a
+container cannot show what is tested: streaming (SSE with controlled timing, idle
+streams, WebSockets) and echoing exactly which headers arrived. They are registered as
+session rows whose port is the host server's port — the same thing lovd routes by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from lovd import config as config_mod
+from lovd import ids
+from lovd.caddy import CaddyAdmin, CaddyManager
+from lovd.metrics import Metrics
+from lovd.podman import PodmanCLI
+from lovd.runner import PodmanRunner
+from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.store import Session, Store
+from lovd.web.proxy import BrowserGate, serve_public
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def caddy_binary() -> str | None:
+    return shutil.which("caddy")
+
+
+class CaddyProc:
+    """``caddy run`` with an admin-only base config (like caddy/base.json)."""
+
+    def __init__(self, workdir: Path, extra_config: dict[str, Any] | None = None) -> None:
+        self.dir = workdir
+        self.admin_sock = workdir / "caddy-admin.sock"
+        self.base = workdir / "caddy-base.json"
+        cfg: dict[str, Any] = {
+            "admin": {"listen": f"unix/{self.admin_sock}", "config": {"persist": False}},
+            "logging": {"logs": {"default": {"level": "ERROR"}}},
+        }
+        cfg.update(extra_config or {})
+        self.base.write_text(json.dumps(cfg))
+        self.log = workdir / "caddy.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def admin_address(self) -> str:
+        return f"unix/{self.admin_sock}"
+
+    async def start(self, timeout: float = 10.0) -> None:
+        env = {
+            **os.environ,
+            "HOME": str(self.dir),
+            "XDG_CONFIG_HOME": str(self.dir / "xdg-config"),
+            "XDG_DATA_HOME": str(self.dir / "xdg-data"),
+        }
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_sock.unlink()
+        logf = self.log.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            "caddy",
+            "run",
+            "--config",
+            str(self.base),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            env=env,
+        )
+        logf.close()
+        admin = CaddyAdmin(self.admin_address, timeout=1.0)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"caddy exited: {self.log.read_text()[-2000:]}")
+                with contextlib.suppress(Exception):
+                    status, _ = await admin.request("GET", "/config/")
+                    if status == 200:
+                        return
+                await asyncio.sleep(0.02)
+            raise RuntimeError(f"caddy did not start: {self.log.read_text()[-2000:]}")
+        finally:
+            await admin.close()
+
+    async def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class HostUpstream:
+    """A host-side stand-in for a session container: SSE, idle streams, WebSocket, echo."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.seen: list[dict[str, str]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/sse", self.sse)
+        app.router.add_get("/idle", self.idle)
+        app.router.add_get("/ws", self.ws)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def echo(self, request: web.Request) -> web.Response:
+        headers = dict(request.headers)
+        self.seen.append(headers)
+        body = await request.read()
+        return web.json_response(
+            {
+                "upstream": self.name,
+                "path": request.path_qs,
+                "method": request.method,
+                "headers": headers,
+                "body": body.decode(errors="replace"),
+            }
+        )
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        interval = float(request.query.get("interval", "0.2"))
+        count = int(request.query.get("count", "1000000"))
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        for i in range(count):
+            await resp.write(f"id: {i}\ndata: {self.name} {i}\n\n".encode())
+            await asyncio.sleep(interval)
+        return resp
+
+    async def idle(self, request: web.Request) -> web.StreamResponse:
+        seconds = float(request.query.get("seconds", "1"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: hello\n\n")
+        await asyncio.sleep(seconds)
+        await resp.write(b"data: still here\n\n")
+        return resp
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"{self.name}: {msg.data}")
+        return ws
+
+
+@dataclass
+class Harness:
+    dir: Path
+    config: config_mod.Config
+    caddy: CaddyProc
+    store: Store
+    sessions: Sessions
+    gate: BrowserGate
+    manager: CaddyManager
+    port: int
+    http: aiohttp.ClientSession
+    public: web.AppRunner | None = None
+    upstreams: list[HostUpstream] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth_socket(self) -> str:
+        return str(self.dir / "auth.sock")
+
+    async def fake_session(
+        self, upstream: HostUpstream, port: int | None = None, **changes: Any
+    ) -> tuple[Session, str]:
+        """A session row routed to a host-side upstream (see the module docstring)."""
+        token = ids.new_token()
+        now = time.time()
+        row = Session(
+            id=ids.new_session_id(),
+            status="running",
+            reason="",
+            token_hash=ids.hash_token(token),
+            port=port or upstream.port,
+            container_id="",
+            host_id="test",
+            created_at=now,
+            updated_at=now,
+            expires_at=now + 3600,
+            last_activity=now,
+        )
+        s = await self.store.insert(row)
+        if changes:
+            s = await self.store.update(s.id, **changes)
+        return s, token
+
+    async def upstream(self, name: str) -> HostUpstream:
+        u = HostUpstream(name)
+        await u.start()
+        self.upstreams.append(u)
+        return u
+
+    async def routable(self, timeout: float = 10.0) -> float:
+        """Wait until Caddy routes to lovd (the landing page answers); seconds taken."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self.http.get(
+                    self.url + "/_lovd/ping", timeout=aiohttp.ClientTimeout(total=1)
+                ) as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"Caddy did not route to lovd within {timeout} s")
+
+
+def cookie(s: Session, token: str) -> dict[str, str]:
+    return {"Cookie": f"lovd_session={s.id}.{token}"}
+
+
+@contextlib.asynccontextmanager
+async def harness(
+    *,
+    settings: dict[str, Any] | None = None,
+    image: str = "localhost/lovd-test:latest",
+    run_manager: bool = True,
+) -> AsyncIterator[Harness]:
+    # Short paths: unix socket paths are limited to 108 bytes.
+    workdir = Path(tempfile.mkdtemp(prefix="lovd-caddy-", dir="/tmp"))
+    port = free_port()
+    caddy = CaddyProc(workdir)
+    base = 20000 + (os.getpid() * 7 + port) % 9000
+    conf: dict[str, Any] = {
+        "state_dir": str(workdir / "state"),
+        "image": image,
+        "runner": "podman",
+        "port_range": f"{base}-{base + 499}",
+        "ready_timeout": 30,
+        "idle_timeout": 0,
+        "limits": {"max_running": 10},
+        "caddy": {
+            "admin": caddy.admin_address,
+            "listen": [f"127.0.0.1:{port}"],
+            "auth_socket": str(workdir / "auth.sock"),
+            "check_interval": 0.5,
+        },
+    }
+    for k, v in (settings or {}).items():
+        if isinstance(v, dict) and isinstance(conf.get(k), dict):
+            conf[k] = {**conf[k], **v}
+        else:
+            conf[k] = v
+    cfg = config_mod.from_mapping(conf)
+    cfg.sessions_path.mkdir(parents=True, exist_ok=True)
+    await caddy.start()
+    store = await Store.open(cfg.db_path)
+    http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+    pool = aiohttp.ClientSession()
+    runner = PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, store.instance_id)
+    sessions = Sessions(
+        cfg, store, runner, pool, SessionEnv(cfg, load_host_key(cfg.state_path)), Metrics(), "test"
+    )
+    gate = BrowserGate.from_config(cfg, sessions)
+    manager = CaddyManager.from_config(cfg, cfg.caddy_auth_socket)
+    assert manager is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(cfg.caddy_auth_socket)
+    sock.listen(256)
+    h = Harness(workdir, cfg, caddy, store, sessions, gate, manager, port, http)
+    try:
+        h.public = await serve_public(gate, sock)
+        if run_manager:
+            manager.start()
+            await h.routable()
+        yield h
+    finally:
+        await manager.close()
+        for s in store.all():
+            with contextlib.suppress(Exception):
+                await sessions.delete(s.id, "test teardown")
+        await gate.drain()
+        await sessions.drain()
+        if h.public is not None:
+            await h.public.cleanup()
+        for u in h.upstreams:
+            await u.stop()
+        await http.close()
+        await pool.close()
+        await store.close()
+        await caddy.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
