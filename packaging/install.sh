@@ -150,10 +150,25 @@ if [ ! -x "$VENV/bin/python" ]; then
   # Debian's interpreter, so the unprivileged lovd user can run the venv.
   /usr/bin/python3 -m venv "$VENV"
 fi
-if [ -n "${LOVD_REINSTALL:-}" ] || ! "$VENV/bin/python" -c 'import lovd, aiohttp, sdnotify' 2>/dev/null; then
+# A regular (not editable) install of this source: the hardened service cannot see a
+# checkout in /tmp or /home, so an editable install would not import there.
+installed_ok() {
+  "$VENV/bin/python" - "$SRC" <<'PY' 2>/dev/null
+import sys, pathlib, aiohttp, sdnotify, lovd
+src = pathlib.Path(sys.argv[1], "lovd", "__init__.py").read_text()
+inside = pathlib.Path(lovd.__file__).resolve().is_relative_to(pathlib.Path(sys.prefix).resolve())
+sys.exit(0 if inside and f'"{lovd.__version__}"' in src else 1)
+PY
+}
+if [ -n "${LOVD_REINSTALL:-}" ] || ! installed_ok; then
   log "installing lovd into $VENV"
+  build=$(mktemp -d)
+  # Build from a copy: the source may be read-only (setuptools writes egg-info into it).
+  cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/lovd" "$build/"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-  "$VENV/bin/pip" install -q "$SRC"
+  "$VENV/bin/pip" install -q --force-reinstall --no-deps "$build" && \
+    "$VENV/bin/pip" install -q "$build"
+  rm -rf "$build"
 fi
 "$VENV/bin/lovd" version >/dev/null || die "$VENV/bin/lovd does not run"
 # Image build scripts for `lovd image build` outside a source checkout.
