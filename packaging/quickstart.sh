@@ -25,13 +25,32 @@ if [ "$(ps -p 1 -o comm=)" = systemd ] && [ -x "$here/packaging/install.sh" ]; t
 fi
 
 install -d -m 0755 /etc/lovd
+install -d -o lovd -g lovd -m 0755 /run/lovd
 if [ ! -f "$CONF" ]; then
-  install -m 0640 -g lovd "$here/lovd.conf.example" "$CONF"
+  # Everything not set here has the default documented in lovd.conf.example.
+  cat > "$CONF" <<CONF
+# Written by packaging/quickstart.sh; every other key is in lovd.conf.example.
+public_url: "http://localhost:8080"
+caddy:
+  admin: "unix//run/lovd/caddy-admin.sock"
+  listen: [":8080"]
+CONF
+  chgrp lovd "$CONF" && chmod 0640 "$CONF"
 fi
-install -d -o lovd -g lovd -m 0750 /run/lovd
 uid=$(id -u lovd)
-echo "==> running lovd in the foreground (Ctrl-C stops lovd; sessions keep running)"
-echo "    in another shell: sudo -u lovd $VENV/bin/lovd session create"
-exec runuser -u lovd -- env -C /var/lib/lovd HOME=/var/lib/lovd XDG_RUNTIME_DIR="/run/user/$uid" \
-  PATH="$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin" LOVD_CONFIG="$CONF" \
-  "$VENV/bin/lovd" serve
+as_lovd() {
+  runuser -u lovd -- env -C /var/lib/lovd HOME=/var/lib/lovd XDG_RUNTIME_DIR="/run/user/$uid" \
+    PATH="$VENV/bin:/usr/sbin:/usr/bin:/sbin:/bin" LOVD_CONFIG="$CONF" "$@"
+}
+# Without systemd, Caddy runs beside lovd as the same unprivileged user (port 8080);
+# its admin socket only carries lovd's pushed server, see caddy/Caddyfile.
+caddy_conf=$(mktemp /tmp/lovd-caddy.XXXXXX.json)
+printf '{"admin":{"listen":"unix//run/lovd/caddy-admin.sock","config":{"persist":false}}}' > "$caddy_conf"
+chmod 0644 "$caddy_conf"
+as_lovd caddy run --config "$caddy_conf" > /var/lib/lovd/caddy.log 2>&1 &
+caddy_pid=$!
+trap 'kill $caddy_pid 2>/dev/null; rm -f "$caddy_conf"' EXIT
+echo "==> lovd runs in the foreground; open http://localhost:8080/ for a legal-research chat"
+echo "    (Ctrl-C stops lovd and Caddy; session containers keep running)"
+echo "    operator CLI: sudo -u lovd $VENV/bin/lovd --socket /run/lovd/api.sock session list"
+as_lovd "$VENV/bin/lovd" serve

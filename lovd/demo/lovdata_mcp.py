@@ -8,9 +8,9 @@ listed by ``GET /calls`` so tests can assert that the model really used a tool.
     python -m lovd.demo.lovdata_mcp --host 127.0.0.1 --port 8765 \
         [--corpus PATH] [--calls-log PATH] [--token TOKEN]
 
-Containers reach it through ``host.containers.internal``; with rootless Podman's
-slirp4netns that address is forwarded to the host's loopback, so binding 127.0.0.1 is
-enough (and keeps it off the network).
+Containers reach it through ``host.containers.internal``, which rootless Podman
+resolves to the host's own address — not to its loopback — so for containers it must
+bind that address or 0.0.0.0 (lovd's demo mode uses ``demo_listen``, default 0.0.0.0).
 """
 
 from __future__ import annotations
