@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.lovdproc import LovdProc, podman  # noqa: E402
+from tests.lovdproc import LovdProc, podman
 
 IMAGE = "localhost/lovd-session:latest"
 
