@@ -50,6 +50,7 @@ chmod 0644 "$caddy_conf"
 as_lovd caddy run --config "$caddy_conf" > /var/lib/lovd/caddy.log 2>&1 &
 caddy_pid=$!
 trap 'kill $caddy_pid 2>/dev/null; rm -f "$caddy_conf"' EXIT
+trap 'exit 130' INT TERM  # so the EXIT trap also runs when we are signalled
 echo "==> lovd runs in the foreground; open http://localhost:8080/ for a legal-research chat"
 echo "    (Ctrl-C stops lovd and Caddy; session containers keep running)"
 echo "    operator CLI: sudo -u lovd $VENV/bin/lovd --socket /run/lovd/api.sock session list"
