@@ -411,7 +411,8 @@ _EXAMPLE_HEADER = """\
 # lovd configuration (YAML). Copy to /etc/lovd/lovd.conf (or point LOVD_CONFIG at it).
 # Every key is optional; the values shown are the defaults. Unknown keys are errors.
 # Secrets (tokens, API keys) belong only here or in a file readable by lovd alone:
-# lovd passes them to session containers as Podman secrets, never on a command line.
+# lovd hands them to session containers in a file on its tmpfs runtime directory,
+# bind-mounted read-only: never on a command line, never in podman inspect.
 """
 
 

@@ -24,6 +24,8 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib.sh
+. "$SRC/packaging/lib.sh"
 LOVD_USER=lovd
 API_GROUP=lovd-api
 STATE=/var/lib/lovd
@@ -109,13 +111,7 @@ if [ "$mode" = uninstall ]; then uninstall; exit 0; fi
 if [ -z "${LOVD_SKIP_APT:-}" ]; then
   pkgs=(podman runc crun conmon uidmap slirp4netns fuse-overlayfs catatonit
         dbus-user-session busybox-static python3-venv curl)
-  missing=()
-  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  ensure_packages "${pkgs[@]}"
 fi
 # slirp4netns (rootless networking) opens /dev/net/tun; 0666 is the usual mode.
 if [ -e /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then chmod 0666 /dev/net/tun; fi
@@ -175,7 +171,7 @@ fi
 install -d -m 0755 "$SHARE"
 rm -rf "$SHARE/packaging.new"
 mkdir -p "$SHARE/packaging.new"
-cp -r "$SRC/packaging/images" "$SHARE/packaging.new/"
+cp -r "$SRC/packaging/images" "$SRC/packaging/lib.sh" "$SHARE/packaging.new/"
 [ -d "$SRC/config_opencode" ] && cp -r "$SRC/config_opencode" "$SHARE/"
 rm -rf "$SHARE/packaging" && mv "$SHARE/packaging.new" "$SHARE/packaging"
 

@@ -8,6 +8,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=lib.sh
+. "$here/packaging/lib.sh"
 LOVD_USER=${LOVD_USER:-lovd}
 LOVD_HOME=${LOVD_HOME:-/var/lib/lovd}
 VENV=${LOVD_VENV:-/opt/lovd/venv}
@@ -25,13 +27,7 @@ if [ -z "${LOVD_SKIP_APT:-}" ]; then
   pkgs=(podman runc crun conmon uidmap slirp4netns fuse-overlayfs catatonit caddy
         systemd-container dbus-user-session busybox-static debootstrap
         postgresql chromium chromium-driver python3-venv curl)
-  missing=()
-  for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  ensure_packages "${pkgs[@]}"
   # Debian enables these on install; lovd drives its own Caddy and tests own
   # their PostgreSQL clusters, so the stock services must not hold :80 / :5432.
   for svc in caddy postgresql; do

@@ -244,6 +244,9 @@ class Machine:
                 "userdel lovd 2>/dev/null; groupdel lovd 2>/dev/null;"
                 " groupdel lovd-api 2>/dev/null; sed -i '/^lovd:/d' /etc/subuid /etc/subgid; true"
             )
+        # The machine overlays the host's /: a config left there by the host (with the
+        # host lovd group's gid) must not leak in.
+        self.run("rm", "-rf", "/etc/lovd")
         self.run("install", "-d", "-m", "0755", "/etc/lovd")
         self.run("tee", "/etc/lovd/lovd.conf", input=E2E_CONFIG)
         t0 = time.monotonic()

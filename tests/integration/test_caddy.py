@@ -16,21 +16,13 @@ import aiohttp
 import pytest
 
 from lovd.caddy import CaddyAdmin, Site, render_server
-from tests.conftest import ROOT, need
-from tests.integration.caddy_harness import Harness, caddy_binary, cookie, free_port, harness
+from tests.conftest import ROOT
+from tests.integration.caddy_harness import Harness, cookie, free_port, harness
 
 pytestmark = [pytest.mark.caddy]
 
 NAV = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate"}
 XHR = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
-
-
-@pytest.fixture(scope="session")
-def caddy_bin() -> str:
-    path = caddy_binary()
-    need(path is not None, "caddy is not installed (apt-get install caddy)")
-    assert path is not None
-    return path
 
 
 async def _get(

@@ -16,20 +16,11 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import need
-from tests.integration.caddy_harness import Harness, caddy_binary, cookie, free_port, harness
+from tests.integration.caddy_harness import Harness, cookie, free_port, harness
 
 pytestmark = [pytest.mark.caddy]
 
 IDLE_SECONDS = float(os.environ.get("LOVD_IDLE_STREAM_SECONDS", "305"))
-
-
-@pytest.fixture(scope="session")
-def caddy_bin() -> str:
-    path = caddy_binary()
-    need(path is not None, "caddy is not installed (apt-get install caddy)")
-    assert path is not None
-    return path
 
 
 async def _events(resp: aiohttp.ClientResponse) -> asyncio.Queue[tuple[float, str]]:

@@ -26,6 +26,8 @@ BUSYBOX_BIN=${BUSYBOX_BIN:-/bin/busybox}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 IMAGE_UID=1000
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../../lib.sh
+. "$HERE/../../lib.sh"
 REPO=$(cd "$HERE/../../.." && pwd)
 CACHE=${LOVD_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lovd-image}
 
@@ -153,13 +155,4 @@ tar --numeric-owner --owner=0 --group=0 -C "$ROOT" -cf - . |
         --message "lovd session image, opencode-ai $OPENCODE_VERSION" \
         --quiet - "$TAG" >/dev/null
 
-new_id=$(podman image inspect --format '{{.Id}}' "$TAG")
-if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
-    # The previous build is now untagged; drop it unless a container still uses it.
-    podman rmi "$old_id" >/dev/null 2>&1 || true
-fi
-
-end=$(date +%s.%N)
-size=$(podman image inspect --format '{{.Size}}' "$TAG")
-awk -v tag="$TAG" -v id="${new_id:0:12}" -v s="$start" -v e="$end" -v size="$size" \
-    'BEGIN { printf "built %s (%s) in %.1f s; image size %d bytes (%.0f MB)\n", tag, id, e - s, size, size / 1e6 }'
+finish_image "$TAG" "$old_id" "$start"

@@ -17,6 +17,8 @@ TAG=${1:-localhost/lovd-test:latest}
 BUSYBOX_BIN=${BUSYBOX_BIN:-/bin/busybox}
 IMAGE_UID=1000
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../../lib.sh
+. "$HERE/../../lib.sh"
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 [ "$(id -u)" != 0 ] || die "run as the unprivileged user that runs the sessions (e.g. lovd), not root"
@@ -73,12 +75,4 @@ tar --numeric-owner --owner=0 --group=0 -C "$ROOT" -cf - . |
         --change "LABEL lovd.image=test lovd.user=$IMAGE_UID lovd.port=4096" \
         --message "lovd test image" \
         --quiet - "$TAG" >/dev/null
-new_id=$(podman image inspect --format '{{.Id}}' "$TAG")
-if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
-    podman rmi "$old_id" >/dev/null 2>&1 || true
-fi
-
-end=$(date +%s.%N)
-size=$(podman image inspect --format '{{.Size}}' "$TAG")
-awk -v tag="$TAG" -v id="${new_id:0:12}" -v s="$start" -v e="$end" -v size="$size" \
-    'BEGIN { printf "built %s (%s) in %.1f s; image size %d bytes (%.1f MB)\n", tag, id, e - s, size, size / 1e6 }'
+finish_image "$TAG" "$old_id" "$start"
