@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -44,9 +44,6 @@ class Metrics:
         )
         self.reconcile_seconds = Histogram(
             "lovd_reconcile_seconds", "Duration of a reconcile pass", registry=self.registry
-        )
-        self.outbox_pending = Gauge(
-            "lovd_outbox_pending", "Outbox rows not yet synced", registry=self.registry
         )
 
     def track_sessions(self, counts: Callable[[], dict[str, int]]) -> None:

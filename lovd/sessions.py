@@ -434,6 +434,10 @@ class Sessions:
 
     async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
         """Make actual containers match the store: adopt, mark vanished, collect orphans."""
+        with self.metrics.reconcile_seconds.time():
+            return await self._reconcile(startup)
+
+    async def _reconcile(self, startup: bool) -> dict[str, list[str]]:
         containers = {c.session_id: c for c in await self.runner.list()}
         report: dict[str, list[str]] = {"adopted": [], "lost": [], "orphans_removed": []}
         for s in self.store.all():

@@ -27,7 +27,6 @@ from lovd.web.proxy import add_browser_entry
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
-COOKIE = "lovd_session"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
 

@@ -1,0 +1,64 @@
+"""The SQLite store against a real database file: outbox atomicity and durability."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from lovd import ids
+from lovd.store import Session, Store
+
+
+def new_session(port: int = 20000) -> Session:
+    now = time.time()
+    return Session(ids.new_session_id(), "creating", "", ids.hash_token("t"), port, "", "h",
+                   now, now, now + 60, now)
+
+
+async def test_every_change_writes_one_outbox_row_in_order(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "lovd.db")
+    s = await store.insert(new_session())
+    await store.update(s.id, status="starting")
+    await store.update(s.id, status="running", container_id="c1")
+    await store.delete(s.id, "bye")
+    rows = await store.outbox_batch()
+    assert [(r[2], r[3], r[4]) for r in rows] == [
+        (s.id, 1, "upsert"), (s.id, 2, "upsert"), (s.id, 3, "upsert"), (s.id, 4, "delete")]
+    last = json.loads(rows[-1][5])
+    assert last["status"] == "deleted" and last["reason"] == "bye"
+    await store.outbox_ack(rows[1][0])
+    assert await store.outbox_size() == 2
+    await store.close()
+
+
+async def test_failed_write_changes_nothing(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "lovd.db")
+    a = await store.insert(new_session(20000))
+    before = await store.outbox_size()
+    with pytest.raises(sqlite3.IntegrityError):  # same port: the unique index refuses it
+        await store.insert(new_session(20000))
+    assert await store.outbox_size() == before
+    assert [s.id for s in store.all()] == [a.id]
+    await store.close()
+
+
+async def test_state_survives_reopen_and_schema_is_versioned(tmp_path: Path) -> None:
+    db = tmp_path / "lovd.db"
+    store = await Store.open(db)
+    s = await store.insert(new_session())
+    await store.update(s.id, status="running")
+    instance = store.instance_id
+    await store.close()
+    again = await Store.open(db)
+    got = again.get(s.id)
+    assert got is not None and got.status == "running" and got.version == 2
+    assert again.instance_id == instance
+    await again.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
