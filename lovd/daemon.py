@@ -118,6 +118,21 @@ def _bind(listen: str) -> tuple[socket.socket, str | None]:
     return sock, None
 
 
+def _split_activated(
+    socks: list[socket.socket], auth_path: str
+) -> tuple[list[socket.socket], socket.socket | None]:
+    """Socket activation may pass the browser-path socket (lovd-auth.socket) besides the
+    API socket; tell them apart by path so each gets its own app."""
+    api: list[socket.socket] = []
+    auth = None
+    for s in socks:
+        if s.family == socket.AF_UNIX and s.getsockname() == auth_path:
+            auth = s
+        else:
+            api.append(s)
+    return api, auth
+
+
 @dataclass
 class Daemon:
     config: Config
@@ -128,7 +143,7 @@ class Daemon:
     sessions: Sessions | None = None
     _closers: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _unlink: str | None = None
+    _unlink: list[str] = field(default_factory=list)
 
     async def run(self) -> int:
         try:
@@ -199,13 +214,18 @@ class Daemon:
         )
         app_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await app_runner.setup()
-        socks = listen_fds()
+        socks, auth_sock = _split_activated(listen_fds(), auth_socket)
         if not socks:
-            sock, self._unlink = _bind(self.listen_override or c.listen)
+            sock, unlink = _bind(self.listen_override or c.listen)
             socks = [sock]
+            self._unlink += [unlink] if unlink else []
         for s in socks:
             await web.SockSite(app_runner, s, shutdown_timeout=5).start()
-        public = await self._serve_browser_path(sessions, caddy, auth_socket)
+        activated = auth_sock is not None
+        if auth_sock is None:
+            auth_sock = _bind_unix(auth_socket)
+            self._unlink.append(auth_socket)
+        public = await self._serve_browser_path(sessions, caddy, auth_sock, activated)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -232,20 +252,22 @@ class Daemon:
         if caddy is not None:
             await caddy.close()
         await public.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(auth_socket)
         await sessions.drain()
         await sessions.flush_activity()
         await app_runner.cleanup()
-        if self._unlink:
+        for path in self._unlink:  # only sockets we bound; systemd's stay for re-activation
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unlink)
+                os.unlink(path)
         for obj in reversed(self._closers):
             await obj.close()
         return 0
 
     async def _serve_browser_path(
-        self, sessions: Sessions, caddy: CaddyManager | None, auth_socket: str
+        self,
+        sessions: Sessions,
+        caddy: CaddyManager | None,
+        auth_sock: socket.socket,
+        activated: bool,
     ) -> web.AppRunner:
         """The public socket Caddy talks to (web/proxy.py), then keep Caddy configured."""
         assert self.app is not None
@@ -255,7 +277,7 @@ class Daemon:
             st.last_request = time.monotonic()
 
         gate = BrowserGate.from_config(self.config, sessions, on_request=seen)
-        public = await serve_public(gate, _bind_unix(auth_socket))
+        public = await serve_public(gate, auth_sock, ours=not activated)
         if caddy is not None:
             caddy.start()
         return public

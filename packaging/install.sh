@@ -68,7 +68,7 @@ as_lovd() {
 uninstall() {
   local uid; uid=$(uid_of || true)
   log "stopping lovd"
-  systemctl disable --now lovd.socket lovd.service >/dev/null 2>&1 || true
+  systemctl disable --now lovd.socket lovd-auth.socket lovd.service >/dev/null 2>&1 || true
   if [ -n "$uid" ] && systemctl is-active --quiet "user@$uid.service"; then
     log "stopping session units of the $LOVD_USER user"
     user_ctl stop 'lovd-session-*.service' >/dev/null 2>&1 || true
@@ -76,7 +76,7 @@ uninstall() {
     user_ctl disable --now podman.socket >/dev/null 2>&1 || true
   fi
   if [ -n "$uid" ]; then loginctl disable-linger "$LOVD_USER" 2>/dev/null || true; fi
-  rm -f "$UNIT_DIR/lovd.socket" "$UNIT_DIR/lovd.service" \
+  rm -f "$UNIT_DIR/lovd.socket" "$UNIT_DIR/lovd-auth.socket" "$UNIT_DIR/lovd.service" \
         "$UNIT_DIR/user@.service.d/lovd-delegate.conf" \
         /etc/sysusers.d/lovd.conf /etc/tmpfiles.d/lovd.conf
   rm -rf "$UNIT_DIR/lovd.service.d" "$SHARE"
@@ -202,7 +202,8 @@ fi
 
 # ---------------------------------------------------------------- units
 log "installing units"
-install -m 0644 "$SRC/units/lovd.socket" "$SRC/units/lovd.service" "$UNIT_DIR/"
+install -m 0644 "$SRC/units/lovd.socket" "$SRC/units/lovd-auth.socket" \
+  "$SRC/units/lovd.service" "$UNIT_DIR/"
 if [ "$VENV" != /opt/lovd/venv ]; then
   sed -i "s|/opt/lovd/venv|$VENV|" "$UNIT_DIR/lovd.service"
 fi
@@ -322,8 +323,8 @@ case $IMAGE_KIND in
 esac
 
 # ---------------------------------------------------------------- start
-log "enabling lovd.socket"
-systemctl enable --now lovd.socket
+log "enabling lovd.socket and lovd-auth.socket"
+systemctl enable --now lovd.socket lovd-auth.socket
 # An upgrade: a running daemon picks up the new code and units.
 systemctl try-restart lovd.service
 if command -v curl >/dev/null; then

@@ -614,14 +614,18 @@ def add_browser_entry(app: web.Application, sessions: Sessions) -> None:
     app.router.add_get("/c/{id}", gate.entry)
 
 
-async def serve_public(gate: BrowserGate, sock: socket.socket) -> web.AppRunner:
-    """Serve the public app on ``sock`` (lovd binds it: ``caddy.auth_socket``).
+async def serve_public(
+    gate: BrowserGate, sock: socket.socket, *, ours: bool = True
+) -> web.AppRunner:
+    """Serve the public app on ``sock`` (``caddy.auth_socket``).
 
-    The socket is world-connectable (0666): it offers exactly what the public site
-    offers anyway, and Caddy runs as its own user. The admin API stays on its own socket.
+    A socket lovd bound itself (``ours``) is made world-connectable (0666): it offers
+    exactly what the public site offers anyway, and Caddy runs as its own user. One passed
+    by systemd (lovd-auth.socket) keeps the unit's SocketMode/SocketGroup. The admin API
+    stays on its own socket.
     """
     name = sock.getsockname()
-    if isinstance(name, str) and name:
+    if ours and isinstance(name, str) and name:
         os.chmod(name, 0o666)  # noqa: S103 - the public surface, see above
     runner = web.AppRunner(
         create_public_app(gate), access_log=None, handle_signals=False, shutdown_timeout=2

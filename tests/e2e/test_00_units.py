@@ -35,11 +35,11 @@ def test_security_exposure_at_most_2(analyze: str) -> None:
     assert float(m.group(1)) <= 2.0, r.stdout
 
 
-@pytest.mark.parametrize("unit", ["lovd.socket", "lovd.service"])
+@pytest.mark.parametrize("unit", ["lovd.socket", "lovd-auth.socket", "lovd.service"])
 def test_verify_clean(analyze: str, unit: str, tmp_path: Path) -> None:
     # Verify the pair together (the service Requires= the socket), from a copy so the
     # installed units of this host cannot interfere.
-    for u in ("lovd.socket", "lovd.service"):
+    for u in ("lovd.socket", "lovd-auth.socket", "lovd.service"):
         shutil.copy(UNITS / u, tmp_path / u)
     r = subprocess.run(
         [analyze, "verify", "--man=no", str(tmp_path / unit)],

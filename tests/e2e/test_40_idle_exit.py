@@ -55,7 +55,21 @@ def test_idle_exit_and_reactivation(machine: Machine) -> None:
         assert all(f"lovd-{sid}" in containers for sid in before)
         assert unit_pids(m, list(before)) == pids
 
-        # The next connection activates lovd, which re-adopts them.
+        # A browser request through the auth socket (what Caddy's forward_auth sends)
+        # activates lovd too: held, not refused, while lovd is down.
+        assert m.out("systemctl", "is-active", "lovd-auth.socket") == "active"
+        landing = m.run(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+            "--unix-socket", "/run/lovd/auth.sock", "http://lovd/",
+        )
+        assert landing.stdout == "200", landing.stdout
+        assert m.out("systemctl", "is-active", "lovd.service") == "active"
+        # systemd's socket keeps its owner and mode (lovd must not widen it).
+        mode = m.out("stat", "-c", "%F %U:%G %a", "/run/lovd/auth.sock")
+        assert mode == "socket lovd:lovd-api 660", mode
+        m.wait_for("lovd to exit when idle again", exited, timeout=IDLE + 15, interval=0.2)
+
+        # The next API connection activates lovd, which re-adopts them.
         cursor = m.cursor()
         now = m.sessions()
         assert m.out("systemctl", "is-active", "lovd.service") == "active"

@@ -28,3 +28,16 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StartupError, match="not a socket"):
         daemon._bind(f"unix:{tmp_path / 'file'}")
+
+
+def test_activated_sockets_are_told_apart_by_path(tmp_path: Path) -> None:
+    api, _ = daemon._bind(f"unix:{tmp_path / 'api.sock'}")
+    auth, _ = daemon._bind(f"unix:{tmp_path / 'auth.sock'}")
+    try:
+        got_api, got_auth = daemon._split_activated([auth, api], str(tmp_path / "auth.sock"))
+        assert got_api == [api] and got_auth is auth
+        got_api, got_auth = daemon._split_activated([api], str(tmp_path / "auth.sock"))
+        assert got_api == [api] and got_auth is None
+    finally:
+        api.close()
+        auth.close()
