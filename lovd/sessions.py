@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # After a failed start, how long the admission slot estimate assumes a session runs.
 _RETRY_AFTER_DEFAULT = 30
 _IMAGE_CHECK_TTL = 60.0
+# Unit states in which systemd, not lovd, decides what happens next.
+_UNIT_BUSY = frozenset({"activating", "active", "deactivating", "reloading"})
 
 
 @dataclass
@@ -454,8 +456,10 @@ class Sessions:
                     )
                 report["adopted"].append(s.id)
             elif s.status in ("running", "starting", "creating", "stopping") and not alive:
-                if unit is not None and unit.active in ("activating", "active"):
-                    continue  # systemd is restarting it
+                if unit is not None and unit.active in _UNIT_BUSY:
+                    # systemd is still acting on it: stopping it now would cancel the
+                    # restart policy (ExecStopPost keeps a crashed unit "deactivating").
+                    continue
                 if unit is not None and unit.active == "failed":
                     reason = (  # NRestarts also counts the attempt refused at the start limit
                         f"unit failed ({unit.result}); gave up after "

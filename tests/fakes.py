@@ -49,6 +49,7 @@ class FakeRunner:
         self.never_ready = False
         self.image_missing = False
         self.start_delay = 0.0
+        self.unit_states: dict[str, UnitState] = {}
 
     async def start(self, spec: ContainerSpec) -> str:
         ids.check(spec.session_id)
@@ -84,7 +85,7 @@ class FakeRunner:
         ]
 
     async def unit_state(self, session_id: str) -> UnitState | None:
-        return None
+        return self.unit_states.get(session_id)
 
     async def remove_workspace(self, path: Path) -> None:
         if path.exists():
