@@ -110,7 +110,7 @@ def test_kill9_readopts_sessions_and_collects_orphans(lovd: LovdProc) -> None:
         assert orphan not in containers(f"lovd.instance={iid}")
         assert unlabelled in podman("ps", "--format", "{{.Names}}")
     finally:
-        podman("rm", "-f", "-t", "0", unlabelled, orphan, check=False)
+        podman("rm", "-f", "-i", "-t", "0", unlabelled, orphan, check=False)
 
 
 def test_vanished_container_is_marked_with_reason(lovd: LovdProc) -> None:
