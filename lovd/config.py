@@ -154,9 +154,6 @@ class Config:
     health_interval: float = setting(
         "health.interval", 30.0, "Seconds between health checks of running sessions."
     )
-    health_start_grace: float = setting(
-        "health.start_grace", 60.0, "Seconds after start before failed checks count."
-    )
     restart_attempts: int = setting(
         "health.restart_attempts", 3, "Restarts of an unhealthy session before it is failed."
     )
@@ -256,10 +253,6 @@ class Config:
         "browser.auth_failure_window", 60.0, "Seconds over which browser.auth_failures counts."
     )
 
-    # --- PostgreSQL ---
-    postgres_dsn: str = setting(
-        "postgres.dsn", "", "PostgreSQL conninfo; empty disables sync (SQLite only)."
-    )
 
     # --- derived helpers ---
     @property

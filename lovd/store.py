@@ -245,18 +245,6 @@ class Store:
             if s is not None and ts > s.last_activity:
                 self._sessions[sid] = dataclasses.replace(s, last_activity=ts)
 
-    async def add_health(self, session_id: str, ok: bool, detail: str, keep: int = 100) -> None:
-        async with self._tx() as db:
-            await db.execute(
-                "INSERT INTO health (session_id, ts, ok, detail) VALUES (?, ?, ?, ?)",
-                (session_id, time.time(), int(ok), detail),
-            )
-            await db.execute(
-                "DELETE FROM health WHERE session_id = ? AND seq NOT IN "
-                "(SELECT seq FROM health WHERE session_id = ? ORDER BY seq DESC LIMIT ?)",
-                (session_id, session_id, keep),
-            )
-
     async def history(self, session_id: str, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
         async with self._db.execute(
             "SELECT ts, kind, detail FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT ?",

@@ -59,7 +59,6 @@ limits:
   max_running: 60
 health:
   interval: 2.0
-  start_grace: 5.0
 caddy:
   admin: ""
 """

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 def test_defaults_match_the_original_system() -> None:
     c = config.from_mapping({})
     assert (c.memory_max, c.cpus, c.max_running) == ("4G", 1.0, 3)
-    assert (c.health_interval, c.health_start_grace, c.restart_attempts) == (30.0, 60.0, 3)
+    assert (c.health_interval, c.restart_attempts) == (30.0, 3)
     assert c.idle_timeout == 3600.0
     assert c.listen == "unix:/run/lovd/api.sock"
 
