@@ -133,6 +133,20 @@ class Config:
     max_running: int = setting(
         "limits.max_running", 3, "Sessions that may run at once; more get 429 + Retry-After."
     )
+    warm_pool: int = setting(
+        "warm_pool",
+        1,
+        "Session containers kept started and ready ahead of demand, so POST /api/sessions "
+        "hands one out at once instead of waiting seconds for OpenCode to boot. They use "
+        "free places only (running + warm never exceeds limits.max_running) and give "
+        "theirs up when a session needs it. 0 turns the pool off.",
+    )
+    warm_max_age: float = setting(
+        "warm_max_age",
+        3600.0,
+        "Seconds after which an unclaimed warm container is replaced, so a rebuilt image "
+        "or changed settings reach new sessions.",
+    )
     ready_timeout: float = setting(
         "ready_timeout", 60.0, "Seconds a starting session may take to answer its health path."
     )
@@ -253,7 +267,6 @@ class Config:
         "browser.auth_failure_window", 60.0, "Seconds over which browser.auth_failures counts."
     )
 
-
     # --- derived helpers ---
     @property
     def state_path(self) -> Path:
@@ -354,6 +367,10 @@ def _validate(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             key = next(s.key for s in settings() if s.attr == name)
             raise ConfigError(f"{key}: must be at least 1")
+    if cfg.warm_pool < 0:
+        raise ConfigError("warm_pool: must be 0 (off) or more")
+    if cfg.warm_max_age <= 0:
+        raise ConfigError("warm_max_age: must be greater than 0")
     if cfg.cpus <= 0:
         raise ConfigError("limits.cpus: must be greater than 0")
 

@@ -31,6 +31,7 @@ from lovd.demo import mode as demo_mode
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import PodmanAPI, PodmanCLI, PodmanClient, default_api_socket
+from lovd.pool import WarmPool
 from lovd.runner import PodmanRunner, Runner, SystemdRunner, user_manager_reachable
 from lovd.sessions import SessionEnv, Sessions, load_host_key
 from lovd.store import Store
@@ -238,6 +239,9 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.notifier.watchdog_loop(wd)))
         if c.idle_exit > 0:
             self._tasks.append(asyncio.create_task(self._idle_exit(c.idle_exit)))
+        pool = WarmPool(sessions, c.warm_max_age, time.time)
+        pool.kick()
+        self._tasks.append(asyncio.create_task(pool.run()))
 
         where = ", ".join(str(s.getsockname()) for s in socks)
         self.notifier.ready(f"serving on {where}; {len(store.all())} sessions")

@@ -36,6 +36,12 @@ class Metrics:
         self.sessions_created = Counter(
             "lovd_sessions_created", "Sessions created", registry=self.registry
         )
+        self.warm_claims = Counter(
+            "lovd_warm_claims",
+            "Session creations served from the warm pool (hit) or by a cold start (miss)",
+            ["result"],
+            registry=self.registry,
+        )
         self.start_seconds = Histogram(
             "lovd_session_start_seconds",
             "Time from start to ready",

@@ -28,6 +28,8 @@ from lovd.podman import ContainerSpec, cgroup_v2
 from lovd.runner import Runner
 from lovd.store import ACTIVE_STATES, Session, Store
 
+WARM = "warm"
+
 log = logging.getLogger(__name__)
 
 # After a failed start, how long the admission slot estimate assumes a session runs.
@@ -119,6 +121,9 @@ class Sessions:
         self._orphans_seen: dict[str, float] = {}
         self._image_checked = float("-inf")
         self.activity: dict[str, float] = {}
+        # Called whenever a place may have freed up or a warm container was used; the
+        # warm pool sets it to its refill trigger.
+        self.capacity_changed: Callable[[], None] = lambda: None
         metrics.track_sessions(self.count_by_state)
 
     def count_by_state(self) -> dict[str, int]:
@@ -134,12 +139,16 @@ class Sessions:
 
     def get(self, session_id: str) -> Session:
         s = self.store.get(ids.check(session_id))
-        if s is None:
+        if s is None or s.status == WARM:
             raise LovdError("session-not-found", f"no session {session_id}")
         return s
 
     def all(self) -> list[Session]:
-        return self.store.all()
+        return [s for s in self.store.all() if s.status != WARM]
+
+    def warm(self) -> list[Session]:
+        """Unclaimed warm-pool rows, oldest first."""
+        return [s for s in self.store.all() if s.status == WARM]
 
     def running_count(self) -> int:
         return self.store.count(ACTIVE_STATES)
@@ -191,28 +200,49 @@ class Sessions:
         async with self._admission:
             self._admit()
             now = self.clock()
-            sid = ids.new_session_id()
-            session = await self.store.insert(
-                Session(
-                    id=sid,
-                    status="creating",
-                    reason="",
-                    token_hash=ids.hash_token(token),
-                    port=self._pick_port(),
-                    container_id="",
-                    host_id=self.host_id,
+            token_hash = ids.hash_token(token)
+            expires = now + self.config.session_ttl
+            warm = self._pick_warm()
+            if warm is not None:
+                sid = warm.id
+                # "starting" until the claim has confirmed the container still answers.
+                session = await self.store.update(
+                    sid,
+                    status="starting",
+                    reason="from the warm pool",
+                    event="claimed",
+                    token_hash=token_hash,
                     created_at=now,
-                    updated_at=now,
-                    expires_at=now + self.config.session_ttl,
+                    expires_at=expires,
                     last_activity=now,
                 )
-            )
-        log.info("session created", extra={"SESSION_ID": sid})
+            else:
+                sid = ids.new_session_id()
+                session = await self.store.insert(
+                    Session(
+                        id=sid,
+                        status="creating",
+                        reason="",
+                        token_hash=token_hash,
+                        port=self._pick_port(),
+                        container_id="",
+                        host_id=self.host_id,
+                        created_at=now,
+                        updated_at=now,
+                        expires_at=expires,
+                        last_activity=now,
+                    )
+                )
+        log.info("session created%s", " (warm pool)" if warm else "", extra={"SESSION_ID": sid})
         self.metrics.sessions_created.inc()
+        self.metrics.warm_claims.labels("hit" if warm else "miss").inc()
+        start = self._claim(sid) if warm else self._start(sid)
+        if warm:
+            self.capacity_changed()
         if wait:
-            session = await self._start(sid)
+            session = await start
         else:
-            self._spawn(self._start_logged(sid))
+            self._spawn(self._logged(start, sid))
         return session, token
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -220,11 +250,86 @@ class Sessions:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _start_logged(self, sid: str) -> None:
+    async def _logged(self, start: Coroutine[Any, Any, Session], sid: str) -> None:
         try:
-            await self._start(sid)
+            await start
         except LovdError as e:
             log.warning("session start failed: %s", e.message, extra={"SESSION_ID": sid})
+
+    # --- warm pool ---
+
+    def _pick_warm(self) -> Session | None:
+        """A warm row to hand out: a ready one first, else the one furthest along."""
+        rows = self.warm()
+        ready = [s for s in rows if not self.lock(s.id).locked()]
+        return (ready or rows)[0] if rows else None
+
+    def warm_wanted(self) -> int:
+        """How many more warm containers the pool may start now."""
+        warm = len(self.warm())
+        free = self.config.max_running - self.running_count() - warm
+        return max(0, min(self.config.warm_pool - warm, free))
+
+    async def start_warm(self) -> Session | None:
+        """Start one warm-pool container (no owner, no token) if there is a free place."""
+        async with self._admission:
+            if self.warm_wanted() < 1:
+                return None
+            now = self.clock()
+            sid = ids.new_session_id()
+            await self.store.insert(
+                Session(
+                    id=sid,
+                    status=WARM,
+                    reason="",
+                    token_hash="",
+                    port=self._pick_port(),
+                    container_id="",
+                    host_id=self.host_id,
+                    created_at=now,
+                    updated_at=now,
+                    expires_at=now + self.config.session_ttl,
+                    last_activity=now,
+                ),
+                event="warm",
+            )
+        return await self._start(sid, warm=True)
+
+    async def _claim(self, sid: str) -> Session:
+        """Hand a claimed warm container to its new owner: wait for it if it is still
+        booting, check it still answers, and fall back to a fresh start if not."""
+        async with self.lock(sid):
+            s = self.store.get(sid)
+            if s is not None and s.status == "running":
+                return s  # its warm start finished after the claim
+            if s is not None and s.status == "starting" and s.container_id:
+                ok, why = await self.probe(s, timeout=1.0)
+                if ok:
+                    return await self._running(sid, s.container_id, time.monotonic())
+                log.info(
+                    "warm container did not answer (%s); starting afresh",
+                    why,
+                    extra={"SESSION_ID": sid},
+                )
+        return await self._start(sid)
+
+    async def discard_warm(self, sid: str, reason: str) -> None:
+        """Remove an unclaimed warm container and its row (claimed ones are left alone)."""
+        async with self.lock(sid):
+            s = self.store.get(sid)
+            if s is None or s.status != WARM:
+                return
+            await self._stop_container(sid)
+            await self.runner.remove_workspace(self.config.sessions_path / sid)
+            await self.store.delete(sid, reason)
+        self._locks.pop(sid, None)
+        log.info("warm container removed: %s", reason, extra={"SESSION_ID": sid})
+
+    def _make_room(self) -> None:
+        """A session took a place a warm container holds: give that place up."""
+        warm = self.warm()
+        if warm and self.running_count() + len(warm) > self.config.max_running:
+            self._spawn(self.discard_warm(warm[-1].id, "its place went to a session"))
 
     @property
     def secrets_dir(self) -> Path:
@@ -256,7 +361,7 @@ class Sessions:
             systemd_unit=ids.unit_name(session.id) if self.runner.name == "systemd" else "",
         )
 
-    async def _start(self, sid: str) -> Session:
+    async def _start(self, sid: str, warm: bool = False) -> Session:
         async with self.lock(sid):
             session = self.store.get(sid)
             if session is None:
@@ -264,7 +369,8 @@ class Sessions:
             if session.status == "running":
                 return session
             t0 = time.monotonic()
-            session = await self.store.update(sid, status="starting", reason="")
+            if not warm:
+                session = await self.store.update(sid, status="starting", reason="")
             workspace = self.config.sessions_path / sid
             workspace.mkdir(parents=True, exist_ok=True)
             try:
@@ -287,22 +393,33 @@ class Sessions:
                 await self._stop_container(sid)
                 await self._fail(sid, LovdError("internal", f"start interrupted: {e!r}"))
                 raise
-            session = await self.store.update(
-                sid,
-                status="running",
-                reason="",
-                container_id=cid,
-                started_at=self.clock(),
-                last_activity=self.clock(),
-            )
-            elapsed = time.monotonic() - t0
-            self.metrics.start_seconds.observe(elapsed)
-            log.info(
-                "session running (ready in %.3f s)",
-                elapsed,
-                extra={"SESSION_ID": sid, "CONTAINER_ID": session.container_id},
-            )
-            return session
+            self.metrics.start_seconds.observe(time.monotonic() - t0)
+            current = self.store.get(sid)
+            if warm and current is not None and current.status == WARM:
+                log.info(
+                    "warm container ready in %.3f s",
+                    time.monotonic() - t0,
+                    extra={"SESSION_ID": sid, "CONTAINER_ID": cid},
+                )
+                return await self.store.update(sid, container_id=cid)
+            # A warm container claimed while it booted lands here too.
+            return await self._running(sid, cid, t0)
+
+    async def _running(self, sid: str, cid: str, t0: float) -> Session:
+        session = await self.store.update(
+            sid,
+            status="running",
+            reason="",
+            container_id=cid,
+            started_at=self.clock(),
+            last_activity=self.clock(),
+        )
+        log.info(
+            "session running (ready in %.3f s)",
+            time.monotonic() - t0,
+            extra={"SESSION_ID": sid, "CONTAINER_ID": cid},
+        )
+        return session
 
     async def _stop_container(self, sid: str) -> None:
         await self.runner.stop(sid)
@@ -322,6 +439,14 @@ class Sessions:
         self._image_checked = time.monotonic()
 
     async def _fail(self, sid: str, err: LovdError) -> Session:
+        current = self.store.get(sid)
+        if current is not None and current.status == WARM:
+            # Nobody owns it: drop the row (the pool retries later) rather than show a
+            # failed session no one asked for.
+            await self.runner.remove_workspace(self.config.sessions_path / sid)
+            await self.store.delete(sid, f"warm start failed: {err.message}")
+            log.warning("warm container failed: %s", err.message, extra={"SESSION_ID": sid})
+            raise err
         await self.store.update(sid, status="failed", reason=err.message)
         log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
         raise err
@@ -378,7 +503,9 @@ class Sessions:
             self.get(sid)
             await self.store.update(sid, status="stopping", reason=reason)
             await self._stop_container(sid)
-            return await self.store.update(sid, status=status, reason=reason, container_id="")
+            session = await self.store.update(sid, status=status, reason=reason, container_id="")
+        self.capacity_changed()
+        return session
 
     async def wake(self, sid: str) -> Session:
         """Start a stopped session again (same workspace), subject to admission."""
@@ -388,6 +515,7 @@ class Sessions:
         async with self._admission:
             self._admit()
             await self.store.update(sid, status="starting", reason="waking")
+            self._make_room()
         return await self._start(sid)
 
     async def delete(self, sid: str, reason: str = "deleted by request") -> None:
@@ -400,6 +528,7 @@ class Sessions:
         self._locks.pop(sid, None)
         self.activity.pop(sid, None)
         log.info("session deleted: %s", reason, extra={"SESSION_ID": sid})
+        self.capacity_changed()
 
     def touch(self, sid: str) -> None:
         """Record activity (cheap, in memory; flushed to the store periodically)."""
@@ -414,7 +543,7 @@ class Sessions:
         await self.flush_activity()
         now = self.clock()
         removed: list[str] = []
-        for s in self.store.all():
+        for s in self.all():  # warm rows are the pool's (warm_max_age)
             try:
                 if s.expires_at <= now:
                     await self.delete(s.id, "expired (session_ttl)")
@@ -448,6 +577,12 @@ class Sessions:
             c = containers.get(s.id)
             alive = c is not None and c.state == "running"
             unit = await self.runner.unit_state(s.id) if self.runner.name == "systemd" else None
+            if s.status == WARM:
+                if alive and c is not None and s.container_id != c.id:
+                    await self.store.update(s.id, container_id=c.id)
+                elif not alive and (unit is None or unit.active not in _UNIT_BUSY):
+                    await self.discard_warm(s.id, "warm container stopped")
+                continue
             if s.status in ("running", "starting", "idle-stopped", "stopping") and alive:
                 assert c is not None
                 if s.status != "running" or s.container_id != c.id:

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 # Session states (MISSION.md): creating → starting → running → (idle-stopped ⇄ running)
 # → stopping → stopped/failed → deleted. "deleted" rows leave the table; the outbox
-# carries the deletion.
+# carries the deletion. "warm" rows are the warm pool: started containers no user owns
+# yet (no token), invisible to the API until POST /api/sessions claims one.
 STATES = (
+    "warm",
     "creating",
     "starting",
     "running",

@@ -58,6 +58,8 @@ class LovdProc:
             "ready_timeout": 30,
             "demo": "off",
             "caddy": {"admin": ""},
+            # Tests count containers; the warm pool has its own tests.
+            "warm_pool": 0,
         }
         conf.update(settings)
         self.config_path = tmp / "lovd.conf"

@@ -207,7 +207,7 @@ class BrowserGate:
 
     def verify_token(self, sid: str, token: str) -> Session:
         s = self.sessions.store.get(sid)
-        if s is None:
+        if s is None or not s.token_hash:  # no row, or an unclaimed warm container
             ids.token_matches(token, "0" * 64)  # same work either way
             raise LovdError("unauthorized", "this session does not exist (any more)")
         if not token or not ids.token_matches(token, s.token_hash):

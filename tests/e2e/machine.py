@@ -52,6 +52,7 @@ demo: "off"
 ready_timeout: 30.0
 orphan_grace: 600.0
 idle_timeout: 0.0
+warm_pool: 0
 limits:
   memory: "256M"
   cpus: 0.5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -170,3 +171,49 @@ def test_parallel_creates_all_succeed(lovd: LovdProc) -> None:
     assert len(ports) == 6
     for _, _, s in results:
         assert "lovd test session" in http_get(s["port"], s["id"])
+
+
+def wait_for_containers(iid: str, n: int, timeout: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = containers(f"lovd.instance={iid}")
+        if len(found) == n:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"expected {n} containers, have {containers(f'lovd.instance={iid}')}")
+
+
+def test_warm_pool_hands_out_a_started_container(tmp_path: Path, test_image: str) -> None:
+    p = LovdProc(tmp_path, warm_pool=1, limits={"max_running": 2}).start()
+    try:
+        iid = p.instance_id()
+        [(warm_name, warm_cid)] = wait_for_containers(iid, 1).items()
+        assert p.api("GET", "/api/sessions")[2] == {"sessions": []}  # warm: not a session yet
+        # Warm containers survive a lovd crash like sessions do.
+        p.kill9()
+        p.start()
+        assert containers(f"lovd.instance={iid}") == {warm_name: warm_cid}
+
+        status, _, s = p.api("POST", "/api/sessions")
+        assert status == 201 and s["status"] == "running"
+        assert f"lovd-{s['id']}" == warm_name and s["container_id"].startswith(warm_cid)
+        assert "lovd test session" in http_get(s["port"], s["id"])
+        assert "session created (warm pool)" in p.log_path.read_text()
+        # The pool refills into the one free place, and no further.
+        found = wait_for_containers(iid, 2)
+        assert warm_name in found
+        status, _, s2 = p.api("POST", "/api/sessions")
+        assert status == 201 and s2["id"] != s["id"] and f"lovd-{s2['id']}" in found
+        time.sleep(1)
+        assert len(containers(f"lovd.instance={iid}")) == 2
+        status, _, _ = p.api("POST", "/api/sessions")
+        assert status == 429
+        # Deleting a session frees a place: the pool takes it.
+        assert p.api("DELETE", f"/api/sessions/{s['id']}")[0] == 204
+        found = wait_for_containers(iid, 2)
+        assert warm_name not in found and f"lovd-{s2['id']}" in found
+    finally:
+        p.stop()
+        for name in containers(f"lovd.instance={p.instance_id()}"):
+            podman("rm", "-f", "-t", "0", name, check=False)
+        subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,14 +26,14 @@ class Api:
     store: Store
 
 
-@pytest.fixture
-async def api(tmp_path: Path, unused_tcp_port_factory: object) -> AsyncIterator[Api]:
-    ports = [unused_tcp_port_factory() for _ in range(8)]  # type: ignore[operator]
+@contextlib.asynccontextmanager
+async def open_api(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncIterator[Api]:
     cfg = config.from_mapping(
         {
             "state_dir": str(tmp_path / "state"),
             "port_range": f"{min(ports)}-{min(ports) + 200}",
             "ready_timeout": 3,
+            **settings,
         }
     )
     cfg.sessions_path.mkdir(parents=True)
@@ -49,7 +51,19 @@ async def api(tmp_path: Path, unused_tcp_port_factory: object) -> AsyncIterator[
     try:
         yield Api(client, sessions, runner, store)
     finally:
+        await sessions.drain()
         await client.close()
         await runner.close()
         await http.close()
         await store.close()
+
+
+@pytest.fixture
+def free_ports(unused_tcp_port_factory: Callable[[], int]) -> list[int]:
+    return [unused_tcp_port_factory() for _ in range(8)]
+
+
+@pytest.fixture
+async def api(tmp_path: Path, free_ports: list[int]) -> AsyncIterator[Api]:
+    async with open_api(tmp_path, free_ports) as a:
+        yield a

@@ -1,0 +1,180 @@
+"""The warm pool, in-process: real app, real SQLite, real readiness probes; fake runner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from lovd import ids
+from lovd.errors import LovdError
+from lovd.pool import WarmPool
+from lovd.sessions import WARM
+from tests.unit.conftest import Api, open_api
+
+
+def pool_of(a: Api) -> WarmPool:
+    return WarmPool(a.sessions, a.sessions.config.warm_max_age, time.time, retry_delay=0.1)
+
+
+def warm_ids(a: Api) -> list[str]:
+    return [s.id for s in a.sessions.warm()]
+
+
+async def test_claim_hands_out_the_warm_container_and_refills(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=1) as a:
+        pool = pool_of(a)
+        assert await pool.fill()
+        [wid] = warm_ids(a)
+        assert a.store.get(wid).token_hash == ""  # type: ignore[union-attr]
+        assert [s.session_id for s in a.runner.starts] == [wid]
+        # Invisible to the API until claimed.
+        assert (await (await a.client.get("/api/sessions")).json()) == {"sessions": []}
+        assert (await a.client.get(f"/api/sessions/{wid}")).status == 404
+        assert (await a.client.delete(f"/api/sessions/{wid}")).status == 404
+        assert (await a.client.get(f"/c/{wid}?token=x", allow_redirects=False)).status == 401
+
+        r = await a.client.post("/api/sessions")
+        s = await r.json()
+        assert r.status == 201 and s["id"] == wid and s["status"] == "running"
+        assert len(a.runner.starts) == 1  # no second container was started
+        row = a.store.get(wid)
+        assert row is not None and ids.token_matches(s["token"], row.token_hash)
+        r = await a.client.get(f"/c/{wid}?token={s['token']}", allow_redirects=False)
+        assert r.status == 303
+        metrics = await (await a.client.get("/metrics")).text()
+        assert 'lovd_warm_claims_total{result="hit"} 1.0' in metrics
+
+        assert await pool.fill()
+        [wid2] = warm_ids(a)
+        assert wid2 != wid and len(a.runner.starts) == 2
+
+
+async def test_warm_containers_use_free_places_only(tmp_path: Path, free_ports: list[int]) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=2, limits={"max_running": 2}) as a:
+        pool = pool_of(a)
+        await pool.fill()
+        assert len(warm_ids(a)) == 2
+        one = await (await a.client.post("/api/sessions")).json()
+        await pool.fill()
+        assert len(warm_ids(a)) == 1  # 1 running + 1 warm = max_running
+        two = await (await a.client.post("/api/sessions")).json()
+        await pool.fill()
+        assert warm_ids(a) == [] and a.sessions.running_count() == 2
+        assert (await a.client.post("/api/sessions")).status == 429
+        assert {one["status"], two["status"]} == {"running"}
+
+
+async def test_a_waking_session_takes_the_place_of_a_warm_container(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=1, limits={"max_running": 2}) as a:
+        pool = pool_of(a)
+        x = await (await a.client.post("/api/sessions")).json()  # cold: the pool is empty
+        await a.sessions.stop(x["id"], "idle-stopped", "test")
+        await pool.fill()
+        y = await (await a.client.post("/api/sessions")).json()  # claims the warm one
+        await pool.fill()
+        [wid] = warm_ids(a)
+        assert a.sessions.running_count() == 1
+        woken = await a.sessions.wake(x["id"])
+        assert woken.status == "running"
+        for _ in range(100):
+            if not warm_ids(a):
+                break
+            await asyncio.sleep(0.02)
+        assert warm_ids(a) == [] and wid not in a.runner.servers
+        assert a.sessions.get(y["id"]).status == "running"
+
+
+async def test_dead_warm_container_is_replaced_and_a_dead_claim_restarts(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=1) as a:
+        pool = pool_of(a)
+        await pool.fill()
+        [wid] = warm_ids(a)
+        await a.runner.stop(wid)  # the container died while nobody owned it
+        await a.sessions.reconcile()
+        assert a.store.get(wid) is None
+        assert not (a.sessions.config.sessions_path / wid).exists()
+        await pool.fill()
+        [wid2] = warm_ids(a)
+        # Dies again, and this time a user claims it before reconcile notices:
+        # the claim probes it and starts it afresh under the same id.
+        await a.runner.stop(wid2)
+        s = await (await a.client.post("/api/sessions")).json()
+        assert s["id"] == wid2 and s["status"] == "running"
+        assert [x.session_id for x in a.runner.starts].count(wid2) == 2
+        assert wid2 in a.runner.servers
+
+
+async def test_claim_while_the_warm_container_is_still_booting(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=1) as a:
+        pool = pool_of(a)
+        a.runner.start_delay = 0.3
+        filling = asyncio.create_task(pool.fill())
+        await asyncio.sleep(0.05)
+        [wid] = warm_ids(a)
+        s = await (await a.client.post("/api/sessions")).json()
+        assert s["id"] == wid and s["status"] == "running"
+        assert [x.session_id for x in a.runner.starts] == [wid]  # waited; did not restart it
+        await filling
+
+
+async def test_failed_warm_start_leaves_nothing_and_backs_off(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=1) as a:
+        pool = pool_of(a)
+        a.runner.fail_start = LovdError("runner-failed", "podman said no")
+        assert await pool.fill() is False
+        assert a.store.all() == [] and list(a.sessions.config.sessions_path.iterdir()) == []
+        a.runner.fail_start = None
+        assert await pool.fill() is True and len(warm_ids(a)) == 1
+
+
+async def test_old_or_surplus_warm_containers_are_replaced(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=2) as a:
+        pool = pool_of(a)
+        await pool.fill()
+        old, young = warm_ids(a)
+        await a.store.update(old, created_at=time.time() - 2 * pool.max_age)
+        await pool.fill()
+        now = warm_ids(a)
+        assert old not in now and young in now and len(now) == 2
+        assert old not in a.runner.servers
+        # An operator lowered warm_pool to 0: the next pass empties the pool.
+        object.__setattr__(a.sessions.config, "warm_pool", 0)
+        await pool.fill()
+        assert warm_ids(a) == [] and a.runner.servers == {}
+
+
+async def test_pool_loop_refills_after_a_claim(tmp_path: Path, free_ports: list[int]) -> None:
+    async with open_api(tmp_path, free_ports, warm_pool=1) as a:
+        pool = pool_of(a)
+        pool.kick()
+        loop = asyncio.create_task(pool.run())
+        try:
+            for _ in range(100):
+                if warm_ids(a):
+                    break
+                await asyncio.sleep(0.02)
+            [wid] = warm_ids(a)
+            s = await (await a.client.post("/api/sessions")).json()
+            assert s["id"] == wid
+            for _ in range(100):
+                if warm_ids(a):
+                    break
+                await asyncio.sleep(0.02)
+            assert len(warm_ids(a)) == 1 and warm_ids(a) != [wid]
+            assert a.store.get(wid).status == "running"  # type: ignore[union-attr]
+            assert {r.status for r in a.store.all()} == {"running", WARM}
+        finally:
+            loop.cancel()
