@@ -405,7 +405,8 @@ def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) ->
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
     try:
-        loaded = yaml.safe_load(text) if text.strip() else {}
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
+        loaded = yaml.load(text, Loader=loader) if text.strip() else {}  # noqa: S506
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(loaded, dict):

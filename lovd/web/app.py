@@ -224,12 +224,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 def load_openapi() -> dict[str, Any]:
     text = resources.files("lovd.web").joinpath("openapi.yaml").read_text()
-    doc: dict[str, Any] = yaml.safe_load(text)
+    # libyaml when present: the pure-Python loader takes tens of ms for this file.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    doc: dict[str, Any] = yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
     return doc
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OPENAPI])
+    # Parsed on first request, not at start-up: a socket-activated start should answer
+    # its first request as soon as it can.
+    doc = request.app[OPENAPI]
+    if not doc:
+        doc.update(load_openapi())
+    return web.json_response(doc)
 
 
 def create_app(
@@ -250,7 +257,7 @@ def create_app(
         health_checks=health_checks or {},
         version=version,
     )
-    app[OPENAPI] = load_openapi()
+    app[OPENAPI] = {}  # filled by the first GET /api/openapi.json
     app.router.add_post("/api/sessions", create_session)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)

@@ -95,10 +95,17 @@ def test_journald_fields_and_unit_output(machine: Machine) -> None:
     text = "\n".join(str(e.get("MESSAGE", "")) for e in unit_entries)
     assert cid in text, text[-2000:]
     assert f"Started {unit}" in text or "Started lovd session" in text, text[-2000:]
-    # Container stdout/stderr go to the journal too (Podman's journald log driver).
+    # Container stdout/stderr go to the journal too (Podman's journald log driver): the
+    # test image's start-up line, found by the container's name (lovd-<session id>).
     assert (
         m.podman(
             "inspect", "--format", "{{.HostConfig.LogConfig.Type}}", f"lovd-{sid}"
         ).stdout.strip()
         == "journald"
     )
+
+    def container_output() -> list[str]:
+        return [str(e.get("MESSAGE")).strip() for e in m.journal(f"CONTAINER_NAME=lovd-{sid}")]
+
+    out = m.wait_for("the container's stdout in the journal", container_output, timeout=10)
+    assert f"lovd-test: session {sid} starting as uid 1000" in out, out
