@@ -122,8 +122,9 @@ class Config:
     )
     host_gateway: str = setting(
         "host_gateway",
-        "host.containers.internal",
-        "Name containers use to reach services on the host (the demo stand-ins).",
+        "10.0.2.2",
+        "Address demo-mode sessions use to reach the stand-ins on the host. 10.0.2.2 is "
+        "the host's loopback under demo_network (slirp4netns with allow_host_loopback).",
     )
 
     # --- limits and lifecycle ---
@@ -214,9 +215,18 @@ class Config:
     demo_llm_port: int = setting("demo_llm_port", 18766, "Port of the stub LLM (0: any free port).")
     demo_listen: str = setting(
         "demo_listen",
-        "0.0.0.0",  # noqa: S104 - see help
-        "Address the demo stand-ins bind. Containers reach the host through host_gateway, "
-        "which Podman resolves to the host's own address, not to 127.0.0.1.",
+        "127.0.0.1",
+        "Address the demo stand-ins bind. Loopback keeps them off the network; sessions "
+        "reach them at host_gateway through demo_network.",
+    )
+    demo_network: str = setting(
+        "demo_network",
+        "slirp4netns:allow_host_loopback=true",
+        "podman --network for sessions in demo mode. slirp4netns's allow_host_loopback "
+        "maps host_gateway to the host's 127.0.0.1, so the stand-ins need not listen on "
+        "the network and lovd.service's IPAddressAllow=localhost admits the traffic. "
+        "It also lets demo sessions reach other loopback services (each session's port is "
+        "password-protected): demo mode is for trying lovd out. Empty: Podman's default.",
     )
 
     # --- Caddy and the browser path ---

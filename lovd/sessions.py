@@ -355,11 +355,18 @@ class Sessions:
             userns=c.userns,
             user=c.container_user,
             stop_timeout=c.stop_timeout,
-            extra_args=list(c.extra_run_args),
+            extra_args=self._network_args() + list(c.extra_run_args),
             cgroup_v2=cgroup_v2(),
             secret_file=self.secrets_dir / ids.secret_file_name(session.id),
             systemd_unit=ids.unit_name(session.id) if self.runner.name == "systemd" else "",
         )
+
+    def _network_args(self) -> list[str]:
+        # Only demo mode needs a special network: its stand-ins live on the host's
+        # loopback (see demo_network).
+        if self.env.demo_urls and self.config.demo_network:
+            return ["--network", self.config.demo_network]
+        return []
 
     async def _start(self, sid: str, warm: bool = False) -> Session:
         async with self.lock(sid):

@@ -8,9 +8,10 @@ listed by ``GET /calls`` so tests can assert that the model really used a tool.
     python -m lovd.demo.lovdata_mcp --host 127.0.0.1 --port 8765 \
         [--corpus PATH] [--calls-log PATH] [--token TOKEN]
 
-Containers reach it through ``host.containers.internal``, which rootless Podman
-resolves to the host's own address — not to its loopback — so for containers it must
-bind that address or 0.0.0.0 (lovd's demo mode uses ``demo_listen``, default 0.0.0.0).
+In lovd's demo mode it binds the host's loopback (``demo_listen``) and sessions reach
+it at 10.0.2.2 through slirp4netns's allow_host_loopback (``demo_network``). Run by
+hand for containers on Podman's default network, it must bind an address they can
+reach (the host's own, or 0.0.0.0) and they call it as ``host.containers.internal``.
 """
 
 from __future__ import annotations
@@ -402,8 +403,8 @@ def create_app(
     mcp.custom_route("/health", methods=["GET"])(health_route)
 
     # The SDK turns on Host-header (DNS-rebinding) checks for loopback binds, which would
-    # reject containers calling in as host.containers.internal. The data is public law
-    # text, and a token can be required instead.
+    # reject containers calling in as 10.0.2.2 or host.containers.internal. The data is
+    # public law text, and a token can be required instead.
     app: ASGIApp = mcp.streamable_http_app(
         streamable_http_path=MCP_PATH,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),

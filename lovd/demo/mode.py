@@ -59,7 +59,7 @@ async def start(c: Config) -> Demo:
     demo.stops.append(mcp.stop)
     llm = await serve_llm_stub(c.demo_listen, c.demo_llm_port)
     demo.stops.append(llm.stop)
-    # Containers reach the host through the gateway name, not through loopback.
+    # Sessions reach the host's loopback at host_gateway (demo_network).
     demo.urls = {
         "mcp": f"http://{c.host_gateway}:{mcp.port}/mcp",
         "llm": f"http://{c.host_gateway}:{llm.port}/v1",

@@ -29,14 +29,16 @@ import pytest
 
 from lovd.demo.serve import StandIn, serve_llm_stub, serve_lovdata_mcp
 from tests.conftest import ROOT, image_present, need
+from tests.lovdproc import LovdProc
 
 pytestmark = [pytest.mark.opencode, pytest.mark.podman]
 
 SESSION_IMAGE = os.environ.get("LOVD_SESSION_IMAGE", "localhost/lovd-session:latest")
 QUESTION = "Hva sier arbeidsmiljøloven om oppsigelse?"
 AML_URL = re.compile(r"https://lovdata\.no/lov/2005-06-17-62/§15-\d+")
-# Stand-ins bind every address: containers reach the host as host.containers.internal,
-# which rootless Podman (slirp4netns) maps to the host's own IP, not to its loopback.
+# These tests run the image on Podman's default network, where containers reach the host
+# as host.containers.internal (the host's own IP, not its loopback), so the stand-ins
+# bind every address. lovd's demo mode does it differently (test_demo_mode_through_lovd).
 STANDIN_HOST = "0.0.0.0"
 
 
@@ -264,3 +266,52 @@ def test_every_config_key_is_understood_by_opencode(session_image: str, tmp_path
     missing = _keys(template) - _keys(resolved)
     assert not missing, f"keys OpenCode ignored: {sorted(missing)}"
     assert resolved["model"] == "lovd/legal-stub"
+
+
+async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> None:
+    """lovd's own demo wiring: stand-ins on the host's loopback only, the session on
+    slirp4netns with allow_host_loopback reaching them at 10.0.2.2."""
+    p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0)
+    p.start()
+    name = ""
+    try:
+        found = re.search(r"Lovdata MCP stand-in on port (\d+)", p.log_path.read_text())
+        assert found, p.log_path.read_text()
+        mcp_port = int(found.group(1))
+        listening = run("ss", "-Hltn", f"sport = :{mcp_port}").stdout.split()
+        assert f"127.0.0.1:{mcp_port}" in listening, listening  # not on the network
+
+        status, _, s = p.api("POST", "/api/sessions")
+        assert status == 201 and s["status"] == "running", s
+        name = f"lovd-{s['id']}"
+        inspect = json.loads(run("podman", "inspect", name).stdout)[0]
+        assert inspect["HostConfig"]["NetworkMode"].startswith("slirp4netns"), inspect["HostConfig"]
+        env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
+        settings = dict(line.split("=", 1) for line in env.splitlines())
+        assert settings["LOVDATA_MCP_URL"] == f"http://10.0.2.2:{mcp_port}/mcp"
+        url = f"http://127.0.0.1:{s['port']}"
+        auth = basic_auth(settings["OPENCODE_SERVER_PASSWORD"])
+        timeout = aiohttp.ClientTimeout(total=90)
+        async with aiohttp.ClientSession(timeout=timeout, headers=auth) as http:
+            async with http.get(url + "/mcp") as resp:
+                mcp_status = await resp.json()
+            assert mcp_status["lovdata"]["status"] == "connected", mcp_status
+            async with http.post(url + "/session", json={}) as resp:
+                oc_session = (await resp.json())["id"]
+            body = {"parts": [{"type": "text", "text": QUESTION}]}
+            async with http.post(f"{url}/session/{oc_session}/message", json=body) as resp:
+                assert resp.status == 200
+                reply = await resp.json()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{mcp_port}/calls") as resp,
+        ):
+            calls = await resp.json()
+        assert "search_provisions_fulltext" in [c["tool"] for c in calls], calls
+        text = "\n".join(part.get("text", "") for part in reply["parts"] if part["type"] == "text")
+        assert AML_URL.findall(text), text
+    finally:
+        p.stop()
+        if name:
+            run("podman", "rm", "-f", "-t", "0", name)
+        run("podman", "unshare", "rm", "-rf", str(tmp_path / "state"))
