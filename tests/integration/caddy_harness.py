@@ -317,6 +317,7 @@ async def harness(
         await manager.close()
         for s in store.all():
             with contextlib.suppress(Exception):
+                await sessions.discard_warm(s.id, "test teardown")  # no-op unless warm
                 await sessions.delete(s.id, "test teardown")
         await gate.drain()
         await sessions.drain()

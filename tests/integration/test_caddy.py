@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from lovd.caddy import CaddyAdmin, Site, render_server
+from lovd.pool import WarmPool
 from tests.conftest import ROOT
 from tests.integration.caddy_harness import Harness, cookie, free_port, harness
 
@@ -315,6 +316,28 @@ async def test_start_from_browser_progress_then_session(caddy_bin: str, test_ima
         # Starting again with a live session just goes back to it.
         status, headers, _ = await _start(h, c)
         assert status == 303 and "Set-Cookie" not in headers
+
+
+async def test_start_from_browser_claims_a_warm_container(
+    caddy_bin: str, test_image: str
+) -> None:
+    async with harness(settings={"warm_pool": 1}) as h:
+        pool = WarmPool(h.sessions, h.config.warm_max_age, time.time)
+        assert await pool.fill()
+        [warm] = h.sessions.warm()
+        status, headers, _ = await _start(h)
+        assert status == 303
+        value = headers["Set-Cookie"].split(";", 1)[0]
+        assert value.startswith(f"lovd_session={warm.id}.")
+        # Already booted: the very first navigation reaches the container.
+        deadline = time.monotonic() + 10
+        while True:
+            status, _, body = await _get(h, "/", {**NAV, "Cookie": value})
+            if status == 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200 and "lovd test session" in body
+        assert h.sessions.get(warm.id).status == "running"
 
 
 async def test_start_refused_cross_site(caddy_bin: str) -> None:
