@@ -75,6 +75,29 @@ def reconciled(m: mm.Machine, cursor: str) -> tuple[float, int]:
     raise AssertionError("no reconcile line in lovd's journal")
 
 
+_PHASES = re.compile(
+    r"(?P<total>\d+) ms after exec \(interpreter, imports and config (?P<imports>\d+) ms; "
+    r"store, podman and runner (?P<setup>\d+) ms; reconcile and listeners (?P<serve>\d+) ms"
+)
+
+
+def start_phases(m: mm.Machine, cursor: str) -> dict[str, list[float]]:
+    """Where each cold start's time went, from lovd's own start-up line."""
+    out: dict[str, list[float]] = {}
+    names = {
+        "total": "fork → serving",
+        "imports": "fork → lovd's code (sandbox, interpreter, imports)",
+        "setup": "store, podman, runner",
+        "serve": "reconcile, listeners",
+    }
+    for e in m.journal("-u", "lovd", since_cursor=cursor):
+        r = _PHASES.search(str(e.get("MESSAGE")))
+        if r:
+            for key, name in names.items():
+                out.setdefault(name, []).append(float(r.group(key)))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sessions", type=int, default=50)
@@ -96,7 +119,9 @@ def main() -> int:
         )
         m.api("GET", "/api/health")  # warm: page cache, pyc
 
+        cursor = m.cursor()
         cold = json.loads(m.out(mm.PY, "-c", COLD, str(args.runs), timeout=600))
+        phases = start_phases(m, cursor)
         p50 = statistics.median(cold) * 1000
         rows.append(
             (
@@ -107,6 +132,9 @@ def main() -> int:
             )
         )
         rows.append(("  min / max", f"{min(cold) * 1000:.0f} / {max(cold) * 1000:.0f} ms", "", ""))
+        for name, values in phases.items():
+            p50_ms = f"{statistics.median(values):.0f} ms"
+            rows.append((f"  {name} (p50, lovd's log)", p50_ms, "", ""))
 
         t0 = time.monotonic()
         with ThreadPoolExecutor(PARALLEL) as pool:
