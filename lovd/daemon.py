@@ -84,8 +84,9 @@ async def make_runner(config: Config, client: PodmanClient, instance_id: str) ->
 
 
 def _process_age() -> float:
-    """Seconds since this process was exec'd (10 ms resolution; 0 if unknown): start-up
-    cost before any of lovd's code runs is most of a socket-activated cold start."""
+    """Seconds since this process was forked (10 ms resolution; 0 if unknown): the time
+    before lovd's code runs (systemd's sandbox set-up, the interpreter, imports) is most
+    of a socket-activated cold start."""
     try:
         stat_fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         started = int(stat_fields[19]) / os.sysconf("SC_CLK_TCK")
@@ -170,7 +171,7 @@ class Daemon:
 
     async def _run(self) -> int:
         t_entry = time.monotonic()
-        exec_age = _process_age()
+        fork_age = _process_age()
         if os.geteuid() == 0:
             raise StartupError(
                 "lovd must not run as root: run it as the lovd user "
@@ -261,12 +262,12 @@ class Daemon:
         self.notifier.ready(f"serving on {where}; {len(store.all())} sessions")
         t_total = time.monotonic() - t_entry
         log.info(
-            "lovd %s serving on %s, %.0f ms after exec (interpreter, imports and config "
+            "lovd %s serving on %s, %.0f ms after fork (sandbox, interpreter, imports, config "
             "%.0f ms; store, podman and runner %.0f ms; reconcile and listeners %.0f ms)",
             __version__,
             where,
-            (exec_age + t_total) * 1000,
-            exec_age * 1000,
+            (fork_age + t_total) * 1000,
+            fork_age * 1000,
             t_setup * 1000,
             (t_total - t_setup) * 1000,
         )

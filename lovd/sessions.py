@@ -201,7 +201,6 @@ class Sessions:
             self._admit()
             now = self.clock()
             token_hash = ids.hash_token(token)
-            expires = now + self.config.session_ttl
             warm = self._pick_warm()
             if warm is not None:
                 sid = warm.id
@@ -213,26 +212,12 @@ class Sessions:
                     event="claimed",
                     token_hash=token_hash,
                     created_at=now,
-                    expires_at=expires,
+                    expires_at=now + self.config.session_ttl,
                     last_activity=now,
                 )
             else:
-                sid = ids.new_session_id()
-                session = await self.store.insert(
-                    Session(
-                        id=sid,
-                        status="creating",
-                        reason="",
-                        token_hash=token_hash,
-                        port=self._pick_port(),
-                        container_id="",
-                        host_id=self.host_id,
-                        created_at=now,
-                        updated_at=now,
-                        expires_at=expires,
-                        last_activity=now,
-                    )
-                )
+                session = await self._insert("creating", token_hash, now)
+                sid = session.id
         log.info("session created%s", " (warm pool)" if warm else "", extra={"SESSION_ID": sid})
         self.metrics.sessions_created.inc()
         self.metrics.warm_claims.labels("hit" if warm else "miss").inc()
@@ -275,25 +260,29 @@ class Sessions:
         async with self._admission:
             if self.warm_wanted() < 1:
                 return None
-            now = self.clock()
-            sid = ids.new_session_id()
-            await self.store.insert(
-                Session(
-                    id=sid,
-                    status=WARM,
-                    reason="",
-                    token_hash="",
-                    port=self._pick_port(),
-                    container_id="",
-                    host_id=self.host_id,
-                    created_at=now,
-                    updated_at=now,
-                    expires_at=now + self.config.session_ttl,
-                    last_activity=now,
-                ),
-                event="warm",
-            )
+            sid = (await self._insert(WARM, "", self.clock(), event="warm")).id
         return await self._start(sid, warm=True)
+
+    async def _insert(
+        self, status: str, token_hash: str, now: float, event: str = "created"
+    ) -> Session:
+        """A new row with a fresh id and port (call with the admission lock held)."""
+        return await self.store.insert(
+            Session(
+                id=ids.new_session_id(),
+                status=status,
+                reason="",
+                token_hash=token_hash,
+                port=self._pick_port(),
+                container_id="",
+                host_id=self.host_id,
+                created_at=now,
+                updated_at=now,
+                expires_at=now + self.config.session_ttl,
+                last_activity=now,
+            ),
+            event=event,
+        )
 
     async def _claim(self, sid: str) -> Session:
         """Hand a claimed warm container to its new owner: wait for it if it is still

@@ -76,7 +76,7 @@ def reconciled(m: mm.Machine, cursor: str) -> tuple[float, int]:
 
 
 _PHASES = re.compile(
-    r"(?P<total>\d+) ms after exec \(interpreter, imports and config (?P<imports>\d+) ms; "
+    r"(?P<total>\d+) ms after fork \(sandbox, interpreter, imports, config (?P<imports>\d+) ms; "
     r"store, podman and runner (?P<setup>\d+) ms; reconcile and listeners (?P<serve>\d+) ms"
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lovd import ids
@@ -19,6 +20,13 @@ def pool_of(a: Api) -> WarmPool:
 
 def warm_ids(a: Api) -> list[str]:
     return [s.id for s in a.sessions.warm()]
+
+
+async def until(ok: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait for background work (the pool's tasks); the caller asserts the outcome."""
+    deadline = time.monotonic() + timeout
+    while not ok() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 async def test_claim_hands_out_the_warm_container_and_refills(
@@ -81,10 +89,7 @@ async def test_a_waking_session_takes_the_place_of_a_warm_container(
         assert a.sessions.running_count() == 1
         woken = await a.sessions.wake(x["id"])
         assert woken.status == "running"
-        for _ in range(100):
-            if not warm_ids(a):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: not warm_ids(a))
         assert warm_ids(a) == [] and wid not in a.runner.servers
         assert a.sessions.get(y["id"]).status == "running"
 
@@ -162,17 +167,11 @@ async def test_pool_loop_refills_after_a_claim(tmp_path: Path, free_ports: list[
         pool.kick()
         loop = asyncio.create_task(pool.run())
         try:
-            for _ in range(100):
-                if warm_ids(a):
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: bool(warm_ids(a)))
             [wid] = warm_ids(a)
             s = await (await a.client.post("/api/sessions")).json()
             assert s["id"] == wid
-            for _ in range(100):
-                if warm_ids(a):
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: bool(warm_ids(a)))
             assert len(warm_ids(a)) == 1 and warm_ids(a) != [wid]
             assert a.store.get(wid).status == "running"  # type: ignore[union-attr]
             assert {r.status for r in a.store.all()} == {"running", WARM}
