@@ -123,8 +123,16 @@ class Config:
     host_gateway: str = setting(
         "host_gateway",
         "10.0.2.2",
-        "Address demo-mode sessions use to reach the stand-ins on the host. 10.0.2.2 is "
-        "the host's loopback under demo_network (slirp4netns with allow_host_loopback).",
+        "Address session containers use to reach lovd's credential broker on the host. "
+        "10.0.2.2 is the host's loopback under session_network (slirp4netns with "
+        "allow_host_loopback).",
+    )
+    session_network: str = setting(
+        "session_network",
+        "slirp4netns:allow_host_loopback=true",
+        "podman --network for session containers. It must let a session reach "
+        "host_gateway, where the broker listens on the host's loopback; the egress rules "
+        "(egress.*) then allow that one port and nothing else.",
     )
 
     # --- limits and lifecycle ---
@@ -195,6 +203,32 @@ class Config:
     openai_api_key: str = setting("llm.openai_api_key", "", "OpenAI API key (secret).")
     anthropic_api_key: str = setting("llm.anthropic_api_key", "", "Anthropic API key (secret).")
     google_api_key: str = setting("llm.google_api_key", "", "Google AI API key (secret).")
+    openai_base_url: str = setting(
+        "llm.openai_base_url", "https://api.openai.com/v1", "Where the broker sends OpenAI calls."
+    )
+    anthropic_base_url: str = setting(
+        "llm.anthropic_base_url",
+        "https://api.anthropic.com/v1",
+        "Where the broker sends Anthropic calls.",
+    )
+    google_base_url: str = setting(
+        "llm.google_base_url",
+        "https://generativelanguage.googleapis.com/v1beta",
+        "Where the broker sends Google AI calls.",
+    )
+    max_tokens_per_session: int = setting(
+        "llm.max_tokens_per_session",
+        0,
+        "LLM tokens (input + output, from the providers' usage fields) one session may use "
+        "in its lifetime; past it the broker refuses further LLM calls with a message the "
+        "chat shows. 0: no cap.",
+    )
+    max_tokens_per_day: int = setting(
+        "llm.max_tokens_per_day",
+        0,
+        "LLM tokens all sessions of this host may use per UTC day; past it the broker "
+        "refuses further LLM calls until midnight UTC. 0: no cap.",
+    )
     permissions_deny: list[str] = setting(
         "llm.deny_tools",
         ["bash", "edit", "webfetch"],
@@ -203,8 +237,9 @@ class Config:
     demo: str = setting(
         "demo",
         "auto",
-        "auto, on or off. Demo mode starts the Lovdata MCP and LLM stand-ins and points "
-        "sessions at them; auto turns it on when no MCP URL and no LLM key is configured.",
+        "auto, on or off. Demo mode starts the Lovdata MCP and LLM stand-ins on the host's "
+        "loopback and puts them behind the broker; auto turns it on when no MCP URL and no "
+        "LLM key is configured.",
     )
     demo_corpus: str = setting(
         "demo_corpus", "", "Statute corpus JSON for the Lovdata stand-in. Empty: bundled fixture."
@@ -217,16 +252,38 @@ class Config:
         "demo_listen",
         "127.0.0.1",
         "Address the demo stand-ins bind. Loopback keeps them off the network; sessions "
-        "reach them at host_gateway through demo_network.",
+        "reach them only through the broker.",
     )
-    demo_network: str = setting(
-        "demo_network",
-        "slirp4netns:allow_host_loopback=true",
-        "podman --network for sessions in demo mode. slirp4netns's allow_host_loopback "
-        "maps host_gateway to the host's 127.0.0.1, so the stand-ins need not listen on "
-        "the network and lovd.service's IPAddressAllow=localhost admits the traffic. "
-        "It also lets demo sessions reach other loopback services (each session's port is "
-        "password-protected): demo mode is for trying lovd out. Empty: Podman's default.",
+    unused_timeout: float = setting(
+        "unused_timeout",
+        300.0,
+        "Seconds a session may run without a single chat request before it is stopped to "
+        "give its place back (it wakes again on its next request; 0: never). Keeps "
+        "abandoned or scripted starts from holding every place.",
+    )
+
+    # --- the credential broker and session egress ---
+    broker_listen: str = setting(
+        "broker.listen",
+        "127.0.0.1:18780",
+        "HOST:PORT of the credential broker, on the host's loopback. Sessions call the LLM "
+        "providers and the Lovdata MCP server through it (at host_gateway:PORT) with a "
+        "per-session credential; the broker adds the real keys, which never enter a "
+        "container.",
+    )
+    egress_enforce: bool = setting(
+        "egress.enforce",
+        True,
+        "Apply egress rules inside every session's network namespace (nftables, through an "
+        "OCI hook) so a session reaches the broker and egress.allow only. With true, a "
+        "session whose rules cannot be applied does not start. false: no rules (lovd "
+        "doctor warns).",
+    )
+    egress_allow: list[str] = setting(
+        "egress.allow",
+        [],
+        "Further destinations sessions may reach, as ADDRESS:PORT, ADDRESS or CIDR "
+        "(e.g. an internal package mirror). Empty: the broker only.",
     )
 
     # --- Caddy and the browser path ---
@@ -300,6 +357,14 @@ class Config:
             return Path(systemd)
         xdg = os.environ.get("XDG_RUNTIME_DIR", "")
         return Path(xdg) / "lovd" if xdg else self.state_path / "run"
+
+    @property
+    def broker_port(self) -> int:
+        return int(self.broker_listen.rpartition(":")[2])
+
+    @property
+    def broker_host(self) -> str:
+        return self.broker_listen.rpartition(":")[0].strip("[]")
 
     @property
     def ports(self) -> range:
@@ -381,6 +446,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("warm_pool: must be 0 (off) or more")
     if cfg.warm_max_age <= 0:
         raise ConfigError("warm_max_age: must be greater than 0")
+    for name in ("max_tokens_per_session", "max_tokens_per_day"):
+        if getattr(cfg, name) < 0:
+            key = next(s.key for s in settings() if s.attr == name)
+            raise ConfigError(f"{key}: must be 0 (no cap) or more")
+    host, _, port = cfg.broker_listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"broker.listen: expected HOST:PORT (e.g. 127.0.0.1:18780), got {cfg.broker_listen!r}"
+        )
     if cfg.cpus <= 0:
         raise ConfigError("limits.cpus: must be greater than 0")
 

@@ -351,10 +351,9 @@ class Sessions:
         )
 
     def _network_args(self) -> list[str]:
-        # Only demo mode needs a special network: its stand-ins live on the host's
-        # loopback (see demo_network).
-        if self.env.demo_urls and self.config.demo_network:
-            return ["--network", self.config.demo_network]
+        # Every session calls the broker on the host's loopback (session_network).
+        if self.config.session_network:
+            return ["--network", self.config.session_network]
         return []
 
     async def _start(self, sid: str, warm: bool = False) -> Session:

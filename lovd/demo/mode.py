@@ -59,7 +59,7 @@ async def start(c: Config) -> Demo:
     demo.stops.append(mcp.stop)
     llm = await serve_llm_stub(c.demo_listen, c.demo_llm_port)
     demo.stops.append(llm.stop)
-    # Sessions reach the host's loopback at host_gateway (demo_network).
+    # Sessions reach the host's loopback at host_gateway (session_network).
     demo.urls = {
         "mcp": f"http://{c.host_gateway}:{mcp.port}/mcp",
         "llm": f"http://{c.host_gateway}:{llm.port}/v1",
