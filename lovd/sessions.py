@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import os
 import socket
 import time
@@ -121,6 +122,7 @@ class Sessions:
         self._orphans_seen: dict[str, float] = {}
         self._image_checked = float("-inf")
         self.activity: dict[str, float] = {}
+        self._used: dict[str, float] = {}
         # Called whenever a place may have freed up or a warm container was used; the
         # warm pool sets it to its refill trigger.
         self.capacity_changed: Callable[[], None] = lambda: None
@@ -155,22 +157,58 @@ class Sessions:
 
     # --- create / start ---
 
-    def _retry_after(self) -> int:
-        """Seconds until a slot may free up: the soonest idle-timeout among running sessions."""
-        if not self.config.idle_timeout:
-            return _RETRY_AFTER_DEFAULT
-        now = self.clock()
-        waits = [
-            s.last_activity + self.config.idle_timeout - now
+    def _place_frees_at(self, s: Session) -> float | None:
+        """When housekeeping will stop ``s`` and free its place: the end of its
+        unused_timeout (no chat request yet) or of its idle_timeout, whichever is first."""
+        c = self.config
+        ends: list[float] = []
+        if c.unused_timeout and not s.used_at and s.id not in self._used:
+            ends.append(max(s.created_at, s.started_at) + c.unused_timeout)
+        if c.idle_timeout:
+            ends.append(max(s.last_activity, self.activity.get(s.id, 0.0)) + c.idle_timeout)
+        return min(ends, default=None)
+
+    def _idle_reason(self, s: Session, now: float) -> str:
+        """Why housekeeping stops ``s`` now ("" while it may keep running)."""
+        c = self.config
+        unused = c.unused_timeout and not s.used_at and s.id not in self._used
+        if unused and max(s.created_at, s.started_at) + c.unused_timeout <= now:
+            return "no chat request within unused_timeout"
+        last = max(s.last_activity, self.activity.get(s.id, 0.0))
+        if c.idle_timeout and last + c.idle_timeout <= now:
+            return "no activity for idle_timeout"
+        return ""
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the soonest running session reaches its unused/idle deadline."""
+        ends = [
+            t
             for s in self.store.all()
-            if s.status in ACTIVE_STATES
+            if s.status == "running" and (t := self._place_frees_at(s)) is not None
         ]
-        soonest = min(waits, default=_RETRY_AFTER_DEFAULT)
-        return max(1, min(int(soonest) + 1, 3600))
+        return min(ends) - self.clock() if ends else None
+
+    def retry_after(self) -> int:
+        """Seconds until a place may free up, counting unused and idle sessions."""
+        ends = [
+            t
+            for s in self.store.all()
+            if s.status in ACTIVE_STATES and (t := self._place_frees_at(s)) is not None
+        ]
+        if not ends:
+            return _RETRY_AFTER_DEFAULT
+        return max(1, min(math.ceil(min(ends) - self.clock()), 3600))
+
+    def mark_used(self, sid: str) -> None:
+        """The session's browser sent a chat request: it no longer counts as unused
+        (cheap, in memory; flushed with the activity)."""
+        s = self.store.get(sid)
+        if s is not None and not s.used_at:
+            self._used.setdefault(sid, self.clock())
 
     def _admit(self) -> None:
         if self.running_count() >= self.config.max_running:
-            retry = self._retry_after()
+            retry = self.retry_after()
             raise LovdError(
                 "too-many-sessions",
                 f"all {self.config.max_running} session places are in use; try again in {retry} s",
@@ -532,6 +570,11 @@ class Sessions:
     async def flush_activity(self) -> None:
         pending, self.activity = self.activity, {}
         await self.store.touch(pending)
+        used, self._used = self._used, {}
+        for sid, at in used.items():
+            s = self.store.get(sid)
+            if s is not None and not s.used_at:
+                await self.store.update(sid, used_at=at, event="first-chat")
 
     async def cleanup(self) -> list[str]:
         """Delete expired and dead sessions; stop idle ones. Returns deleted ids."""
@@ -546,12 +589,8 @@ class Sessions:
                 elif s.status in ("failed", "stopped"):
                     await self.delete(s.id, f"cleanup of {s.status} session")
                     removed.append(s.id)
-                elif (
-                    s.status == "running"
-                    and self.config.idle_timeout
-                    and s.last_activity + self.config.idle_timeout <= now
-                ):
-                    await self.stop(s.id, "idle-stopped", "no activity for idle_timeout")
+                elif s.status == "running" and (why := self._idle_reason(s, now)):
+                    await self.stop(s.id, "idle-stopped", why)
             except LovdError as e:
                 log.warning("cleanup of %s failed: %s", s.id, e.message, extra={"SESSION_ID": s.id})
         return removed

@@ -11,6 +11,7 @@ updated only after a commit succeeds: it is derived state, rebuilt on open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -89,6 +90,25 @@ _MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     );
     """,
+    # 2: the credential broker (per-session credential hash, LLM/MCP usage) and the
+    # first chat request (unused_timeout)
+    """
+    ALTER TABLE sessions ADD COLUMN used_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE sessions ADD COLUMN broker_hash TEXT NOT NULL DEFAULT '';
+    CREATE TABLE usage (
+        session_id TEXT PRIMARY KEY,
+        llm_requests INTEGER NOT NULL DEFAULT 0,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        mcp_requests INTEGER NOT NULL DEFAULT 0,
+        refused INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE usage_daily (
+        day TEXT PRIMARY KEY,
+        tokens INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]
 
 
@@ -108,6 +128,8 @@ class Session:
     started_at: float = 0.0
     restarts: int = 0
     version: int = 1
+    used_at: float = 0.0  # first chat request since the last start (0: none yet)
+    broker_hash: str = ""  # hash of the running container's broker credential
 
     def public(self, public_url: str) -> dict[str, Any]:
         """The API representation (never the token hash)."""
@@ -159,7 +181,10 @@ class Store:
             raise
         store = cls(db, instance)
         await store._load()
-        path.chmod(0o600)
+        # The -wal and -shm files hold the same data as the database: same mode.
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                p.chmod(0o600)
         return store
 
     async def close(self) -> None:
@@ -292,7 +317,7 @@ class Store:
             "INSERT INTO events (session_id, ts, kind, detail) VALUES (?, ?, ?, ?)",
             (s.id, now, event, detail),
         )
-        payload = {c: getattr(s, c) for c in _COLUMNS if c != "token_hash"}
+        payload = {c: getattr(s, c) for c in _COLUMNS if c not in ("token_hash", "broker_hash")}
         payload["token_hash"] = s.token_hash  # needed to restore sessions on a fresh host
         await db.execute(
             "INSERT INTO outbox (entity, key, version, op, payload, created_at) "
