@@ -25,6 +25,9 @@ import aiohttp
 from aiohttp import web
 
 from lovd import __version__
+from lovd.broker import upstreams
+from lovd.broker.server import Broker, serve_broker
+from lovd.broker.usage import Ledger
 from lovd.caddy import CaddyManager, auth_socket_path
 from lovd.config import Config
 from lovd.demo import mode as demo_mode
@@ -132,18 +135,21 @@ def _bind(listen: str) -> tuple[socket.socket, str | None]:
 
 
 def _split_activated(
-    socks: list[socket.socket], auth_path: str
-) -> tuple[list[socket.socket], socket.socket | None]:
-    """Socket activation may pass the browser-path socket (lovd-auth.socket) besides the
-    API socket; tell them apart by path so each gets its own app."""
+    socks: list[socket.socket], auth_path: str, broker_port: int
+) -> tuple[list[socket.socket], socket.socket | None, socket.socket | None]:
+    """Socket activation may pass the browser-path socket (lovd-auth.socket, by path) and
+    the broker's (lovd-broker.socket, by port) besides the API socket; each gets its own
+    app."""
     api: list[socket.socket] = []
-    auth = None
+    auth = broker = None
     for s in socks:
         if s.family == socket.AF_UNIX and s.getsockname() == auth_path:
             auth = s
+        elif s.family in (socket.AF_INET, socket.AF_INET6) and s.getsockname()[1] == broker_port:
+            broker = s
         else:
             api.append(s)
-    return api, auth
+    return api, auth, broker
 
 
 @dataclass
@@ -185,8 +191,10 @@ class Daemon:
                 raise StartupError(f"state_dir: cannot create {d}: {e.strerror}") from e
         store = await Store.open(c.db_path)
         self._closers.append(store)
+        # One pool for containers, Caddy and the broker's upstreams. No per-host limit:
+        # every session holds an MCP event stream open to the same upstream.
         http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, limit_per_host=16, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30),
             auto_decompress=False,
         )
         self._closers.append(http)
@@ -202,6 +210,15 @@ class Daemon:
         host_id = c.host_id or socket.gethostname()
         sessions = Sessions(c, store, runner, http, env, metrics, host_id)
         self.sessions = sessions
+        broker = Broker(
+            store=store,
+            upstreams=upstreams.from_config(c, demo.urls),
+            http=http,
+            ledger=Ledger(c.max_tokens_per_session, c.max_tokens_per_day),
+            metrics=metrics,
+            on_request=self._seen,
+        )
+        await broker.load()
 
         t0 = time.monotonic()
         t_setup = t0 - t_entry
@@ -216,6 +233,7 @@ class Daemon:
         )
 
         checks = _health_checks(c, store, runner)
+        checks["broker"] = lambda: _broker_health(c, broker)
         auth_socket = auth_socket_path(c, self.listen_override or c.listen)
         caddy = CaddyManager.from_config(c, auth_socket)
         if caddy is not None:
@@ -227,10 +245,11 @@ class Daemon:
             max_body=c.max_body,
             health_checks=checks,
             version=__version__,
+            usage=broker.usage,
         )
         app_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await app_runner.setup()
-        socks, auth_sock = _split_activated(listen_fds(), auth_socket)
+        socks, auth_sock, broker_sock = _split_activated(listen_fds(), auth_socket, c.broker_port)
         if not socks:
             sock, unlink = _bind(self.listen_override or c.listen)
             socks = [sock]
@@ -242,12 +261,22 @@ class Daemon:
             auth_sock = _bind_unix(auth_socket)
             self._unlink.append(auth_socket)
         public = await self._serve_browser_path(sessions, caddy, auth_sock, activated)
+        if broker_sock is None:
+            try:
+                broker_sock = socket.create_server((c.broker_host, c.broker_port), backlog=512)
+            except OSError as e:
+                raise StartupError(
+                    f"broker.listen: cannot listen on {c.broker_listen}: {e.strerror} "
+                    "(another lovd? pick another port)"
+                ) from e
+        broker_runner = await serve_broker(broker, broker_sock)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         self._every(c.health_interval, sessions.reconcile)
         self._every(ACTIVITY_FLUSH_SECONDS, sessions.flush_activity)
+        self._every(ACTIVITY_FLUSH_SECONDS, broker.flush)
         self._every(min(60.0, max(5.0, c.idle_timeout / 10 or 60.0)), sessions.cleanup)
         wd = self.notifier.watchdog_interval() if c.watchdog else None
         if wd:
@@ -281,6 +310,8 @@ class Daemon:
         if caddy is not None:
             await caddy.close()
         await public.cleanup()
+        await broker_runner.cleanup()
+        await broker.flush()
         await sessions.drain()
         await sessions.flush_activity()
         await app_runner.cleanup()
@@ -299,17 +330,16 @@ class Daemon:
         activated: bool,
     ) -> web.AppRunner:
         """The public socket Caddy talks to (web/proxy.py), then keep Caddy configured."""
-        assert self.app is not None
-        st = self.app[STATE]
-
-        def seen() -> None:  # browser traffic counts as activity for idle_exit
-            st.last_request = time.monotonic()
-
-        gate = BrowserGate.from_config(self.config, sessions, on_request=seen)
+        gate = BrowserGate.from_config(self.config, sessions, on_request=self._seen)
         public = await serve_public(gate, auth_sock, ours=not activated)
         if caddy is not None:
             caddy.start()
         return public
+
+    def _seen(self) -> None:
+        """Browser and broker traffic count as activity for idle_exit."""
+        if self.app is not None:
+            self.app[STATE].last_request = time.monotonic()
 
     def _every(self, seconds: float, fn: Callable[[], Awaitable[Any]]) -> None:
         async def loop() -> None:
@@ -332,6 +362,11 @@ class Daemon:
                 self.stop_event.set()
                 return
             await asyncio.sleep(max(0.5, seconds - idle))
+
+
+async def _broker_health(config: Config, broker: Broker) -> tuple[bool, str]:
+    served = ", ".join(sorted(broker.upstreams)) or "nothing configured"
+    return True, f"on {config.broker_listen} for {served}"
 
 
 def _health_checks(

@@ -55,14 +55,15 @@ class SessionEnv:
         raw = f"opencode:{self.password(session_id)}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
-    def write(self, session_id: str, directory: Path) -> Path:
+    def write(self, session_id: str, directory: Path, broker_credential: str) -> Path:
         """Write the session's secret env file (KEY=VALUE lines) and return its path.
 
         The directory is 0700 and lovd's own; the file is 0444 so the container's user
         (an unmapped uid under --userns=auto) can read it through the bind mount."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = directory / ids.secret_file_name(session_id)
-        data = "".join(f"{k}={v}\n" for k, v in self.build(session_id).items())
+        env = self.build(session_id, broker_credential)
+        data = "".join(f"{k}={v}\n" for k, v in env.items())
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -73,20 +74,31 @@ class SessionEnv:
         tmp.replace(path)
         return path
 
-    def build(self, session_id: str) -> dict[str, str]:
+    def build(self, session_id: str, broker_credential: str) -> dict[str, str]:
+        """The container's settings. No operator secret is among them: LLM and MCP calls
+        go to lovd's broker (at host_gateway) with ``broker_credential``, and the broker
+        adds the real keys (lovd/broker/)."""
         c = self.config
+        broker = f"http://{c.host_gateway}:{c.broker_port}"
+        mcp = bool(c.mcp_lovdata_url or self.demo_urls.get("mcp"))
+        lovd_llm = bool(c.llm_base_url or self.demo_urls.get("llm"))
+
+        def cred(configured: object) -> str:
+            return broker_credential if configured else ""
+
         env = {
             "OPENCODE_SERVER_PASSWORD": self.password(session_id),
             "LOVD_SESSION_ID": session_id,
-            "LOVDATA_MCP_URL": c.mcp_lovdata_url or self.demo_urls.get("mcp", ""),
-            "LOVDATA_MCP_TOKEN": c.mcp_lovdata_token,
+            "LOVD_BROKER_URL": broker,
+            "LOVDATA_MCP_URL": f"{broker}/mcp/lovdata" if mcp else "",
+            "LOVDATA_MCP_TOKEN": cred(mcp),
             "LOVD_SEQUENTIAL_THINKING": "1" if c.sequential_thinking else "0",
             "LOVD_MODEL": c.model or self.demo_urls.get("model", ""),
-            "LOVD_LLM_BASE_URL": c.llm_base_url or self.demo_urls.get("llm", ""),
-            "LOVD_LLM_API_KEY": c.llm_api_key or ("demo" if self.demo_urls else ""),
-            "OPENAI_API_KEY": c.openai_api_key,
-            "ANTHROPIC_API_KEY": c.anthropic_api_key,
-            "GOOGLE_GENERATIVE_AI_API_KEY": c.google_api_key,
+            "LOVD_LLM_BASE_URL": f"{broker}/llm/lovd" if lovd_llm else "",
+            "LOVD_LLM_API_KEY": cred(lovd_llm),
+            "OPENAI_API_KEY": cred(c.openai_api_key),
+            "ANTHROPIC_API_KEY": cred(c.anthropic_api_key),
+            "GOOGLE_GENERATIVE_AI_API_KEY": cred(c.google_api_key),
             "LOVD_PERMISSIONS_DENY": ",".join(c.permissions_deny),
         }
         for k, v in env.items():
@@ -402,14 +414,18 @@ class Sessions:
             if session.status == "running":
                 return session
             t0 = time.monotonic()
+            # A new broker credential for every start: the previous container's dies.
+            secret = ids.new_token()
+            changes: dict[str, Any] = {"broker_hash": ids.hash_token(secret)}
             if not warm:
-                session = await self.store.update(sid, status="starting", reason="")
+                changes.update(status="starting", reason="")
+            session = await self.store.update(sid, **changes)
             workspace = self.config.sessions_path / sid
             workspace.mkdir(parents=True, exist_ok=True)
             try:
                 await self._check_image()
                 try:
-                    self.env.write(sid, self.secrets_dir)
+                    self.env.write(sid, self.secrets_dir, f"{sid}.{secret}")
                     # One `podman run` at a time: concurrent --userns=auto allocations
                     # race in rootless Podman; the run is short next to readiness.
                     async with self._start_lock:
@@ -480,7 +496,7 @@ class Sessions:
             await self.store.delete(sid, f"warm start failed: {err.message}")
             log.warning("warm container failed: %s", err.message, extra={"SESSION_ID": sid})
             raise err
-        await self.store.update(sid, status="failed", reason=err.message)
+        await self.store.update(sid, status="failed", reason=err.message, broker_hash="")
         log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
         raise err
 
@@ -536,7 +552,9 @@ class Sessions:
             self.get(sid)
             await self.store.update(sid, status="stopping", reason=reason)
             await self._stop_container(sid)
-            session = await self.store.update(sid, status=status, reason=reason, container_id="")
+            session = await self.store.update(
+                sid, status=status, reason=reason, container_id="", broker_hash=""
+            )
         self.capacity_changed()
         return session
 
@@ -647,7 +665,9 @@ class Sessions:
                     )
                     status = "stopped"
                 await self._stop_container(s.id)
-                await self.store.update(s.id, status=status, reason=reason, container_id="")
+                await self.store.update(
+                    s.id, status=status, reason=reason, container_id="", broker_hash=""
+                )
                 report["lost"].append(s.id)
                 log.warning("session %s: %s", status, reason, extra={"SESSION_ID": s.id})
         now = time.monotonic()

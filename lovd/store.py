@@ -146,6 +146,7 @@ class Session:
             "expires_at": _iso(self.expires_at),
             "last_activity": _iso(self.last_activity),
             "restarts": self.restarts,
+            "used": bool(self.used_at),
         }
 
 
@@ -254,6 +255,7 @@ class Store:
                 version=current.version + 1,
             )
             await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
 
@@ -288,6 +290,44 @@ class Store:
                 {"at": _iso(r[0]), "ok": bool(r[1]), "detail": r[2]} for r in await cur.fetchall()
             ]
         return {"events": events, "health": health}
+
+    # --- LLM/MCP usage (the credential broker) ---
+
+    async def load_usage(self) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+        """Per-session rows (llm_requests, input, output, mcp_requests, refused) and
+        tokens per UTC day."""
+        async with self._db.execute(
+            "SELECT session_id, llm_requests, input_tokens, output_tokens, mcp_requests, "
+            "refused FROM usage"
+        ) as cur:
+            rows = {r[0]: tuple(int(x) for x in r[1:]) for r in await cur.fetchall()}
+        async with self._db.execute("SELECT day, tokens FROM usage_daily") as cur:
+            days = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+        return rows, days
+
+    async def save_usage(
+        self, rows: dict[str, tuple[int, int, int, int, int]], days: dict[str, int]
+    ) -> None:
+        """Write usage totals (absolute values, not deltas: a replay changes nothing)."""
+        live = {sid: r for sid, r in rows.items() if sid in self._sessions}
+        if not live and not days:
+            return
+        now = time.time()
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO usage (session_id, llm_requests, input_tokens, output_tokens, "
+                "mcp_requests, refused, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(session_id) DO UPDATE SET llm_requests = excluded.llm_requests, "
+                "input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens, "
+                "mcp_requests = excluded.mcp_requests, refused = excluded.refused, "
+                "updated_at = excluded.updated_at",
+                [(sid, *r, now) for sid, r in live.items()],
+            )
+            await db.executemany(
+                "INSERT INTO usage_daily (day, tokens) VALUES (?, ?) "
+                "ON CONFLICT(day) DO UPDATE SET tokens = excluded.tokens",
+                list(days.items()),
+            )
 
     # --- outbox (consumed by the PostgreSQL relay) ---
 

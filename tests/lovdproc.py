@@ -53,11 +53,13 @@ class LovdProc:
             "runtime_dir": str(tmp / "run"),
             "image": "localhost/lovd-test:latest",
             "runner": "podman",
-            "port_range": f"{base}-{base + 99}",
+            "port_range": f"{base}-{base + 98}",
             "orphan_grace": 0,
             "ready_timeout": 30,
             "demo": "off",
             "caddy": {"admin": ""},
+            # Parallel test daemons (and a real lovd) must not share the broker's port.
+            "broker": {"listen": f"127.0.0.1:{base + 99}"},
             # Tests count containers; the warm pool has its own tests.
             "warm_pool": 0,
         }

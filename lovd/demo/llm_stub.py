@@ -17,12 +17,13 @@
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -419,8 +420,28 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def create_app() -> web.Application:
-    app = web.Application()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _require_key(api_key: str) -> Any:
+    """Refuse calls without ``Authorization: Bearer <api_key>``, as a real provider would
+    (tests use it to show which key reached the provider)."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        got = request.headers.get("Authorization", "")
+        if request.path.startswith("/v1/") and not hmac.compare_digest(
+            got.encode(), f"Bearer {api_key}".encode()
+        ):
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+            return web.json_response({"error": error}, status=401)
+        return await handler(request)
+
+    return check
+
+
+def create_app(api_key: str = "") -> web.Application:
+    app = web.Application(middlewares=[_require_key(api_key)] if api_key else [])
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)

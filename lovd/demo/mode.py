@@ -59,10 +59,12 @@ async def start(c: Config) -> Demo:
     demo.stops.append(mcp.stop)
     llm = await serve_llm_stub(c.demo_listen, c.demo_llm_port)
     demo.stops.append(llm.stop)
-    # Sessions reach the host's loopback at host_gateway (session_network).
+    # The broker calls them on the host; sessions only ever see the broker.
+    host = "127.0.0.1" if c.demo_listen in ("", "0.0.0.0", "::") else c.demo_listen  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
     demo.urls = {
-        "mcp": f"http://{c.host_gateway}:{mcp.port}/mcp",
-        "llm": f"http://{c.host_gateway}:{llm.port}/v1",
+        "mcp": f"http://{host}:{mcp.port}/mcp",
+        "llm": f"http://{host}:{llm.port}/v1",
         "model": DEMO_MODEL,
     }
     log.info("demo mode: Lovdata MCP stand-in on port %d, stub LLM on port %d", mcp.port, llm.port)

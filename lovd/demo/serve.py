@@ -75,9 +75,10 @@ async def serve_lovdata_mcp(
     return StandIn(host=host, port=int(bound), stop=stop, calls=calls)
 
 
-async def serve_llm_stub(host: str = "127.0.0.1", port: int = 0) -> StandIn:
-    """Start the stub LLM; its OpenAI base URL is ``base_url + "/v1"``."""
-    runner = web.AppRunner(llm_stub.create_app(), access_log=None)
+async def serve_llm_stub(host: str = "127.0.0.1", port: int = 0, api_key: str = "") -> StandIn:
+    """Start the stub LLM; its OpenAI base URL is ``base_url + "/v1"``. With ``api_key``
+    it refuses calls that do not carry it."""
+    runner = web.AppRunner(llm_stub.create_app(api_key), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -40,6 +40,7 @@ class AppState:
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
     last_request: float = field(default_factory=time.monotonic)
     version: str = "0"
+    usage: Callable[[str], dict[str, int]] | None = None
 
 
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
@@ -170,6 +171,8 @@ async def get_session(request: web.Request) -> web.Response:
     st = request.app[STATE]
     s = st.sessions.get(request.match_info["id"])
     data = s.public(st.public_url)
+    if st.usage is not None:
+        data["usage"] = st.usage(s.id)
     if request.query.get("history") in ("1", "true"):
         data.update(await st.sessions.store.history(s.id))
     return web.json_response(data)
@@ -247,6 +250,7 @@ def create_app(
     max_body: int,
     health_checks: dict[str, HealthCheck] | None = None,
     version: str = "0",
+    usage: Callable[[str], dict[str, int]] | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=max_body)
     app[STATE] = AppState(
@@ -256,6 +260,7 @@ def create_app(
         max_body=max_body,
         health_checks=health_checks or {},
         version=version,
+        usage=usage,
     )
     app[OPENAPI] = {}  # filled by the first GET /api/openapi.json
     app.router.add_post("/api/sessions", create_session)

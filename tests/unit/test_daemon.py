@@ -30,14 +30,21 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(tmp_path: Path) -> None:
         daemon._bind(f"unix:{tmp_path / 'file'}")
 
 
-def test_activated_sockets_are_told_apart_by_path(tmp_path: Path) -> None:
+def test_activated_sockets_are_told_apart_by_path_and_port(tmp_path: Path) -> None:
     api, _ = daemon._bind(f"unix:{tmp_path / 'api.sock'}")
     auth, _ = daemon._bind(f"unix:{tmp_path / 'auth.sock'}")
+    broker, _ = daemon._bind("tcp:127.0.0.1:0")
+    api_tcp, _ = daemon._bind("tcp:127.0.0.1:0")
+    port = broker.getsockname()[1]
+    where = str(tmp_path / "auth.sock")
     try:
-        got_api, got_auth = daemon._split_activated([auth, api], str(tmp_path / "auth.sock"))
-        assert got_api == [api] and got_auth is auth
-        got_api, got_auth = daemon._split_activated([api], str(tmp_path / "auth.sock"))
-        assert got_api == [api] and got_auth is None
+        got = daemon._split_activated([auth, broker, api], where, port)
+        assert got == ([api], auth, broker)
+        got = daemon._split_activated([api], where, port)
+        assert got == ([api], None, None)
+        # An API on TCP is not mistaken for the broker: only the broker's port is.
+        got = daemon._split_activated([api_tcp, broker], where, port)
+        assert got == ([api_tcp], None, broker)
     finally:
-        api.close()
-        auth.close()
+        for s in (api, auth, broker, api_tcp):
+            s.close()

@@ -59,6 +59,60 @@ async def test_state_survives_reopen_and_schema_is_versioned(tmp_path: Path) -> 
     assert again.instance_id == instance
     await again.close()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    """A database written by the previous release keeps its rows and gains the columns."""
+    from lovd.store import _MIGRATIONS
+
+    db = tmp_path / "lovd.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_MIGRATIONS[0])
+        conn.execute(
+            "INSERT INTO sessions (id, status, token_hash, port, host_id, created_at, "
+            "updated_at, expires_at, last_activity) VALUES "
+            "('0123456789abcdef', 'running', 'h', 20001, 'h', 1, 1, 9e9, 1)"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    store = await Store.open(db)
+    got = store.get("0123456789abcdef")
+    assert got is not None and got.status == "running"
+    assert got.used_at == 0.0 and got.broker_hash == ""
+    await store.close()
+
+
+async def test_usage_is_saved_absolute_and_dies_with_the_session(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "lovd.db")
+    s = await store.insert(new_session())
+    await store.save_usage({s.id: (1, 10, 20, 3, 0), "feedfeedfeedfeed": (9, 9, 9, 9, 9)},
+                           {"2026-11-30": 30})
+    await store.save_usage({s.id: (2, 15, 25, 3, 1)}, {"2026-11-30": 40})  # a replay-safe upsert
+    rows, days = await store.load_usage()
+    assert rows == {s.id: (2, 15, 25, 3, 1)}  # no row for a session that does not exist
+    assert days == {"2026-11-30": 40}
+    await store.delete(s.id)
+    rows, _ = await store.load_usage()
+    assert rows == {}
+    await store.close()
+
+
+async def test_outbox_never_carries_the_broker_credential_hash(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "lovd.db")
+    s = await store.insert(new_session())
+    await store.update(s.id, broker_hash=ids.hash_token("secret"))
+    payloads = [json.loads(r[5]) for r in await store.outbox_batch()]
+    assert payloads and all("broker_hash" not in p for p in payloads)
+    await store.close()
+
+
+async def test_wal_and_shm_files_get_the_database_mode(tmp_path: Path) -> None:
+    db = tmp_path / "lovd.db"
+    store = await Store.open(db)
+    await store.insert(new_session())
+    for suffix in ("-wal", "-shm"):
+        f = db.with_name(db.name + suffix)
+        assert f.exists() and oct(f.stat().st_mode & 0o777) == "0o600", suffix
+    await store.close()

@@ -1,0 +1,328 @@
+"""The credential broker against a real upstream (an aiohttp server in the test) and a
+real SQLite store: whose credential opens what, which key goes upstream, streaming,
+usage accounting and the caps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from lovd import config, ids
+from lovd.broker import upstreams
+from lovd.broker.server import Broker, create_broker_app
+from lovd.broker.usage import Ledger, UsageReader
+from lovd.metrics import Metrics
+from lovd.store import Session, Store
+
+CANARY = "sk-CANARY-operator-key-never-in-a-container"
+
+
+@dataclass
+class Upstream:
+    """Records what reached it; answers like the provider the path belongs to."""
+
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(
+            {
+                "path": request.path,
+                "query": dict(request.query),
+                "headers": dict(request.headers),
+                "body": json.loads(body) if body else None,
+            }
+        )
+        if request.path.endswith("/chat/completions"):
+            return await self._openai_stream(request, json.loads(body))
+        if request.path.endswith("/messages"):
+            return await self._sse(
+                request,
+                [
+                    {"type": "message_start", "message": {"usage": {"input_tokens": 11,
+                                                                    "output_tokens": 1}}},
+                    {"type": "content_block_delta", "delta": {"text": "Hei"}},
+                    {"type": "message_delta", "usage": {"output_tokens": 7}},
+                ],
+            )
+        if ":generateContent" in request.path:
+            return web.json_response(
+                {"candidates": [], "usageMetadata": {"promptTokenCount": 5,
+                                                     "candidatesTokenCount": 4}}
+            )
+        return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
+
+    async def _openai_stream(
+        self, request: web.Request, data: dict[str, Any]
+    ) -> web.StreamResponse:
+        chunks: list[dict[str, Any]] = [{"choices": [{"delta": {"content": "Første"}}]}]
+        if (data.get("stream_options") or {}).get("include_usage"):
+            chunks.append({"choices": [], "usage": {"prompt_tokens": 30,
+                                                    "completion_tokens": 12}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(f"data: {json.dumps(chunks[0])}\n\n".encode())
+        await self.release.wait()  # the first token must reach the client before this
+        for c in chunks[1:]:
+            await resp.write(f"data: {json.dumps(c)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _sse(self, request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in events:
+            await resp.write(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode())
+        return resp
+
+
+@dataclass
+class Rig:
+    client: TestClient  # type: ignore[type-arg]
+    store: Store
+    broker: Broker
+    upstream: Upstream
+    metrics: Metrics
+
+    async def session(
+        self, status: str = "running", expires_in: float = 3600
+    ) -> tuple[Session, str]:
+        secret = ids.new_token()
+        now = time.time()
+        s = Session(ids.new_session_id(), status, "", "", 20000 + len(self.store.all()), "", "h",
+                    now, now, now + expires_in, now, broker_hash=ids.hash_token(secret))
+        await self.store.insert(s)
+        return s, f"{s.id}.{secret}"
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
+    up = Upstream()
+    up_app = web.Application()
+    up_app.router.add_route("*", "/{tail:.*}", up.handle)
+    up_server = TestServer(up_app)
+    await up_server.start_server()
+    base = f"http://127.0.0.1:{up_server.port}"
+    cfg = config.from_mapping(
+        {
+            "state_dir": str(tmp_path),
+            "llm": {
+                "openai_api_key": CANARY,
+                "openai_base_url": base + "/openai/v1",
+                "anthropic_api_key": CANARY + "-anthropic",
+                "anthropic_base_url": base + "/anthropic/v1",
+                "google_api_key": CANARY + "-google",
+                "google_base_url": base + "/google/v1beta",
+                **settings.pop("llm", {}),
+            },
+            "mcp": {"lovdata": {"url": base + "/mcp", "token": CANARY + "-mcp"}},
+            **settings,
+        }
+    )
+    store = await Store.open(tmp_path / "lovd.db")
+    http = aiohttp.ClientSession(auto_decompress=False)
+    metrics = Metrics()
+    broker = Broker(
+        store=store,
+        upstreams=upstreams.from_config(cfg, {}),
+        http=http,
+        ledger=Ledger(cfg.max_tokens_per_session, cfg.max_tokens_per_day),
+        metrics=metrics,
+    )
+    client = TestClient(TestServer(create_broker_app(broker)))
+    await client.start_server()
+    try:
+        yield Rig(client, store, broker, up, metrics)
+    finally:
+        await client.close()
+        await http.close()
+        await up_server.close()
+        await store.close()
+
+
+def bearer(cred: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cred}"}
+
+
+OPENAI_CHAT = "/llm/openai/chat/completions"
+CHAT = {"model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "Hei"}]}
+
+
+async def test_no_wrong_or_dead_credential_reaches_an_upstream(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        live, cred = await r.session()
+        _, stopped_cred = await r.session("idle-stopped")
+        _, expired_cred = await r.session(expires_in=-1)
+        wrong = f"{live.id}.{ids.new_token()}"
+        other_secret_on_our_id = f"{live.id}.{stopped_cred.split('.', 1)[1]}"
+        for headers in ({}, bearer(""), bearer(wrong), bearer(stopped_cred),
+                        bearer(expired_cred), bearer(other_secret_on_our_id),
+                        bearer("../../etc.passwd"), {"x-api-key": CANARY}):
+            resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=headers)
+            assert resp.status == 401, headers
+            assert CANARY not in await resp.text()
+        assert r.upstream.seen == []
+        # The live one passes.
+        resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=bearer(cred))
+        assert resp.status == 200
+        await resp.release()
+
+
+async def test_the_operator_key_replaces_the_session_credential_upstream(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        _, cred = await r.session()
+        r.upstream.release.set()
+        resp = await r.client.post("/llm/openai/chat/completions?x=1", json=CHAT,
+                                   headers=bearer(cred))
+        assert resp.status == 200
+        await resp.read()
+        resp = await r.client.post("/llm/anthropic/messages", json={"stream": True},
+                                   headers={"x-api-key": cred})
+        await resp.read()
+        resp = await r.client.post("/llm/google/models/g:generateContent?key=" + cred, json={},
+                                   headers={"x-goog-api-key": cred})
+        await resp.read()
+        resp = await r.client.post("/mcp/lovdata", json={"jsonrpc": "2.0"}, headers=bearer(cred))
+        assert resp.status == 200
+        openai, anthropic, google, mcp = r.upstream.seen
+        assert openai["path"] == "/openai/v1/chat/completions" and openai["query"] == {"x": "1"}
+        assert openai["headers"]["Authorization"] == f"Bearer {CANARY}"
+        assert anthropic["headers"]["x-api-key"] == CANARY + "-anthropic"
+        assert "Authorization" not in anthropic["headers"]
+        assert google["headers"]["x-goog-api-key"] == CANARY + "-google"
+        assert "key" not in google["query"]  # the session credential is not passed on
+        assert mcp["path"] == "/mcp" and mcp["headers"]["Authorization"] == f"Bearer {CANARY}-mcp"
+        for seen in r.upstream.seen:
+            assert cred not in json.dumps(seen)
+
+
+async def test_the_broker_is_not_an_open_proxy(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        _, cred = await r.session()
+        for path in ("/", "/llm/evil/x", "/llm/openaiX/chat", "/http://example.invalid/",
+                     "/llm/openai/../../mcp"):
+            resp = await r.client.get(path, headers=bearer(cred))
+            assert resp.status == 404, path
+        assert r.upstream.seen == []
+
+
+async def test_streams_pass_unbuffered_and_usage_is_counted(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        s, cred = await r.session()
+        resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=bearer(cred))
+        # The first chunk arrives while the upstream is still holding the rest back.
+        first = await asyncio.wait_for(resp.content.readline(), 5)
+        assert b"F\\u00f8rste" in first
+        r.upstream.release.set()
+        rest = await resp.read()
+        assert b'"prompt_tokens": 30' in rest and rest.endswith(b"data: [DONE]\n\n")
+        assert r.upstream.seen[0]["body"]["stream_options"] == {"include_usage": True}
+        resp = await r.client.post("/llm/anthropic/messages", json={}, headers={"x-api-key": cred})
+        await resp.read()
+        resp = await r.client.post("/llm/google/models/g:generateContent", json={},
+                                   headers={"x-goog-api-key": cred})
+        await resp.read()
+        resp = await r.client.post("/mcp/lovdata", json={}, headers=bearer(cred))
+        await resp.read()
+        assert r.broker.usage(s.id) == {"llm_requests": 3, "input_tokens": 30 + 11 + 5,
+                                        "output_tokens": 12 + 7 + 4, "mcp_requests": 1,
+                                        "refused": 0}
+        metrics = r.metrics.render().decode()
+        assert f'lovd_session_llm_tokens{{kind="input",session="{s.id}"}} 46.0' in metrics
+        assert 'lovd_llm_tokens_total{kind="output"} 23.0' in metrics
+        await r.broker.flush()
+        rows, days = await r.store.load_usage()
+        assert rows[s.id] == (3, 46, 23, 1, 0) and sum(days.values()) == 69
+
+
+async def test_caps_refuse_with_a_message_the_chat_shows(tmp_path: Path) -> None:
+    async with rig(tmp_path, llm={"max_tokens_per_session": 40}) as r:
+        r.upstream.release.set()
+        a, cred_a = await r.session()
+        resp = await r.client.post(OPENAI_CHAT, json=CHAT, headers=bearer(cred_a))
+        await resp.read()  # 42 tokens: over the session cap now
+        resp = await r.client.post(OPENAI_CHAT, json=CHAT, headers=bearer(cred_a))
+        assert resp.status == 403
+        msg = (await resp.json())["error"]["message"]
+        assert "40 tokens" in msg and "Start en ny økt" in msg
+        resp = await r.client.post(
+            "/llm/anthropic/messages", json={}, headers={"x-api-key": cred_a}
+        )
+        assert (await resp.json())["error"]["type"] == "permission_error"  # Anthropic's shape
+        # MCP is not an LLM call: still served.
+        resp = await r.client.post("/mcp/lovdata", json={}, headers=bearer(cred_a))
+        assert resp.status == 200
+        assert r.broker.usage(a.id)["refused"] == 2
+        # Another session has its own allowance.
+        _, cred_b = await r.session()
+        resp = await r.client.post(OPENAI_CHAT, json=CHAT, headers=bearer(cred_b))
+        assert resp.status == 200
+        await resp.read()
+        assert len(r.upstream.seen) == 1 + 1 + 1  # refused calls never went upstream
+
+
+async def test_the_day_cap_counts_every_session_of_the_host(tmp_path: Path) -> None:
+    async with rig(tmp_path / "day", llm={"max_tokens_per_day": 80}) as r:
+        r.upstream.release.set()
+        for _ in range(2):  # 42 tokens each, in two sessions
+            _, cred = await r.session()
+            resp = await r.client.post("/llm/openai/chat/completions", json=CHAT,
+                                       headers=bearer(cred))
+            assert resp.status == 200
+            await resp.read()
+        _, cred = await r.session()
+        resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=bearer(cred))
+        assert resp.status == 403 and "midnatt" in (await resp.json())["error"]["message"]
+        assert len(r.upstream.seen) == 2
+
+
+async def test_usage_survives_a_restart_of_the_broker(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        s, cred = await r.session()
+        r.upstream.release.set()
+        resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=bearer(cred))
+        await resp.read()
+        await r.broker.flush()
+        fresh = Broker(store=r.store, upstreams={}, http=r.broker.http, ledger=Ledger(),
+                       metrics=Metrics())
+        await fresh.load()
+        assert fresh.usage(s.id)["input_tokens"] == 30
+
+
+@pytest.mark.parametrize(
+    ("ctype", "chunks", "expected"),
+    [
+        ("text/event-stream", [b'data: {"usage": {"prompt_tokens": 3, "comp',
+                               b'letion_tokens": 4}}\n\ndata: [DONE]\n\n'], (3, 4)),
+        ("application/json", [b'{"usage": {"input_tokens": 8, ', b'"output_tokens": 2}}'], (8, 2)),
+        ("text/event-stream", [b"data: not json\n", b'data: {"usageMetadata": '
+                               b'{"promptTokenCount": 1, "candidatesTokenCount": 9}}'], (1, 9)),
+        ("application/json", [b"[1, 2]"], (0, 0)),
+    ],
+)
+def test_usage_reader_handles_split_lines_and_shapes(
+    ctype: str, chunks: list[bytes], expected: tuple[int, int]
+) -> None:
+    reader = UsageReader(ctype)
+    for c in chunks:
+        reader.feed(c)
+    t = reader.finish()
+    assert (t.input, t.output) == expected
+
+
+def test_upstream_repr_never_shows_a_key(tmp_path: Path) -> None:
+    cfg = config.from_mapping({"llm": {"openai_api_key": CANARY}})
+    table = upstreams.from_config(cfg, {})
+    assert CANARY not in repr(table) and CANARY not in str(table)
