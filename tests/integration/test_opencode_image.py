@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from lovd.demo.serve import StandIn, serve_llm_stub, serve_lovdata_mcp
 from tests.conftest import ROOT, image_present, need
@@ -269,8 +270,8 @@ def test_every_config_key_is_understood_by_opencode(session_image: str, tmp_path
 
 
 async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> None:
-    """lovd's own demo wiring: stand-ins on the host's loopback only, the session on
-    slirp4netns with allow_host_loopback reaching them at 10.0.2.2."""
+    """lovd's own demo wiring: stand-ins on the host's loopback only, behind the broker;
+    the session reaches the broker (only) at 10.0.2.2 and the chat works through it."""
     p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0)
     p.start()
     name = ""
@@ -288,7 +289,9 @@ async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> Non
         assert inspect["HostConfig"]["NetworkMode"].startswith("slirp4netns"), inspect["HostConfig"]
         env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
         settings = dict(line.split("=", 1) for line in env.splitlines())
-        assert settings["LOVDATA_MCP_URL"] == f"http://10.0.2.2:{mcp_port}/mcp"
+        broker_port = yaml.safe_load(p.config_path.read_text())["broker"]["listen"].split(":")[1]
+        assert settings["LOVDATA_MCP_URL"] == f"http://10.0.2.2:{broker_port}/mcp/lovdata"
+        assert settings["LOVDATA_MCP_TOKEN"].startswith(s["id"] + ".")  # its broker credential
         url = f"http://127.0.0.1:{s['port']}"
         auth = basic_auth(settings["OPENCODE_SERVER_PASSWORD"])
         timeout = aiohttp.ClientTimeout(total=90)
@@ -310,6 +313,10 @@ async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> Non
         assert "search_provisions_fulltext" in [c["tool"] for c in calls], calls
         text = "\n".join(part.get("text", "") for part in reply["parts"] if part["type"] == "text")
         assert AML_URL.findall(text), text
+        status, _, shown = p.api("GET", f"/api/sessions/{s['id']}")
+        usage = shown["usage"]
+        assert usage["llm_requests"] >= 2 and usage["mcp_requests"] >= 1, usage
+        assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0, usage
     finally:
         p.stop()
         if name:
