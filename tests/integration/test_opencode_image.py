@@ -322,3 +322,40 @@ async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> Non
         if name:
             run("podman", "rm", "-f", "-t", "0", name)
         run("podman", "unshare", "rm", "-rf", str(tmp_path / "state"))
+
+
+async def test_token_cap_shows_its_message_in_the_chat(session_image: str, tmp_path: Path) -> None:
+    """The broker's refusal (llm.max_tokens_per_session) reaches the person as a message
+    in the real OpenCode chat, not as a hang or a generic failure."""
+    p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0,
+                 llm={"max_tokens_per_session": 1})
+    p.start()
+    name = ""
+    try:
+        status, _, s = p.api("POST", "/api/sessions")
+        assert status == 201 and s["status"] == "running", s
+        name = f"lovd-{s['id']}"
+        env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
+        settings = dict(line.split("=", 1) for line in env.splitlines())
+        url = f"http://127.0.0.1:{s['port']}"
+        auth = basic_auth(settings["OPENCODE_SERVER_PASSWORD"])
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=90), headers=auth
+        ) as http:
+            async with http.post(url + "/session", json={}) as resp:
+                oc_session = (await resp.json())["id"]
+            body = {"parts": [{"type": "text", "text": QUESTION}]}
+            # The first LLM call is allowed (nothing used yet); it uses more than 1 token,
+            # so the next one (after the Lovdata tool call) is refused.
+            async with http.post(f"{url}/session/{oc_session}/message", json=body) as resp:
+                assert resp.status == 200
+                reply = await resp.json()
+        shown = json.dumps(reply, ensure_ascii=False)
+        assert "Start en ny økt" in shown, shown[:2000]
+        _, _, after = p.api("GET", f"/api/sessions/{s['id']}")
+        assert after["usage"]["refused"] >= 1 and after["usage"]["llm_requests"] >= 1
+    finally:
+        p.stop()
+        if name:
+            run("podman", "rm", "-f", "-t", "0", name)
+        run("podman", "unshare", "rm", "-rf", str(tmp_path / "state"))
