@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lovd import __version__
+from lovd import __version__, egress
 from lovd.broker import upstreams
 from lovd.broker.server import Broker, serve_broker
 from lovd.broker.usage import Ledger
@@ -189,6 +189,10 @@ class Daemon:
                 d.mkdir(parents=True, exist_ok=True, mode=0o750)
             except OSError as e:
                 raise StartupError(f"state_dir: cannot create {d}: {e.strerror}") from e
+        try:  # session egress: the OCI hook and its rules (lovd/egress.py)
+            egress.install(c)
+        except egress.EgressError as e:
+            raise StartupError(str(e)) from e
         store = await Store.open(c.db_path)
         self._closers.append(store)
         # One pool for containers, Caddy and the broker's upstreams. No per-host limit:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lovd import egress
 from lovd.config import Config
-from lovd.podman import cgroup_v2, default_api_socket
+from lovd.podman import LABEL_INSTANCE, LABEL_SESSION, cgroup_v2, default_api_socket
 from lovd.runner import user_manager_reachable
 
 
@@ -26,14 +29,17 @@ class Check:
         return asdict(self)
 
 
-async def _run(*argv: str) -> tuple[int, str]:
+async def _run(*argv: str, stdin: bytes | None = None) -> tuple[int, str]:
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
     except FileNotFoundError:
         return 127, f"{argv[0]}: not found"
-    out, _ = await proc.communicate()
+    out, _ = await proc.communicate(stdin)
     return proc.returncode or 0, out.decode(errors="replace").strip()
 
 
@@ -212,7 +218,132 @@ async def run_checks(config: Config) -> list[Check]:
                 "" if code == 0 else "lovd image build",
             )
         )
+    out += await egress_checks(config, podman_ok=bool(podman and info))
     return out
+
+
+async def egress_checks(config: Config, *, podman_ok: bool) -> list[Check]:
+    """Is session egress in force: configured, loadable here, and live in every running
+    session's network namespace (read back with nft, as the hook's own user namespace)."""
+    fix_off = "set egress.enforce: true in lovd.conf (and apt-get install nftables)"
+    if not config.egress_enforce:
+        return [
+            Check(
+                "egress",
+                "warn",
+                "NOT in force (egress.enforce: false): sessions can reach the host's loopback "
+                "services, other sessions' ports and the network",
+                fix_off,
+            )
+        ]
+    try:
+        rules = egress.render_rules(config)
+    except egress.EgressError as e:
+        return [Check("egress", "fail", f"NOT in force: {e}", "fix the setting in lovd.conf")]
+    nft = egress.nft_path()
+    if nft is None:
+        return [
+            Check(
+                "egress",
+                "fail",
+                "NOT in force: nft not found, so every session start fails (egress.enforce)",
+                "apt-get install nftables",
+            )
+        ]
+    if os.geteuid() == 0 or not podman_ok:
+        why = "running as root" if os.geteuid() == 0 else "podman unusable"
+        return [Check("egress", "warn", f"not checked ({why})", "run lovd doctor as lovd")]
+    # The hook's situation without a container: root of the rootless user namespace,
+    # a fresh network namespace, the rules lovd would load.
+    code, text = await _run(
+        config.podman, "unshare", "unshare", "--net", nft, "-f", "/dev/stdin", stdin=rules.encode()
+    )
+    if code != 0:
+        last = text.splitlines()[-1] if text else f"exit {code}"
+        return [
+            Check(
+                "egress",
+                "fail",
+                f"NOT in force: the rules do not load in a rootless network namespace ({last}), "
+                "so every session start fails",
+                "the kernel needs nf_tables with nft_ct and nft_reject, and unprivileged user "
+                "namespaces; or set egress.enforce: false (no egress rules at all)",
+            )
+        ]
+    written = egress.directory(config) / "rules.nft"
+    try:
+        stale = written.read_text() != rules
+    except FileNotFoundError:
+        stale = False  # lovd writes the hook when it starts
+    if stale:
+        first = Check(
+            "egress",
+            "warn",
+            f"in force, but {written} (what sessions get) differs from lovd.conf",
+            "restart lovd to apply the configured egress rules to new sessions",
+        )
+    else:
+        first = Check(
+            "egress",
+            "ok",
+            f"in force for every session lovd starts: {egress.summary(config)} "
+            f"(OCI hook in {egress.hooks_dir(config)})",
+        )
+    return [first, await _egress_live(config, nft)]
+
+
+def _instance_id(config: Config) -> str | None:
+    """This lovd's instance id (its containers' lovd.instance label), read-only."""
+    if not config.db_path.exists():
+        return None
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{config.db_path.as_uri()}?mode=ro", uri=True, timeout=2)
+        ) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
+
+
+async def _egress_live(config: Config, nft: str) -> Check:
+    iid = _instance_id(config)
+    label = f"{LABEL_INSTANCE}={iid}" if iid else LABEL_SESSION
+    code, text = await _run(
+        config.podman,
+        "ps",
+        "--filter",
+        f"label={label}",
+        "--filter",
+        "status=running",
+        "--format",
+        "{{.Names}} {{.Pid}}",
+    )
+    if code != 0:
+        return Check("egress-live", "warn", f"cannot list session containers: {text[-200:]}")
+    running = [line.split() for line in text.splitlines() if line.strip()]
+    missing = []
+    for name, pid in running:
+        code, listing = await _run(
+            config.podman, "unshare", "nsenter", "--target", pid, "--net",
+            nft, "list", "table", "inet", egress.TABLE,
+        )  # fmt: skip
+        if code != 0 or "policy drop" not in listing:
+            missing.append(name)
+    if missing:
+        return Check(
+            "egress-live",
+            "fail",
+            f"NOT in force in {len(missing)} of {len(running)} running session containers: "
+            + ", ".join(missing),
+            "restart them (lovd session stop ID, then open it again) and check that their "
+            "podman run carries --hooks-dir",
+        )
+    if not running:
+        return Check("egress-live", "ok", "no running session containers to check")
+    return Check(
+        "egress-live", "ok", f"rules present in all {len(running)} running session containers"
+    )
 
 
 def render(results: list[Check]) -> str:

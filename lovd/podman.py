@@ -52,6 +52,8 @@ class ContainerSpec:
     extra_args: list[str] = field(default_factory=list)
     cgroup_v2: bool = False
     systemd_unit: str = ""
+    # podman's global --hooks-dir: the session egress hook (lovd/egress.py). None: no hook.
+    hooks_dir: Path | None = None
 
     @property
     def name(self) -> str:
@@ -65,8 +67,12 @@ def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
     The file is world-readable *inside* only: with --userns=auto the host's lovd uid is
     unmapped there, and the container's only user is the session itself."""
     sid = ids.check(spec.session_id)
+    # A global flag: it must come before the subcommand. It replaces Podman's default
+    # hooks dirs for these containers, so only lovd's hook runs for them.
+    hooks = ["--hooks-dir", str(spec.hooks_dir)] if spec.hooks_dir else []
     argv = [
         podman,
+        *hooks,
         "run",
         "--name",
         spec.name,

@@ -380,6 +380,8 @@ class Sessions:
         (self.secrets_dir / ids.secret_file_name(sid)).unlink(missing_ok=True)
 
     def spec(self, session: Session) -> ContainerSpec:
+        from lovd import egress  # here, not at the top: keeps egress's edit inside spec()
+
         c = self.config
         return ContainerSpec(
             session_id=session.id,
@@ -398,10 +400,14 @@ class Sessions:
             cgroup_v2=cgroup_v2(),
             secret_file=self.secrets_dir / ids.secret_file_name(session.id),
             systemd_unit=ids.unit_name(session.id) if self.runner.name == "systemd" else "",
+            # The egress hook (rules in the container's netns before it runs); checked
+            # on disk for every start, since Podman ignores a missing hooks dir.
+            hooks_dir=egress.ensure(c),
         )
 
     def _network_args(self) -> list[str]:
-        # Every session calls the broker on the host's loopback (session_network).
+        # Every session calls the broker on the host's loopback (session_network); the
+        # egress hook then lets it reach host_gateway:broker port and egress.allow only.
         if self.config.session_network:
             return ["--network", self.config.session_network]
         return []

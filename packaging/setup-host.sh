@@ -25,7 +25,7 @@ fi
 
 if [ -z "${LOVD_SKIP_APT:-}" ]; then
   pkgs=(podman runc crun conmon uidmap slirp4netns fuse-overlayfs catatonit caddy
-        systemd-container dbus-user-session busybox-static debootstrap
+        systemd-container dbus-user-session busybox-static debootstrap nftables
         postgresql chromium chromium-driver python3-venv curl)
   ensure_packages "${pkgs[@]}"
   # Debian enables these on install; lovd drives its own Caddy and tests own
