@@ -25,9 +25,8 @@ import aiohttp
 from aiohttp import web
 
 from lovd import __version__, egress
-from lovd.broker import upstreams
-from lovd.broker.server import Broker, serve_broker
-from lovd.broker.usage import Ledger
+from lovd.broker import server as broker_server
+from lovd.broker.server import Broker
 from lovd.caddy import CaddyManager, auth_socket_path
 from lovd.config import Config
 from lovd.demo import mode as demo_mode
@@ -214,15 +213,9 @@ class Daemon:
         host_id = c.host_id or socket.gethostname()
         sessions = Sessions(c, store, runner, http, env, metrics, host_id)
         self.sessions = sessions
-        broker = Broker(
-            store=store,
-            upstreams=upstreams.from_config(c, demo.urls),
-            http=http,
-            ledger=Ledger(c.max_tokens_per_session, c.max_tokens_per_day),
-            metrics=metrics,
-            on_request=self._seen,
+        broker = await Broker.from_config(
+            c, store=store, http=http, metrics=metrics, demo_urls=demo.urls, on_request=self._seen
         )
-        await broker.load()
 
         t0 = time.monotonic()
         t_setup = t0 - t_entry
@@ -267,13 +260,10 @@ class Daemon:
         public = await self._serve_browser_path(sessions, caddy, auth_sock, activated)
         if broker_sock is None:
             try:
-                broker_sock = socket.create_server((c.broker_host, c.broker_port), backlog=512)
+                broker_sock = broker_server.bind(c)
             except OSError as e:
-                raise StartupError(
-                    f"broker.listen: cannot listen on {c.broker_listen}: {e.strerror} "
-                    "(another lovd? pick another port)"
-                ) from e
-        broker_runner = await serve_broker(broker, broker_sock)
+                raise StartupError(e.strerror or str(e)) from e
+        broker_runner = await broker_server.serve_broker(broker, broker_sock)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,7 +271,7 @@ class Daemon:
         self._every(c.health_interval, sessions.reconcile)
         self._every(ACTIVITY_FLUSH_SECONDS, sessions.flush_activity)
         self._every(ACTIVITY_FLUSH_SECONDS, broker.flush)
-        self._every(min(60.0, max(5.0, c.idle_timeout / 10 or 60.0)), sessions.cleanup)
+        self._tasks.append(asyncio.create_task(self._housekeeping(sessions)))
         wd = self.notifier.watchdog_interval() if c.watchdog else None
         if wd:
             self._tasks.append(asyncio.create_task(self.notifier.watchdog_loop(wd)))
@@ -339,6 +329,17 @@ class Daemon:
         if caddy is not None:
             caddy.start()
         return public
+
+    async def _housekeeping(self, sessions: Sessions) -> None:
+        """Cleanup when the next session reaches its unused/idle deadline (at least once a
+        minute): a place is freed when the landing page said it would be."""
+        while True:
+            wait = sessions.next_deadline()
+            await asyncio.sleep(min(60.0, max(1.0, wait + 0.05 if wait is not None else 60.0)))
+            try:
+                await sessions.cleanup()
+            except Exception:
+                log.exception("periodic cleanup failed")
 
     def _seen(self) -> None:
         """Browser and broker traffic count as activity for idle_exit."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +32,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from lovd import ids
+from lovd.broker import upstreams
 from lovd.broker.upstreams import Upstream
 from lovd.broker.usage import Ledger, UsageReader
+from lovd.config import Config
 from lovd.metrics import Metrics
 from lovd.store import Session, Store
 
@@ -90,6 +93,29 @@ class Broker:
         self.clock = clock
         self.on_request = on_request or (lambda: None)
         metrics.track_usage(self.usage_by_session)
+
+    @classmethod
+    async def from_config(
+        cls,
+        config: Config,
+        *,
+        store: Store,
+        http: aiohttp.ClientSession,
+        metrics: Metrics,
+        demo_urls: dict[str, str],
+        on_request: Callable[[], None] | None = None,
+    ) -> Broker:
+        """The broker for ``config`` (and demo mode's stand-ins), with its usage loaded."""
+        broker = cls(
+            store=store,
+            upstreams=upstreams.from_config(config, demo_urls),
+            http=http,
+            ledger=Ledger(config.max_tokens_per_session, config.max_tokens_per_day),
+            metrics=metrics,
+            on_request=on_request,
+        )
+        await broker.load()
+        return broker
 
     # --- usage: persistence and reporting ---
 
@@ -270,7 +296,19 @@ def create_broker_app(broker: Broker) -> web.Application:
     return app
 
 
-async def serve_broker(broker: Broker, sock: Any) -> web.AppRunner:
+def bind(config: Config) -> socket.socket:
+    """The broker's listening socket (when systemd did not pass lovd-broker.socket)."""
+    try:
+        return socket.create_server((config.broker_host, config.broker_port), backlog=512)
+    except OSError as e:
+        raise OSError(
+            e.errno,
+            f"broker.listen: cannot listen on {config.broker_listen}: {e.strerror} "
+            "(another lovd? pick another port)",
+        ) from e
+
+
+async def serve_broker(broker: Broker, sock: socket.socket) -> web.AppRunner:
     runner = web.AppRunner(
         create_broker_app(broker), access_log=None, handle_signals=False, shutdown_timeout=1
     )

@@ -31,6 +31,7 @@ async def open_api(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncIt
     cfg = config.from_mapping(
         {
             "state_dir": str(tmp_path / "state"),
+            "runtime_dir": str(tmp_path / "run"),  # secrets and the egress hook stay in the test
             "port_range": f"{min(ports)}-{min(ports) + 200}",
             "ready_timeout": 3,
             **settings,
