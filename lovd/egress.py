@@ -277,6 +277,14 @@ def ensure(config: Config) -> Path | None:
         raise LovdError(
             "runner-failed", f"egress: cannot write the hook in {directory(config)}: {e}"
         ) from e
+    if not nft_path():
+        # The hook would refuse the container anyway; say why here, where the runner's
+        # own error (systemd-run's exit status) would not.
+        raise LovdError(
+            "unavailable",
+            "egress rules cannot be applied: nft is not installed on this host; install "
+            "nftables (apt-get install nftables) or set egress.enforce: false",
+        )
     return hooks_dir(config)
 
 

@@ -299,3 +299,19 @@ def test_hook_script_runs_in_posix_sh(tmp_path: Path) -> None:
     script = tmp_path / "hook.sh"
     script.write_text(egress.HOOK_SCRIPT)
     assert subprocess.run(["/bin/sh", "-n", str(script)], check=False).returncode == 0
+
+
+def test_a_start_without_nft_is_refused_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the runner reports (systemd-run only says 'exit 1'), lovd says why."""
+    from lovd import config as config_mod
+    from lovd.errors import LovdError
+
+    cfg = config_mod.from_mapping({"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "x")})
+    monkeypatch.setattr(egress, "HOOK_SEARCH_PATH", str(tmp_path / "empty"))
+    with pytest.raises(LovdError, match="install nftables"):
+        egress.ensure(cfg)
+    paths = {"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "r")}
+    off = config_mod.from_mapping({**paths, "egress": {"enforce": False}})
+    assert egress.ensure(off) is None
