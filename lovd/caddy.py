@@ -4,11 +4,17 @@ Routing never changes per session. lovd owns exactly one object in Caddy's confi
 the HTTP server ``apps.http.servers.<name>`` tagged ``"@id": "<name>"``:
 
 1. ``/c/*`` and ``/_lovd/*`` (and ``/`` for visitors without a session cookie) go to
-   lovd's public socket (landing page, session start, progress, browser entry);
+   lovd's public socket (landing page, session start, progress, browser entry) —
+   except ``/_lovd/auth*``, which Caddy answers itself with 404;
 2. everything else goes through ``forward_auth`` to lovd's ``/_lovd/auth``, which
    answers 2xx with ``X-Lovd-Upstream: 127.0.0.1:<port>`` and the container's
    ``Authorization`` header, and ``reverse_proxy`` dials that header (streaming,
    ``flush_interval -1``). Client-supplied ``X-Lovd-*`` headers are deleted first.
+
+The container's password must never reach a browser, so lovd answers ``/_lovd/auth``
+only to a request carrying ``X-Lovd-Gate: <gate key>``, which only the forward_auth
+subrequest sets. The key is HMAC(host key, "caddy-gate"): it lives in Caddy's config
+(never sent to a client), and it survives lovd restarts without a Caddy reload.
 
 Opening and closing sessions therefore never reloads Caddy (Caddy 2.6 reloads its
 whole config on every admin change and force-closes WebSockets of the old config).
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -37,12 +45,23 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from lovd.config import Config
+from lovd.sessions import load_host_key
 
 log = logging.getLogger(__name__)
 
 COOKIE_NAME = "lovd_session"
 AUTH_PATH = "/_lovd/auth"
 UPSTREAM_HEADER = "X-Lovd-Upstream"
+GATE_HEADER = "X-Lovd-Gate"
+# What the documentation renderings (caddy/lovd.caddy.json, caddy/lovd.caddyfile) show
+# instead of a real key: a Caddy placeholder, so a hand-run Caddy can take it from its
+# environment.
+GATE_KEY_PLACEHOLDER = "{env.LOVD_GATE_KEY}"
+
+
+def gate_key(host_key: bytes) -> str:
+    """The secret Caddy's forward_auth sends to lovd (see the module docstring)."""
+    return hmac.new(host_key, b"caddy-gate", hashlib.sha256).hexdigest()
 
 
 class CaddyError(Exception):
@@ -57,6 +76,7 @@ class Site:
     listen: tuple[str, ...]
     auth_socket: str
     public_url: str = ""
+    gate_key: str = GATE_KEY_PLACEHOLDER
 
     @property
     def hosts(self) -> list[str]:
@@ -85,6 +105,7 @@ def render_server(site: Site) -> dict[str, Any]:
                 "set": {
                     "X-Forwarded-Method": ["{http.request.method}"],
                     "X-Forwarded-Uri": ["{http.request.uri}"],
+                    GATE_HEADER: [site.gate_key],
                 }
             }
         },
@@ -132,6 +153,20 @@ def render_server(site: Site) -> dict[str, Any]:
         {
             **match(),
             "handle": [{"handler": "headers", "request": {"delete": ["X-Lovd-*"]}}],
+        },
+        # The auth answer carries the container's password: only forward_auth's
+        # subrequest (straight to lovd's socket) may get it, never a browser.
+        {
+            **match({"path": [f"{AUTH_PATH}*"]}),
+            "handle": [
+                {
+                    "handler": "static_response",
+                    "status_code": 404,
+                    "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+                    "body": "Not found: lovd's auth answer is only for Caddy itself.\n",
+                }
+            ],
+            "terminal": True,
         },
         {
             **match({"path": ["/c/*", "/_lovd/*"]}),
@@ -229,15 +264,21 @@ class CaddyManager:
     """Keeps lovd's server in Caddy's config; see the module docstring for the contract."""
 
     @classmethod
-    def from_config(cls, config: Config, auth_socket: str) -> CaddyManager | None:
-        """None when lovd does not manage Caddy (``caddy.admin`` empty)."""
+    def from_config(
+        cls, config: Config, auth_socket: str, host_key: bytes | None = None
+    ) -> CaddyManager | None:
+        """None when lovd does not manage Caddy (``caddy.admin`` empty). The host key
+        (for the gate key) is read from the state directory unless given."""
         if not config.caddy_admin:
             return None
+        if host_key is None:
+            host_key = load_host_key(config.state_path)
         site = Site(
             name=config.caddy_server,
             listen=tuple(config.caddy_listen),
             auth_socket=auth_socket,
             public_url=config.public_url,
+            gate_key=gate_key(host_key),
         )
         return cls(CaddyAdmin(config.caddy_admin), site, config.caddy_check_interval)
 

@@ -1,8 +1,11 @@
 """The browser path: what Caddy asks lovd, on lovd's public socket (``caddy.auth_socket``).
 
 Caddy sends every request that is not for lovd itself to ``GET /_lovd/auth``
-(``forward_auth``). The answer decides everything:
+(``forward_auth``, with the gate key in ``X-Lovd-Gate``; without it the answer is 404
+and holds nothing). The answer decides everything:
 
+- **403** for any request the chat UI does not need (web/allowlist.py: default deny,
+  method + path; terminals, shell, files, config writes, WebSockets, …).
 - **2xx**: the session cookie is valid and the container runs. The answer carries
   ``X-Lovd-Upstream: 127.0.0.1:<port>`` (derived from the cookie's session only, so a
   cookie of session A can never reach session B) and the container's own
@@ -13,7 +16,8 @@ Caddy sends every request that is not for lovd itself to ``GET /_lovd/auth``
   SSE, API) is *held* until the container is ready, then allowed. Never a 502.
 - **anything else** is returned by Caddy to the browser as is: 401 (no/invalid
   cookie, deleted session), 403 (expired), 429 (too many failures from one client
-  address), with an HTML page for navigations and problem+json otherwise.
+  address; a valid cookie is never refused for other clients' failures), with an HTML
+  page for navigations and problem+json otherwise.
 
 The same socket serves the landing page at ``/`` (Caddy routes ``/`` there when the
 request has no session cookie), ``POST /_lovd/start`` (rate-limited per client
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import hmac
 import html
 import json
 import logging
@@ -42,11 +48,12 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from lovd import ids
-from lovd.caddy import AUTH_PATH, COOKIE_NAME, UPSTREAM_HEADER
+from lovd.caddy import AUTH_PATH, COOKIE_NAME, GATE_HEADER, UPSTREAM_HEADER, gate_key
 from lovd.config import Config
 from lovd.errors import CODES, LovdError
 from lovd.sessions import Sessions
 from lovd.store import Session
+from lovd.web.allowlist import Allowlist, Decision
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,16 @@ def _original_method(request: web.Request) -> str:
     return request.headers.get("X-Forwarded-Method", request.method).upper()
 
 
+def _original_uri(request: web.Request) -> str:
+    return request.headers.get("X-Forwarded-Uri", request.path_qs)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    """Caddy's subrequest keeps the client's Upgrade header (a hop-by-hop header it
+    restores for upgrade requests)."""
+    return bool(request.headers.get("Upgrade"))
+
+
 def is_navigation(request: web.Request) -> bool:
     """A top-level page load (show a page) rather than XHR/SSE/asset (hold or JSON)."""
     mode = request.headers.get("Sec-Fetch-Mode")
@@ -165,12 +182,16 @@ class BrowserGate:
         failures: RateLimiter,
         starts: RateLimiter,
         hold_timeout: float,
+        gate_key: str,
+        allowlist: Allowlist | None = None,
         on_request: Callable[[], None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.failures = failures
         self.starts = starts
         self.hold_timeout = hold_timeout
+        self.gate_key = gate_key
+        self.allowlist = allowlist or Allowlist()
         self.on_request = on_request or (lambda: None)
         self.static = _static_files()
         self._template = Template(self.static["page.html"].decode())
@@ -183,12 +204,15 @@ class BrowserGate:
         config: Config,
         sessions: Sessions,
         on_request: Callable[[], None] | None = None,
+        allowlist: Allowlist | None = None,
     ) -> BrowserGate:
         return cls(
             sessions,
             failures=RateLimiter(config.browser_auth_failures, config.browser_auth_failure_window),
             starts=RateLimiter(config.browser_start_limit, config.browser_start_window),
             hold_timeout=config.ready_timeout + 5.0,
+            gate_key=gate_key(sessions.env.host_key),
+            allowlist=allowlist,
             on_request=on_request,
         )
 
@@ -216,18 +240,27 @@ class BrowserGate:
             raise LovdError("forbidden", "this session has expired; start a new one")
         return s
 
-    def _check_limit(self, addr: str) -> None:
-        retry = self.failures.retry_after(addr)
-        if retry is not None:
-            raise LovdError(
-                "rate-limited",
-                f"too many failed attempts from your address; try again in {human_seconds(retry)}",
-                retry_after=retry,
-            )
+    def authenticate(self, addr: str, check: Callable[[], Session]) -> Session:
+        """Run ``check`` (a cookie or link verification) under the failure limit.
 
-    def _failed(self, addr: str, err: LovdError) -> None:
-        self.failures.hit(addr)
-        log.info("browser auth refused for %s: %s", addr, err.message)
+        Valid credentials always pass: many users share one address behind a NAT, and
+        one of them guessing must not lock the others out. Invalid ones count against
+        the address, and once it is over the limit they get 429 instead of the reason.
+        """
+        try:
+            return check()
+        except LovdError as e:
+            retry = self.failures.retry_after(addr)
+            if retry is not None:
+                raise LovdError(
+                    "rate-limited",
+                    "too many failed attempts from your address; "
+                    f"try again in {human_seconds(retry)}",
+                    retry_after=retry,
+                ) from e
+            self.failures.hit(addr)
+            log.info("browser auth refused for %s: %s", addr, e.message)
+            raise
 
     def set_cookie(
         self, request: web.Request, resp: web.StreamResponse, s: Session, token: str
@@ -250,8 +283,19 @@ class BrowserGate:
 
     # --- forward_auth ---
 
+    def from_caddy(self, request: web.Request) -> bool:
+        """Whether the request carries the gate key only Caddy's forward_auth sends."""
+        sent = request.headers.get(GATE_HEADER, "")
+        return hmac.compare_digest(sent.encode(), self.gate_key.encode())
+
     async def auth(self, request: web.Request) -> web.StreamResponse:
         self.on_request()
+        if not self.from_caddy(request):
+            # Anyone else (a browser through Caddy's /_lovd/* route, a local process on
+            # the socket) learns nothing here: no upstream, no container password.
+            log.info("auth request without Caddy's gate key refused")
+            err = LovdError("not-found", f"there is nothing at {request.path}")
+            return self.refuse(request, err, _wants_html(request))
         value = self.cookie_value(request)
         nav = is_navigation(request)
         if value is None:
@@ -262,12 +306,23 @@ class BrowserGate:
             )
         addr = client_address(request)
         try:
-            self._check_limit(addr)
-            s = self.verify(value)
+            s = self.authenticate(addr, functools.partial(self.verify, value))
         except LovdError as e:
-            if e.code != "rate-limited":
-                self._failed(addr, e)
             return self.refuse(request, e, nav, clear=e.code != "rate-limited")
+        decision = self.allowlist.check(
+            _original_method(request), _original_uri(request), websocket=_is_websocket(request)
+        )
+        if not decision.allowed:
+            log.info(
+                "refused %s %s for a session's browser: %s",
+                decision.method,
+                decision.path[:200],
+                decision.reason,
+                extra={"SESSION_ID": s.id},
+            )
+            return self.refuse_route(request, decision, nav)
+        if decision.chat:
+            self.sessions.mark_used(s.id)
         if s.status == "running":
             return self.allow(s)
         if s.status == "failed":
@@ -378,6 +433,26 @@ class BrowserGate:
             self.clear_cookie(resp)
         return resp
 
+    def refuse_route(self, request: web.Request, decision: Decision, nav: bool) -> web.Response:
+        """403 for a request the chat UI does not need (web/allowlist.py)."""
+        what = f"{decision.method} {decision.path[:200]}"
+        if decision.route is not None:  # a known route, but not as a WebSocket
+            why = "WebSocket connections are not available in this service"
+        else:
+            why = (
+                "it is not available in this service: a session's browser may use only "
+                "what the chat needs"
+            )
+        err = LovdError("forbidden", f"{what}: {why}", extra={"refused": "opencode-route"})
+        if not nav:
+            return self.refuse(request, err, nav)
+        main = (
+            "<h1>Not available here</h1>"
+            f'<p class="notice" role="alert">{html.escape(what)}: {html.escape(why)}.</p>'
+            '<p><a href="/">Back to your session</a></p>'
+        )
+        return self.render(Page(403, "Not available here", main))
+
     def refusal_text(self, err: LovdError) -> str:
         if err.code == "too-many-sessions" and err.retry_after is not None:
             limit = err.extra.get("limit", self.sessions.config.max_running)
@@ -423,6 +498,15 @@ class BrowserGate:
     ) -> Page:
         limit = self.sessions.config.max_running
         used = self.sessions.running_count()
+        if not message and used >= limit:
+            # Say how long the wait really is (the soonest place to free up), and let
+            # Retry-After say the same.
+            retry_after = self.sessions.retry_after()
+            places = "The only place is" if limit == 1 else f"All {limit} places are"
+            message = (
+                f"{places} in use right now — one should free up within "
+                f"{human_seconds(retry_after)}; start your session then."
+            )
         notice = f'<p class="notice" role="alert">{html.escape(message)}</p>' if message else ""
         main = (
             "<h1>Research Norwegian law with an AI assistant</h1>"
@@ -488,12 +572,7 @@ class BrowserGate:
                 raise LovdError(
                     "unauthorized", "you have no session here; start one on the front page"
                 )
-            self._check_limit(addr)
-            try:
-                s = self.verify(value)
-            except LovdError as e:
-                self._failed(addr, e)
-                raise
+            s = self.authenticate(addr, functools.partial(self.verify, value))
         except LovdError as e:
             return _status_json(e.status, False, self.refusal_text(e), e.retry_after, error=True)
         if s.status == "running":
@@ -510,14 +589,11 @@ class BrowserGate:
         """``/c/{id}?token=…``: trade the one-time link for a session cookie, then go to ``/``."""
         self.on_request()
         addr = client_address(request)
+        token = request.query.get("token", "")
         try:
-            self._check_limit(addr)
-            sid = ids.check(request.match_info["id"])
-            token = request.query.get("token", "")
-            s = self.verify_token(sid, token)
+            sid = request.match_info["id"]
+            s = self.authenticate(addr, lambda: self.verify_token(ids.check(sid), token))
         except LovdError as e:
-            if e.code != "rate-limited":
-                self._failed(addr, e)
             return self.refuse(request, e, _wants_html(request))
         resp = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
         self.set_cookie(request, resp, s, token)

@@ -26,7 +26,31 @@ const ctx = await chromium.launchPersistentContext(profile, {
 });
 const page = ctx.pages()[0] || (await ctx.newPage());
 const statuses = [];
-page.on("response", (r) => statuses.push([r.status(), new URL(r.url()).pathname]));
+// Every request the page makes to the site (method, path with ids normalised, status),
+// so the gate's allowlist can be checked against what the UI really uses.
+const origin = new URL(base).origin;
+const requests = new Map();
+const normalise = (p) => p
+  .replace(/\/[a-z]{3}_[0-9A-Za-z]{20,}(?=\/|$)/g, "/{id}")
+  .replace(/^\/L[A-Za-z0-9_-]*(?=\/session(\/|$)|$)/, "/{dir}");
+page.on("response", async (r) => {
+  const u = new URL(r.url());
+  statuses.push([r.status(), u.pathname]);
+  if (u.origin !== origin) return;
+  const req = r.request();
+  const key = `${req.method()} ${normalise(u.pathname)}`;
+  const seen = requests.get(key) || { route: key, statuses: [], type: req.resourceType() };
+  if (!seen.statuses.includes(r.status())) seen.statuses.push(r.status());
+  requests.set(key, seen);
+  if (r.status() === 403 && (r.headers()["content-type"] || "").includes("problem+json")) {
+    const body = await r.text().catch(() => "");
+    if (body.includes("opencode-route")) seen.gate_refused = body.slice(0, 300);
+  }
+});
+page.on("websocket", (ws) => {
+  const key = `WS ${normalise(new URL(ws.url()).pathname)}`;
+  requests.set(key, { route: key, statuses: [], type: "websocket" });
+});
 
 async function until(what, fn, timeoutMs) {
   const end = Date.now() + timeoutMs;
@@ -90,6 +114,8 @@ try {
   await page.screenshot({ path: path.join(artifacts, "failure.png") }).catch(() => {});
   fs.writeFileSync(path.join(artifacts, "failure.html"), await page.content().catch(() => ""));
 } finally {
+  result.requests = [...requests.values()].sort((a, b) => a.route.localeCompare(b.route));
+  result.gate_refusals = result.requests.filter((r) => r.gate_refused);
   result.errors_5xx = statuses.filter(([s, p]) => s >= 500 && !(s === 503 && p === "/"));
   await ctx.close();
   fs.rmSync(profile, { recursive: true, force: true });

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from lovd.web.allowlist import Allowlist
 from tests.conftest import ROOT, image_present, need
 from tests.integration.caddy_harness import caddy_binary, harness
 
@@ -56,24 +57,24 @@ def browser_env(podman: str) -> None:
 async def test_landing_start_opencode_answer(browser_env: None) -> None:
     from lovd.demo.serve import serve_llm_stub, serve_lovdata_mcp
 
-    # Containers reach the host through host.containers.internal, which rootless
-    # Podman (slirp4netns) maps to the host's primary address: bind the stand-ins there.
-    mcp = await serve_lovdata_mcp("0.0.0.0", 0)
-    llm = await serve_llm_stub("0.0.0.0", 0)
-    gw = "host.containers.internal"
+    # Sessions reach them only through the credential broker (on the host's loopback,
+    # started by the harness), which is where these URLs are used.
+    mcp = await serve_lovdata_mcp("127.0.0.1", 0)
+    llm = await serve_llm_stub("127.0.0.1", 0)
     settings = {
         "image": SESSION_IMAGE,
         "ready_timeout": 90,
-        "mcp": {"lovdata": {"url": f"http://{gw}:{mcp.port}/mcp"}},
+        "mcp": {"lovdata": {"url": f"{mcp.base_url}/mcp"}},
         "llm": {
             "model": "lovd/legal-stub",
-            "base_url": f"http://{gw}:{llm.port}/v1",
+            "base_url": f"{llm.base_url}/v1",
             "api_key": "demo",
         },
     }
     artifacts = _artifacts()
     try:
-        async with harness(settings=settings, image=SESSION_IMAGE) as h:
+        # OpenCode's allowlist alone, as in production: the UI must work with it.
+        async with harness(settings=settings, image=SESSION_IMAGE, allowlist=Allowlist()) as h:
             proc = await asyncio.create_subprocess_exec(
                 "node",
                 str(HERE / "flow.mjs"),
@@ -101,6 +102,12 @@ async def test_landing_start_opencode_answer(browser_env: None) -> None:
             assert result["cookie_visible_to_js"] is False
             assert "lovdata.no/" in result["answer"]
             assert result["errors_5xx"] == []  # never a 502 on the way
+            # Nothing the UI asked for during the chat was refused by the gate.
+            assert result["gate_refusals"] == [], result["gate_refusals"]
+            # A prompt was sent through the gate: the session no longer counts as unused.
+            await h.sessions.flush_activity()
+            [s] = h.sessions.all()
+            assert s.used_at, "the prompt did not mark the session used"
             assert (artifacts / "2-opencode-ui.png").stat().st_size > 10000
             assert mcp.calls is not None and mcp.calls.snapshot()  # the model used a Lovdata tool
     finally:

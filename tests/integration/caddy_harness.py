@@ -3,12 +3,18 @@
 Used by tests/integration/test_caddy*.py, tests/browser and tests/bench. Caddy runs as a
 child process on free ports with its admin API on a unix socket in a temp dir. lovd's
 pieces are the production classes (Store, Sessions with the real Podman runner,
-BrowserGate on its own unix socket, CaddyManager); nothing is mocked.
+BrowserGate on its own unix socket, CaddyManager, the credential broker on a free port
+of the host's loopback); nothing is mocked.
 
 Host-side upstreams (``HostUpstream``) stand in for a session container only where a
 container cannot show what is tested: streaming (SSE with controlled timing, idle
 streams, WebSockets) and echoing exactly which headers arrived. They are registered as
 session rows whose port is the host server's port — the same thing lovd routes by.
+
+The stand-ins and the test image serve paths OpenCode does not have (``/x``, ``/sse``,
+``/ws``, ``/cgi-bin/echo``…), so by default the gate allows ``STAND_IN_ROUTES`` on top
+of OpenCode's allowlist. Tests of the allowlist itself, and the browser test, pass
+``allowlist=Allowlist()``: OpenCode's list alone, as in production.
 """
 
 from __future__ import annotations
@@ -31,13 +37,25 @@ from aiohttp import web
 
 from lovd import config as config_mod
 from lovd import ids
+from lovd.broker import server as broker_server
+from lovd.broker.server import Broker
 from lovd.caddy import CaddyAdmin, CaddyManager
 from lovd.metrics import Metrics
 from lovd.podman import PodmanCLI
 from lovd.runner import PodmanRunner
 from lovd.sessions import SessionEnv, Sessions, load_host_key
 from lovd.store import Session, Store
+from lovd.web.allowlist import OPENCODE_ROUTES, Allowlist, Route
 from lovd.web.proxy import BrowserGate, serve_public
+
+_ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+STAND_IN_ROUTES = (
+    Route(_ANY, "/x", "HostUpstream.echo: shows what reached the upstream", api=False),
+    Route(_ANY, "/cgi-bin/echo", "the test image: names its session", api=False),
+    Route(frozenset({"GET"}), "/sse", "HostUpstream.sse", api=False),
+    Route(frozenset({"GET"}), "/idle", "HostUpstream.idle", api=False),
+    Route(frozenset({"GET"}), "/ws", "HostUpstream.ws", api=False, websocket=True),
+)
 
 
 def free_port() -> int:
@@ -264,6 +282,7 @@ async def harness(
     settings: dict[str, Any] | None = None,
     image: str = "localhost/lovd-test:latest",
     run_manager: bool = True,
+    allowlist: Allowlist | None = None,
 ) -> AsyncIterator[Harness]:
     # Short paths: unix socket paths are limited to 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="lovd-caddy-", dir="/tmp"))
@@ -272,6 +291,7 @@ async def harness(
     base = 20000 + (os.getpid() * 7 + port) % 9000
     conf: dict[str, Any] = {
         "state_dir": str(workdir / "state"),
+        "broker": {"listen": f"127.0.0.1:{free_port()}"},
         "image": image,
         "runner": "podman",
         "port_range": f"{base}-{base + 499}",
@@ -297,10 +317,20 @@ async def harness(
     http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
     pool = aiohttp.ClientSession()
     runner = PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, store.instance_id)
+    metrics = Metrics()
     sessions = Sessions(
-        cfg, store, runner, pool, SessionEnv(cfg, load_host_key(cfg.state_path)), Metrics(), "test"
+        cfg, store, runner, pool, SessionEnv(cfg, load_host_key(cfg.state_path)), metrics, "test"
     )
-    gate = BrowserGate.from_config(cfg, sessions)
+    # Sessions reach LLMs and MCP servers only through the broker (lovd/broker/).
+    # Its own pool, as in the daemon: it passes bodies through without decompressing.
+    broker_http = aiohttp.ClientSession(auto_decompress=False)
+    broker = await Broker.from_config(
+        cfg, store=store, http=broker_http, metrics=metrics, demo_urls={}
+    )
+    broker_runner = await broker_server.serve_broker(broker, broker_server.bind(cfg))
+    gate = BrowserGate.from_config(
+        cfg, sessions, allowlist=allowlist or Allowlist(OPENCODE_ROUTES + STAND_IN_ROUTES)
+    )
     manager = CaddyManager.from_config(cfg, cfg.caddy_auth_socket)
     assert manager is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -321,6 +351,8 @@ async def harness(
                 await sessions.delete(s.id, "test teardown")
         await gate.drain()
         await sessions.drain()
+        await broker_runner.cleanup()
+        await broker_http.close()
         if h.public is not None:
             await h.public.cleanup()
         for u in h.upstreams:

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from lovd.caddy import CaddyAdmin, Site, render_server
+from lovd.caddy import GATE_KEY_PLACEHOLDER, CaddyAdmin, Site, render_server
 from lovd.pool import WarmPool
 from tests.conftest import ROOT
 from tests.integration.caddy_harness import Harness, cookie, free_port, harness
@@ -44,6 +44,10 @@ async def _container_session(h: Harness) -> tuple[str, str]:
 def test_shipped_json_is_what_lovd_pushes() -> None:
     shipped = json.loads((ROOT / "caddy" / "lovd.caddy.json").read_text())
     assert shipped == render_server(Site("lovd", (":80",), "/run/lovd/auth.sock"))
+    # The documentation shows a placeholder, never a gate key.
+    text = (ROOT / "caddy" / "lovd.caddy.json").read_text()
+    assert GATE_KEY_PLACEHOLDER in text
+    assert GATE_KEY_PLACEHOLDER in (ROOT / "caddy" / "lovd.caddyfile").read_text()
 
 
 async def test_apply_is_idempotent_and_touches_only_lovds_id(caddy_bin: str) -> None:
@@ -249,11 +253,16 @@ async def test_twenty_bad_tokens_get_429(caddy_bin: str) -> None:
             statuses.append(status)
         assert statuses[0] == 401
         assert 429 in statuses and statuses[-1] == 429
-        status, headers, body = await _get(h, "/x", {**NAV, **cookie(s, token)})
+        status, headers, body = await _get(h, "/x", {**NAV, "Cookie": f"lovd_session={s.id}.x"})
         assert status == 429 and int(headers["Retry-After"]) > 0
         assert "try again in" in body
-        status, _, _ = await _get(h, f"/c/{s.id}?token={token}")
+        status, _, _ = await _get(h, f"/c/{s.id}?token=bad")
         assert status == 429  # the entry link is limited by the same counter
+        # Everybody here shares 127.0.0.1, like users behind one NAT: the valid cookie
+        # and the valid link still work (tests/integration/test_gate_caddy.py).
+        status, _, body = await _get(h, "/x", {**NAV, **cookie(s, token)})
+        assert status == 200 and json.loads(body)["upstream"] == "a"
+        assert (await _get(h, f"/c/{s.id}?token={token}"))[0] == 303
 
 
 async def test_delete_revokes(caddy_bin: str, test_image: str) -> None:
