@@ -6,12 +6,13 @@
 #   sudo packaging/install.sh --uninstall --purge  # ... and the data, config and user
 #
 # What "install" does, in order:
-#   packages (apt, only what is missing) · the lovd user and lovd-api group (sysusers.d)
-#   with subordinate uid/gid ranges · tmpfiles.d · lovd into its own venv · the units,
-#   the user@.service delegation drop-in and a per-host lovd.service drop-in (the lovd
-#   user's uid) · /etc/lovd/lovd.conf (only if absent) · linger for lovd · lovd's rootless
-#   Podman config · its podman.socket · the session image (built as lovd) ·
-#   `systemctl enable --now lovd.socket`.
+#   packages (apt, only what is missing) · the lovd user and the lovd-api and lovd-web
+#   groups (sysusers.d), with subordinate uid/gid ranges · tmpfiles.d · lovd into its own
+#   venv · the units, the user@.service delegation drop-in and a per-host lovd.service
+#   drop-in (the lovd user's uid) · /etc/lovd/lovd.conf (only if absent) · linger for
+#   lovd · lovd's rootless Podman config · its podman.socket · the session image (built
+#   as lovd) ·
+#   `systemctl enable --now lovd.socket lovd-auth.socket lovd-broker.socket`.
 #
 # Environment:
 #   LOVD_IMAGE=full|test|none   which session image to build (default full: OpenCode;
@@ -21,13 +22,22 @@
 #   LOVD_VENV=/opt/lovd/venv    where lovd is installed; LOVD_REINSTALL=1 forces pip
 #   LOVD_SUBID_COUNT=1048576    size of lovd's subordinate id range (--userns=auto needs
 #                               65536 per container by default)
+#
+# Everything below /var/lib/lovd belongs to the lovd user, who may have replaced any of it
+# with a link: root writes nothing there itself -- the user's own files are written as the
+# user (lib.sh, "Root and the paths the lovd user controls").
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=lib.sh
+# Not wherever root happened to be (say ~lovd): python -c would import from there.
+cd /
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$SRC/packaging/lib.sh"
 LOVD_USER=lovd
+# Members may use the operator API (/run/lovd/api.sock): operators, never the web server.
 API_GROUP=lovd-api
+# Members may use the browser path (/run/lovd/auth.sock): the web server (Caddy) only.
+WEB_GROUP=lovd-web
 STATE=/var/lib/lovd
 VENV=${LOVD_VENV:-/opt/lovd/venv}
 ETC=/etc/lovd
@@ -46,7 +56,8 @@ for arg in "$@"; do
   case $arg in
     --uninstall) mode=uninstall ;;
     --purge) purge=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    # The comment block at the top (not "$0": a relative path no longer leads there from /).
+    -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$SRC/packaging/install.sh"; exit 0 ;;
     *) die "unknown argument $arg (see --help)" ;;
   esac
 done
@@ -68,7 +79,8 @@ as_lovd() {
 uninstall() {
   local uid; uid=$(uid_of || true)
   log "stopping lovd"
-  systemctl disable --now lovd.socket lovd-auth.socket lovd.service >/dev/null 2>&1 || true
+  systemctl disable --now lovd.socket lovd-auth.socket lovd-broker.socket lovd.service \
+    >/dev/null 2>&1 || true
   if [ -n "$uid" ] && systemctl is-active --quiet "user@$uid.service"; then
     log "stopping session units of the $LOVD_USER user"
     user_ctl stop 'lovd-session-*.service' >/dev/null 2>&1 || true
@@ -76,7 +88,8 @@ uninstall() {
     user_ctl disable --now podman.socket >/dev/null 2>&1 || true
   fi
   if [ -n "$uid" ]; then loginctl disable-linger "$LOVD_USER" 2>/dev/null || true; fi
-  rm -f "$UNIT_DIR/lovd.socket" "$UNIT_DIR/lovd-auth.socket" "$UNIT_DIR/lovd.service" \
+  rm -f "$UNIT_DIR/lovd.socket" "$UNIT_DIR/lovd-auth.socket" "$UNIT_DIR/lovd-broker.socket" \
+        "$UNIT_DIR/lovd.service" \
         "$UNIT_DIR/user@.service.d/lovd-delegate.conf" \
         /etc/sysusers.d/lovd.conf /etc/tmpfiles.d/lovd.conf
   rm -rf "$UNIT_DIR/lovd.service.d" "$SHARE"
@@ -92,12 +105,20 @@ uninstall() {
     fi
     # Workspaces belong to lovd's subordinate ids; root removes them regardless.
     rm -rf "$ETC"
-    # $STATE may be a mount point: empty it, then try to remove it.
-    find "$STATE" -mindepth 1 -delete 2>/dev/null || rm -rf "${STATE:?}"/* "${STATE:?}"/.[!.]* 2>/dev/null || true
-    rmdir "$STATE" 2>/dev/null || true
+    # $STATE may be a mount point: empty it, then try to remove it. Root deletes below a
+    # directory lovd controlled, so: find -P (the default) removes a planted link itself,
+    # never what it points to; GNU find checks that it entered the directory it examined
+    # (find's "Security Considerations"), so a directory swapped for a link mid-walk is
+    # not followed; -xdev keeps it off other file systems (e.g. a FUSE mount lovd made
+    # there with fusermount).
+    if [ -d "$STATE" ] && [ ! -L "$STATE" ]; then
+      find -P "$STATE" -xdev -mindepth 1 -delete 2>/dev/null || true
+      rmdir "$STATE" 2>/dev/null || true
+    fi
     sed -i "/^$LOVD_USER:/d" /etc/subuid /etc/subgid
     userdel "$LOVD_USER" 2>/dev/null || true
     groupdel "$API_GROUP" 2>/dev/null || true
+    groupdel "$WEB_GROUP" 2>/dev/null || true
     groupdel "$LOVD_USER" 2>/dev/null || true
   else
     log "kept: $STATE (data, Podman store), $ETC (config), the $LOVD_USER user; --purge removes them"
@@ -117,7 +138,7 @@ fi
 if [ -e /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then chmod 0666 /dev/net/tun; fi
 
 # ---------------------------------------------------------------- user, ids, dirs
-log "user $LOVD_USER and group $API_GROUP (sysusers.d)"
+log "user $LOVD_USER, groups $API_GROUP and $WEB_GROUP (sysusers.d)"
 install -D -m 0644 "$SRC/units/lovd.sysusers" /etc/sysusers.d/lovd.conf
 systemd-sysusers /etc/sysusers.d/lovd.conf
 uid=$(uid_of) || die "systemd-sysusers did not create $LOVD_USER"
@@ -149,7 +170,7 @@ fi
 # A regular (not editable) install of this source: the hardened service cannot see a
 # checkout in /tmp or /home, so an editable install would not import there.
 installed_ok() {
-  "$VENV/bin/python" - "$SRC" <<'PY' 2>/dev/null
+  "$VENV/bin/python" -I - "$SRC" <<'PY' 2>/dev/null
 import sys, pathlib, aiohttp, sdnotify, lovd
 src = pathlib.Path(sys.argv[1], "lovd", "__init__.py").read_text()
 inside = pathlib.Path(lovd.__file__).resolve().is_relative_to(pathlib.Path(sys.prefix).resolve())
@@ -203,7 +224,7 @@ fi
 # ---------------------------------------------------------------- units
 log "installing units"
 install -m 0644 "$SRC/units/lovd.socket" "$SRC/units/lovd-auth.socket" \
-  "$SRC/units/lovd.service" "$UNIT_DIR/"
+  "$SRC/units/lovd-broker.socket" "$SRC/units/lovd.service" "$UNIT_DIR/"
 if [ "$VENV" != /opt/lovd/venv ]; then
   sed -i "s|/opt/lovd/venv|$VENV|" "$UNIT_DIR/lovd.service"
 fi
@@ -222,9 +243,30 @@ Environment=XDG_RUNTIME_DIR=/run/user/$uid DBUS_SESSION_BUS_ADDRESS=unix:path=/r
 EOF
 systemctl daemon-reload
 
-# Let Caddy (if installed) reach the API socket.
-if id caddy >/dev/null 2>&1 && ! id -nG caddy | tr ' ' '\n' | grep -qx "$API_GROUP"; then
-  usermod -a -G "$API_GROUP" caddy
+# Caddy (if installed) reaches the browser path's socket through lovd-web, and must not
+# reach the operator API: a hole in the web server facing the internet would otherwise
+# create, list and delete sessions. Earlier versions put it in lovd-api; take it out.
+in_group() { id -nG "$1" | tr ' ' '\n' | grep -qx "$2"; }
+if id caddy >/dev/null 2>&1; then
+  caddy_changed=
+  if in_group caddy "$API_GROUP"; then
+    log "removing caddy from $API_GROUP (it reaches lovd through $WEB_GROUP now)"
+    gpasswd -d caddy "$API_GROUP" >/dev/null \
+      || die "could not remove caddy from $API_GROUP (its primary group?)"
+    caddy_changed=1
+  fi
+  if ! in_group caddy "$WEB_GROUP"; then
+    usermod -a -G "$WEB_GROUP" caddy
+    caddy_changed=1
+  fi
+  # A running Caddy keeps the groups it started with.
+  if [ -n "$caddy_changed" ]; then
+    if systemctl is-active --quiet caddy.service; then
+      systemctl restart caddy.service
+    else
+      log "caddy's groups changed: restart any Caddy you run yourself"
+    fi
+  fi
 fi
 
 # ---------------------------------------------------------------- the user manager
@@ -246,7 +288,8 @@ cgroup_manager=systemd
 # adds scope round trips, and cgroupfs is what Podman itself falls back to.
 [ -f /sys/fs/cgroup/cgroup.controllers ] || cgroup_manager=cgroupfs
 cfg="$STATE/.config/containers"
-install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0700 "$STATE/.config" "$cfg"
+# As lovd: these paths are lovd's to replace (lib.sh).
+owner_mkdir "$LOVD_USER" 0700 "$STATE/.config" "$cfg"
 tmp=$(mktemp)
 cat > "$tmp" <<CONF
 # Written by lovd's packaging/install.sh (rewritten on every install).
@@ -261,9 +304,9 @@ cgroup_manager = "$cgroup_manager"
 events_logger = "journald"
 CONF
 changed=
-put_config() {  # put_config SRC DEST: install only when different, and remember it
-  if ! cmp -s "$1" "$2"; then
-    install -o "$LOVD_USER" -g "$LOVD_USER" -m 0644 "$1" "$2"
+put_config() {  # put_config SRC DEST: write DEST as lovd only when different, and remember it
+  if ! owner_same "$LOVD_USER" "$1" "$2"; then
+    owner_write "$LOVD_USER" 0644 "$2" < "$1"
     changed=1
   fi
 }
@@ -307,7 +350,7 @@ case $IMAGE_KIND in
   test|full)
     if [ "$IMAGE_KIND" = test ]; then image=$TEST_IMAGE; flag=--test
     else
-      image=$("$VENV/bin/python" -c 'import sys; from lovd import config; print(config.load(sys.argv[1]).image)' "$ETC/lovd.conf")
+      image=$("$VENV/bin/python" -I -c 'import sys; from lovd import config; print(config.load(sys.argv[1]).image)' "$ETC/lovd.conf")
       flag=
     fi
     if [ -n "${LOVD_REBUILD_IMAGE:-}" ] || ! as_lovd podman image exists "$image"; then
@@ -323,12 +366,31 @@ case $IMAGE_KIND in
 esac
 
 # ---------------------------------------------------------------- start
-log "enabling lovd.socket and lovd-auth.socket"
-systemctl enable --now lovd.socket lovd-auth.socket
+sockets=(lovd.socket lovd-auth.socket lovd-broker.socket)
+log "enabling ${sockets[*]}"
+# lovd tells the sockets systemd passes it apart by address: lovd-broker.socket must
+# listen where lovd.conf puts the broker (a drop-in may move it).
+broker=$("$VENV/bin/python" -I -c 'import sys; from lovd import config; print(config.load(sys.argv[1]).broker_listen)' "$ETC/lovd.conf")
+listen=$(systemctl show -P Listen lovd-broker.socket)
+[ "$listen" = "$broker (Stream)" ] || die "lovd-broker.socket listens on '${listen% (Stream)}' but broker.listen in $ETC/lovd.conf is '$broker': change one (systemctl edit lovd-broker.socket: ListenStream= then ListenStream=$broker)"
+# An upgrade: a socket keeps the owner, group and mode it was created with (e.g. auth.sock
+# in lovd-api before lovd-web existed) until it is re-created, which systemd refuses
+# while lovd.service runs; the sockets queue connections while lovd restarts.
+sock_is() { [ ! -S "$1" ] || [ "$(stat -c '%U:%G %a' "$1")" = "$2" ]; }
+if ! sock_is /run/lovd/api.sock "$LOVD_USER:$API_GROUP 660" \
+   || ! sock_is /run/lovd/auth.sock "$LOVD_USER:$WEB_GROUP 660"; then
+  log "re-creating lovd's sockets with the units' owner and mode"
+  systemctl stop lovd.service
+  systemctl restart lovd.socket lovd-auth.socket
+fi
+# An upgrade from before lovd-broker.socket: that lovd binds the broker's port itself,
+# so the socket could not; lovd starts again through its sockets.
+if ! systemctl is-active --quiet lovd-broker.socket; then systemctl stop lovd.service; fi
+systemctl enable --now "${sockets[@]}"
 # An upgrade: a running daemon picks up the new code and units.
 systemctl try-restart lovd.service
 if command -v curl >/dev/null; then
   code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 --unix-socket /run/lovd/api.sock http://lovd/api/health || true)
   log "lovd API health: HTTP $code (curl --unix-socket /run/lovd/api.sock http://lovd/api/health)"
 fi
-log "done. Operators: usermod -aG $API_GROUP USER to use the lovd CLI; logs: journalctl -u lovd"
+log "done. Operators: usermod -aG $API_GROUP USER to use the lovd CLI (never the web server's user); logs: journalctl -u lovd"

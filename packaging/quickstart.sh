@@ -7,6 +7,8 @@
 # With no LLM key and no Lovdata MCP URL configured, the demo stand-ins are used.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/packaging/lib.sh"
 VENV=${LOVD_VENV:-/opt/lovd/venv}
 CONF=${LOVD_CONFIG:-/etc/lovd/lovd.conf}
 
@@ -25,7 +27,8 @@ if [ "$(ps -p 1 -o comm=)" = systemd ] && [ -x "$here/packaging/install.sh" ]; t
 fi
 
 install -d -m 0755 /etc/lovd
-install -d -o lovd -g lovd -m 0755 /run/lovd
+# lovd binds its sockets here itself (no systemd to hold them); /run is root's alone.
+owned_dir lovd lovd 0755 /run/lovd
 if [ ! -f "$CONF" ]; then
   # Everything not set here has the default documented in lovd.conf.example.
   cat > "$CONF" <<CONF
@@ -47,7 +50,9 @@ as_lovd() {
 caddy_conf=$(mktemp /tmp/lovd-caddy.XXXXXX.json)
 printf '{"admin":{"listen":"unix//run/lovd/caddy-admin.sock","config":{"persist":false}}}' > "$caddy_conf"
 chmod 0644 "$caddy_conf"
-as_lovd caddy run --config "$caddy_conf" > /var/lib/lovd/caddy.log 2>&1 &
+# The log is opened by lovd, not by root's shell: ~lovd/caddy.log may be a planted link.
+# shellcheck disable=SC2016 # expanded by the inner shell, as lovd
+as_lovd sh -c 'exec caddy run --config "$1" > "$HOME/caddy.log" 2>&1' caddy "$caddy_conf" &
 caddy_pid=$!
 trap 'kill $caddy_pid 2>/dev/null; rm -f "$caddy_conf"' EXIT
 trap 'exit 130' INT TERM  # so the EXIT trap also runs when we are signalled

@@ -5,10 +5,21 @@
 #
 #   sudo packaging/setup-host.sh            # everything
 #   LOVD_SKIP_APT=1 packaging/setup-host.sh # skip apt (already installed)
+#
+# Environment: LOVD_USER, LOVD_HOME (its parent directories must be root's alone),
+# LOVD_VENV, LOVD_SUBID_START, LOVD_SUBID_COUNT; LOVD_SKIP_APT=1; LOVD_SKIP_VENV=1 (use the
+# venv as it is: no pip); LOVD_SKIP_IMAGES=1 (build no session image) or
+# LOVD_SKIP_OPENCODE_IMAGE=1 (only the test image).
+#
+# Everything below LOVD_HOME belongs to the lovd user, who may have replaced any of it
+# with a link: root only creates LOVD_HOME itself, and writes the user's files as the
+# user (lib.sh, "Root and the paths the lovd user controls").
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=lib.sh
+# Not wherever root happened to be: python -c would import from the working directory.
+cd /
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$here/packaging/lib.sh"
 LOVD_USER=${LOVD_USER:-lovd}
 LOVD_HOME=${LOVD_HOME:-/var/lib/lovd}
@@ -40,12 +51,15 @@ if [ -e /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != 666 ]; then
   chmod 0666 /dev/net/tun
 fi
 
+# Before the user exists: its home must be a directory only root can replace.
+root_only_parents "$LOVD_HOME" >/dev/null || exit 1
 if ! id "$LOVD_USER" >/dev/null 2>&1; then
   log "creating user $LOVD_USER"
-  useradd --system --user-group --home-dir "$LOVD_HOME" --create-home \
+  # No --create-home: owned_dir makes it (and a system user needs no skeleton files).
+  useradd --system --user-group --home-dir "$LOVD_HOME" --no-create-home \
     --shell /usr/sbin/nologin --comment "lovd session daemon" "$LOVD_USER"
 fi
-install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0750 "$LOVD_HOME"
+owned_dir "$LOVD_USER" "$LOVD_USER" 0750 "$LOVD_HOME"
 if ! grep -q "^$LOVD_USER:" /etc/subuid; then
   usermod --add-subuids "$SUBID_START-$((SUBID_START + SUBID_COUNT - 1))" "$LOVD_USER"
 fi
@@ -61,11 +75,12 @@ if [ ! -f /sys/fs/cgroup/cgroup.controllers ] || ! command -v crun >/dev/null; t
 if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
   cgroup_manager=systemd; events_logger=journald
 else
-  cgroup_manager=cgroupfs; events_logger=file
+  cgroup_manager=cgroupfs; events_logger="file"
 fi
 cfg="$LOVD_HOME/.config/containers"
-install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0700 "$LOVD_HOME/.config" "$cfg"
-cat > "$cfg/containers.conf" <<CONF
+# As the user: these paths are the user's to replace (lib.sh).
+owner_mkdir "$LOVD_USER" 0700 "$LOVD_HOME/.config" "$cfg"
+owner_write "$LOVD_USER" 0644 "$cfg/containers.conf" <<CONF
 # Written by lovd's setup-host.sh.
 [containers]
 # Rootless processes may not raise limits above the hard limit of the user.
@@ -75,35 +90,39 @@ runtime = "$runtime"
 cgroup_manager = "$cgroup_manager"
 events_logger = "$events_logger"
 CONF
-cat > "$cfg/storage.conf" <<CONF
+owner_write "$LOVD_USER" 0644 "$cfg/storage.conf" <<CONF
 # Written by lovd's setup-host.sh: native rootless overlay instead of the vfs
 # fallback (which copies every image per container).
 [storage]
 driver = "overlay"
 CONF
-chown "$LOVD_USER:$LOVD_USER" "$cfg/containers.conf" "$cfg/storage.conf"
 
 if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
   loginctl enable-linger "$LOVD_USER"
 else
   # No systemd: give the user a runtime dir as pam_systemd would.
-  install -d -o "$LOVD_USER" -g "$LOVD_USER" -m 0700 "/run/user/$uid"
+  owned_dir root root 0755 /run/user
+  owned_dir "$LOVD_USER" "$LOVD_USER" 0700 "/run/user/$uid"
 fi
 
-log "installing lovd into $VENV"
-install -d -m 0755 "$(dirname "$VENV")"
-# Debian's interpreter, so the unprivileged lovd user can run the venv.
-[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q -e "$here[dev]"
+if [ -z "${LOVD_SKIP_VENV:-}" ]; then
+  log "installing lovd into $VENV"
+  install -d -m 0755 "$(dirname "$VENV")"
+  # Debian's interpreter, so the unprivileged lovd user can run the venv.
+  [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e "${here}[dev]"
+fi
 
 as_lovd() { runuser -u "$LOVD_USER" -- env -C "$LOVD_HOME" HOME="$LOVD_HOME" XDG_RUNTIME_DIR="/run/user/$uid" "$@"; }
 as_lovd podman system migrate >/dev/null 2>&1 || true
 
-log "building the test session image"
-as_lovd "$VENV/bin/lovd" image build --test >/dev/null
-if [ -z "${LOVD_SKIP_OPENCODE_IMAGE:-}" ]; then
-  log "building the OpenCode session image"
-  as_lovd "$VENV/bin/lovd" image build
+if [ -z "${LOVD_SKIP_IMAGES:-}" ]; then
+  log "building the test session image"
+  as_lovd "$VENV/bin/lovd" image build --test >/dev/null
+  if [ -z "${LOVD_SKIP_OPENCODE_IMAGE:-}" ]; then
+    log "building the OpenCode session image"
+    as_lovd "$VENV/bin/lovd" image build
+  fi
 fi
 log "host ready: run 'lovd doctor' as $LOVD_USER to check it"

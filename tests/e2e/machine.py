@@ -242,7 +242,8 @@ class Machine:
             # Prove the script creates everything: the host image has a lovd user.
             self.sh(
                 "userdel lovd 2>/dev/null; groupdel lovd 2>/dev/null;"
-                " groupdel lovd-api 2>/dev/null; sed -i '/^lovd:/d' /etc/subuid /etc/subgid; true"
+                " groupdel lovd-api 2>/dev/null; groupdel lovd-web 2>/dev/null;"
+                " sed -i '/^lovd:/d' /etc/subuid /etc/subgid; true"
             )
         # The machine overlays the host's /: a config left there by the host (with the
         # host lovd group's gid) must not leak in.

@@ -35,11 +35,14 @@ def test_security_exposure_at_most_2(analyze: str) -> None:
     assert float(m.group(1)) <= 2.0, r.stdout
 
 
-@pytest.mark.parametrize("unit", ["lovd.socket", "lovd-auth.socket", "lovd.service"])
+UNIT_FILES = ("lovd.socket", "lovd-auth.socket", "lovd-broker.socket", "lovd.service")
+
+
+@pytest.mark.parametrize("unit", UNIT_FILES)
 def test_verify_clean(analyze: str, unit: str, tmp_path: Path) -> None:
-    # Verify the pair together (the service Requires= the socket), from a copy so the
-    # installed units of this host cannot interfere.
-    for u in ("lovd.socket", "lovd-auth.socket", "lovd.service"):
+    # Verify them together (the service names every socket in Sockets=), from a copy so
+    # the installed units of this host cannot interfere.
+    for u in UNIT_FILES:
         shutil.copy(UNITS / u, tmp_path / u)
     r = subprocess.run(
         [analyze, "verify", "--man=no", str(tmp_path / unit)],
@@ -85,7 +88,8 @@ def test_sysusers_and_tmpfiles_parse(tmp_path: Path) -> None:
         check=False,
     )
     assert r.returncode == 0, r.stderr
-    assert "lovd" in r.stderr + r.stdout and "lovd-api" in r.stderr + r.stdout
+    for name in ("lovd", "lovd-api", "lovd-web"):
+        assert name in r.stderr + r.stdout, (name, r.stderr + r.stdout)
     r = subprocess.run(
         ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "lovd.tmpfiles")],
         capture_output=True,

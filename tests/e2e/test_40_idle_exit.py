@@ -1,6 +1,7 @@
 """idle_exit: with no API requests lovd exits (sending STOPPING=1) and leaves every
-session running; the socket stays, and the next connection starts lovd again, which
-re-adopts the sessions."""
+session running; the sockets stay, and the next connection to any of them -- the browser
+path's, the credential broker's, the API's -- starts lovd again, which re-adopts the
+sessions."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.e2e.test_30_restart import ensure_sessions, unit_pids
 
 pytestmark = pytest.mark.systemd
 IDLE = 3.0
+BROKER = "127.0.0.1:18780"  # lovd-broker.socket's ListenStream= and broker.listen's default
 
 
 def test_idle_exit_and_reactivation(machine: Machine) -> None:
@@ -59,15 +61,43 @@ def test_idle_exit_and_reactivation(machine: Machine) -> None:
         # activates lovd too: held, not refused, while lovd is down.
         assert m.out("systemctl", "is-active", "lovd-auth.socket") == "active"
         landing = m.run(
-            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-            "--unix-socket", "/run/lovd/auth.sock", "http://lovd/",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+            "/run/lovd/auth.sock",
+            "http://lovd/",
         )
         assert landing.stdout == "200", landing.stdout
         assert m.out("systemctl", "is-active", "lovd.service") == "active"
-        # systemd's socket keeps its owner and mode (lovd must not widen it).
+        # systemd's socket keeps its owner and mode (lovd must not widen it): Caddy's
+        # group, not the operators'.
         mode = m.out("stat", "-c", "%F %U:%G %a", "/run/lovd/auth.sock")
-        assert mode == "socket lovd:lovd-api 660", mode
+        assert mode == "socket lovd:lovd-web 660", mode
         m.wait_for("lovd to exit when idle again", exited, timeout=IDLE + 15, interval=0.2)
+
+        # A session's LLM call to the broker activates lovd as well: held by
+        # lovd-broker.socket, then answered by lovd's broker itself (no credential: 401,
+        # or 404 for a path it does not offer) -- never a refused connection (curl: 000).
+        assert m.out("systemctl", "is-active", "lovd-broker.socket") == "active"
+        llm = m.run(
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "30",
+            f"http://{BROKER}/llm/lovd/x",
+            check=False,
+        )
+        assert llm.stdout in ("401", "404"), (llm.returncode, llm.stdout, llm.stderr)
+        assert m.out("systemctl", "is-active", "lovd.service") == "active"
+        m.wait_for("lovd to exit when idle a third time", exited, timeout=IDLE + 15, interval=0.2)
 
         # The next API connection activates lovd, which re-adopts them.
         cursor = m.cursor()
