@@ -67,6 +67,7 @@ class Route:
     why: str
     api: bool = True  # an OpenCode API route (checked against /doc), else a UI page/asset
     chat: bool = False  # sends a prompt: the session is in use (Sessions.mark_used)
+    body: bool = False  # its body can change the agent's rules: lovd checks it (bodycheck.py)
     websocket: bool = False  # may be a WebSocket upgrade
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -145,12 +146,12 @@ OPENCODE_ROUTES: tuple[Route, ...] = (
     _r("GET", "/global/event", "live updates of chats and replies (SSE)"),
     # Chats and their messages.
     _r("GET", "/session", "the chat list"),
-    _r("POST", "/session", "start a new chat"),
+    _r("POST", "/session", "start a new chat", body=True),
     _r("GET", "/session/status", "which chats are busy"),
     _r("GET", "/session/{sessionID}", "one chat"),
     _r("GET", "/session/{sessionID}/message", "a chat's messages"),
     _r("GET", "/session/{sessionID}/todo", "the assistant's to-do list"),
-    _r("POST", "/session/{sessionID}/prompt_async", "ask a question", chat=True),
+    _r("POST", "/session/{sessionID}/prompt_async", "ask a question", chat=True, body=True),
     _r("POST", "/session/{sessionID}/abort", "stop a reply"),
     # Prompts the assistant may show while answering.
     _r("GET", "/permission", "pending permission prompts"),
@@ -172,6 +173,10 @@ class Decision:
     @property
     def chat(self) -> bool:
         return self.route is not None and self.route.chat
+
+    @property
+    def body(self) -> bool:
+        return self.route is not None and self.route.body
 
 
 class Allowlist:

@@ -54,6 +54,7 @@ from lovd.errors import CODES, LovdError
 from lovd.sessions import Sessions
 from lovd.store import Session
 from lovd.web.allowlist import Allowlist, Decision
+from lovd.web.bodycheck import BodyCheck
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,14 @@ class BrowserGate:
         self._template = Template(self.static["page.html"].decode())
         self._wakes: dict[str, asyncio.Task[None]] = {}
         self._wake_errors: dict[str, LovdError] = {}
+        # Caddy's dial address of this app's own socket (set by serve_public), for the
+        # requests whose body lovd checks before they reach the container.
+        self.self_upstream = ""
+        self.bodycheck = BodyCheck(
+            session_of=self._session_of,
+            password_header=sessions.env.basic_auth,
+            http=sessions.http,
+        )
 
     @classmethod
     def from_config(
@@ -283,6 +292,19 @@ class BrowserGate:
 
     # --- forward_auth ---
 
+    def _session_of(self, request: web.Request) -> Session:
+        value = self.cookie_value(request)
+        if value is None:
+            raise LovdError("unauthorized", "you have no session here; start one on the front page")
+        return self.verify(value)
+
+    async def checked_chat(self, request: web.Request) -> web.StreamResponse:
+        """A chat request the gate sent here (allowlist ``body``): check, then forward."""
+        try:
+            return await self.bodycheck.handle(request)
+        except LovdError as e:
+            return self.refuse(request, e, False)
+
     def from_caddy(self, request: web.Request) -> bool:
         """Whether the request carries the gate key only Caddy's forward_auth sends."""
         sent = request.headers.get(GATE_HEADER, "")
@@ -324,7 +346,7 @@ class BrowserGate:
         if decision.chat:
             self.sessions.mark_used(s.id)
         if s.status == "running":
-            return self.allow(s)
+            return self.allow(s, via_lovd=decision.body)
         if s.status == "failed":
             err = LovdError("unavailable", f"this session failed ({s.reason}); start a new one")
             return self.refuse(request, err, nav, clear=True)
@@ -344,14 +366,22 @@ class BrowserGate:
                 "unavailable", "the session could not be started; start a new one"
             )
             return self.refuse(request, err, nav)
-        return self.allow(s2)
+        return self.allow(s2, via_lovd=decision.body)
 
-    def allow(self, s: Session) -> web.Response:
+    def allow(self, s: Session, *, via_lovd: bool = False) -> web.Response:
+        """Let Caddy proxy the request to the session's container, or, for a request whose
+        body lovd must check first (bodycheck.py), to lovd's own public socket."""
         self.sessions.touch(s.id)
+        upstream = f"127.0.0.1:{s.port}"
+        if via_lovd:
+            if not self.self_upstream:
+                err = LovdError("unavailable", "lovd cannot check this request here")
+                return web.Response(status=err.status, text=err.message)
+            upstream = self.self_upstream
         return web.Response(
             status=204,
             headers={
-                UPSTREAM_HEADER: f"127.0.0.1:{s.port}",
+                UPSTREAM_HEADER: upstream,
                 "Authorization": self.sessions.env.basic_auth(s.id),
                 "Cache-Control": "no-store",
             },
@@ -672,6 +702,9 @@ def create_public_app(gate: BrowserGate) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=4096)
     r = app.router
     r.add_get(AUTH_PATH, gate.auth)
+    # Reached only as the upstream the gate names for them (see BrowserGate.allow).
+    r.add_post("/session", gate.checked_chat)
+    r.add_post("/session/{oc}/prompt_async", gate.checked_chat)
     r.add_get("/", gate.landing)
     r.add_get("/_lovd/", gate.landing)
     r.add_post("/_lovd/start", gate.start)
@@ -703,6 +736,8 @@ async def serve_public(
     name = sock.getsockname()
     if ours and isinstance(name, str) and name:
         os.chmod(name, 0o666)  # noqa: S103 - the public surface, see above
+    if isinstance(name, str) and name.startswith("/"):
+        gate.self_upstream = f"unix/{name}"  # Caddy's dial syntax: unix//path
     runner = web.AppRunner(
         create_public_app(gate), access_log=None, handle_signals=False, shutdown_timeout=2
     )

@@ -151,8 +151,19 @@ async def test_allowed_routes_reach_opencode_with_their_query(caddy_bin: str) ->
         status, _, body = await _req(h, "GET", "/session?directory=%2Fwork&roots=true", c)
         assert status == 200
         assert json.loads(body)["path"] == "/session?directory=%2Fwork&roots=true"
-        status, _, body = await _req(h, "POST", f"/session/{SES}/prompt_async", c)
-        assert status == 200 and json.loads(body)["method"] == "POST"
+        prompt = {"parts": [{"type": "text", "text": "Hei"}]}
+        url = URL(f"{h.url}/session/{SES}/prompt_async?directory=%2Fwork", encoded=True)
+        async with h.http.post(url, json=prompt, headers=c) as r:
+            status, echoed = r.status, await r.json()
+        # Checked by lovd (bodycheck.py), then sent on with the container's password.
+        assert status == 200 and echoed["method"] == "POST", echoed
+        assert echoed["path"] == f"/session/{SES}/prompt_async?directory=%2Fwork"
+        assert json.loads(echoed["body"]) == prompt
+        assert echoed["headers"]["Authorization"] == h.sessions.env.basic_auth(s.id)
+        assert "Cookie" not in echoed["headers"]
+        async with h.http.post(url, json={**prompt, "tools": {"bash": True}}, headers=c) as r:
+            assert r.status == 403 and "tools" in (await r.json())["detail"]
+        assert len(up.seen) == 2  # the GET and the checked prompt; not the refused one
         await h.sessions.flush_activity()
         assert h.store.get(s.id).used_at > 0  # type: ignore[union-attr]
 

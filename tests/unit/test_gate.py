@@ -105,6 +105,7 @@ async def open_gate(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncI
     env = SessionEnv(cfg, load_host_key(cfg.state_path))
     sessions = Sessions(cfg, store, runner, http, env, Metrics(), "h1")
     gate = BrowserGate.from_config(cfg, sessions)
+    gate.self_upstream = "unix//run/lovd-test/auth.sock"  # serve_public sets it from its socket
     # No cookie jar: each request carries exactly the cookie the test gives it.
     client = TestClient(TestServer(create_public_app(gate)), cookie_jar=aiohttp.DummyCookieJar())
     await client.start_server()
@@ -203,6 +204,8 @@ async def test_a_prompt_marks_the_session_used_and_reads_do_not(g: Gate) -> None
     assert g.store.get(s.id).used_at == 0  # type: ignore[union-attr]
     r = await g.auth(s, token, "POST", f"/session/{SES}/prompt_async", XHR)
     assert r.status == 204
+    # Its body is checked by lovd first (bodycheck.py): Caddy is sent back to lovd.
+    assert r.headers["X-Lovd-Upstream"] == "unix//run/lovd-test/auth.sock"
     await g.sessions.flush_activity()
     assert g.store.get(s.id).used_at > 0  # type: ignore[union-attr]
 
