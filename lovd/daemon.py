@@ -134,21 +134,36 @@ def _bind(listen: str) -> tuple[socket.socket, str | None]:
 
 
 def _split_activated(
-    socks: list[socket.socket], auth_path: str, broker_port: int
+    socks: list[socket.socket], listen: str, auth_path: str, broker: tuple[str, int]
 ) -> tuple[list[socket.socket], socket.socket | None, socket.socket | None]:
-    """Socket activation may pass the browser-path socket (lovd-auth.socket, by path) and
-    the broker's (lovd-broker.socket, by port) besides the API socket; each gets its own
-    app."""
+    """Socket activation passes the API socket (lovd.socket), the browser path's
+    (lovd-auth.socket) and the broker's (lovd-broker.socket). Each is recognised by the
+    exact address its setting names; anything else is refused rather than served as the
+    operator API (a mismatch would hand the API to whoever can reach that socket)."""
     api: list[socket.socket] = []
-    auth = broker = None
+    auth = brk = None
+    kind, _, where = listen.partition(":")
     for s in socks:
-        if s.family == socket.AF_UNIX and s.getsockname() == auth_path:
+        name = s.getsockname()
+        if s.family == socket.AF_UNIX and name == auth_path:
             auth = s
-        elif s.family in (socket.AF_INET, socket.AF_INET6) and s.getsockname()[1] == broker_port:
-            broker = s
-        else:
+        elif s.family == socket.AF_UNIX and kind == "unix" and name == where:
             api.append(s)
-    return api, auth, broker
+        elif s.family in (socket.AF_INET, socket.AF_INET6) and (name[0], name[1]) == broker:
+            brk = s
+        elif (
+            s.family in (socket.AF_INET, socket.AF_INET6)
+            and kind == "tcp"
+            and f"{name[0]}:{name[1]}" == where
+        ):
+            api.append(s)
+        else:
+            raise StartupError(
+                f"systemd passed a socket lovd does not expect ({name!r}): it is none of "
+                f"listen ({listen}), caddy.auth_socket ({auth_path}) or broker.listen "
+                f"({broker[0]}:{broker[1]}); make the socket units and lovd.conf agree"
+            )
+    return api, auth, brk
 
 
 @dataclass
@@ -246,7 +261,12 @@ class Daemon:
         )
         app_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await app_runner.setup()
-        socks, auth_sock, broker_sock = _split_activated(listen_fds(), auth_socket, c.broker_port)
+        socks, auth_sock, broker_sock = _split_activated(
+            listen_fds(),
+            self.listen_override or c.listen,
+            auth_socket,
+            (c.broker_host, c.broker_port),
+        )
         if not socks:
             sock, unlink = _bind(self.listen_override or c.listen)
             socks = [sock]

@@ -30,21 +30,27 @@ def test_refuses_a_live_socket_and_replaces_a_stale_one(tmp_path: Path) -> None:
         daemon._bind(f"unix:{tmp_path / 'file'}")
 
 
-def test_activated_sockets_are_told_apart_by_path_and_port(tmp_path: Path) -> None:
+def test_activated_sockets_are_told_apart_by_their_exact_address(tmp_path: Path) -> None:
     api, _ = daemon._bind(f"unix:{tmp_path / 'api.sock'}")
     auth, _ = daemon._bind(f"unix:{tmp_path / 'auth.sock'}")
     broker, _ = daemon._bind("tcp:127.0.0.1:0")
     api_tcp, _ = daemon._bind("tcp:127.0.0.1:0")
+    stray, _ = daemon._bind(f"unix:{tmp_path / 'other.sock'}")
     port = broker.getsockname()[1]
+    listen = f"unix:{tmp_path / 'api.sock'}"
     where = str(tmp_path / "auth.sock")
     try:
-        got = daemon._split_activated([auth, broker, api], where, port)
+        got = daemon._split_activated([auth, broker, api], listen, where, ("127.0.0.1", port))
         assert got == ([api], auth, broker)
-        got = daemon._split_activated([api], where, port)
+        got = daemon._split_activated([api], listen, where, ("127.0.0.1", port))
         assert got == ([api], None, None)
-        # An API on TCP is not mistaken for the broker: only the broker's port is.
-        got = daemon._split_activated([api_tcp, broker], where, port)
+        tcp_listen = f"tcp:127.0.0.1:{api_tcp.getsockname()[1]}"
+        got = daemon._split_activated([api_tcp, broker], tcp_listen, where, ("127.0.0.1", port))
         assert got == ([api_tcp], None, broker)
+        # A socket matching no setting is never served as the operator API.
+        for unexpected in (stray, api_tcp):
+            with pytest.raises(StartupError, match="does not expect"):
+                daemon._split_activated([unexpected], listen, where, ("127.0.0.1", port))
     finally:
-        for s in (api, auth, broker, api_tcp):
+        for s in (api, auth, broker, api_tcp, stray):
             s.close()
