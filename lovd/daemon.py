@@ -40,7 +40,8 @@ from lovd.store import Store
 from lovd.systemd.activation import listen_fds
 from lovd.systemd.notify import Notifier
 from lovd.web.app import STATE, create_app
-from lovd.web.proxy import BrowserGate, serve_public
+from lovd.web.gate import BrowserGate
+from lovd.web.public import serve_public
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ class Daemon:
         auth_sock: socket.socket,
         activated: bool,
     ) -> web.AppRunner:
-        """The public socket Caddy talks to (web/proxy.py), then keep Caddy configured."""
+        """The public socket Caddy talks to (web/gate.py, web/public.py), then keep Caddy
+        configured."""
         gate = BrowserGate.from_config(self.config, sessions, on_request=self._seen)
         public = await serve_public(gate, auth_sock, ours=not activated)
         if caddy is not None:

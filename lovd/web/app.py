@@ -22,11 +22,12 @@ from lovd.errors import LovdError
 from lovd.log import request_id
 from lovd.metrics import Metrics
 from lovd.sessions import Sessions
-from lovd.web.proxy import add_browser_entry
+from lovd.web.problems import problem
+from lovd.web.public import add_browser_entry
 
 log = logging.getLogger(__name__)
 
-PROBLEM = "application/problem+json"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
@@ -45,16 +46,6 @@ class AppState:
 
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
-
-
-def problem(err: LovdError, instance: str | None = None) -> web.Response:
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return web.Response(
-        status=err.status,
-        body=json.dumps(err.problem(instance)).encode(),
-        content_type=PROBLEM,
-        headers=headers,
-    )
 
 
 _HTTP_CODES = {
@@ -271,5 +262,5 @@ def create_app(
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
-    add_browser_entry(app, sessions)  # /c/{id}: shared with the public socket (web/proxy.py)
+    add_browser_entry(app, sessions)  # /c/{id}: shared with the public socket (web/public.py)
     return app

@@ -46,7 +46,8 @@ from lovd.runner import PodmanRunner
 from lovd.sessions import SessionEnv, Sessions, load_host_key
 from lovd.store import Session, Store
 from lovd.web.allowlist import OPENCODE_ROUTES, Allowlist, Route
-from lovd.web.proxy import BrowserGate, serve_public
+from lovd.web.gate import BrowserGate
+from lovd.web.public import serve_public
 
 _ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 STAND_IN_ROUTES = (

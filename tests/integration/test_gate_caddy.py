@@ -16,7 +16,7 @@ from yarl import URL
 
 from lovd.caddy import GATE_HEADER, gate_key
 from lovd.web.allowlist import Allowlist
-from lovd.web.proxy import human_seconds
+from lovd.web.pages import human_seconds
 from tests.integration.caddy_harness import Harness, cookie, harness
 from tests.unit.test_allowlist import ATTACKS, SES
 

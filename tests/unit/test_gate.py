@@ -1,4 +1,4 @@
-"""The forward_auth gate in-process (lovd/web/proxy.py): the public app on a test server,
+"""The forward_auth gate in-process (lovd/web/gate.py, public.py): the public app on a test server,
 real Sessions and SQLite, the fake runner. The same rules through a real Caddy are in
 tests/integration/test_gate_caddy.py.
 """
@@ -22,7 +22,8 @@ from lovd.caddy import GATE_HEADER, gate_key
 from lovd.metrics import Metrics
 from lovd.sessions import SessionEnv, Sessions, load_host_key
 from lovd.store import Session, Store
-from lovd.web.proxy import BrowserGate, create_public_app
+from lovd.web.gate import BrowserGate
+from lovd.web.public import create_public_app
 from tests.fakes import FakeRunner
 from tests.unit.test_allowlist import ATTACKS, SES
 

@@ -1,0 +1,369 @@
+"""The browser path: what Caddy asks lovd, on lovd's public socket (``caddy.auth_socket``).
+
+Caddy sends every request that is not for lovd itself to ``GET /_lovd/auth``
+(``forward_auth``, with the gate key in ``X-Lovd-Gate``; without it the answer is 404
+and holds nothing). The answer decides everything:
+
+- **403** for any request the chat UI does not need (web/allowlist.py: default deny,
+  method + path; terminals, shell, files, config writes, WebSockets, …).
+- **2xx**: the session cookie is valid and the container runs. The answer carries
+  ``X-Lovd-Upstream: 127.0.0.1:<port>`` (derived from the cookie's session only, so a
+  cookie of session A can never reach session B) and the container's own
+  ``Authorization: Basic …`` (the browser never sees that password). Activity is
+  recorded (``Sessions.touch``).
+- **session not running** (starting, idle-stopped): a navigation gets a short
+  "waking up" page (503 + Retry-After, refreshes itself); any other request (XHR,
+  SSE, API) is *held* until the container is ready, then allowed. Never a 502.
+- **anything else** is returned by Caddy to the browser as is: 401 (no/invalid
+  cookie, deleted session), 403 (expired), 429 (too many failures from one client
+  address; a valid cookie is never refused for other clients' failures), with an HTML
+  page for navigations and problem+json otherwise.
+
+The same socket serves the landing page at ``/`` (Caddy routes ``/`` there when the
+request has no session cookie), ``POST /_lovd/start`` (rate-limited per client
+address), ``/_lovd/status`` (polled by the progress page), static assets and the
+``/c/{id}?token=…`` entry. It is a separate socket from the API so that Caddy (and
+so the internet) can reach only this surface, never the operator API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from lovd import ids
+from lovd.caddy import COOKIE_NAME, GATE_HEADER, UPSTREAM_HEADER, gate_key
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.sessions import Sessions
+from lovd.store import Session
+from lovd.web.allowlist import Allowlist, Decision
+from lovd.web.bodycheck import BodyCheck
+from lovd.web.pages import Pages, human_seconds
+from lovd.web.problems import problem
+from lovd.web.ratelimit import RateLimiter, client_address
+
+log = logging.getLogger(__name__)
+
+SECURE_COOKIE = "__Host-" + COOKIE_NAME
+
+
+def _original_method(request: web.Request) -> str:
+    return request.headers.get("X-Forwarded-Method", request.method).upper()
+
+
+def _original_uri(request: web.Request) -> str:
+    return request.headers.get("X-Forwarded-Uri", request.path_qs)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    """Caddy's subrequest keeps the client's Upgrade header (a hop-by-hop header it
+    restores for upgrade requests)."""
+    return bool(request.headers.get("Upgrade"))
+
+
+def is_navigation(request: web.Request) -> bool:
+    """A top-level page load (show a page) rather than XHR/SSE/asset (hold or JSON)."""
+    mode = request.headers.get("Sec-Fetch-Mode")
+    if mode is not None:
+        return mode == "navigate"
+    accept = request.headers.get("Accept", "")
+    return _original_method(request) == "GET" and "text/html" in accept
+
+
+def wants_html(request: web.Request) -> bool:
+    return "text/html" in request.headers.get("Accept", "")
+
+
+class BrowserGate:
+    """Cookies, the allowlist, wake-on-request and the answer to Caddy. No global state."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        *,
+        failures: RateLimiter,
+        starts: RateLimiter,
+        hold_timeout: float,
+        gate_key: str,
+        allowlist: Allowlist | None = None,
+        on_request: Callable[[], None] | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.failures = failures
+        self.starts = starts
+        self.hold_timeout = hold_timeout
+        self.gate_key = gate_key
+        self.allowlist = allowlist or Allowlist()
+        self.on_request = on_request or (lambda: None)
+        self.pages = Pages(
+            max_running=sessions.config.max_running,
+            running=sessions.running_count,
+            retry_after=sessions.retry_after,
+        )
+        self._wakes: dict[str, asyncio.Task[None]] = {}
+        self.wake_errors: dict[str, LovdError] = {}
+        # Caddy's dial address of this app's own socket (set by serve_public), for the
+        # requests whose body lovd checks before they reach the container.
+        self.self_upstream = ""
+        self.bodycheck = BodyCheck(
+            session_of=self._session_of,
+            password_header=sessions.env.basic_auth,
+            http=sessions.http,
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        sessions: Sessions,
+        on_request: Callable[[], None] | None = None,
+        allowlist: Allowlist | None = None,
+    ) -> BrowserGate:
+        return cls(
+            sessions,
+            failures=RateLimiter(config.browser_auth_failures, config.browser_auth_failure_window),
+            starts=RateLimiter(config.browser_start_limit, config.browser_start_window),
+            hold_timeout=config.ready_timeout + 5.0,
+            gate_key=gate_key(sessions.env.host_key),
+            allowlist=allowlist,
+            on_request=on_request,
+        )
+
+    @staticmethod
+    def cookie_value(request: web.Request) -> str | None:
+        return request.cookies.get(SECURE_COOKIE) or request.cookies.get(COOKIE_NAME) or None
+
+    def verify(self, value: str) -> Session:
+        """The session a cookie value ``<id>.<token>`` belongs to, or LovdError."""
+        sid, _, token = value.partition(".")
+        if not ids.is_valid(sid) or not token:
+            raise LovdError("unauthorized", "this session cookie is not valid")
+        return self.verify_token(sid, token)
+
+    def verify_token(self, sid: str, token: str) -> Session:
+        s = self.sessions.store.get(sid)
+        if s is None or not s.token_hash:  # no row, or an unclaimed warm container
+            ids.token_matches(token, "0" * 64)  # same work either way
+            raise LovdError("unauthorized", "this session does not exist (any more)")
+        if not token or not ids.token_matches(token, s.token_hash):
+            raise LovdError("unauthorized", "this session link is not valid (wrong or old token)")
+        if s.expires_at <= self.sessions.clock():
+            raise LovdError("forbidden", "this session has expired; start a new one")
+        return s
+
+    def authenticate(self, addr: str, check: Callable[[], Session]) -> Session:
+        """Run ``check`` (a cookie or link verification) under the failure limit.
+
+        Valid credentials always pass: many users share one address behind a NAT, and
+        one of them guessing must not lock the others out. Invalid ones count against
+        the address, and once it is over the limit they get 429 instead of the reason.
+        """
+        try:
+            return check()
+        except LovdError as e:
+            retry = self.failures.retry_after(addr)
+            if retry is not None:
+                raise LovdError(
+                    "rate-limited",
+                    "too many failed attempts from your address; "
+                    f"try again in {human_seconds(retry)}",
+                    retry_after=retry,
+                ) from e
+            self.failures.hit(addr)
+            log.info("browser auth refused for %s: %s", addr, e.message)
+            raise
+
+    def set_cookie(
+        self, request: web.Request, resp: web.StreamResponse, s: Session, token: str
+    ) -> None:
+        secure = request.headers.get("X-Forwarded-Proto", request.scheme) == "https"
+        resp.set_cookie(
+            SECURE_COOKIE if secure else COOKIE_NAME,
+            f"{s.id}.{token}",
+            httponly=True,
+            samesite="Lax",
+            secure=secure,
+            path="/",
+            max_age=max(0, int(s.expires_at - self.sessions.clock())),
+        )
+
+    @staticmethod
+    def clear_cookie(resp: web.StreamResponse) -> None:
+        resp.del_cookie(COOKIE_NAME, path="/")
+        resp.del_cookie(SECURE_COOKIE, path="/", secure=True)
+
+    def _session_of(self, request: web.Request) -> Session:
+        value = self.cookie_value(request)
+        if value is None:
+            raise LovdError("unauthorized", "you have no session here; start one on the front page")
+        return self.verify(value)
+
+    async def checked_chat(self, request: web.Request) -> web.StreamResponse:
+        """A chat request the gate sent here (allowlist ``body``): check, then forward."""
+        try:
+            return await self.bodycheck.handle(request)
+        except LovdError as e:
+            return self.refuse(request, e, False)
+
+    def from_caddy(self, request: web.Request) -> bool:
+        """Whether the request carries the gate key only Caddy's forward_auth sends."""
+        sent = request.headers.get(GATE_HEADER, "")
+        return hmac.compare_digest(sent.encode(), self.gate_key.encode())
+
+    async def auth(self, request: web.Request) -> web.StreamResponse:
+        self.on_request()
+        if not self.from_caddy(request):
+            # Anyone else (a browser through Caddy's /_lovd/* route, a local process on
+            # the socket) learns nothing here: no upstream, no container password.
+            log.info("auth request without Caddy's gate key refused")
+            err = LovdError("not-found", f"there is nothing at {request.path}")
+            return self.refuse(request, err, wants_html(request))
+        value = self.cookie_value(request)
+        nav = is_navigation(request)
+        if value is None:
+            return self.refuse(
+                request,
+                LovdError("unauthorized", "you have no session here; start one on the front page"),
+                nav,
+            )
+        addr = client_address(request)
+        try:
+            s = self.authenticate(addr, functools.partial(self.verify, value))
+        except LovdError as e:
+            return self.refuse(request, e, nav, clear=e.code != "rate-limited")
+        decision = self.allowlist.check(
+            _original_method(request), _original_uri(request), websocket=_is_websocket(request)
+        )
+        if not decision.allowed:
+            log.info(
+                "refused %s %s for a session's browser: %s",
+                decision.method,
+                decision.path[:200],
+                decision.reason,
+                extra={"SESSION_ID": s.id},
+            )
+            return self.refuse_route(request, decision, nav)
+        if decision.chat:
+            self.sessions.mark_used(s.id)
+        if s.status == "running":
+            return self.allow(s, via_lovd=decision.body)
+        if s.status == "failed":
+            err = LovdError("unavailable", f"this session failed ({s.reason}); start a new one")
+            return self.refuse(request, err, nav, clear=True)
+        task = self.ensure_waking(s.id)
+        if nav:
+            return self.pages.render(self.pages.progress_page(s))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.hold_timeout)
+        except TimeoutError:
+            err = LovdError("start-timeout", "the session is still starting; try again shortly")
+            return self.refuse(request, err, nav)
+        except LovdError as e:
+            return self.refuse(request, e, nav)
+        s2 = self.sessions.store.get(s.id)
+        if s2 is None or s2.status != "running":
+            err = self.wake_errors.get(s.id) or LovdError(
+                "unavailable", "the session could not be started; start a new one"
+            )
+            return self.refuse(request, err, nav)
+        return self.allow(s2, via_lovd=decision.body)
+
+    def allow(self, s: Session, *, via_lovd: bool = False) -> web.Response:
+        """Let Caddy proxy the request to the session's container, or, for a request whose
+        body lovd must check first (bodycheck.py), to lovd's own public socket."""
+        self.sessions.touch(s.id)
+        upstream = f"127.0.0.1:{s.port}"
+        if via_lovd:
+            if not self.self_upstream:
+                err = LovdError("unavailable", "lovd cannot check this request here")
+                return web.Response(status=err.status, text=err.message)
+            upstream = self.self_upstream
+        return web.Response(
+            status=204,
+            headers={
+                UPSTREAM_HEADER: upstream,
+                "Authorization": self.sessions.env.basic_auth(s.id),
+                "Cache-Control": "no-store",
+            },
+        )
+
+    def waking(self, sid: str) -> bool:
+        return sid in self._wakes
+
+    def ensure_waking(self, sid: str) -> asyncio.Task[None]:
+        """One wake-up per session, however many requests wait for it."""
+        task = self._wakes.get(sid)
+        if task is None or task.done():
+            self.wake_errors.pop(sid, None)
+            task = asyncio.create_task(self._wake(sid), name=f"wake-{sid}")
+            self._wakes[sid] = task
+            task.add_done_callback(lambda t: self._wake_done(sid, t))
+        return task
+
+    def _wake_done(self, sid: str, task: asyncio.Task[None]) -> None:
+        if self._wakes.get(sid) is task:
+            del self._wakes[sid]
+        if not task.cancelled() and isinstance(task.exception(), LovdError):
+            err = task.exception()
+            assert isinstance(err, LovdError)
+            self.wake_errors[sid] = err
+
+    async def _wake(self, sid: str) -> None:
+        deadline = time.monotonic() + self.hold_timeout
+        while True:
+            s = self.sessions.store.get(sid)
+            if s is None:
+                raise LovdError("unauthorized", "this session was deleted")
+            if s.status == "running":
+                return
+            if s.status not in ("creating", "stopping"):
+                break
+            # creating: the creator is about to start it; stopping: let the stop finish.
+            if time.monotonic() > deadline:
+                raise LovdError("start-timeout", f"session stuck in state {s.status}")
+            await asyncio.sleep(0.05)
+        if s.status != "starting":
+            log.info("waking session on request", extra={"SESSION_ID": sid})
+        await self.sessions.wake(sid)
+
+    async def drain(self) -> None:
+        tasks = list(self._wakes.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def refuse(
+        self, request: web.Request, err: LovdError, nav: bool, *, clear: bool = False
+    ) -> web.Response:
+        if nav:
+            resp = self.pages.render(self.pages.refusal_page(err))
+        else:
+            resp = problem(err, request.headers.get("X-Forwarded-Uri", request.path))
+        if err.status == 401 and not nav:
+            # No WWW-Authenticate challenge: browsers must not pop up a password dialog.
+            resp.headers.pop("WWW-Authenticate", None)
+        if clear:
+            self.clear_cookie(resp)
+        return resp
+
+    def refuse_route(self, request: web.Request, decision: Decision, nav: bool) -> web.Response:
+        """403 for a request the chat UI does not need (web/allowlist.py)."""
+        what = f"{decision.method} {decision.path[:200]}"
+        if decision.route is not None:  # a known route, but not as a WebSocket
+            why = "WebSocket connections are not available in this service"
+        else:
+            why = (
+                "it is not available in this service: a session's browser may use only "
+                "what the chat needs"
+            )
+        err = LovdError("forbidden", f"{what}: {why}", extra={"refused": "opencode-route"})
+        if not nav:
+            return self.refuse(request, err, nav)
+        return self.pages.render(self.pages.route_refused_page(what, why))
