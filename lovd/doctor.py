@@ -354,5 +354,12 @@ def render(results: list[Check]) -> str:
         if r.fix and r.status != "ok":
             lines.append(f"{'':20}fix: {r.fix}")
     fails = sum(r.status == "fail" for r in results)
-    lines.append(f"\n{fails} problem(s) found" if fails else "\nall checks passed")
+    warns = sum(r.status == "warn" for r in results)
+    if fails:
+        lines.append(f"\n{fails} problem(s) found")
+    elif warns:
+        # "all checks passed" above a list of WARN lines reads as if they were ignored.
+        lines.append(f"\nall checks passed with {warns} warning{'s' if warns != 1 else ''}")
+    else:
+        lines.append("\nall checks passed")
     return "\n".join(lines)
