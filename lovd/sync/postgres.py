@@ -1,0 +1,448 @@
+"""The outbox relay: SQLite's outbox rows applied to PostgreSQL, exactly once in effect.
+
+The loop, in one task owned by :class:`Relay`:
+
+1. **Claim** this host's row in ``lovd_hosts`` (host id, SQLite instance id, ownership
+   epoch). A new SQLite (fresh or restored) takes the next epoch; an older copy of the
+   same host that comes back later finds a newer epoch and stops writing (fenced). A
+   fresh SQLite never takes over a host id whose live sessions PostgreSQL still holds
+   for another instance: that is a restore, which the operator must choose.
+2. **Snapshot** once per claim: every SQLite row is upserted (versioned, so nothing
+   older wins), and this host's PostgreSQL rows SQLite no longer has become
+   tombstones. This covers changes made while sync was off.
+3. **Relay** batches of outbox rows in seq order, in one PostgreSQL transaction:
+   versioned upserts (``WHERE version < excluded.version``, only on rows of this host
+   at an epoch not newer than ours), events keyed by (host, epoch, seq) so a replay
+   inserts nothing twice, then the host row's heartbeat, which doubles as the fence:
+   it matches only while our epoch is current, and the row lock serializes us with
+   any claim. Only after COMMIT are the rows acknowledged (deleted) in SQLite; a
+   crash in between replays the batch, which changes nothing.
+4. While PostgreSQL is unreachable: back off (doubling, capped by
+   ``postgres.max_backoff``), keep the backlog figures current, never touch the API's
+   path. The store's writes only ever set an event that wakes this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from lovd.config import Config
+from lovd.store import OutboxRow, Store
+from lovd.sync import schema
+from lovd.sync.pool import Conn, Pool, describe
+
+log = logging.getLogger(__name__)
+
+META_EPOCH = "pg_epoch"
+PRUNE_EVERY = 600.0
+
+UPSERT = """
+INSERT INTO lovd_sessions AS s (id, host_id, epoch, version, status, reason, port,
+    container_id, created_at, updated_at, expires_at, last_activity, started_at, used_at,
+    restarts, synced_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s),
+    to_timestamp(%s), to_timestamp(NULLIF(%s, 0)), to_timestamp(NULLIF(%s, 0)), %s, now())
+ON CONFLICT (id) DO UPDATE SET epoch = excluded.epoch, version = excluded.version,
+    status = excluded.status, reason = excluded.reason, port = excluded.port,
+    container_id = excluded.container_id, created_at = excluded.created_at,
+    updated_at = excluded.updated_at, expires_at = excluded.expires_at,
+    last_activity = excluded.last_activity, started_at = excluded.started_at,
+    used_at = excluded.used_at, restarts = excluded.restarts, synced_at = now()
+WHERE s.host_id = excluded.host_id AND s.epoch <= excluded.epoch
+    AND s.version < excluded.version
+"""
+
+EVENT = """
+INSERT INTO lovd_events (host_id, epoch, seq, session_id, at, kind, status, detail)
+VALUES (%s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)
+ON CONFLICT DO NOTHING
+"""
+
+FENCE = """
+UPDATE lovd_hosts SET heartbeat_at = now(), applied_seq = GREATEST(applied_seq, %s)
+WHERE host_id = %s AND epoch = %s AND instance_id = %s
+RETURNING epoch
+"""
+
+
+class SyncRefused(Exception):
+    """This host may not write its rows (fenced, or a restore is due); says what to do."""
+
+
+def _upsert_params(p: dict[str, Any], host_id: str, epoch: int) -> tuple[Any, ...]:
+    return (
+        p["id"], host_id, epoch, p["version"], p["status"], p["reason"], p["port"],
+        p["container_id"], p["created_at"], p["updated_at"], p["expires_at"],
+        p["last_activity"], p.get("started_at", 0.0), p.get("used_at", 0.0),
+        p.get("restarts", 0),
+    )  # fmt: skip
+
+
+@dataclass
+class SyncStatus:
+    """What /api/health, /metrics and lovd doctor show about the relay."""
+
+    configured: bool = False
+    target: str = ""
+    connected: bool = False
+    refused: str = ""  # SyncRefused's message while it holds
+    last_error: str = ""
+    down_since: float | None = None  # wall clock of the first failure of an outage
+    last_commit: float | None = None
+    epoch: int = 0
+    backlog: int = 0
+    oldest: float | None = None  # created_at of the oldest unacknowledged outbox row
+    rows_applied: int = 0
+    batches: int = 0
+    lags: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2000))
+
+    def lag(self, now: float) -> float:
+        """Age of the oldest change not yet in PostgreSQL (0: in sync)."""
+        return max(0.0, now - self.oldest) if self.oldest is not None else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.lags:
+            return 0.0
+        if len(self.lags) == 1:
+            return self.lags[0]
+        return statistics.quantiles(self.lags, n=100, method="inclusive")[int(q) - 1]
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "configured": self.configured,
+            "target": self.target,
+            "connected": self.connected,
+            "refused": self.refused,
+            "last_error": self.last_error,
+            "down_seconds": round(now - self.down_since, 3) if self.down_since else 0.0,
+            "epoch": self.epoch,
+            "backlog": self.backlog,
+            "lag_seconds": round(self.lag(now), 3),
+            "lag_p50_seconds": round(self.percentile(50), 4),
+            "lag_p99_seconds": round(self.percentile(99), 4),
+            "rows_applied": self.rows_applied,
+            "last_commit": self.last_commit,
+        }
+
+
+class Relay:
+    """Owns the pool and the relay task; create with :meth:`from_config`."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        host_id: str,
+        pool: Pool,
+        version: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.host_id = host_id
+        self.pool = pool
+        self.version = version
+        self.clock = clock
+        self.status = SyncStatus(configured=True, target=describe(pool.dsn))
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._claimed = False
+        self._last_prune = float("-inf")
+        self._last_beat = float("-inf")
+        # Test hook: awaited between PostgreSQL's COMMIT and the SQLite ack.
+        self.after_commit: Callable[[], Awaitable[None]] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, store: Store, host_id: str, version: str) -> Relay:
+        pool = Pool(config.postgres_dsn, config.postgres_pool_size, config.postgres_connect_timeout)
+        return cls(config, store, host_id, pool, version)
+
+    # --- lifetime ---
+
+    def start(self) -> None:
+        self.store.on_outbox = self._kick.set
+        self._task = asyncio.create_task(self.run(), name="lovd-sync")
+
+    async def close(self) -> None:
+        self.store.on_outbox = lambda: None
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.pool.close()
+
+    # --- the loop ---
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                full = await self.step()
+            except (psycopg.Error, OSError, TimeoutError, SyncRefused, schema.SchemaError) as e:
+                failures += 1
+                self._failed(e, failures)
+                await self._refresh_backlog()
+                cap = self.config.postgres_max_backoff
+                delay = cap if isinstance(e, SyncRefused) else min(cap, 0.1 * 2**failures)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter
+                continue
+            if failures:
+                log.info(
+                    "PostgreSQL sync resumed after %d failed attempt(s); %d change(s) pending",
+                    failures,
+                    self.status.backlog,
+                )
+                failures = 0
+            if full:
+                continue  # more rows waiting: no pause between batches
+            try:
+                async with asyncio.timeout(self.config.postgres_heartbeat_interval):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+
+    def _failed(self, e: BaseException, failures: int) -> None:
+        s = self.status
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if s.down_since is None:
+            s.down_since = self.clock()
+        s.connected = False
+        s.last_error = msg
+        self._claimed = False  # re-claim (and re-check the epoch) after any failure
+        if isinstance(e, SyncRefused):
+            s.refused = msg
+            log.error("PostgreSQL sync refused: %s", msg)
+        elif failures == 1:
+            log.warning(
+                "PostgreSQL (%s) unreachable: %s; changes stay queued in SQLite, the API is "
+                "unaffected; retrying with backoff (at most %g s)",
+                s.target,
+                msg,
+                self.config.postgres_max_backoff,
+            )
+        else:
+            log.debug("PostgreSQL still unreachable (%d attempts): %s", failures, msg)
+
+    async def step(self) -> bool:
+        """One pass: claim if needed, apply one batch. True if the batch was full."""
+        self._kick.clear()
+        async with self.pool.connection() as conn:
+            if not self._claimed:
+                await schema.migrate(conn)
+                await self._claim(conn)
+                await self._snapshot(conn)
+                self._claimed = True
+            rows = await self.store.outbox_read(self.config.postgres_batch)
+            if rows:
+                await self._apply(conn, rows)
+            elif self.clock() - self._last_beat >= self.config.postgres_heartbeat_interval:
+                await self._beat(conn)
+            if self.clock() - self._last_prune >= PRUNE_EVERY:
+                await self._prune(conn)
+        s = self.status
+        s.connected, s.refused, s.last_error, s.down_since = True, "", "", None
+        await self._refresh_backlog()
+        return len(rows) >= self.config.postgres_batch
+
+    async def _refresh_backlog(self) -> None:
+        self.status.backlog, self.status.oldest = await self.store.outbox_stats()
+
+    # --- claim and snapshot ---
+
+    async def _claim(self, conn: Conn) -> None:
+        mine_raw = await self.store.meta_get(META_EPOCH)
+        mine = int(mine_raw) if mine_raw else None
+        instance = self.store.instance_id
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT instance_id, epoch FROM lovd_hosts WHERE host_id = %s FOR UPDATE",
+                (self.host_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                epoch = 1
+                await conn.execute(
+                    "INSERT INTO lovd_hosts (host_id, instance_id, epoch, upstream, lovd_version)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    (self.host_id, instance, epoch, self.config.postgres_upstream, self.version),
+                )
+            else:
+                their_instance, their_epoch = str(row[0]), int(row[1])
+                if mine is not None and mine == their_epoch and their_instance == instance:
+                    epoch = mine  # the same SQLite again (a restart)
+                elif mine is not None:
+                    raise SyncRefused(
+                        f"another lovd took over host_id {self.host_id!r} in PostgreSQL "
+                        f"(epoch {their_epoch}, ours {mine}); this copy no longer writes there. "
+                        "Stop this lovd, or give it its own host_id"
+                    )
+                else:
+                    if their_instance != instance:
+                        cur = await conn.execute(
+                            "SELECT count(*) FROM lovd_sessions "
+                            "WHERE host_id = %s AND status <> 'deleted'",
+                            (self.host_id,),
+                        )
+                        live = (await cur.fetchone() or (0,))[0]
+                        if live:
+                            raise SyncRefused(
+                                f"PostgreSQL holds {live} live session(s) of host_id "
+                                f"{self.host_id!r} written by another lovd database; to take "
+                                "them over, stop lovd, move lovd.db away and run 'lovd restore' "
+                                "(or give this host its own host_id)"
+                            )
+                    epoch = their_epoch + 1
+                    await conn.execute(
+                        "UPDATE lovd_hosts SET instance_id = %s, epoch = %s, upstream = %s, "
+                        "lovd_version = %s, claimed_at = now(), heartbeat_at = now() "
+                        "WHERE host_id = %s",
+                        (instance, epoch, self.config.postgres_upstream, self.version,
+                         self.host_id),
+                    )  # fmt: skip
+            if row is not None and epoch == mine:
+                await conn.execute(
+                    "UPDATE lovd_hosts SET upstream = %s, lovd_version = %s, heartbeat_at = now()"
+                    " WHERE host_id = %s",
+                    (self.config.postgres_upstream, self.version, self.host_id),
+                )
+        if epoch != mine:
+            await self.store.meta_set(META_EPOCH, str(epoch))
+            log.info("PostgreSQL: host_id %s claimed at epoch %d", self.host_id, epoch)
+        self.status.epoch = epoch
+
+    async def _snapshot(self, conn: Conn) -> None:
+        """Upsert every SQLite row and tombstone what SQLite no longer has (changes made
+        while sync was off or before it was configured)."""
+        epoch = self.status.epoch
+        sessions = self.store.all()
+        params = []
+        for s in sessions:
+            p = {k: getattr(s, k) for k in ("id", "version", "status", "reason", "port",
+                                            "container_id", "created_at", "updated_at",
+                                            "expires_at", "last_activity", "started_at",
+                                            "used_at", "restarts")}  # fmt: skip
+            params.append(_upsert_params(p, self.host_id, epoch))
+        # Rows still in the outbox may be newer than memory's view at this instant, or
+        # be deletions of rows no longer in memory: leave both to the relay.
+        pending = {r.key for r in await self.store.outbox_read(1_000_000)}
+        keep = [s.id for s in sessions] + sorted(pending)
+        async with conn.transaction(), conn.cursor() as cur:
+            if params:
+                await cur.executemany(UPSERT, params)
+            await cur.execute(
+                "UPDATE lovd_sessions SET status = 'deleted', version = version + 1, "
+                "reason = 'gone from its host while sync was off', updated_at = now(), "
+                "synced_at = now() "
+                "WHERE host_id = %s AND status <> 'deleted' AND epoch <= %s "
+                "AND NOT (id = ANY(%s))",
+                (self.host_id, epoch, keep),
+            )
+            await self._fence(cur, 0)
+
+    # --- relay ---
+
+    async def _apply(self, conn: Conn, rows: list[OutboxRow]) -> None:
+        epoch = self.status.epoch
+        t0 = time.monotonic()
+        latest: dict[str, dict[str, Any]] = {}  # only each session's newest row matters
+        events = []
+        for r in rows:
+            p = json.loads(r.payload)
+            p["version"] = r.version
+            if r.op == "delete":
+                p["status"] = "deleted"
+            latest[r.key] = p
+            events.append(
+                (self.host_id, epoch, r.seq, r.key, r.created_at,
+                 p.get("event") or r.op, p["status"], p.get("reason", ""))
+            )  # fmt: skip
+        async with conn.transaction(), conn.cursor() as cur:
+            await cur.executemany(
+                UPSERT, [_upsert_params(p, self.host_id, epoch) for p in latest.values()]
+            )
+            await cur.executemany(EVENT, events)
+            await self._fence(cur, rows[-1].seq)
+        committed = self.clock()
+        if self.after_commit is not None:
+            await self.after_commit()
+        await self.store.outbox_ack(rows[-1].seq)
+        s = self.status
+        s.rows_applied += len(rows)
+        s.batches += 1
+        s.last_commit = committed
+        s.lags.extend(committed - r.created_at for r in rows)
+        log.debug("applied %d outbox rows in %.1f ms", len(rows), (time.monotonic() - t0) * 1e3)
+
+    async def _fence(self, cur: psycopg.AsyncCursor[Any], seq: int) -> None:
+        """The heartbeat that proves, under the host row's lock, that our epoch is
+        current; raising rolls the whole transaction back."""
+        epoch = self.status.epoch
+        await cur.execute(FENCE, (seq, self.host_id, epoch, self.store.instance_id))
+        if await cur.fetchone() is None:
+            raise SyncRefused(
+                f"host_id {self.host_id!r} was claimed by another lovd in PostgreSQL since "
+                f"this one took epoch {epoch}; nothing more is written there. Stop this lovd, "
+                "or give it its own host_id"
+            )
+        self._last_beat = self.clock()
+
+    async def _beat(self, conn: Conn) -> None:
+        async with conn.transaction(), conn.cursor() as cur:
+            await self._fence(cur, 0)
+
+    async def _prune(self, conn: Conn) -> None:
+        keep = self.config.postgres_retention
+        async with conn.transaction():
+            cur = await conn.execute(
+                "DELETE FROM lovd_events WHERE at < now() - make_interval(secs => %s)", (keep,)
+            )
+            n_events = cur.rowcount
+            cur = await conn.execute(
+                "DELETE FROM lovd_sessions WHERE status = 'deleted' "
+                "AND updated_at < now() - make_interval(secs => %s)",
+                (keep,),
+            )
+        if n_events or cur.rowcount:
+            log.info(
+                "PostgreSQL: pruned %d events and %d tombstones older than %g s",
+                n_events,
+                cur.rowcount,
+                keep,
+            )
+        self._last_prune = self.clock()
+
+    # --- reporting ---
+
+    async def health(self) -> tuple[bool, str]:
+        s, now = self.status, self.clock()
+        if s.refused:
+            return False, f"sync refused: {s.refused}"
+        if not s.connected:
+            down = now - s.down_since if s.down_since else 0.0
+            what = f"unreachable for {down:.0f} s: {s.last_error}" if s.down_since else "connecting"
+            return False, (
+                f"PostgreSQL ({s.target}) {what}; {s.backlog} change(s) queued in SQLite "
+                f"(oldest {s.lag(now):.1f} s); the API is unaffected"
+            )
+        return True, (
+            f"in sync with {s.target} (epoch {s.epoch}): backlog {s.backlog}, "
+            f"lag {s.lag(now):.2f} s"
+        )
+
+
+async def discard_outbox(store: Store) -> None:
+    """Without postgres.dsn nothing reads the outbox: drop what was written, so it never
+    grows without bound (a later first sync takes a full snapshot instead)."""
+    count, _ = await store.outbox_stats()
+    if count:
+        await store.outbox_ack(2**62)
