@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from lovd.config import Config
-from lovd.sessions import load_host_key
+from lovd.session.launcher import load_host_key
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from lovd.demo import mode as demo_mode
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import PodmanAPI, PodmanCLI, PodmanClient, default_api_socket
-from lovd.pool import WarmPool
 from lovd.runner import PodmanRunner, Runner, SystemdRunner, user_manager_reachable
-from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.session.launcher import SessionEnv, load_host_key
+from lovd.session.lifecycle import Sessions
 from lovd.store import Store
 from lovd.systemd.activation import listen_fds
 from lovd.systemd.notify import Notifier
@@ -298,7 +298,7 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.notifier.watchdog_loop(wd)))
         if c.idle_exit > 0:
             self._tasks.append(asyncio.create_task(self._idle_exit(c.idle_exit)))
-        pool = WarmPool(sessions, c.warm_max_age, time.time)
+        pool = sessions.pool(c.warm_max_age)
         pool.kick()
         self._tasks.append(asyncio.create_task(pool.run()))
 

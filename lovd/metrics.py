@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lovd.store import STATES
+from lovd.session.model import STATES
 
 
 class _SessionsByState(Collector):

@@ -12,9 +12,11 @@ The contract (both runners, tested against real Podman):
   Idempotent: an absent container is success. The workspace is never touched.
 - ``list()`` returns every container labelled for this lovd instance, in any
   state. Containers without lovd's instance label are never listed, so never touched.
-- ``unit_state(session_id)`` reports the supervisor's view: for systemd the unit's
-  ActiveState/Result (a unit may be restarting a crashed container), for the direct
-  runner ``None``.
+- ``unit_states(session_ids)`` reports the supervisor's view of many sessions in one
+  query: for systemd each loaded unit's ActiveState/Result (a unit may be restarting a
+  crashed container), for the direct runner nothing.
+- ``unit_name(session_id)`` is the name of the unit a session's container runs in
+  (``""`` for the direct runner).
 - Containers outlive lovd: they are children of conmon (direct) or of the user's
   systemd manager, never of the daemon, so lovd can crash or exit when idle.
 """
@@ -25,6 +27,7 @@ import asyncio
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,7 +57,9 @@ class Runner(Protocol):
 
     async def list(self) -> list[ContainerInfo]: ...
 
-    async def unit_state(self, session_id: str) -> UnitState | None: ...
+    async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]: ...
+
+    def unit_name(self, session_id: str) -> str: ...
 
     async def remove_workspace(self, path: Path) -> None: ...
 
@@ -100,8 +105,11 @@ class PodmanRunner:
     async def list(self) -> list[ContainerInfo]:
         return await self.client.list(self.instance_id)
 
-    async def unit_state(self, session_id: str) -> UnitState | None:
-        return None
+    async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]:
+        return {}
+
+    def unit_name(self, session_id: str) -> str:
+        return ""
 
     async def remove_workspace(self, path: Path) -> None:
         await _remove_tree(self.podman, path)
@@ -214,28 +222,39 @@ class SystemdRunner:
     async def list(self) -> list[ContainerInfo]:
         return await self.client.list(self.instance_id)
 
-    async def unit_state(self, session_id: str) -> UnitState | None:
-        unit = ids.unit_name(session_id)
+    def unit_name(self, session_id: str) -> str:
+        return ids.unit_name(session_id)
+
+    async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]:
+        """One ``systemctl show`` for every unit (re-adopting 200 sessions must not cost
+        200 round trips). Units that are not loaded are left out."""
+        if not session_ids:
+            return {}
+        units = {ids.unit_name(sid): sid for sid in session_ids}
         code, out, _ = await _exec(
             "systemctl",
             "--user",
             "show",
-            unit,
+            *units,
             "-p",
-            "ActiveState,SubState,Result,NRestarts,LoadState",
+            "Id,ActiveState,SubState,Result,NRestarts,LoadState",
             env=self._env(),
         )
         if code != 0:
-            return None
-        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-        if props.get("LoadState") == "not-found":
-            return None
-        return UnitState(
-            active=props.get("ActiveState", ""),
-            sub=props.get("SubState", ""),
-            result=props.get("Result", ""),
-            restarts=int(props.get("NRestarts", "0") or 0),
-        )
+            return {}
+        states: dict[str, UnitState] = {}
+        for block in out.split("\n\n"):
+            props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            sid = units.get(props.get("Id", ""))
+            if sid is None or props.get("LoadState") == "not-found":
+                continue
+            states[sid] = UnitState(
+                active=props.get("ActiveState", ""),
+                sub=props.get("SubState", ""),
+                result=props.get("Result", ""),
+                restarts=int(props.get("NRestarts", "0") or 0),
+            )
+        return states
 
     async def remove_workspace(self, path: Path) -> None:
         if not path.exists():

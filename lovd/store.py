@@ -18,30 +18,15 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from lovd.session.model import Session, iso
+
 log = logging.getLogger(__name__)
 
-# Session states (MISSION.md): creating → starting → running → (idle-stopped ⇄ running)
-# → stopping → stopped/failed → deleted. "deleted" rows leave the table; the outbox
-# carries the deletion. "warm" rows are the warm pool: started containers no user owns
-# yet (no token), invisible to the API until POST /api/sessions claims one.
-STATES = (
-    "warm",
-    "creating",
-    "starting",
-    "running",
-    "idle-stopped",
-    "stopping",
-    "stopped",
-    "failed",
-    "deleted",
-)
-ACTIVE_STATES = frozenset({"creating", "starting", "running"})
 
 _MIGRATIONS: list[str] = [
     # 1: initial schema
@@ -112,49 +97,11 @@ _MIGRATIONS: list[str] = [
 ]
 
 
-@dataclass(frozen=True)
-class Session:
-    id: str
-    status: str
-    reason: str
-    token_hash: str
-    port: int
-    container_id: str
-    host_id: str
-    created_at: float
-    updated_at: float
-    expires_at: float
-    last_activity: float
-    started_at: float = 0.0
-    restarts: int = 0
-    version: int = 1
-    used_at: float = 0.0  # first chat request since the last start (0: none yet)
-    broker_hash: str = ""  # hash of the running container's broker credential
-
-    def public(self, public_url: str) -> dict[str, Any]:
-        """The API representation (never the token hash)."""
-        return {
-            "id": self.id,
-            "status": self.status,
-            "reason": self.reason,
-            "url": f"{public_url.rstrip('/')}/c/{self.id}",
-            "container_id": self.container_id,
-            "port": self.port,
-            "host_id": self.host_id,
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
-            "expires_at": _iso(self.expires_at),
-            "last_activity": _iso(self.last_activity),
-            "restarts": self.restarts,
-            "used": bool(self.used_at),
-        }
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 _COLUMNS = [f.name for f in dataclasses.fields(Session)]
+
+
+class StaleRow(Exception):
+    """An ``update(expect=…)`` found the row in another state: someone else won."""
 
 
 class Store:
@@ -224,12 +171,23 @@ class Store:
         self._sessions[session.id] = session
         return session
 
-    async def update(self, session_id: str, *, event: str = "", **changes: Any) -> Session:
-        """Apply ``changes`` to one session; bumps version and updated_at."""
+    async def update(
+        self,
+        session_id: str,
+        *,
+        event: str = "",
+        expect: Iterable[str] | None = None,
+        **changes: Any,
+    ) -> Session:
+        """Apply ``changes`` to one session; bumps version and updated_at. With ``expect``,
+        only while the row's status is one of those, decided inside the write transaction
+        (a compare-and-set: two racing writers cannot both win); else ``StaleRow``."""
         async with self._tx() as db:
             current = self._sessions.get(session_id)
             if current is None:
                 raise KeyError(session_id)
+            if expect is not None and current.status not in set(expect):
+                raise StaleRow(f"session {session_id} is {current.status} now")
             new = dataclasses.replace(
                 current, updated_at=time.time(), version=current.version + 1, **changes
             )
@@ -280,14 +238,14 @@ class Store:
             (session_id, limit),
         ) as cur:
             events = [
-                {"at": _iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()
+                {"at": iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()
             ]
         async with self._db.execute(
             "SELECT ts, ok, detail FROM health WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
             (session_id, limit),
         ) as cur:
             health = [
-                {"at": _iso(r[0]), "ok": bool(r[1]), "detail": r[2]} for r in await cur.fetchall()
+                {"at": iso(r[0]), "ok": bool(r[1]), "detail": r[2]} for r in await cur.fetchall()
             ]
         return {"events": events, "health": health}
 

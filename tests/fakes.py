@@ -8,6 +8,7 @@ runners are tested against real Podman in tests/integration.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -49,7 +50,8 @@ class FakeRunner:
         self.never_ready = False
         self.image_missing = False
         self.start_delay = 0.0
-        self.unit_states: dict[str, UnitState] = {}
+        self.units: dict[str, UnitState] = {}
+        self.unit_queries = 0
 
     async def start(self, spec: ContainerSpec) -> str:
         ids.check(spec.session_id)
@@ -84,8 +86,12 @@ class FakeRunner:
             for sid in self.servers
         ]
 
-    async def unit_state(self, session_id: str) -> UnitState | None:
-        return self.unit_states.get(session_id)
+    async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]:
+        self.unit_queries += 1
+        return {sid: self.units[sid] for sid in session_ids if sid in self.units}
+
+    def unit_name(self, session_id: str) -> str:
+        return ""
 
     async def remove_workspace(self, path: Path) -> None:
         if path.exists():

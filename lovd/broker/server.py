@@ -37,7 +37,8 @@ from lovd.broker.upstreams import Upstream
 from lovd.broker.usage import Ledger, UsageReader
 from lovd.config import Config
 from lovd.metrics import Metrics
-from lovd.store import Session, Store
+from lovd.session.model import Session
+from lovd.store import Store
 
 log = logging.getLogger(__name__)
 

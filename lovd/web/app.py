@@ -21,7 +21,7 @@ from lovd import ids
 from lovd.errors import LovdError
 from lovd.log import request_id
 from lovd.metrics import Metrics
-from lovd.sessions import Sessions
+from lovd.session.lifecycle import Sessions
 from lovd.web.problems import problem
 from lovd.web.public import add_browser_entry
 

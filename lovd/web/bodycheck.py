@@ -29,7 +29,7 @@ from aiohttp import web
 from yarl import URL
 
 from lovd.errors import LovdError
-from lovd.store import Session
+from lovd.session.model import Session
 
 log = logging.getLogger(__name__)
 

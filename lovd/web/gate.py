@@ -41,8 +41,8 @@ from lovd import ids
 from lovd.caddy import COOKIE_NAME, GATE_HEADER, UPSTREAM_HEADER, gate_key
 from lovd.config import Config
 from lovd.errors import LovdError
-from lovd.sessions import Sessions
-from lovd.store import Session
+from lovd.session.lifecycle import Sessions
+from lovd.session.model import Session
 from lovd.web.allowlist import Allowlist, Decision
 from lovd.web.bodycheck import BodyCheck
 from lovd.web.pages import Pages, human_seconds

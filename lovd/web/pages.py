@@ -16,7 +16,7 @@ from string import Template
 from aiohttp import web
 
 from lovd.errors import CODES, LovdError
-from lovd.store import Session
+from lovd.session.model import Session
 
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".html": "text/html"}
 PAGE_HEADERS = {

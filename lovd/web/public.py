@@ -21,7 +21,7 @@ from aiohttp import web
 from lovd import ids
 from lovd.caddy import AUTH_PATH
 from lovd.errors import LovdError
-from lovd.sessions import Sessions
+from lovd.session.lifecycle import Sessions
 from lovd.web.gate import BrowserGate, wants_html
 from lovd.web.pages import STARTING, human_seconds
 from lovd.web.ratelimit import client_address

@@ -43,7 +43,8 @@ from lovd.caddy import CaddyAdmin, CaddyManager
 from lovd.metrics import Metrics
 from lovd.podman import PodmanCLI
 from lovd.runner import PodmanRunner
-from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.session.launcher import SessionEnv, load_host_key
+from lovd.session.lifecycle import Sessions
 from lovd.store import Session, Store
 from lovd.web.allowlist import OPENCODE_ROUTES, Allowlist, Route
 from lovd.web.gate import BrowserGate

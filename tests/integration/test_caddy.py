@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 
 from lovd.caddy import GATE_KEY_PLACEHOLDER, CaddyAdmin, Site, render_server
-from lovd.pool import WarmPool
 from tests.conftest import ROOT
 from tests.integration.caddy_harness import Harness, cookie, free_port, harness
 
@@ -331,7 +330,7 @@ async def test_start_from_browser_claims_a_warm_container(
     caddy_bin: str, test_image: str
 ) -> None:
     async with harness(settings={"warm_pool": 1}) as h:
-        pool = WarmPool(h.sessions, h.config.warm_max_age, time.time)
+        pool = h.sessions.pool(h.config.warm_max_age)
         assert await pool.fill()
         [warm] = h.sessions.warm()
         status, headers, _ = await _start(h)

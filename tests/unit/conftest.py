@@ -12,7 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lovd import config
 from lovd.metrics import Metrics
-from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.session.launcher import SessionEnv, load_host_key
+from lovd.session.lifecycle import Sessions
 from lovd.store import Store
 from lovd.web.app import create_app
 from tests.fakes import FakeRunner

@@ -191,11 +191,11 @@ async def test_reconcile_leaves_units_systemd_is_handling(api: Api, active: str)
     s = await (await api.client.post("/api/sessions")).json()
     await api.runner.stop(s["id"])  # the container died; systemd is mid-restart
     api.runner.name = "systemd"
-    api.runner.unit_states = {s["id"]: UnitState(active, "stop-post", "success", 1)}
+    api.runner.units = {s["id"]: UnitState(active, "stop-post", "success", 1)}
     await api.sessions.reconcile()
     got = api.store.get(s["id"])
     assert got is not None and got.status == "running"
-    api.runner.unit_states = {s["id"]: UnitState("failed", "failed", "start-limit-hit", 4)}
+    api.runner.units = {s["id"]: UnitState("failed", "failed", "start-limit-hit", 4)}
     await api.sessions.reconcile()
     got = api.store.get(s["id"])
     assert got is not None and got.status == "failed" and "gave up after 3 restarts" in got.reason

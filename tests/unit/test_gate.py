@@ -20,7 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from lovd import config, ids
 from lovd.caddy import GATE_HEADER, gate_key
 from lovd.metrics import Metrics
-from lovd.sessions import SessionEnv, Sessions, load_host_key
+from lovd.session.launcher import SessionEnv, load_host_key
+from lovd.session.lifecycle import Sessions
 from lovd.store import Session, Store
 from lovd.web.gate import BrowserGate
 from lovd.web.public import create_public_app

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from lovd import ids
 from lovd.errors import LovdError
-from lovd.pool import WarmPool
-from lovd.sessions import WARM
+from lovd.session.model import SessionState
+from lovd.session.warm import WarmPool
 from tests.unit.conftest import Api, open_api
+
+WARM = SessionState.WARM
 
 
 def pool_of(a: Api) -> WarmPool:
-    return WarmPool(a.sessions, a.sessions.config.warm_max_age, time.time, retry_delay=0.1)
+    return a.sessions.pool(a.sessions.config.warm_max_age, retry_delay=0.1)
 
 
 def warm_ids(a: Api) -> list[str]:

@@ -1,0 +1,10 @@
+"""Sessions: one OpenCode container per chat, from creation to expiry.
+
+model.py       states and the Session row
+launcher.py    the container's settings, start, readiness, stop
+admission.py   places, ports, when a place frees up
+warm.py        the warm pool (on top of launcher and admission)
+housekeeping.py activity, unused/idle stops, expiry
+reconcile.py   adopt, lost, orphans
+lifecycle.py   the facade the web layer and the daemon use (``Sessions``)
+"""

@@ -1,0 +1,104 @@
+"""Places and ports: who may start now, and when the next place frees up.
+
+``limits.max_running`` places are shared by creating, starting and running sessions;
+warm containers use free places only (warm.py gives them up). A refusal says when the
+soonest place frees up, from the same policy that will free it (housekeeping.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+from collections.abc import Callable
+
+from lovd import ids
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.session.model import ACTIVE, Session
+from lovd.store import Store
+
+# When no running session has a deadline, the wait a refusal suggests.
+RETRY_AFTER_DEFAULT = 30
+
+
+class Admission:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        frees_at: Callable[[Session], float | None],
+        clock: Callable[[], float],
+        host_id: str,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.host_id = host_id
+        self.frees_at = frees_at
+        self.clock = clock
+        # Held while deciding and inserting, so two creates never take the last place.
+        self.lock = asyncio.Lock()
+
+    def running_count(self) -> int:
+        return self.store.count(ACTIVE)
+
+    def retry_after(self) -> int:
+        """Seconds until a place may free up, counting unused and idle sessions."""
+        ends = [
+            t
+            for s in self.store.all()
+            if s.status in ACTIVE and (t := self.frees_at(s)) is not None
+        ]
+        if not ends:
+            return RETRY_AFTER_DEFAULT
+        return max(1, min(math.ceil(min(ends) - self.clock()), 3600))
+
+    def admit(self) -> None:
+        """Raise ``too-many-sessions`` (with the real wait) when every place is taken.
+        Call with ``lock`` held."""
+        limit = self.config.max_running
+        if self.running_count() >= limit:
+            retry = self.retry_after()
+            raise LovdError(
+                "too-many-sessions",
+                f"all {limit} session places are in use; try again in {retry} s",
+                retry_after=retry,
+                extra={"limit": limit},
+            )
+
+    def pick_port(self) -> int:
+        used = self.store.used_ports()
+        for port in self.config.ports:
+            if port in used:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise LovdError(
+            "unavailable",
+            f"no free port in port_range {self.config.port_range}; widen it in lovd.conf",
+        )
+
+    async def insert(
+        self, status: str, token_hash: str, now: float, event: str = "created"
+    ) -> Session:
+        """A new row with a fresh id and port (call with ``lock`` held)."""
+        return await self.store.insert(
+            Session(
+                id=ids.new_session_id(),
+                status=status,
+                reason="",
+                token_hash=token_hash,
+                port=self.pick_port(),
+                container_id="",
+                host_id=self.host_id,
+                created_at=now,
+                updated_at=now,
+                expires_at=now + self.config.session_ttl,
+                last_activity=now,
+            ),
+            event=event,
+        )

@@ -1,0 +1,129 @@
+"""Activity, and the policy that stops and deletes sessions by time.
+
+Activity (every request the gate lets through) and first chat requests are recorded in
+memory and written to the store in batches: the gate must stay cheap. The policy:
+
+- a running session with no chat request within ``unused_timeout`` of its start is
+  stopped (its place goes to someone who will use it; it wakes on its next request);
+- a running session with no activity for ``idle_timeout`` is stopped the same way;
+- a session past ``session_ttl`` is deleted, and so is a stopped or failed one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.session.model import Session, SessionState
+from lovd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Activity:
+    """Last activity and first chat request per session, not yet written."""
+
+    def __init__(self, store: Store, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.clock = clock
+        self.seen: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def touch(self, sid: str) -> None:
+        self.seen[sid] = self.clock()
+
+    def mark_used(self, sid: str) -> None:
+        s = self.store.get(sid)
+        if s is not None and not s.used_at:
+            self.used.setdefault(sid, self.clock())
+
+    def is_used(self, s: Session) -> bool:
+        return bool(s.used_at) or s.id in self.used
+
+    def last(self, s: Session) -> float:
+        return max(s.last_activity, self.seen.get(s.id, 0.0))
+
+    def forget(self, sid: str) -> None:
+        self.seen.pop(sid, None)
+        self.used.pop(sid, None)
+
+    async def flush(self) -> None:
+        pending, self.seen = self.seen, {}
+        await self.store.touch(pending)
+        used, self.used = self.used, {}
+        for sid, at in used.items():
+            s = self.store.get(sid)
+            if s is not None and not s.used_at:
+                await self.store.update(sid, used_at=at, event="first-chat")
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        activity: Activity,
+        *,
+        stop: Callable[[str, str, str], Awaitable[Session]],
+        delete: Callable[[str, str], Awaitable[None]],
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.activity = activity
+        self.stop = stop
+        self.delete = delete
+        self.clock = clock
+
+    def frees_at(self, s: Session) -> float | None:
+        """When the policy will stop ``s`` and free its place: the end of its
+        unused_timeout (no chat request yet) or of its idle_timeout, whichever is first."""
+        c = self.config
+        ends: list[float] = []
+        if c.unused_timeout and not self.activity.is_used(s):
+            ends.append(max(s.created_at, s.started_at) + c.unused_timeout)
+        if c.idle_timeout:
+            ends.append(self.activity.last(s) + c.idle_timeout)
+        return min(ends, default=None)
+
+    def idle_reason(self, s: Session, now: float) -> str:
+        """Why the policy stops ``s`` now ("" while it may keep running)."""
+        c = self.config
+        unused = c.unused_timeout and not self.activity.is_used(s)
+        if unused and max(s.created_at, s.started_at) + c.unused_timeout <= now:
+            return "no chat request within unused_timeout"
+        if c.idle_timeout and self.activity.last(s) + c.idle_timeout <= now:
+            return "no activity for idle_timeout"
+        return ""
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the soonest running session reaches its unused/idle deadline."""
+        ends = [
+            t
+            for s in self.store.all()
+            if s.status == SessionState.RUNNING and (t := self.frees_at(s)) is not None
+        ]
+        return min(ends) - self.clock() if ends else None
+
+    async def cleanup(self) -> list[str]:
+        """Delete expired and dead sessions; stop idle and unused ones. Returns deleted ids."""
+        await self.activity.flush()
+        now = self.clock()
+        removed: list[str] = []
+        for s in self.store.all():
+            if s.status == SessionState.WARM:
+                continue  # the pool's (warm_max_age)
+            try:
+                if s.expires_at <= now:
+                    await self.delete(s.id, "expired (session_ttl)")
+                    removed.append(s.id)
+                elif s.status in (SessionState.FAILED, SessionState.STOPPED):
+                    await self.delete(s.id, f"cleanup of {s.status} session")
+                    removed.append(s.id)
+                elif s.status == SessionState.RUNNING and (why := self.idle_reason(s, now)):
+                    await self.stop(s.id, SessionState.IDLE_STOPPED, why)
+            except LovdError as e:
+                log.warning("cleanup of %s failed: %s", s.id, e.message, extra={"SESSION_ID": s.id})
+        return removed

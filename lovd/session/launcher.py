@@ -1,0 +1,335 @@
+"""Starting and stopping one session's container: its settings, the container spec, the
+image check, readiness, and the row's way to running or failed.
+
+The container's settings (``SessionEnv``) hold no operator secret: LLM and MCP calls go
+through lovd's broker with a per-session credential that is new at every start (its hash
+is stored; the previous container's dies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from lovd import ids
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.metrics import Metrics
+from lovd.podman import ContainerSpec, cgroup_v2
+from lovd.runner import Runner
+from lovd.session.model import Session, SessionState
+from lovd.store import Store
+
+log = logging.getLogger(__name__)
+
+_IMAGE_CHECK_TTL = 60.0
+
+
+@dataclass
+class SessionEnv:
+    """Builds the secret environment of a session container from config."""
+
+    config: Config
+    host_key: bytes
+    demo_urls: dict[str, str] = field(default_factory=dict)
+
+    def password(self, session_id: str) -> str:
+        return ids.derive_password(self.host_key, session_id)
+
+    def basic_auth(self, session_id: str) -> str:
+        raw = f"opencode:{self.password(session_id)}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def write(self, session_id: str, directory: Path, broker_credential: str) -> Path:
+        """Write the session's secret env file (KEY=VALUE lines) and return its path.
+
+        The directory is 0700 and lovd's own; the file is 0444 so the container's user
+        (an unmapped uid under --userns=auto) can read it through the bind mount."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / ids.secret_file_name(session_id)
+        env = self.build(session_id, broker_credential)
+        data = "".join(f"{k}={v}\n" for k, v in env.items())
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data.encode())
+            os.fchmod(fd, 0o444)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+        return path
+
+    def build(self, session_id: str, broker_credential: str) -> dict[str, str]:
+        """The container's settings. No operator secret is among them: LLM and MCP calls
+        go to lovd's broker (at host_gateway) with ``broker_credential``, and the broker
+        adds the real keys (lovd/broker/)."""
+        c = self.config
+        broker = f"http://{c.host_gateway}:{c.broker_port}"
+        mcp = bool(c.mcp_lovdata_url or self.demo_urls.get("mcp"))
+        lovd_llm = bool(c.llm_base_url or self.demo_urls.get("llm"))
+
+        def cred(configured: object) -> str:
+            return broker_credential if configured else ""
+
+        env = {
+            "OPENCODE_SERVER_PASSWORD": self.password(session_id),
+            "LOVD_SESSION_ID": session_id,
+            "LOVD_BROKER_URL": broker,
+            "LOVDATA_MCP_URL": f"{broker}/mcp/lovdata" if mcp else "",
+            "LOVDATA_MCP_TOKEN": cred(mcp),
+            "LOVD_SEQUENTIAL_THINKING": "1" if c.sequential_thinking else "0",
+            "LOVD_MODEL": c.model or self.demo_urls.get("model", ""),
+            "LOVD_LLM_BASE_URL": f"{broker}/llm/lovd" if lovd_llm else "",
+            "LOVD_LLM_API_KEY": cred(lovd_llm),
+            "OPENAI_API_KEY": cred(c.openai_api_key),
+            "ANTHROPIC_API_KEY": cred(c.anthropic_api_key),
+            "GOOGLE_GENERATIVE_AI_API_KEY": cred(c.google_api_key),
+            "LOVD_PERMISSIONS_DENY": ",".join(c.permissions_deny),
+        }
+        for k, v in env.items():
+            if "\n" in v or "\0" in v:
+                raise LovdError("internal", f"setting for {k} contains a newline or NUL")
+        return env
+
+
+class Launcher:
+    """Brings a row's container up (``start``) or down (``stop_container``). Holds the
+    per-session locks: every change to one session's container runs under its lock."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runner: Runner,
+        http: aiohttp.ClientSession,
+        env: SessionEnv,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.http = http
+        self.env = env
+        self.metrics = metrics
+        self.clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._start_lock = asyncio.Lock()
+        self._image_checked = float("-inf")
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+    def forget(self, session_id: str) -> None:
+        self._locks.pop(session_id, None)
+
+    @property
+    def secrets_dir(self) -> Path:
+        # Per instance, so two lovd instances sharing a runtime dir never collect each
+        # other's files.
+        return self.config.secrets_path / f"secrets-{self.store.instance_id}"
+
+    def drop_secret(self, sid: str) -> None:
+        (self.secrets_dir / ids.secret_file_name(sid)).unlink(missing_ok=True)
+
+    def spec(self, session: Session) -> ContainerSpec:
+        from lovd import egress  # here, not at the top: keeps egress's edit inside spec()
+
+        c = self.config
+        return ContainerSpec(
+            session_id=session.id,
+            instance_id=self.store.instance_id,
+            image=c.image,
+            host_port=session.port,
+            container_port=c.container_port,
+            workspace=c.sessions_path / session.id,
+            memory_max=c.memory_max,
+            cpus=c.cpus,
+            tasks_max=c.tasks_max,
+            userns=c.userns,
+            user=c.container_user,
+            stop_timeout=c.stop_timeout,
+            extra_args=self._network_args() + list(c.extra_run_args),
+            cgroup_v2=cgroup_v2(),
+            secret_file=self.secrets_dir / ids.secret_file_name(session.id),
+            systemd_unit=self.runner.unit_name(session.id),
+            # The egress hook (rules in the container's netns before it runs); checked
+            # on disk for every start, since Podman ignores a missing hooks dir.
+            hooks_dir=egress.ensure(c),
+        )
+
+    def _network_args(self) -> list[str]:
+        # Every session calls the broker on the host's loopback (session_network); the
+        # egress hook then lets it reach host_gateway:broker port and egress.allow only.
+        if self.config.session_network:
+            return ["--network", self.config.session_network]
+        return []
+
+    async def start(self, sid: str, warm: bool = False) -> Session:
+        async with self.lock(sid):
+            session = self.store.get(sid)
+            if session is None:
+                raise LovdError("session-not-found", f"no session {sid}")
+            if session.status == "running":
+                return session
+            t0 = time.monotonic()
+            # A new broker credential for every start: the previous container's dies.
+            secret = ids.new_token()
+            changes: dict[str, Any] = {"broker_hash": ids.hash_token(secret)}
+            if not warm:
+                changes.update(status="starting", reason="")
+            session = await self.store.update(sid, **changes)
+            workspace = self.config.sessions_path / sid
+            workspace.mkdir(parents=True, exist_ok=True)
+            try:
+                await self.check_image()
+                try:
+                    self.env.write(sid, self.secrets_dir, f"{sid}.{secret}")
+                    # One `podman run` at a time: concurrent --userns=auto allocations
+                    # race in rootless Podman; the run is short next to readiness.
+                    async with self._start_lock:
+                        cid = await self.runner.start(self.spec(session))
+                except LovdError:
+                    self._image_checked = float("-inf")
+                    await self.check_image()  # a vanished image gets its own clear error
+                    raise
+                await self.wait_ready(sid)
+            except LovdError as e:
+                await self.stop_container(sid)
+                return await self.fail(sid, e)
+            except asyncio.CancelledError:
+                # lovd is shutting down: leave the container and the row as they are; the
+                # next lovd adopts the container, or records that it is gone (reconcile).
+                log.info("start interrupted by shutdown", extra={"SESSION_ID": sid})
+                raise
+            except Exception as e:
+                await self.stop_container(sid)
+                await self.fail(sid, LovdError("internal", f"start failed: {e!r}"))
+                raise
+            self.metrics.start_seconds.observe(time.monotonic() - t0)
+            current = self.store.get(sid)
+            if warm and current is not None and current.status == SessionState.WARM:
+                log.info(
+                    "warm container ready in %.3f s",
+                    time.monotonic() - t0,
+                    extra={"SESSION_ID": sid, "CONTAINER_ID": cid},
+                )
+                return await self.store.update(sid, container_id=cid)
+            # A warm container claimed while it booted lands here too.
+            return await self.running(sid, cid, t0)
+
+    async def running(self, sid: str, cid: str, t0: float) -> Session:
+        session = await self.store.update(
+            sid,
+            status="running",
+            reason="",
+            container_id=cid,
+            started_at=self.clock(),
+            last_activity=self.clock(),
+        )
+        log.info(
+            "session running (ready in %.3f s)",
+            time.monotonic() - t0,
+            extra={"SESSION_ID": sid, "CONTAINER_ID": cid},
+        )
+        return session
+
+    async def stop_container(self, sid: str) -> None:
+        await self.runner.stop(sid)
+        self.drop_secret(sid)
+
+    async def check_image(self) -> None:
+        """Is the image present? A positive answer is trusted for a minute: the check
+        costs a Podman round trip on every start otherwise."""
+        if time.monotonic() - self._image_checked < _IMAGE_CHECK_TTL:
+            return
+        if not await self.runner.client.image_exists(self.config.image):
+            raise LovdError(
+                "image-missing",
+                f"session image {self.config.image} is not present in the lovd "
+                "user's Podman store; build it with: lovd image build",
+            )
+        self._image_checked = time.monotonic()
+
+    async def fail(self, sid: str, err: LovdError) -> Session:
+        current = self.store.get(sid)
+        if current is not None and current.status == SessionState.WARM:
+            # Nobody owns it: drop the row (the pool retries later) rather than show a
+            # failed session no one asked for.
+            await self.runner.remove_workspace(self.config.sessions_path / sid)
+            await self.store.delete(sid, f"warm start failed: {err.message}")
+            log.warning("warm container failed: %s", err.message, extra={"SESSION_ID": sid})
+            raise err
+        await self.store.update(sid, status="failed", reason=err.message, broker_hash="")
+        log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
+        raise err
+
+    async def probe(self, session: Session, timeout: float = 0.3) -> tuple[bool, str]:
+        url = f"http://127.0.0.1:{session.port}{self.config.health_path}"
+        try:
+            async with self.http.get(
+                url,
+                headers={"Authorization": self.env.basic_auth(session.id)},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as r:
+                await r.read()
+                return r.status < 400, f"HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return False, type(e).__name__
+
+    async def wait_ready(self, sid: str) -> None:
+        """Poll the health path with short timeouts: OpenCode may hang a request sent in
+        the first second after its port opens, so a long timeout would stall readiness."""
+        deadline = time.monotonic() + self.config.ready_timeout
+        delay = 0.01
+        checks = 0
+        while time.monotonic() < deadline:
+            session = self.store.get(sid)
+            if session is None:
+                raise LovdError("session-not-found", f"session {sid} was deleted while starting")
+            ok, _ = await self.probe(session)
+            if ok:
+                return
+            checks += 1
+            if checks % 20 == 0 and not await self.container_alive(sid):
+                name = ids.container_name(sid)
+                logs = (await self.runner.client.logs(name)).strip().splitlines()
+                raise LovdError(
+                    "runner-failed",
+                    "session container exited while starting" + (f": {logs[-1]}" if logs else ""),
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+        raise LovdError(
+            "start-timeout",
+            f"session did not answer {self.config.health_path} within "
+            f"{self.config.ready_timeout:g} s (ready_timeout)",
+        )
+
+    async def container_alive(self, sid: str) -> bool:
+        return any(c.session_id == sid and c.state == "running" for c in await self.runner.list())
+
+
+
+
+def load_host_key(state: Path) -> bytes:
+    """A 32-byte key, created once per state dir (0600), that derives container passwords."""
+    path = state / "host.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key

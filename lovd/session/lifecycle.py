@@ -1,0 +1,267 @@
+"""The facade the web layer and the daemon use: create, get, wake, stop, delete, touch.
+
+All state changes go through the store (and so the outbox). Each session has its own
+lock (launcher.py), so concurrent requests for one session serialize while different
+sessions proceed in parallel; the admission lock is always taken before a session's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from lovd import ids
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.metrics import Metrics
+from lovd.podman import ContainerSpec
+from lovd.runner import Runner
+from lovd.session.admission import Admission
+from lovd.session.housekeeping import Activity, Housekeeping
+from lovd.session.launcher import Launcher, SessionEnv
+from lovd.session.model import Session, SessionState
+from lovd.session.reconcile import Reconciler
+from lovd.session.warm import Warm, WarmPool
+from lovd.store import StaleRow, Store
+
+log = logging.getLogger(__name__)
+
+
+class Sessions:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        runner: Runner,
+        http: aiohttp.ClientSession,
+        env: SessionEnv,
+        metrics: Metrics,
+        host_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.runner = runner
+        self.http = http
+        self.env = env
+        self.metrics = metrics
+        self.host_id = host_id
+        self.clock = clock
+        now = self._now  # every part reads the clock through here (tests move it)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._activity = Activity(store, now)
+        self.housekeeping = Housekeeping(
+            config, store, self._activity, stop=self.stop, delete=self.delete, clock=now
+        )
+        self.admission = Admission(config, store, self.housekeeping.frees_at, now, host_id)
+        self.launcher = Launcher(config, store, runner, http, env, metrics, now)
+        self.warm_pool = Warm(
+            config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
+        )
+        self.reconciler = Reconciler(
+            config, store, self.launcher, metrics, discard_warm=self.discard_warm
+        )
+        # Called whenever a place may have freed up or a warm container was used; the
+        # warm pool's loop sets it to its refill trigger.
+        self.capacity_changed: Callable[[], None] = lambda: None
+        metrics.track_sessions(self.count_by_state)
+
+    def _now(self) -> float:
+        return self.clock()
+
+    def pool(self, max_age: float, retry_delay: float = 30.0) -> WarmPool:
+        """The warm pool's refill loop, kicked whenever capacity changes."""
+        pool = WarmPool(self.warm_pool, max_age, self._now, retry_delay=retry_delay)
+        self.capacity_changed = pool.kick
+        return pool
+
+    # --- queries ---
+
+    def count_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.store.all():
+            counts[s.status] = counts.get(s.status, 0) + 1
+        return counts
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        return self.launcher.lock(session_id)
+
+    def get(self, session_id: str) -> Session:
+        s = self.store.get(ids.check(session_id))
+        if s is None or s.status == SessionState.WARM:
+            raise LovdError("session-not-found", f"no session {session_id}")
+        return s
+
+    def all(self) -> list[Session]:
+        return [s for s in self.store.all() if s.status != SessionState.WARM]
+
+    def warm(self) -> list[Session]:
+        return self.warm_pool.rows()
+
+    def running_count(self) -> int:
+        return self.admission.running_count()
+
+    def retry_after(self) -> int:
+        return self.admission.retry_after()
+
+    def next_deadline(self) -> float | None:
+        return self.housekeeping.next_deadline()
+
+    def warm_wanted(self) -> int:
+        return self.warm_pool.wanted()
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.launcher.secrets_dir
+
+    def spec(self, session: Session) -> ContainerSpec:
+        return self.launcher.spec(session)
+
+    async def probe(self, session: Session, timeout: float = 0.3) -> tuple[bool, str]:
+        return await self.launcher.probe(session, timeout)
+
+    # --- activity ---
+
+    @property
+    def activity(self) -> dict[str, float]:
+        return self._activity.seen
+
+    def touch(self, sid: str) -> None:
+        """Record activity (cheap, in memory; flushed to the store periodically)."""
+        self._activity.touch(sid)
+
+    def mark_used(self, sid: str) -> None:
+        """The session's browser sent a chat request: it no longer counts as unused."""
+        self._activity.mark_used(sid)
+
+    async def flush_activity(self) -> None:
+        await self._activity.flush()
+
+    async def cleanup(self) -> list[str]:
+        return await self.housekeeping.cleanup()
+
+    async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
+        """Make actual containers match the store: adopt, mark vanished, collect orphans."""
+        return await self.reconciler.reconcile(startup=startup)
+
+    # --- create / wake ---
+
+    async def create(self, wait: bool = True) -> tuple[Session, str]:
+        """Create and start a session. Returns the session and its token (shown once)."""
+        token = ids.new_token()
+        token_hash = ids.hash_token(token)
+        async with self.admission.lock:
+            self.admission.admit()
+            now = self.clock()
+            session = await self._claim_warm(token_hash, now)
+            warm = session is not None
+            if session is None:
+                session = await self.admission.insert(SessionState.CREATING, token_hash, now)
+        sid = session.id
+        log.info("session created%s", " (warm pool)" if warm else "", extra={"SESSION_ID": sid})
+        self.metrics.sessions_created.inc()
+        self.metrics.warm_claims.labels("hit" if warm else "miss").inc()
+        start = self.warm_pool.claim(sid) if warm else self.launcher.start(sid)
+        if warm:
+            self.capacity_changed()
+        if wait:
+            session = await start
+        else:
+            self._spawn(self._logged(start, sid))
+        return session, token
+
+    async def _claim_warm(self, token_hash: str, now: float) -> Session | None:
+        """Give a warm row to a new owner. A compare-and-set on its state: a discard that
+        got there first wins and the claim tries the next row (or a cold start)."""
+        while (warm := self.warm_pool.pick()) is not None:
+            try:
+                # "starting" until the claim has confirmed the container still answers.
+                return await self.store.update(
+                    warm.id,
+                    expect=(SessionState.WARM,),
+                    status=SessionState.STARTING,
+                    reason="from the warm pool",
+                    event="claimed",
+                    token_hash=token_hash,
+                    created_at=now,
+                    expires_at=now + self.config.session_ttl,
+                    last_activity=now,
+                )
+            except (StaleRow, KeyError):
+                continue
+        return None
+
+    async def wake(self, sid: str) -> Session:
+        """Start a stopped session again (same workspace), subject to admission."""
+        session = self.get(sid)
+        if session.status == SessionState.RUNNING:
+            return session
+        if session.status != SessionState.STARTING:
+            async with self.admission.lock:
+                self.admission.admit()
+                async with self.lock(sid):
+                    session = self.get(sid)  # a delete may have won the lock: 404, not 500
+                    if session.status == SessionState.RUNNING:
+                        return session
+                    await self.store.update(sid, status=SessionState.STARTING, reason="waking")
+                self.warm_pool.make_room()
+        return await self.launcher.start(sid)
+
+    # --- stop / delete ---
+
+    async def stop(
+        self, sid: str, status: str = SessionState.STOPPED, reason: str = ""
+    ) -> Session:
+        async with self.lock(sid):
+            self.get(sid)
+            await self.store.update(sid, status=SessionState.STOPPING, reason=reason)
+            await self.launcher.stop_container(sid)
+            session = await self.store.update(
+                sid, status=status, reason=reason, container_id="", broker_hash=""
+            )
+        self.capacity_changed()
+        return session
+
+    async def delete(self, sid: str, reason: str = "deleted by request") -> None:
+        async with self.lock(sid):
+            self.get(sid)
+            await self.store.update(sid, status=SessionState.STOPPING, reason=reason)
+            await self.launcher.stop_container(sid)
+            await self.runner.remove_workspace(self.config.sessions_path / sid)
+            await self.store.delete(sid, reason)
+        self.launcher.forget(sid)
+        self._activity.forget(sid)
+        log.info("session deleted: %s", reason, extra={"SESSION_ID": sid})
+        self.capacity_changed()
+
+    # --- the warm pool ---
+
+    async def start_warm(self) -> Session | None:
+        return await self.warm_pool.start_one()
+
+    async def discard_warm(self, sid: str, reason: str) -> None:
+        await self.warm_pool.discard(sid, reason)
+
+    # --- background work ---
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _logged(self, start: Coroutine[Any, Any, Session], sid: str) -> None:
+        try:
+            await start
+        except LovdError as e:
+            log.warning("session start failed: %s", e.message, extra={"SESSION_ID": sid})
+
+    async def drain(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

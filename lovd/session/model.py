@@ -1,0 +1,96 @@
+"""Session states and the sets of them the rest of lovd reasons about.
+
+States (MISSION.md): creating → starting → running → (idle-stopped ⇄ running) →
+stopping → stopped/failed → deleted. "deleted" rows leave the table (the outbox carries
+the deletion). "warm" rows are the warm pool: started containers no user owns yet (no
+token), invisible to the API until POST /api/sessions claims one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class SessionState(StrEnum):
+    WARM = "warm"
+    CREATING = "creating"
+    STARTING = "starting"
+    RUNNING = "running"
+    IDLE_STOPPED = "idle-stopped"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+STATES = tuple(s.value for s in SessionState)
+# Sessions that hold one of the limits.max_running places.
+ACTIVE = frozenset({SessionState.CREATING, SessionState.STARTING, SessionState.RUNNING})
+# Whose container may hold a valid broker credential (a warm container's OpenCode
+# connects to the MCP server while it boots).
+BROKER_LIVE = frozenset({SessionState.WARM, SessionState.STARTING, SessionState.RUNNING})
+# Rows reconcile may find with a live container and adopt as running.
+ADOPTABLE = frozenset(
+    {
+        SessionState.RUNNING,
+        SessionState.STARTING,
+        SessionState.IDLE_STOPPED,
+        SessionState.STOPPING,
+    }
+)
+# Rows that should have a live container; without one reconcile records why.
+EXPECT_CONTAINER = frozenset(
+    {
+        SessionState.RUNNING,
+        SessionState.STARTING,
+        SessionState.CREATING,
+        SessionState.STOPPING,
+    }
+)
+# Unit states in which systemd, not lovd, decides what happens next.
+UNIT_BUSY = frozenset({"activating", "active", "deactivating", "reloading"})
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    status: str
+    reason: str
+    token_hash: str
+    port: int
+    container_id: str
+    host_id: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    last_activity: float
+    started_at: float = 0.0
+    restarts: int = 0
+    version: int = 1
+    used_at: float = 0.0  # first chat request since the last start (0: none yet)
+    broker_hash: str = ""  # hash of the running container's broker credential
+
+    def public(self, public_url: str) -> dict[str, Any]:
+        """The API representation (never the token hash)."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "reason": self.reason,
+            "url": f"{public_url.rstrip('/')}/c/{self.id}",
+            "container_id": self.container_id,
+            "port": self.port,
+            "host_id": self.host_id,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "expires_at": iso(self.expires_at),
+            "last_activity": iso(self.last_activity),
+            "restarts": self.restarts,
+            "used": bool(self.used_at),
+        }

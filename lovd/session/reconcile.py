@@ -1,0 +1,131 @@
+"""Make what runs match the store: adopt live containers, record lost ones, collect
+orphans. Run at start (re-adoption after a crash, an upgrade or an idle exit) and
+periodically.
+
+One batched query per pass: the containers (one Podman call) and the supervisor's
+view of every session's unit (one systemctl call under the systemd runner).
+
+The rows are read before the containers are listed, and a row that changed in between
+(a start that finished, a stop) is left for the next pass: judged against a container
+list taken before it started, it would look lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from lovd import ids
+from lovd.config import Config
+from lovd.metrics import Metrics
+from lovd.podman import ContainerInfo
+from lovd.session.launcher import Launcher
+from lovd.session.model import ADOPTABLE, EXPECT_CONTAINER, UNIT_BUSY, SessionState
+from lovd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        launcher: Launcher,
+        metrics: Metrics,
+        *,
+        discard_warm: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.launcher = launcher
+        self.runner = launcher.runner
+        self.metrics = metrics
+        self.discard_warm = discard_warm
+        self._orphans_seen: dict[str, float] = {}
+
+    async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
+        with self.metrics.reconcile_seconds.time():
+            return await self._reconcile(startup)
+
+    async def _reconcile(self, startup: bool) -> dict[str, list[str]]:
+        seen = {s.id: s.version for s in self.store.all()}
+        containers = {c.session_id: c for c in await self.runner.list()}
+        units = await self.runner.unit_states(list(seen))
+        report: dict[str, list[str]] = {"adopted": [], "lost": [], "orphans_removed": []}
+        for sid, version in seen.items():
+            s = self.store.get(sid)
+            if s is None or s.version != version or self.launcher.lock(sid).locked():
+                continue  # changed since the snapshot, or in flight: the next pass decides
+            c = containers.get(sid)
+            alive = c is not None and c.state == "running"
+            unit = units.get(sid)
+            if s.status == SessionState.WARM:
+                if alive and c is not None and s.container_id != c.id:
+                    await self.store.update(sid, container_id=c.id)
+                elif not alive and (unit is None or unit.active not in UNIT_BUSY):
+                    await self.discard_warm(sid, "warm container stopped")
+                continue
+            if s.status in ADOPTABLE and alive:
+                assert c is not None
+                if s.status != SessionState.RUNNING or s.container_id != c.id:
+                    await self.store.update(
+                        sid, status=SessionState.RUNNING, reason="re-adopted", container_id=c.id
+                    )
+                report["adopted"].append(sid)
+            elif s.status in EXPECT_CONTAINER and not alive:
+                if unit is not None and unit.active in UNIT_BUSY:
+                    # systemd is still acting on it: stopping it now would cancel the
+                    # restart policy (ExecStopPost keeps a crashed unit "deactivating").
+                    continue
+                if unit is not None and unit.active == "failed":
+                    reason = (  # NRestarts also counts the attempt refused at the start limit
+                        f"unit failed ({unit.result}); gave up after "
+                        f"{max(0, unit.restarts - 1)} restarts"
+                    )
+                    status = SessionState.FAILED
+                elif c is not None and c.exit_code:
+                    reason = f"container exited with code {c.exit_code}"
+                    status = SessionState.FAILED
+                elif s.status == SessionState.CREATING:
+                    reason = "lovd stopped while the session was being created"
+                    status = SessionState.FAILED
+                else:
+                    reason = (
+                        "container vanished while lovd was down"
+                        if startup
+                        else "container stopped unexpectedly"
+                    )
+                    status = SessionState.STOPPED
+                await self.launcher.stop_container(sid)
+                await self.store.update(
+                    sid, status=status, reason=reason, container_id="", broker_hash=""
+                )
+                report["lost"].append(sid)
+                log.warning("session %s: %s", status, reason, extra={"SESSION_ID": sid})
+        await self._orphans(containers, report)
+        return report
+
+    async def _orphans(
+        self, containers: dict[str, ContainerInfo], report: dict[str, list[str]]
+    ) -> None:
+        now = time.monotonic()
+        known = {s.id for s in self.store.all()}
+        for sid, c in containers.items():
+            if sid in known:
+                continue
+            first = self._orphans_seen.setdefault(c.id, now)
+            # Podman's Created is wall-clock; the grace also runs from when we first saw it.
+            age = max(time.time() - c.created, now - first)
+            if age >= self.config.orphan_grace:
+                log.info("removing orphan container %s", c.name, extra={"CONTAINER_ID": c.id})
+                await self.runner.client.remove(c.name)
+                if ids.is_valid(sid):
+                    self.launcher.drop_secret(sid)
+                self._orphans_seen.pop(c.id, None)
+                report["orphans_removed"].append(c.name)
+        secrets = self.launcher.secrets_dir
+        for f in secrets.glob("*.env") if secrets.is_dir() else ():
+            if f.stem not in known and f.stem not in containers:
+                f.unlink(missing_ok=True)

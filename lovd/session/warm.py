@@ -1,0 +1,168 @@
+"""The warm pool: session containers started ahead of demand.
+
+OpenCode needs seconds to boot; a user should not. The pool keeps up to ``warm_pool``
+containers started and ready, as store rows in state "warm" (so they survive a lovd
+restart like any session), and ``POST /api/sessions`` claims one. Warm containers only
+ever use free places: running + warm never exceeds ``limits.max_running``, and a session
+that needs a place a warm container holds gets it (``make_room``). ``WarmPool`` only
+refills, recycles old ones and backs off when starting fails.
+
+Built on launcher.py and admission.py; nothing here calls back into lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from lovd.config import Config
+from lovd.errors import LovdError
+from lovd.session.admission import Admission
+from lovd.session.launcher import Launcher
+from lovd.session.model import Session, SessionState
+from lovd.store import StaleRow, Store
+
+log = logging.getLogger(__name__)
+
+# Longest sleep between passes when nothing asks for one (recycling by age).
+_PERIOD = 60.0
+
+
+class Warm:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        launcher: Launcher,
+        admission: Admission,
+        *,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.launcher = launcher
+        self.admission = admission
+        self.spawn = spawn
+        self.clock = clock
+
+    def rows(self) -> list[Session]:
+        """Unclaimed warm-pool rows, oldest first."""
+        return [s for s in self.store.all() if s.status == SessionState.WARM]
+
+    def pick(self) -> Session | None:
+        """A warm row to hand out: a ready one first, else the one furthest along."""
+        rows = self.rows()
+        ready = [s for s in rows if not self.launcher.lock(s.id).locked()]
+        return (ready or rows)[0] if rows else None
+
+    def wanted(self) -> int:
+        """How many more warm containers the pool may start now."""
+        warm = len(self.rows())
+        free = self.config.max_running - self.admission.running_count() - warm
+        return max(0, min(self.config.warm_pool - warm, free))
+
+    async def start_one(self) -> Session | None:
+        """Start one warm-pool container (no owner, no token) if there is a free place."""
+        async with self.admission.lock:
+            if self.wanted() < 1:
+                return None
+            row = await self.admission.insert(SessionState.WARM, "", self.clock(), event="warm")
+        return await self.launcher.start(row.id, warm=True)
+
+    async def claim(self, sid: str) -> Session:
+        """Hand a claimed warm container to its new owner: wait for it if it is still
+        booting, check it still answers, and fall back to a fresh start if not."""
+        async with self.launcher.lock(sid):
+            s = self.store.get(sid)
+            if s is not None and s.status == SessionState.RUNNING:
+                return s  # its warm start finished after the claim
+            if s is not None and s.status == SessionState.STARTING and s.container_id:
+                ok, why = await self.launcher.probe(s, timeout=1.0)
+                if ok:
+                    return await self.launcher.running(sid, s.container_id, time.monotonic())
+                log.info(
+                    "warm container did not answer (%s); starting afresh",
+                    why,
+                    extra={"SESSION_ID": sid},
+                )
+        return await self.launcher.start(sid)
+
+    async def discard(self, sid: str, reason: str) -> None:
+        """Remove an unclaimed warm container and its row (claimed ones are left alone)."""
+        async with self.launcher.lock(sid):
+            try:
+                # A compare-and-set: a claim that got there first keeps the container.
+                await self.store.update(
+                    sid, expect=(SessionState.WARM,), status=SessionState.STOPPING, reason=reason
+                )
+            except (StaleRow, KeyError):
+                return
+            await self.launcher.stop_container(sid)
+            await self.launcher.runner.remove_workspace(self.config.sessions_path / sid)
+            await self.store.delete(sid, reason)
+        self.launcher.forget(sid)
+        log.info("warm container removed: %s", reason, extra={"SESSION_ID": sid})
+
+    def make_room(self) -> None:
+        """A session took a place a warm container holds: give that place up."""
+        warm = self.rows()
+        if warm and self.admission.running_count() + len(warm) > self.config.max_running:
+            self.spawn(self.discard(warm[-1].id, "its place went to a session"))
+
+
+class WarmPool:
+    """The refill loop."""
+
+    def __init__(
+        self,
+        warm: Warm,
+        max_age: float,
+        clock: Callable[[], float],
+        retry_delay: float = 30.0,
+    ) -> None:
+        self.warm = warm
+        self.max_age = max_age
+        self.clock = clock
+        self.retry_delay = retry_delay
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def run(self) -> None:
+        """Refill whenever kicked (a claim, a freed place) and at least every minute."""
+        delay = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout=delay or _PERIOD)
+            self._kick.clear()
+            delay = 0.0 if await self.fill() else self.retry_delay
+
+    async def fill(self) -> bool:
+        """One pass: replace warm containers older than max_age, then start as many as
+        there are free places. False when a start failed (the caller backs off)."""
+        now = self.clock()
+        rows = self.warm.rows()
+        excess = max(0, len(rows) - self.warm.config.warm_pool)
+        for i, s in enumerate(rows):
+            if i < excess:
+                await self.warm.discard(s.id, "more than warm_pool")
+            elif s.created_at + self.max_age <= now:
+                await self.warm.discard(s.id, "older than warm_max_age")
+        while self.warm.wanted() > 0:
+            try:
+                if await self.warm.start_one() is None:
+                    break
+            except LovdError as e:
+                log.warning(
+                    "warm pool: could not start a container (%s); retrying in %.0f s",
+                    e.message,
+                    self.retry_delay,
+                )
+                return False
+        return True
