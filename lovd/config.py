@@ -166,7 +166,17 @@ class Config:
         "idle_timeout", 3600.0, "Seconds without activity before a session is stopped (0: never)."
     )
     session_ttl: float = setting(
-        "session_ttl", 86400.0, "Seconds after creation at which a session is deleted."
+        "session_ttl",
+        86400.0,
+        "Seconds after creation at which a session is deleted, whatever its state "
+        "(with its workspace and chat history).",
+    )
+    delete_after: float = setting(
+        "delete_after",
+        86400.0,
+        "Seconds a stopped, failed or idle-stopped session (its workspace and chat history) "
+        "is kept after it stopped; until then it wakes on its user's next request. Nothing "
+        "else deletes a session but this, session_ttl and an explicit delete.",
     )
     orphan_grace: float = setting(
         "orphan_grace",
@@ -175,10 +185,51 @@ class Config:
         "(protects containers whose row is still being written).",
     )
     health_interval: float = setting(
-        "health.interval", 30.0, "Seconds between health checks of running sessions."
+        "health.interval",
+        30.0,
+        "Seconds between health probes of running sessions (the health path, with "
+        "health.probe_timeout); each pass also reconciles containers with the store.",
+    )
+    probe_timeout: float = setting(
+        "health.probe_timeout",
+        2.0,
+        "Seconds a health probe may take before it counts as failed (a hung server).",
+    )
+    health_failures: int = setting(
+        "health.failures",
+        3,
+        "Consecutive failed probes after which a running session's container is restarted "
+        "(same session id, workspace, port and token).",
     )
     restart_attempts: int = setting(
-        "health.restart_attempts", 3, "Restarts of an unhealthy session before it is failed."
+        "health.restart_attempts",
+        3,
+        "Restarts (after failed probes, or of a crashed container) allowed within "
+        "health.restart_window; one more failure and the session is failed (its workspace "
+        "is kept and it wakes on its user's next request).",
+    )
+    restart_window: float = setting(
+        "health.restart_window",
+        600.0,
+        "Seconds over which health.restart_attempts counts.",
+    )
+    health_history: int = setting(
+        "health.history",
+        50,
+        "Probe results kept per session (GET /api/sessions/{id}/health, lovd session show).",
+    )
+    disk_floor: str = setting(
+        "floors.disk_free",
+        "1G",
+        "New sessions are refused (503 + Retry-After) while the filesystem of state_dir "
+        "has less free space than this (K, M, G suffixes); running sessions are not "
+        "touched. 0: no floor.",
+    )
+    memory_floor: str = setting(
+        "floors.memory_free",
+        "1G",
+        "New sessions are refused (503 + Retry-After) while the host has less available "
+        "memory than this (MemAvailable). 0: no floor.",
     )
 
     # --- legal research session ---
@@ -438,7 +489,21 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"listen: expected unix:PATH or tcp:HOST:PORT, got {cfg.listen!r}")
     if not cfg.health_path.startswith("/"):
         raise ConfigError(f"health_path: must start with '/', got {cfg.health_path!r}")
-    for name in ("max_running", "tasks_max", "max_body", "restart_attempts"):
+    for floor in ("disk_floor", "memory_floor"):
+        try:
+            parse_size(getattr(cfg, floor))
+        except ValueError as e:
+            key = next(s.key for s in settings() if s.attr == floor)
+            raise ConfigError(f"{key}: {e}") from e
+    for name in (
+        "max_running",
+        "tasks_max",
+        "max_body",
+        "restart_attempts",
+        "health_failures",
+        "health_history",
+    ):
+
         if getattr(cfg, name) < 1:
             key = next(s.key for s in settings() if s.attr == name)
             raise ConfigError(f"{key}: must be at least 1")
@@ -457,6 +522,22 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.cpus <= 0:
         raise ConfigError("limits.cpus: must be greater than 0")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"512M"``, ``"1G"``, ``"1024"`` (K, M, G, T are powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError as e:
+        raise ValueError(f"expected a size like 512M or 1G, got {text!r}") from e
+    if value < 0:
+        raise ValueError(f"a size cannot be negative, got {text!r}")
+    return int(value * scale)
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:

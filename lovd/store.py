@@ -188,9 +188,8 @@ class Store:
                 raise KeyError(session_id)
             if expect is not None and current.status not in set(expect):
                 raise StaleRow(f"session {session_id} is {current.status} now")
-            new = dataclasses.replace(
-                current, updated_at=time.time(), version=current.version + 1, **changes
-            )
+            changes = {"updated_at": time.time(), **changes}  # a caller may set it (restore)
+            new = dataclasses.replace(current, version=current.version + 1, **changes)
             sets = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
             await db.execute(
                 f"UPDATE sessions SET {sets} WHERE id = ?",

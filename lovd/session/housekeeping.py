@@ -6,7 +6,10 @@ memory and written to the store in batches: the gate must stay cheap. The policy
 - a running session with no chat request within ``unused_timeout`` of its start is
   stopped (its place goes to someone who will use it; it wakes on its next request);
 - a running session with no activity for ``idle_timeout`` is stopped the same way;
-- a session past ``session_ttl`` is deleted, and so is a stopped or failed one.
+- nothing a user may come back to is deleted by anything but the expiry policy: a
+  session past ``session_ttl``, or stopped/failed/idle-stopped for ``delete_after``.
+  A stopped or failed session keeps its workspace and chat history and wakes on its
+  user's next request like an idle-stopped one.
 """
 
 from __future__ import annotations
@@ -107,23 +110,30 @@ class Housekeeping:
         ]
         return min(ends) - self.clock() if ends else None
 
-    async def cleanup(self) -> list[str]:
-        """Delete expired and dead sessions; stop idle and unused ones. Returns deleted ids."""
+    async def cleanup(self) -> list[tuple[str, str]]:
+        """Apply the policy once. Returns what it deleted and why, as (id, reason)."""
         await self.activity.flush()
         now = self.clock()
-        removed: list[str] = []
+        c = self.config
+        deleted: list[tuple[str, str]] = []
         for s in self.store.all():
             if s.status == SessionState.WARM:
                 continue  # the pool's (warm_max_age)
             try:
+                why = ""
                 if s.expires_at <= now:
-                    await self.delete(s.id, "expired (session_ttl)")
-                    removed.append(s.id)
-                elif s.status in (SessionState.FAILED, SessionState.STOPPED):
-                    await self.delete(s.id, f"cleanup of {s.status} session")
-                    removed.append(s.id)
+                    why = "expired (session_ttl)"
+                elif s.status in RESTING and s.updated_at + c.delete_after <= now:
+                    why = f"{s.status} for longer than delete_after"
+                if why:
+                    await self.delete(s.id, why)
+                    deleted.append((s.id, why))
                 elif s.status == SessionState.RUNNING and (why := self.idle_reason(s, now)):
                     await self.stop(s.id, SessionState.IDLE_STOPPED, why)
             except LovdError as e:
                 log.warning("cleanup of %s failed: %s", s.id, e.message, extra={"SESSION_ID": s.id})
-        return removed
+        return deleted
+
+
+# Sessions without a container that keep their workspace until delete_after.
+RESTING = frozenset({SessionState.STOPPED, SessionState.FAILED, SessionState.IDLE_STOPPED})

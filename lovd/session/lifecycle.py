@@ -143,7 +143,8 @@ class Sessions:
     async def flush_activity(self) -> None:
         await self._activity.flush()
 
-    async def cleanup(self) -> list[str]:
+    async def cleanup(self) -> list[tuple[str, str]]:
+        """Apply the expiry and idle policy once; what it deleted, as (id, reason)."""
         return await self.housekeeping.cleanup()
 
     async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:

@@ -179,8 +179,13 @@ async def delete_session(request: web.Request) -> web.Response:
 async def cleanup(request: web.Request) -> web.Response:
     st = request.app[STATE]
     await _json_body(request, set())
-    removed = await st.sessions.cleanup()
-    return web.json_response({"removed": removed})
+    deleted = await st.sessions.cleanup()
+    return web.json_response(
+        {
+            "removed": [sid for sid, _ in deleted],
+            "deleted": [{"id": sid, "reason": why} for sid, why in deleted],
+        }
+    )
 
 
 async def health(request: web.Request) -> web.Response:

@@ -254,9 +254,6 @@ class BrowserGate:
             self.sessions.mark_used(s.id)
         if s.status == "running":
             return self.allow(s, via_lovd=decision.body)
-        if s.status == "failed":
-            err = LovdError("unavailable", f"this session failed ({s.reason}); start a new one")
-            return self.refuse(request, err, nav, clear=True)
         task = self.ensure_waking(s.id)
         if nav:
             return self.pages.render(self.pages.progress_page(s))

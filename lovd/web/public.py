@@ -72,7 +72,8 @@ class PublicSite:
         if value is None:
             return False
         try:
-            return self.gate.verify(value).status != "failed"
+            self.gate.verify(value)  # stopped and failed sessions wake: they are live
+            return True
         except LovdError:
             return False
 
@@ -96,8 +97,6 @@ class PublicSite:
         if err is not None and not self.gate.waking(s.id):
             text = self.pages.refusal_text(err)
             return _status_json(200, False, text, err.retry_after, error=True)
-        if s.status == "failed":
-            return _status_json(200, False, f"This session failed ({s.reason}).", None, error=True)
         msg = "Starting…" if s.status in STARTING else "Waking up…"
         return _status_json(200, False, msg)
 

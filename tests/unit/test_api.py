@@ -146,7 +146,10 @@ async def test_cleanup_removes_expired_and_stops_idle(api: Api) -> None:
     await api.store.update(a["id"], expires_at=time.time() - 1)
     await api.store.update(b["id"], last_activity=time.time() - 7200)
     r = await api.client.post("/api/cleanup")
-    assert (await r.json()) == {"removed": [a["id"]]}
+    assert (await r.json()) == {
+        "removed": [a["id"]],
+        "deleted": [{"id": a["id"], "reason": "expired (session_ttl)"}],
+    }
     assert api.store.get(a["id"]) is None
     assert api.store.get(b["id"]).status == "idle-stopped"  # type: ignore[union-attr]
     # A stopped session wakes with the same id and port.
@@ -199,3 +202,31 @@ async def test_reconcile_leaves_units_systemd_is_handling(api: Api, active: str)
     await api.sessions.reconcile()
     got = api.store.get(s["id"])
     assert got is not None and got.status == "failed" and "gave up after 3 restarts" in got.reason
+
+
+async def test_nothing_a_user_may_come_back_to_is_deleted_before_delete_after(
+    api: Api,
+) -> None:
+    """A stopped or failed session keeps its row and workspace through any number of
+    cleanup passes, wakes on request, and is deleted only after delete_after."""
+    kept = []
+    for status, reason in (("stopped", "container stopped unexpectedly"),
+                           ("failed", "unit failed (exit-code); gave up after 3 restarts")):
+        s = await (await api.client.post("/api/sessions")).json()
+        await api.sessions.stop(s["id"], status, reason)
+        kept.append(s["id"])
+    for _ in range(5):
+        assert (await (await api.client.post("/api/cleanup")).json())["removed"] == []
+    for sid in kept:
+        assert api.store.get(sid) is not None
+        assert (api.sessions.config.sessions_path / sid).is_dir()
+    woken = await api.sessions.wake(kept[1])  # a failed one wakes like a stopped one
+    assert woken.status == "running"
+    await api.sessions.stop(kept[1], "failed", "again")
+    day = api.sessions.config.delete_after
+    for sid in kept:
+        await api.store.update(sid, updated_at=time.time() - day - 1)
+    body = await (await api.client.post("/api/cleanup")).json()
+    assert sorted(body["removed"]) == sorted(kept)
+    assert {d["reason"] for d in body["deleted"]} == {
+        "stopped for longer than delete_after", "failed for longer than delete_after"}

@@ -252,7 +252,7 @@ async def _start(g: Gate, s: Session | None = None, token: str = "") -> aiohttp.
     return await g.client.post("/_lovd/start", headers=headers, allow_redirects=False)
 
 
-@pytest.mark.parametrize("status", ["running", "starting", "stopped", "idle-stopped"])
+@pytest.mark.parametrize("status", ["running", "starting", "stopped", "idle-stopped", "failed"])
 async def test_a_browser_with_a_live_session_gets_it_back(g: Gate, status: str) -> None:
     s, token = await g.session(status)
     r = await _start(g, s, token)
@@ -261,12 +261,13 @@ async def test_a_browser_with_a_live_session_gets_it_back(g: Gate, status: str) 
     assert [x.id for x in g.sessions.all()] == [s.id]  # no second session
 
 
-@pytest.mark.parametrize("gone", ["failed", "expired", "deleted"])
+@pytest.mark.parametrize("gone", ["expired", "deleted"])
 async def test_a_dead_session_allows_a_new_start(g: Gate, gone: str) -> None:
+    # A failed session is not dead: it keeps its chat history and wakes (see above).
     if gone == "expired":
         s, token = await g.session(expires_at=time.time() - 1)
     else:
-        s, token = await g.session("failed")
+        s, token = await g.session("stopped")
     if gone == "deleted":
         await g.store.delete(s.id, "test")
     r = await _start(g, s, token)
