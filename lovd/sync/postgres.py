@@ -80,6 +80,10 @@ class SyncRefused(Exception):
     """This host may not write its rows (fenced, or a restore is due); says what to do."""
 
 
+# Failures of PostgreSQL or the way to it: logged once per outage, not as bugs.
+_EXPECTED = (psycopg.Error, OSError, TimeoutError, SyncRefused, schema.SchemaError)
+
+
 def _upsert_params(p: dict[str, Any], host_id: str, epoch: int) -> tuple[Any, ...]:
     return (
         p["id"], host_id, epoch, p["version"], p["status"], p["reason"], p["port"],
@@ -188,13 +192,12 @@ class Relay:
         while True:
             try:
                 full = await self.step()
-            except (psycopg.Error, OSError, TimeoutError, SyncRefused, schema.SchemaError) as e:
+            except Exception as e:
                 failures += 1
-                self._failed(e, failures)
-                await self._refresh_backlog()
-                cap = self.config.postgres_max_backoff
-                delay = cap if isinstance(e, SyncRefused) else min(cap, 0.1 * 2**failures)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter
+                if not isinstance(e, _EXPECTED):
+                    # A bug or a local failure (SQLite busy): the relay must outlive it.
+                    log.exception("PostgreSQL sync pass failed")
+                await self._back_off(e, failures)
                 continue
             if failures:
                 log.info(
@@ -210,6 +213,16 @@ class Relay:
                     await self._kick.wait()
             except TimeoutError:
                 pass
+
+    async def _back_off(self, e: Exception, failures: int) -> None:
+        self._failed(e, failures)
+        try:
+            await self._refresh_backlog()
+        except Exception:
+            log.debug("outbox figures not refreshed", exc_info=True)
+        cap = self.config.postgres_max_backoff
+        delay = cap if isinstance(e, SyncRefused) else min(cap, 0.1 * 2**failures)
+        await asyncio.sleep(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter
 
     def _failed(self, e: BaseException, failures: int) -> None:
         s = self.status

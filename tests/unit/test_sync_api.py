@@ -1,0 +1,206 @@
+"""PostgreSQL sync through the real API app (fake runner, real SQLite, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from lovd import config
+from lovd.metrics import Metrics
+from lovd.session.launcher import SessionEnv, load_host_key
+from lovd.session.lifecycle import Sessions
+from lovd.store import Store
+from lovd.sync.service import Sync
+from lovd.web.app import create_app
+from tests.fakes import FakeRunner
+from tests.pg import PgCluster, cluster
+from tests.unit.test_sync import pg_checksum, pg_query, sqlite_checksum, until
+
+
+@pytest.fixture
+def pg() -> Iterator[PgCluster]:
+    with cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def free_ports(unused_tcp_port_factory: Callable[[], int]) -> list[int]:
+    return [unused_tcp_port_factory() for _ in range(8)]
+
+
+@dataclass
+class SyncedApi:
+    client: TestClient  # type: ignore[type-arg]
+    sessions: Sessions
+    store: Store
+    sync: Sync
+    db: Path
+
+
+@contextlib.asynccontextmanager
+async def open_synced(
+    tmp: Path, port: int, dsn: str, host_id: str, **settings: Any
+) -> AsyncIterator[SyncedApi]:
+    cfg = config.from_mapping(
+        {
+            "state_dir": str(tmp / "state"),
+            "runtime_dir": str(tmp / "run"),
+            "port_range": f"{port}-{port + 200}",
+            "ready_timeout": 3,
+            "warm_pool": 0,
+            "postgres": {"dsn": dsn, "max_backoff": 0.3, "heartbeat_interval": 0.2},
+            **settings,
+        }
+    )
+    cfg.sessions_path.mkdir(parents=True)
+    store = await Store.open(cfg.db_path)
+    runner = FakeRunner()
+    http = aiohttp.ClientSession()
+    metrics = Metrics()
+    sessions = Sessions(
+        cfg, store, runner, http, SessionEnv(cfg, load_host_key(cfg.state_path)), metrics, host_id
+    )
+    sync = Sync.create(cfg, store, host_id, "test", metrics)
+    app = create_app(
+        sessions=sessions,
+        metrics_=metrics,
+        public_url="https://chat.example",
+        max_body=cfg.max_body,
+        health_checks={"postgres": sync.health},
+        sync=sync,
+    )
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    sync.start()
+    try:
+        yield SyncedApi(client, sessions, store, sync, cfg.db_path)
+    finally:
+        await sync.close()
+        await sessions.drain()
+        await client.close()
+        await runner.close()
+        await http.close()
+        await store.close()
+
+
+def sqlite_events(db: Path) -> int:
+    with sqlite3.connect(db) as c:
+        return int(c.execute("SELECT count(*) FROM events").fetchone()[0])
+
+
+async def test_200_api_changes_with_postgres_stopped_halfway(
+    tmp_path: Path, free_ports: list[int], pg: PgCluster
+) -> None:
+    """The acceptance run: the API answers throughout; after the drain PostgreSQL equals
+    SQLite (checksum over every row), every change arrived once."""
+    async with open_synced(tmp_path, free_ports[0], pg.dsn, "h1") as a:
+        live: list[str] = []
+        latencies: list[float] = []
+        statuses: list[int] = []
+        stopped = False
+        i = 0
+        while sqlite_events(a.db) < 200:
+            if not stopped and sqlite_events(a.db) >= 100:
+                await asyncio.to_thread(pg.stop)
+                stopped = True
+            t0 = time.perf_counter()
+            if len(live) < 3:
+                r = await a.client.post("/api/sessions", json={"wait": True})
+                if r.status == 201:
+                    live.append((await r.json())["id"])
+            elif i % 3 == 0:
+                r = await a.client.delete(f"/api/sessions/{live.pop(0)}")
+            else:
+                r = await a.client.get("/api/sessions")
+            latencies.append(time.perf_counter() - t0)
+            statuses.append(r.status)
+            i += 1
+        assert stopped and not a.sync.relay.status.connected
+        r = await a.client.get("/api/health")
+        body = await r.json()
+        assert r.status == 503 and body["checks"]["postgres"]["ok"] is False
+        assert body["sync"]["backlog"] > 0 and body["sync"]["lag_seconds"] > 0
+        metrics = await (await a.client.get("/metrics")).text()
+        assert "lovd_sync_up 0.0" in metrics and "lovd_sync_backlog" in metrics
+        await asyncio.to_thread(pg.start)
+        await until(lambda: _synced(a), timeout=15)
+        assert set(statuses) <= {200, 201, 204}, statuses
+        assert await pg_checksum(pg.dsn) == sqlite_checksum(a.db)
+        n, distinct = (await pg_query(pg.dsn, "SELECT count(*), count(DISTINCT seq) "
+                                      "FROM lovd_events"))[0]  # fmt: skip
+        assert n == distinct == sqlite_events(a.db) >= 200
+        r = await a.client.get("/api/health")
+        body = await r.json()
+        assert r.status == 200 and body["sync"]["backlog"] == 0, body
+        print(f"\n{len(latencies)} API calls, max {max(latencies) * 1000:.1f} ms")
+
+
+async def _synced(a: SyncedApi) -> bool:
+    return a.sync.relay.status.connected and (await a.store.outbox_stats())[0] == 0
+
+
+async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
+    tmp_path: Path, free_ports: list[int], pg: PgCluster
+) -> None:
+    async with (
+        open_synced(tmp_path / "a", free_ports[0], pg.dsn, "a",
+                    postgres={"dsn": pg.dsn, "heartbeat_interval": 0.2,
+                              "host_stale_after": 1.0}) as a,
+        open_synced(tmp_path / "b", free_ports[0] + 300, pg.dsn, "b") as b,
+    ):  # fmt: skip
+        sa = (await (await a.client.post("/api/sessions")).json())["id"]
+        sb = (await (await b.client.post("/api/sessions")).json())["id"]
+        await until(lambda: _synced(a))
+        await until(lambda: _synced(b))
+        for x, mine in ((a, "a"), (b, "b")):
+            r = await x.client.get("/api/sessions?scope=all")
+            assert r.status == 200
+            body = await r.json()
+            assert body["host_id"] == mine
+            got = {(s["id"], s["host_id"], s["read_only"]) for s in body["sessions"]}
+            assert got == {(sa, "a", mine != "a"), (sb, "b", mine != "b")}
+            assert {h["host_id"] for h in body["hosts"]} == {"a", "b"}
+        # Without scope: this host's only.
+        assert [s["id"] for s in (await (await a.client.get("/api/sessions")).json())["sessions"]
+                ] == [sa]  # fmt: skip
+        r = await a.client.delete(f"/api/sessions/{sb}")
+        problem = await r.json()
+        assert r.status == 409 and problem["code"] == "conflict"
+        assert "belongs to host 'b'" in problem["detail"] and "'b''s lovd API" in problem["detail"]
+        assert problem["owner_host_id"] == "b"
+        assert b.store.get(sb) is not None  # untouched
+        r = await a.client.get("/api/sessions?scope=nope")
+        assert r.status == 400
+        # b stops heartbeating: a shows it as such.
+        await b.sync.relay.close()
+        await asyncio.sleep(1.3)
+        body = await (await a.client.get("/api/sessions?scope=all")).json()
+        row = next(s for s in body["sessions"] if s["id"] == sb)
+        assert row["host_alive"] is False
+        assert {h["host_id"]: h["alive"] for h in body["hosts"]}["b"] is False
+        # PostgreSQL down: scope=all is a clear 503, the local list still answers.
+        await asyncio.to_thread(pg.stop)
+        r = await a.client.get("/api/sessions?scope=all")
+        problem = await r.json()
+        assert r.status == 503 and "GET /api/sessions without scope=all" in problem["detail"]
+        assert (await a.client.get("/api/sessions")).status == 200
+
+
+async def test_scope_all_without_postgres_says_what_to_set(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    from tests.unit.conftest import open_api
+
+    async with open_api(tmp_path, free_ports) as a:
+        r = await a.client.get("/api/sessions?scope=all")
+        assert r.status == 503 and "postgres.dsn" in (await r.json())["detail"]
