@@ -108,9 +108,16 @@ def cmd_session(args: argparse.Namespace) -> int:
             print("  (the link carries the session's token; it is shown only now)")
         return 0
     if sub == "list":
-        data = _api(args, "GET", "/api/sessions")
+        data = _api(args, "GET", "/api/sessions?scope=all" if args.all_hosts else "/api/sessions")
         if args.json:
             print(json.dumps(data, indent=2))
+        elif args.all_hosts:
+            for r in data["sessions"]:
+                r["host"] = r["host_id"] + ("" if r["host_alive"] else " (no heartbeat)")
+            print(_table(data["sessions"], ["id", "host", "status", "created_at", "reason"]))
+            for h in data["hosts"]:
+                if not h["alive"]:
+                    print(f"host {h['host_id']}: no heartbeat for {h['heartbeat_age']:.0f} s")
         else:
             print(_table(data["sessions"], ["id", "status", "port", "created_at", "reason"]))
         return 0
@@ -137,6 +144,57 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     data = _api(args, "POST", "/api/cleanup")
     print(json.dumps(data) if args.json else f"removed {len(data['removed'])} sessions")
     return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Rebuild this host's sessions from PostgreSQL into an empty store (lovd stopped)."""
+    import socket
+
+    from lovd.store import Store
+    from lovd.sync.restore import RestoreError, restore
+
+    cfg: Config = args.cfg
+    if os.geteuid() == 0:
+        print("lovd: run lovd restore as the lovd user: runuser -u lovd -- lovd restore",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if not cfg.postgres_dsn:
+        print("lovd: postgres.dsn is not set: there is nothing to restore from", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError, SystemExit), socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(_socket_path(args, cfg))
+        print("lovd: lovd is running; stop it first (systemctl stop lovd.service lovd.socket)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    host_id = cfg.host_id or socket.gethostname()
+
+    async def run() -> int:
+        store = await Store.open(cfg.db_path)
+        try:
+            done = await restore(store, cfg, host_id, new_links=True)
+        finally:
+            await store.close()
+        links = {sid: f"{cfg.public_url.rstrip('/')}/c/{sid}?token={tok}"
+                 for sid, tok in done.links.items()}  # fmt: skip
+        if args.json:
+            print(json.dumps({"host_id": host_id, "restored": done.count, "links": links}))
+            return 0
+        print(f"restored {done.count} session(s) of host_id {host_id} from PostgreSQL")
+        if links:
+            print("New links (the old ones no longer work; give each to its session's user):")
+            for sid, url in links.items():
+                print(f"  {sid}  {url}")
+        print("Start lovd now: it re-adopts the containers that still run.")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except RestoreError as e:
+        print(f"lovd: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - psycopg/OS errors: one line, no traceback
+        print(f"lovd: restore failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -199,6 +257,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c = ss.add_parser("list", help="list sessions")
     c.add_argument("--json", action="store_true")
+    c.add_argument(
+        "--all-hosts",
+        action="store_true",
+        help="every host's sessions from PostgreSQL (read-only), with their host",
+    )
     c = ss.add_parser("show", help="show one session with its recent events")
     c.add_argument("id")
     c.add_argument("--json", action="store_true")
@@ -209,6 +272,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cleanup", help="delete expired/dead sessions, stop idle ones")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_cleanup)
+
+    s = sub.add_parser(
+        "restore",
+        help="rebuild this host's sessions from PostgreSQL into an empty store (lovd stopped); "
+        "prints a new link per session",
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_restore)
 
     s = sub.add_parser("doctor", help="check this host for everything lovd needs")
     s.add_argument("--json", action="store_true")

@@ -385,6 +385,73 @@ class Config:
         "browser.auth_failure_window", 60.0, "Seconds over which browser.auth_failures counts."
     )
 
+    # --- PostgreSQL sync (lovd/sync/) ---
+    postgres_dsn: str = setting(
+        "postgres.dsn",
+        "",
+        "libpq connection string or URI of the PostgreSQL database every host syncs its "
+        "sessions to (e.g. 'host=db.internal dbname=lovd user=lovd'). Empty: no sync. A "
+        "password belongs here or, better, in a libpq passfile the DSN names "
+        "(passfile=/etc/lovd/pgpass, mode 0600, owned by lovd); never in the environment "
+        "of other processes. lovd creates and migrates its own tables (lovd_*).",
+    )
+    postgres_pool_size: int = setting(
+        "postgres.pool_size",
+        3,
+        "PostgreSQL connections lovd may hold: one for the relay, the rest for cross-host "
+        "reads (scope=all, ownership checks, browser routing).",
+    )
+    postgres_batch: int = setting(
+        "postgres.batch", 500, "Outbox rows the relay applies per PostgreSQL transaction."
+    )
+    postgres_connect_timeout: float = setting(
+        "postgres.connect_timeout", 3.0, "Seconds to wait for a PostgreSQL connection."
+    )
+    postgres_read_timeout: float = setting(
+        "postgres.read_timeout",
+        2.0,
+        "Seconds a request that reads PostgreSQL (GET /api/sessions?scope=all) waits before "
+        "it gets a 503 saying PostgreSQL is unavailable.",
+    )
+    postgres_max_backoff: float = setting(
+        "postgres.max_backoff",
+        5.0,
+        "Longest pause, in seconds, between reconnection attempts while PostgreSQL is "
+        "unreachable (the pause doubles from 0.2 s up to this). Changes queue in SQLite "
+        "meanwhile; the API never waits for PostgreSQL.",
+    )
+    postgres_heartbeat_interval: float = setting(
+        "postgres.heartbeat_interval",
+        5.0,
+        "Seconds between this host's heartbeats in lovd_hosts when there is nothing to sync.",
+    )
+    postgres_host_stale_after: float = setting(
+        "postgres.host_stale_after",
+        30.0,
+        "A host whose last heartbeat is older than this many seconds is shown as not alive "
+        "(scope=all) and gets no browser traffic routed to it.",
+    )
+    postgres_retention: float = setting(
+        "postgres.retention",
+        604800.0,
+        "Seconds PostgreSQL keeps session events and the tombstones of deleted sessions "
+        "(default 7 days); older ones are pruned.",
+    )
+    postgres_upstream: str = setting(
+        "postgres.upstream",
+        "",
+        "HOST:PORT where a front Caddy on another host reaches this host's own Caddy site, "
+        "published in lovd_hosts for browser routing across hosts (see the README). Empty: "
+        "browsers reach this host's sessions only through its own Caddy.",
+    )
+    restore_on_start: bool = setting(
+        "postgres.restore_on_start",
+        True,
+        "When lovd starts with a brand-new empty SQLite store and PostgreSQL holds live "
+        "sessions for this host_id, rebuild them from PostgreSQL and re-adopt their "
+        "containers (their old links stop working: see 'lovd restore').",
+    )
+
     # --- derived helpers ---
     @property
     def state_path(self) -> Path:
@@ -503,7 +570,6 @@ def _validate(cfg: Config) -> None:
         "health_failures",
         "health_history",
     ):
-
         if getattr(cfg, name) < 1:
             key = next(s.key for s in settings() if s.attr == name)
             raise ConfigError(f"{key}: must be at least 1")
@@ -522,6 +588,21 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.cpus <= 0:
         raise ConfigError("limits.cpus: must be greater than 0")
+    if cfg.postgres_pool_size < 2:
+        raise ConfigError("postgres.pool_size: must be at least 2 (relay + reads)")
+    if cfg.postgres_batch < 1:
+        raise ConfigError("postgres.batch: must be at least 1")
+    if cfg.postgres_dsn:
+        try:
+            import psycopg.conninfo
+
+            psycopg.conninfo.conninfo_to_dict(cfg.postgres_dsn)
+        except psycopg.Error as e:
+            # Not the parser's message: it may quote the DSN, password included.
+            raise ConfigError(
+                "postgres.dsn: not a libpq connection string or URI (key=value pairs, or "
+                "postgresql://user@host/dbname); check quoting"
+            ) from e
 
 
 def parse_size(text: str) -> int:

@@ -37,6 +37,9 @@ from lovd.runner import PodmanRunner, Runner, SystemdRunner, user_manager_reacha
 from lovd.session.launcher import SessionEnv, load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Store
+from lovd.sync.postgres import discard_outbox
+from lovd.sync.restore import restore_if_lost
+from lovd.sync.service import Sync
 from lovd.systemd.activation import listen_fds
 from lovd.systemd.notify import Notifier
 from lovd.web.app import STATE, create_app
@@ -210,6 +213,9 @@ class Daemon:
             raise StartupError(str(e)) from e
         store = await Store.open(c.db_path)
         self._closers.append(store)
+        host_id = c.host_id or socket.gethostname()
+        if c.postgres_dsn and c.restore_on_start:  # before the runner: it takes the instance id
+            await restore_if_lost(store, c, host_id)
         # One pool for containers, Caddy and the broker's upstreams. No per-host limit:
         # every session holds an MCP event stream open to the same upstream.
         http = aiohttp.ClientSession(
@@ -226,7 +232,6 @@ class Daemon:
             raise StartupError(f"demo: {e}") from e
         self._closers.append(demo)
         env = SessionEnv(c, load_host_key(c.state_path), demo.urls)
-        host_id = c.host_id or socket.gethostname()
         sessions = Sessions(c, store, runner, http, env, metrics, host_id)
         self.sessions = sessions
         broker = await Broker.from_config(
@@ -247,6 +252,10 @@ class Daemon:
 
         checks = _health_checks(c, store, runner)
         checks["broker"] = lambda: _broker_health(c, broker)
+        sync = Sync.create(c, store, host_id, __version__, metrics) if c.postgres_dsn else None
+        if sync is not None:
+            self._closers.append(sync)
+            checks["postgres"] = sync.health
         auth_socket = auth_socket_path(c, self.listen_override or c.listen)
         caddy = CaddyManager.from_config(c, auth_socket)
         if caddy is not None:
@@ -259,6 +268,7 @@ class Daemon:
             health_checks=checks,
             version=__version__,
             usage=broker.usage,
+            sync=sync,
         )
         app_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await app_runner.setup()
@@ -289,9 +299,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
-        self._every(c.health_interval, sessions.reconcile)
+        self._every(c.health_interval, sessions.health_pass)
         self._every(ACTIVITY_FLUSH_SECONDS, sessions.flush_activity)
         self._every(ACTIVITY_FLUSH_SECONDS, broker.flush)
+        if sync is not None:
+            sync.start()
+        else:
+            self._every(60.0, lambda: discard_outbox(store))
         self._tasks.append(asyncio.create_task(self._housekeeping(sessions)))
         wd = self.notifier.watchdog_interval() if c.watchdog else None
         if wd:

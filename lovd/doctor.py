@@ -219,6 +219,9 @@ async def run_checks(config: Config) -> list[Check]:
             )
         )
     out += await egress_checks(config, podman_ok=bool(podman and info))
+    from lovd.sync.doctor import checks as postgres_checks  # imports this module
+
+    out += await postgres_checks(config)
     return out
 
 

@@ -17,7 +17,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,16 @@ _MIGRATIONS: list[str] = [
 _COLUMNS = [f.name for f in dataclasses.fields(Session)]
 
 
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    key: str  # session id
+    version: int
+    op: str  # upsert or delete
+    payload: str  # JSON: the session's columns (no secrets) and the event name
+    created_at: float
+
+
 class StaleRow(Exception):
     """An ``update(expect=…)`` found the row in another state: someone else won."""
 
@@ -112,6 +123,9 @@ class Store:
         self._lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self.instance_id = instance_id
+        # Called after every commit that wrote outbox rows (the PostgreSQL relay wakes
+        # on it instead of polling). Must not block: it runs on the writer's path.
+        self.on_outbox: Callable[[], None] = lambda: None
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -169,6 +183,7 @@ class Store:
             )
             await self._record(db, session, "upsert", event, session.reason)
         self._sessions[session.id] = session
+        self.on_outbox()
         return session
 
     async def update(
@@ -197,6 +212,7 @@ class Store:
             )
             await self._record(db, new, "upsert", event or f"status:{new.status}", new.reason)
         self._sessions[session_id] = new
+        self.on_outbox()
         return new
 
     async def delete(self, session_id: str, reason: str = "") -> None:
@@ -215,6 +231,7 @@ class Store:
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
+        self.on_outbox()
 
     async def touch(self, activity: dict[str, float]) -> None:
         """Persist last-activity times in one transaction (no outbox: not a state change)."""
@@ -247,6 +264,23 @@ class Store:
                 {"at": iso(r[0]), "ok": bool(r[1]), "detail": r[2]} for r in await cur.fetchall()
             ]
         return {"events": events, "health": health}
+
+    async def add_health(self, rows: list[tuple[str, float, bool, str]], keep: int) -> None:
+        """Append probe results (session id, time, ok, detail) in one transaction and keep
+        only the newest ``keep`` per session (no outbox: history, not state)."""
+        live = [r for r in rows if r[0] in self._sessions]
+        if not live:
+            return
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO health (session_id, ts, ok, detail) VALUES (?, ?, ?, ?)",
+                [(sid, ts, int(ok), detail) for sid, ts, ok, detail in live],
+            )
+            await db.executemany(
+                "DELETE FROM health WHERE session_id = ? AND seq <= COALESCE((SELECT seq FROM "
+                "health WHERE session_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)",
+                [(sid, sid, keep) for sid in {r[0] for r in live}],
+            )
 
     # --- LLM/MCP usage (the credential broker) ---
 
@@ -304,6 +338,67 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def outbox_read(self, limit: int) -> list[OutboxRow]:
+        """The oldest unacknowledged outbox rows, in commit order."""
+        async with self._db.execute(
+            "SELECT seq, key, version, op, payload, created_at FROM outbox ORDER BY seq LIMIT ?",
+            (limit,),
+        ) as cur:
+            return [
+                OutboxRow(int(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4]), float(r[5]))
+                for r in await cur.fetchall()
+            ]
+
+    async def outbox_stats(self) -> tuple[int, float | None]:
+        """(unacknowledged rows, created_at of the oldest) for sync lag and backlog."""
+        async with self._db.execute("SELECT COUNT(*), MIN(created_at) FROM outbox") as cur:
+            row = await cur.fetchone()
+        if not row:
+            return 0, None
+        return int(row[0]), (float(row[1]) if row[1] is not None else None)
+
+    # --- meta (small per-database facts: the PostgreSQL ownership epoch) ---
+
+    async def meta_get(self, key: str) -> str | None:
+        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def meta_set(self, key: str, value: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def restore(self, sessions: list[Session], instance_id: str, detail: str) -> None:
+        """Fill an empty store with sessions rebuilt elsewhere (PostgreSQL) and take over
+        the instance id their containers are labelled with, so reconcile re-adopts them.
+        No outbox rows: the rows came from PostgreSQL and are already there."""
+        async with self._tx() as db:
+            async with db.execute("SELECT COUNT(*) FROM sessions") as cur:
+                row = await cur.fetchone()
+            if self._sessions or (row and row[0]):
+                raise RuntimeError("restore needs an empty store")
+            await db.executemany(
+                f"INSERT INTO sessions ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                [dataclasses.astuple(s) for s in sessions],
+            )
+            now = time.time()
+            await db.executemany(
+                "INSERT INTO events (session_id, ts, kind, detail) VALUES (?, ?, 'restored', ?)",
+                [(s.id, now, detail) for s in sessions],
+            )
+            await db.execute(
+                "INSERT INTO meta (key, value) VALUES ('instance_id', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (instance_id,),
+            )
+        self._sessions = {s.id: s for s in sessions}
+        self.instance_id = instance_id
+
     # --- internals ---
 
     async def _record(
@@ -314,8 +409,12 @@ class Store:
             "INSERT INTO events (session_id, ts, kind, detail) VALUES (?, ?, ?, ?)",
             (s.id, now, event, detail),
         )
-        payload = {c: getattr(s, c) for c in _COLUMNS if c not in ("token_hash", "broker_hash")}
-        payload["token_hash"] = s.token_hash  # needed to restore sessions on a fresh host
+        # No token or broker-credential hash: the outbox feeds PostgreSQL, which other
+        # hosts and operators read (lovd/sync/: restored sessions get new links instead).
+        payload: dict[str, Any] = {
+            c: getattr(s, c) for c in _COLUMNS if c not in ("token_hash", "broker_hash")
+        }
+        payload["event"] = event
         await db.execute(
             "INSERT INTO outbox (entity, key, version, op, payload, created_at) "
             "VALUES ('session', ?, ?, ?, ?, ?)",

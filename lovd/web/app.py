@@ -22,6 +22,7 @@ from lovd.errors import LovdError
 from lovd.log import request_id
 from lovd.metrics import Metrics
 from lovd.session.lifecycle import Sessions
+from lovd.sync.service import Sync
 from lovd.web.problems import problem
 from lovd.web.public import add_browser_entry
 
@@ -42,6 +43,7 @@ class AppState:
     last_request: float = field(default_factory=time.monotonic)
     version: str = "0"
     usage: Callable[[str], dict[str, int]] | None = None
+    sync: Sync | None = None  # PostgreSQL sync (postgres.dsn); None when off
 
 
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
@@ -155,7 +157,29 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    return web.json_response({"sessions": [s.public(st.public_url) for s in st.sessions.all()]})
+    scope = request.query.get("scope", "local")
+    local = [s.public(st.public_url) for s in st.sessions.all()]
+    if scope == "local":
+        return web.json_response({"sessions": local})
+    if scope != "all":
+        raise LovdError("bad-request", f"scope must be local or all, got {scope!r}")
+    if st.sync is None:
+        raise LovdError(
+            "unavailable",
+            "scope=all lists every host's sessions from PostgreSQL, and postgres.dsn is not "
+            "set on this host; set it in lovd.conf, or list this host's sessions without scope",
+        )
+    # Other hosts' rows as PostgreSQL last saw them (read-only here); ours from SQLite.
+    me = st.sync.host_id
+    hosts = await st.sync.hosts.hosts()
+    alive = {h["host_id"]: h["alive"] for h in hosts}
+    rows = [dict(r, read_only=False, host_alive=True) for r in local]
+    rows += [
+        dict(r, read_only=True, host_alive=alive.get(r["host_id"], False))
+        for r in await st.sync.hosts.sessions(st.public_url)
+        if r["host_id"] != me
+    ]
+    return web.json_response({"sessions": rows, "hosts": hosts, "host_id": me})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -169,10 +193,20 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response(data)
 
 
+async def session_health(request: web.Request) -> web.Response:
+    st = request.app[STATE]
+    return web.json_response(await st.sessions.health_report(request.match_info["id"]))
+
+
 async def delete_session(request: web.Request) -> web.Response:
     st = request.app[STATE]
     sid = ids.check(request.match_info["id"])
-    await st.sessions.delete(sid)
+    try:
+        await st.sessions.delete(sid)
+    except LovdError as e:
+        if e.code == "session-not-found" and st.sync is not None:
+            await st.sync.hosts.refuse_foreign(sid)  # another host's: say so
+        raise
     return web.Response(status=204)
 
 
@@ -209,6 +243,8 @@ async def health(request: web.Request) -> web.Response:
             "limit": st.sessions.config.max_running,
         },
     }
+    if st.sync is not None:
+        body["sync"] = st.sync.status()
     return web.json_response(body, status=200 if ok_all else 503)
 
 
@@ -247,6 +283,7 @@ def create_app(
     health_checks: dict[str, HealthCheck] | None = None,
     version: str = "0",
     usage: Callable[[str], dict[str, int]] | None = None,
+    sync: Sync | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=max_body)
     app[STATE] = AppState(
@@ -257,11 +294,13 @@ def create_app(
         health_checks=health_checks or {},
         version=version,
         usage=usage,
+        sync=sync,
     )
     app[OPENAPI] = {}  # filled by the first GET /api/openapi.json
     app.router.add_post("/api/sessions", create_session)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{id}", get_session)
+    app.router.add_get("/api/sessions/{id}/health", session_health)
     app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_post("/api/cleanup", cleanup)
     app.router.add_get("/api/health", health)

@@ -203,9 +203,9 @@ async def test_200_changes_postgres_stopped_halfway_then_equal_and_nothing_lost(
     await asyncio.to_thread(pg.start)
     await until(host.synced, timeout=15)
     assert await pg_checksum(pg.dsn) == sqlite_checksum(host.cfg.db_path)
-    (n, distinct, lo, hi), = await pg_query(  # fmt: skip
+    counts = await pg_query(
         pg.dsn, "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM lovd_events")
-    assert (n, distinct, lo, hi) == (200, 200, 1, 200)  # every change once, none twice
+    assert counts == [(200, 200, 1, 200)]  # every change once, none twice
     assert host.relay.status.rows_applied == 200
 
 
@@ -338,7 +338,8 @@ async def test_restore_rebuilds_an_empty_store_without_tokens(host: Host, pg: Pg
     by_id = {s.id: s for s in fresh.all()}
     for s in made[1:]:
         r = by_id[s.id]
-        assert (r.status, r.port, r.container_id, r.version) == ("running", s.port, s.container_id, 2)
+        assert (r.status, r.port, r.container_id) == ("running", s.port, s.container_id)
+        assert r.version == 2
         assert r.token_hash == "" and r.broker_hash == ""
     assert await restore_if_lost(fresh, cfg, "h1") == 0  # never twice
     with pytest.raises(RestoreError, match="already holds 4"):
@@ -382,7 +383,7 @@ async def test_hosts_listing_ownership_and_routing(tmp_path: Path, pg: PgCluster
     assert {(r["id"], r["host_id"]) for r in listed} == {(sa.id, "a"), (sb.id, "b")}
     from lovd.errors import LovdError
 
-    with pytest.raises(LovdError, match=f"belongs to host 'b'.*read-only") as e:
+    with pytest.raises(LovdError, match=r"belongs to host .b.*read-only") as e:
         await hosts_a.refuse_foreign(sb.id)
     assert e.value.status == 409
     await hosts_a.refuse_foreign(sa.id)  # ours: no refusal
