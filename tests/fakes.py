@@ -51,6 +51,8 @@ class FakeRunner:
         self.image_missing = False
         self.start_delay = 0.0
         self.units: dict[str, UnitState] = {}
+        # Containers that still run but whose server no longer answers (hung).
+        self.hung: set[str] = set()
         self.unit_queries = 0
 
     async def start(self, spec: ContainerSpec) -> str:
@@ -74,7 +76,15 @@ class FakeRunner:
         self.servers[spec.session_id] = runner
         return f"fake-{spec.session_id}"
 
+    async def hang(self, session_id: str) -> None:
+        """The container keeps running, its server stops answering (SIGSTOP)."""
+        self.hung.add(session_id)
+        r = self.servers.pop(session_id, None)
+        if r is not None:
+            await r.cleanup()
+
     async def stop(self, session_id: str) -> None:
+        self.hung.discard(session_id)
         r = self.servers.pop(session_id, None)
         if r is not None:
             await r.cleanup()
@@ -83,7 +93,7 @@ class FakeRunner:
     async def list(self) -> list[ContainerInfo]:
         return [
             ContainerInfo(f"fake-{sid}", f"lovd-{sid}", sid, "x", "running", 0.0)
-            for sid in self.servers
+            for sid in {*self.servers, *self.hung}
         ]
 
     async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]:

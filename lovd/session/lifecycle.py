@@ -23,6 +23,7 @@ from lovd.metrics import Metrics
 from lovd.podman import ContainerSpec
 from lovd.runner import Runner
 from lovd.session.admission import Admission
+from lovd.session.health import Health
 from lovd.session.housekeeping import Activity, Housekeeping
 from lovd.session.launcher import Launcher, SessionEnv
 from lovd.session.model import Session, SessionState
@@ -64,6 +65,7 @@ class Sessions:
         self.warm_pool = Warm(
             config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
         )
+        self.health = Health(config, store, self.launcher, clock=now)
         self.reconciler = Reconciler(
             config, store, self.launcher, metrics, discard_warm=self.discard_warm
         )
@@ -150,6 +152,18 @@ class Sessions:
     async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
         """Make actual containers match the store: adopt, mark vanished, collect orphans."""
         return await self.reconciler.reconcile(startup=startup)
+
+    async def health_pass(self) -> dict[str, list[str]]:
+        """Every health.interval: reconcile, then probe running sessions (health.py)."""
+        await self.reconcile()
+        return await self.health.check()
+
+    async def health_report(self, sid: str) -> dict[str, Any]:
+        """GET /api/sessions/{id}/health: the probe history, restarts, failure class."""
+        s = self.get(sid)
+        report: dict[str, Any] = {"id": s.id, **self.health.view(s)}
+        report["history"] = (await self.store.history(s.id, self.config.health_history))["health"]
+        return report
 
     # --- create / wake ---
 
@@ -238,6 +252,7 @@ class Sessions:
             await self.store.delete(sid, reason)
         self.launcher.forget(sid)
         self._activity.forget(sid)
+        self.health.forget(sid)
         log.info("session deleted: %s", reason, extra={"SESSION_ID": sid})
         self.capacity_changed()
 
