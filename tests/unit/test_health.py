@@ -20,9 +20,11 @@ async def kill(a: Api, sid: str) -> None:
     await a.runner.hang(sid)
 
 
-async def test_failed_probes_restart_the_same_session(tmp_path: Path, free_ports: list[int]) -> None:
+async def test_failed_probes_restart_the_same_session(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
     async with open_api(tmp_path, free_ports, warm_pool=0, **FAST) as a:
-        s, token = await a.sessions.create(wait=True)
+        s, _ = await a.sessions.create(wait=True)
         assert (await a.sessions.health_pass())["unhealthy"] == []
         await kill(a, s.id)
         first = await a.sessions.health_pass()
