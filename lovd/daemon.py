@@ -49,6 +49,13 @@ from lovd.web.public import serve_public
 log = logging.getLogger(__name__)
 
 ACTIVITY_FLUSH_SECONDS = 5.0
+# The longest a SIGTERM/SIGINT waits for in-flight work before lovd exits anyway.
+SHUTDOWN_SECONDS = 3.0
+
+
+def _exit_now() -> None:
+    log.warning("second stop signal: exiting now (session containers keep running)")
+    os._exit(1)
 
 
 class StartupError(Exception):
@@ -283,7 +290,7 @@ class Daemon:
             socks = [sock]
             self._unlink += [unlink] if unlink else []
         for s in socks:
-            await web.SockSite(app_runner, s, shutdown_timeout=5).start()
+            await web.SockSite(app_runner, s, shutdown_timeout=1).start()
         activated = auth_sock is not None
         if auth_sock is None:
             auth_sock = _bind_unix(auth_socket)
@@ -333,23 +340,45 @@ class Daemon:
 
         self.notifier.stopping("shutting down; session containers keep running")
         log.info("shutting down (session containers keep running)")
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if caddy is not None:
-            await caddy.close()
-        await public.cleanup()
-        await broker_runner.cleanup()
-        await broker.flush()
-        await sessions.drain()
-        await sessions.flush_activity()
-        await app_runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _exit_now)  # a second signal: no more waiting
+        try:
+            await asyncio.wait_for(
+                self._shutdown(sessions, caddy, [public, broker_runner, app_runner], broker),
+                SHUTDOWN_SECONDS,
+            )
+        except TimeoutError:
+            log.warning(
+                "shutdown took longer than %.0f s; exiting anyway (containers keep running, "
+                "the next lovd adopts them)",
+                SHUTDOWN_SECONDS,
+            )
         for path in self._unlink:  # only sockets we bound; systemd's stay for re-activation
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         for obj in reversed(self._closers):
-            await obj.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(obj.close(), 1.0)
         return 0
+
+    async def _shutdown(
+        self,
+        sessions: Sessions,
+        caddy: CaddyManager | None,
+        runners: list[web.AppRunner],
+        broker: Broker,
+    ) -> None:
+        """Stop taking work first (in-flight starts are left for the next lovd, which
+        adopts or restarts them), then close the listeners, then write what is pending."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await sessions.drain()
+        if caddy is not None:
+            await caddy.close()
+        await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
+        await sessions.flush_activity()
+        await broker.flush()
 
     async def _serve_browser_path(
         self,

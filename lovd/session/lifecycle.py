@@ -150,8 +150,12 @@ class Sessions:
         return await self.housekeeping.cleanup()
 
     async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
-        """Make actual containers match the store: adopt, mark vanished, collect orphans."""
-        return await self.reconciler.reconcile(startup=startup)
+        """Make actual containers match the store: adopt, mark vanished, collect orphans,
+        and start again what the previous lovd was starting when it stopped."""
+        report = await self.reconciler.reconcile(startup=startup)
+        for sid in report["resume"]:
+            self._spawn(self._logged(self.launcher.start(sid), sid))
+        return report
 
     async def health_pass(self) -> dict[str, list[str]]:
         """Every health.interval: reconcile, then probe running sessions (health.py)."""

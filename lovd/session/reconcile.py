@@ -53,7 +53,12 @@ class Reconciler:
         seen = {s.id: s.version for s in self.store.all()}
         containers = {c.session_id: c for c in await self.runner.list()}
         units = await self.runner.unit_states(list(seen))
-        report: dict[str, list[str]] = {"adopted": [], "lost": [], "orphans_removed": []}
+        report: dict[str, list[str]] = {
+            "adopted": [],
+            "lost": [],
+            "resume": [],
+            "orphans_removed": [],
+        }
         for sid, version in seen.items():
             s = self.store.get(sid)
             if s is None or s.version != version or self.launcher.lock(sid).locked():
@@ -88,8 +93,16 @@ class Reconciler:
                 elif c is not None and c.exit_code:
                     reason = f"container exited with code {c.exit_code}"
                     status = SessionState.FAILED
+                elif startup and s.status in (SessionState.CREATING, SessionState.STARTING):
+                    # A start the previous lovd did not finish (a shutdown, a crash): the
+                    # caller starts it again rather than failing a session nobody failed.
+                    await self.store.update(
+                        sid, status=SessionState.STARTING, reason="resumed after lovd restarted"
+                    )
+                    report["resume"].append(sid)
+                    continue
                 elif s.status == SessionState.CREATING:
-                    reason = "lovd stopped while the session was being created"
+                    reason = "interrupted: lovd stopped while the session was being created"
                     status = SessionState.FAILED
                 else:
                     reason = (
