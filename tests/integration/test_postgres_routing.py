@@ -1,0 +1,117 @@
+"""Browser routing across hosts: two lovd hosts, each with its own Caddy site, one front.
+
+The browser only ever talks to the front Caddy (host A's). A session on host B is
+reached through A's forward_auth answering with B's ``postgres.upstream`` (B's Caddy),
+where B's own gate checks the cookie (lovd/sync/routing.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import need
+from tests.integration.caddy_harness import CaddyProc, free_port
+from tests.integration.test_postgres import cleanup
+from tests.lovdproc import LovdProc
+from tests.pg import PgCluster, cluster
+
+pytestmark = [pytest.mark.podman, pytest.mark.caddy]
+
+
+@pytest.fixture
+def pg() -> Iterator[PgCluster]:
+    with cluster() as c:
+        yield c
+
+
+def host(tmp: Path, pg: PgCluster, name: str, caddy: CaddyProc, port: int, front: str) -> LovdProc:
+    return LovdProc(
+        tmp,
+        host_id=name,
+        public_url=front,  # every host: the front's URL (the Host header passes through)
+        caddy={
+            "admin": caddy.admin_address,
+            "listen": [f"127.0.0.1:{port}"],
+            "auth_socket": str(tmp / "auth.sock"),
+            "check_interval": 0.5,
+        },
+        postgres={"dsn": pg.dsn, "upstream": f"127.0.0.1:{port}", "heartbeat_interval": 1.0},
+    )
+
+
+async def open_in_browser(front: str, s: dict[str, Any]) -> str:
+    """Follow the session's link on the front Caddy, then load the app; the page text."""
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP address host
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.get(f"{front}/c/{s['id']}?token={s['token']}",
+                            allow_redirects=False) as r:  # fmt: skip
+            assert r.status == 303, await r.text()
+        async with http.get(f"{front}/", headers={"Accept": "text/html",
+                                                  "Sec-Fetch-Mode": "navigate"}) as r:  # fmt: skip
+            text = await r.text()
+            assert r.status == 200, text[:500]
+            return text
+
+
+async def test_a_browser_on_the_front_reaches_a_session_on_either_host(
+    tmp_path: Path, pg: PgCluster, test_image: str, caddy_bin: str
+) -> None:
+    from lovd.web.gate import BrowserGate
+
+    need(
+        hasattr(BrowserGate, "route_elsewhere"),
+        "the gate does not route to other hosts yet: BrowserGate.auth and Public.entry must "
+        "call gate.route_elsewhere (lovd/sync/routing.py says how)",
+    )
+    caddies = []
+    procs: list[LovdProc] = []
+    try:
+        ports = [free_port(), free_port()]
+        front = f"http://127.0.0.1:{ports[0]}"
+        for name, port in zip(("host-a", "host-b"), ports, strict=True):
+            d = tmp_path / name
+            (d / "caddy").mkdir(parents=True)
+            caddy = CaddyProc(d / "caddy")
+            await caddy.start()
+            caddies.append(caddy)
+            procs.append(host(d, pg, name, caddy, port, front))
+        for p in procs:
+            await asyncio.to_thread(p.start)
+        a, b = procs
+        sa = (await asyncio.to_thread(a.api, "POST", "/api/sessions"))[2]
+        sb = (await asyncio.to_thread(b.api, "POST", "/api/sessions"))[2]
+        assert sa["status"] == sb["status"] == "running", (sa, sb)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # B's rows in PostgreSQL, both sites in Caddy
+            listed = (await asyncio.to_thread(a.api, "GET", "/api/sessions?scope=all"))[2]
+            if len(listed.get("sessions", [])) == 2:
+                break
+            await asyncio.sleep(0.1)
+        for s, owner in ((sa, a), (sb, b)):
+            before = (await asyncio.to_thread(owner.api, "GET", f"/api/sessions/{s['id']}"))[2]
+            text = await open_in_browser(front, s)
+            assert "lovd test session" in text
+            deadline = time.monotonic() + 8  # the owner recorded the activity (flush: 5 s)
+            while time.monotonic() < deadline:
+                now = (await asyncio.to_thread(owner.api, "GET", f"/api/sessions/{s['id']}"))[2]
+                if now["last_activity"] != before["last_activity"]:
+                    break
+                await asyncio.sleep(0.2)
+            assert now["last_activity"] != before["last_activity"], "not served by its owner"
+        # A forged cookie for B's session is refused by B, through the front.
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{front}/", headers={"Cookie": f"lovd_session={sb['id']}.wrong"}
+        ) as r:
+            assert r.status == 401
+    finally:
+        for p in procs:
+            await asyncio.to_thread(cleanup, p)
+        for c in caddies:
+            await c.stop()
