@@ -259,6 +259,7 @@ class Daemon:
 
         checks = _health_checks(c, store, runner)
         checks["broker"] = lambda: _broker_health(c, broker)
+        checks["floors"] = _floors_health(sessions)
         sync = Sync.create(c, store, host_id, __version__, metrics) if c.postgres_dsn else None
         if sync is not None:
             self._closers.append(sync)
@@ -432,6 +433,13 @@ class Daemon:
                 self.stop_event.set()
                 return
             await asyncio.sleep(max(0.5, seconds - idle))
+
+
+def _floors_health(sessions: Sessions) -> Callable[[], Awaitable[tuple[bool, str]]]:
+    async def check() -> tuple[bool, str]:
+        return sessions.admission.floors.summary()
+
+    return check
 
 
 async def _broker_health(config: Config, broker: Broker) -> tuple[bool, str]:

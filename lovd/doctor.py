@@ -219,10 +219,24 @@ async def run_checks(config: Config) -> list[Check]:
             )
         )
     out += await egress_checks(config, podman_ok=bool(podman and info))
+    out.append(floors_check(config))
     from lovd.sync.doctor import checks as postgres_checks  # imports this module
 
     out += await postgres_checks(config)
     return out
+
+
+def floors_check(config: Config) -> Check:
+    """The disk and memory floors below which new sessions are refused, and where the host
+    stands against them now."""
+    from lovd.session.admission import Floors
+
+    try:
+        ok, detail = Floors(config).summary()
+    except OSError as e:
+        return Check("floors", "warn", f"not checked: {e}", "create state_dir first")
+    fix = "" if ok else "free disk under state_dir or memory, or lower floors.* in lovd.conf"
+    return Check("floors", "ok" if ok else "fail", detail, fix)
 
 
 async def egress_checks(config: Config, *, podman_ok: bool) -> list[Check]:

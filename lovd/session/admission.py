@@ -9,17 +9,81 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 from lovd import ids
-from lovd.config import Config
+from lovd.config import Config, parse_size
 from lovd.errors import LovdError
 from lovd.session.model import ACTIVE, Session
 from lovd.store import Store
 
 # When no running session has a deadline, the wait a refusal suggests.
 RETRY_AFTER_DEFAULT = 30
+# How soon to try again after a refusal for lack of disk or memory.
+FLOOR_RETRY_AFTER = 60
+
+
+def disk_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def memory_available(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
+
+
+class Floors:
+    """Free disk under state_dir and free host memory, against floors.*: new sessions
+    are refused below them (running ones are not touched); recovers by itself."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        disk: Callable[[Path], int] = disk_free,
+        memory: Callable[[], int] = memory_available,
+    ) -> None:
+        self.path = config.state_path
+        self.disk_floor = parse_size(config.disk_floor)
+        self.memory_floor = parse_size(config.memory_floor)
+        self.disk = disk
+        self.memory = memory
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.disk_floor:
+            free = self.disk(self.path)
+            if free < self.disk_floor:
+                out.append(
+                    f"only {gib(free)} of disk is free under {self.path} "
+                    f"(floors.disk_free is {gib(self.disk_floor)}): free some space"
+                )
+        if self.memory_floor:
+            avail = self.memory()
+            if avail < self.memory_floor:
+                out.append(
+                    f"only {gib(avail)} of memory is available on this host "
+                    f"(floors.memory_free is {gib(self.memory_floor)})"
+                )
+        return out
+
+    def summary(self) -> tuple[bool, str]:
+        """For /api/health and lovd doctor: the floors and the current values."""
+        problems = self.problems()
+        disk = f"disk {gib(self.disk(self.path))} free under {self.path}"
+        mem = f"memory {gib(self.memory())} available"
+        floors = f"floors {gib(self.disk_floor)} / {gib(self.memory_floor)}"
+        return not problems, "; ".join([disk, mem, floors, *problems])
 
 
 class Admission:
@@ -36,6 +100,7 @@ class Admission:
         self.host_id = host_id
         self.frees_at = frees_at
         self.clock = clock
+        self.floors = Floors(config)
         # Held while deciding and inserting, so two creates never take the last place.
         self.lock = asyncio.Lock()
 
@@ -52,6 +117,16 @@ class Admission:
         if not ends:
             return RETRY_AFTER_DEFAULT
         return max(1, min(math.ceil(min(ends) - self.clock()), 3600))
+
+    def check_floors(self) -> None:
+        """Raise ``unavailable`` while free disk or memory is below its floor."""
+        problems = self.floors.problems()
+        if problems:
+            raise LovdError(
+                "unavailable",
+                "no new sessions right now: " + "; ".join(problems),
+                retry_after=FLOOR_RETRY_AFTER,
+            )
 
     def admit(self) -> None:
         """Raise ``too-many-sessions`` (with the real wait) when every place is taken.

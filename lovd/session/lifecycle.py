@@ -177,6 +177,7 @@ class Sessions:
         token_hash = ids.hash_token(token)
         async with self.admission.lock:
             self.admission.admit()
+            self.admission.check_floors()
             now = self.clock()
             session = await self._claim_warm(token_hash, now)
             warm = session is not None

@@ -64,6 +64,8 @@ class Warm:
         """How many more warm containers the pool may start now."""
         warm = len(self.rows())
         free = self.config.max_running - self.admission.running_count() - warm
+        if free > 0 and self.admission.floors.problems():
+            return 0  # below a disk or memory floor: no new containers
         return max(0, min(self.config.warm_pool - warm, free))
 
     async def start_one(self) -> Session | None:
