@@ -51,10 +51,14 @@ def elsewhere(upstream: str) -> web.Response:
 
 
 async def forward_entry(
-    http: aiohttp.ClientSession, upstream: str, request: web.Request
+    upstream: str, request: web.Request, http: aiohttp.ClientSession | None = None
 ) -> web.Response:
     """Relay ``/c/{id}?token=…`` to the owning host's Caddy; its answer goes back as is
-    (status, Location, Set-Cookie). Failures become a 502 that says what happened."""
+    (status, Location, Set-Cookie). Failures become a 502 that says what happened.
+    Without ``http`` a client is made for the call (a link is opened once per user)."""
+    if http is None:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as own:
+            return await forward_entry(upstream, request, own)
     headers = {
         "Host": request.host,
         "X-Forwarded-For": request.headers.get("X-Forwarded-For", request.remote or ""),
