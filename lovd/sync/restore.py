@@ -12,8 +12,8 @@ prints a fresh link per session for the operator to hand to its user; after an
 automatic restore at start-up the old links answer "this session does not exist (any
 more)" and users start a new session (or the operator re-runs the restore by hand,
 see the README). The container password is derived from ``host.key``, which lives
-next to lovd.db: if it is lost too, restored containers no longer accept lovd's
-password, fail their health checks and are restarted with the new one.
+next to lovd.db: if it is lost too, restored containers reject lovd's password until
+they are started again (docs/postgres-sync.md).
 """
 
 from __future__ import annotations
