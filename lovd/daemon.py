@@ -242,7 +242,13 @@ class Daemon:
         sessions = Sessions(c, store, runner, http, env, metrics, host_id)
         self.sessions = sessions
         broker = await Broker.from_config(
-            c, store=store, http=http, metrics=metrics, demo_urls=demo.urls, on_request=self._seen
+            c,
+            store=store,
+            http=http,
+            metrics=metrics,
+            demo_urls=demo.urls,
+            on_request=self._seen,
+            on_session_call=sessions.touch,
         )
 
         t0 = time.monotonic()

@@ -51,6 +51,8 @@ class FakeRunner:
         self.image_missing = False
         self.start_delay = 0.0
         self.units: dict[str, UnitState] = {}
+        # Sessions whose OpenCode reports a chat in progress (GET /session/status).
+        self.busy: set[str] = set()
         # Containers that still run but whose server no longer answers (hung).
         self.hung: set[str] = set()
         self.unit_queries = 0
@@ -70,6 +72,12 @@ class FakeRunner:
                 return web.json_response({"healthy": True})
 
             app.router.add_get(self.health_path, health)
+
+            async def status(_: web.Request) -> web.Response:
+                kind = "busy" if spec.session_id in self.busy else "idle"
+                return web.json_response({"ses_fake": {"type": kind}})
+
+            app.router.add_get("/session/status", status)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", spec.host_port).start()

@@ -85,6 +85,7 @@ class Broker:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         on_request: Callable[[], None] | None = None,
+        on_session_call: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.upstreams = upstreams
@@ -93,6 +94,9 @@ class Broker:
         self.metrics = metrics
         self.clock = clock
         self.on_request = on_request or (lambda: None)
+        # A session calling its LLM or MCP server is answering: that is activity (an
+        # answer must never be cut off by idle_timeout).
+        self.on_session_call = on_session_call or (lambda sid: None)
         metrics.track_usage(self.usage_by_session)
 
     @classmethod
@@ -105,6 +109,7 @@ class Broker:
         metrics: Metrics,
         demo_urls: dict[str, str],
         on_request: Callable[[], None] | None = None,
+        on_session_call: Callable[[str], None] | None = None,
     ) -> Broker:
         """The broker for ``config`` (and demo mode's stand-ins), with its usage loaded."""
         broker = cls(
@@ -114,6 +119,7 @@ class Broker:
             ledger=Ledger(config.max_tokens_per_session, config.max_tokens_per_day),
             metrics=metrics,
             on_request=on_request,
+            on_session_call=on_session_call,
         )
         await broker.load()
         return broker
@@ -188,6 +194,7 @@ class Broker:
             log.info("broker refused a call to %s: %s", up.prefix, e.message)
             return _error(up, e.status, e.message)
         sid = session.id
+        self.on_session_call(sid)
         if up.llm:
             why = self.ledger.refusal(sid, self.clock())
             if why:

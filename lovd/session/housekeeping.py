@@ -5,7 +5,9 @@ memory and written to the store in batches: the gate must stay cheap. The policy
 
 - a running session with no chat request within ``unused_timeout`` of its start is
   stopped (its place goes to someone who will use it; it wakes on its next request);
-- a running session with no activity for ``idle_timeout`` is stopped the same way;
+- a running session with no activity for ``idle_timeout`` is stopped the same way,
+  unless OpenCode is still answering (its session status is busy); a session calling
+  its LLM or MCP server through the broker is active too;
 - nothing a user may come back to is deleted by anything but the expiry policy: a
   session past ``session_ttl``, or stopped/failed/idle-stopped for ``delete_after``.
   A stopped or failed session keeps its workspace and chat history and wakes on its
@@ -71,6 +73,7 @@ class Housekeeping:
         *,
         stop: Callable[[str, str, str], Awaitable[Session]],
         delete: Callable[[str, str], Awaitable[None]],
+        busy: Callable[[Session], Awaitable[bool]],
         clock: Callable[[], float],
     ) -> None:
         self.config = config
@@ -78,6 +81,7 @@ class Housekeeping:
         self.activity = activity
         self.stop = stop
         self.delete = delete
+        self.busy = busy
         self.clock = clock
 
     def frees_at(self, s: Session) -> float | None:
@@ -129,6 +133,10 @@ class Housekeeping:
                     await self.delete(s.id, why)
                     deleted.append((s.id, why))
                 elif s.status == SessionState.RUNNING and (why := self.idle_reason(s, now)):
+                    if await self.busy(s):
+                        # Still answering (a long tool run, a slow model): that is activity.
+                        self.activity.touch(s.id)
+                        continue
                     await self.stop(s.id, SessionState.IDLE_STOPPED, why)
             except LovdError as e:
                 log.warning("cleanup of %s failed: %s", s.id, e.message, extra={"SESSION_ID": s.id})

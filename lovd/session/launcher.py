@@ -286,6 +286,26 @@ class Launcher:
         except (aiohttp.ClientError, TimeoutError) as e:
             return False, type(e).__name__
 
+    async def busy(self, session: Session, timeout: float = 2.0) -> bool:
+        """Is OpenCode answering a question right now (its ``GET /session/status``: a chat
+        whose status is not "idle")? Made for OpenCode 1.18.33; a server that does not
+        answer counts as not busy (the health probes deal with hung servers)."""
+        url = f"http://127.0.0.1:{session.port}/session/status"
+        try:
+            async with self.http.get(
+                url,
+                headers={"Authorization": self.env.basic_auth(session.id)},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as r:
+                if r.status != 200:
+                    return False
+                data = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return False
+        if not isinstance(data, dict):
+            return False
+        return any(isinstance(v, dict) and v.get("type") != "idle" for v in data.values())
+
     async def wait_ready(self, sid: str) -> None:
         """Poll the health path with short timeouts: OpenCode may hang a request sent in
         the first second after its port opens, so a long timeout would stall readiness."""

@@ -57,11 +57,17 @@ class Sessions:
         now = self._now  # every part reads the clock through here (tests move it)
         self._tasks: set[asyncio.Task[None]] = set()
         self._activity = Activity(store, now)
+        self.launcher = Launcher(config, store, runner, http, env, metrics, now)
         self.housekeeping = Housekeeping(
-            config, store, self._activity, stop=self.stop, delete=self.delete, clock=now
+            config,
+            store,
+            self._activity,
+            stop=self.stop,
+            delete=self.delete,
+            busy=self.launcher.busy,
+            clock=now,
         )
         self.admission = Admission(config, store, self.housekeeping.frees_at, now, host_id)
-        self.launcher = Launcher(config, store, runner, http, env, metrics, now)
         self.warm_pool = Warm(
             config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
         )

@@ -305,6 +305,11 @@ async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> Non
             async with http.post(f"{url}/session/{oc_session}/message", json=body) as resp:
                 assert resp.status == 200
                 reply = await resp.json()
+            # What lovd's idle policy reads (Launcher.busy): chat id -> {"type": ...}.
+            async with http.get(url + "/session/status") as resp:
+                status_map = await resp.json()
+            assert isinstance(status_map, dict), status_map
+            assert all(v.get("type") in ("idle", "busy", "retry") for v in status_map.values())
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{mcp_port}/calls") as resp,

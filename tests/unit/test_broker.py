@@ -326,3 +326,16 @@ def test_upstream_repr_never_shows_a_key(tmp_path: Path) -> None:
     cfg = config.from_mapping({"llm": {"openai_api_key": CANARY}})
     table = upstreams.from_config(cfg, {})
     assert CANARY not in repr(table) and CANARY not in str(table)
+
+
+async def test_a_session_calling_through_the_broker_is_active(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        seen: list[str] = []
+        r.broker.on_session_call = seen.append
+        s, cred = await r.session()
+        r.upstream.release.set()
+        resp = await r.client.post(OPENAI_CHAT, json=CHAT, headers=bearer(cred))
+        await resp.read()
+        resp = await r.client.post("/mcp/lovdata", json={}, headers=bearer(cred))
+        await resp.read()
+        assert seen == [s.id, s.id]  # idle_timeout never cuts off an answer in progress

@@ -75,3 +75,22 @@ async def test_idle_timeout_still_applies_to_used_sessions(
         s = a.store.get(sid)
         assert s is not None and (s.status, s.reason) == ("idle-stopped",
                                                           "no activity for idle_timeout")
+
+
+async def test_a_session_still_answering_is_never_idle_stopped(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    now = [time.time()]
+    async with open_api(tmp_path, free_ports, idle_timeout=600, warm_pool=0) as a:
+        a.sessions.clock = lambda: now[0]
+        sid = (await (await a.client.post("/api/sessions")).json())["id"]
+        a.sessions.mark_used(sid)
+        a.runner.busy.add(sid)  # OpenCode: a reply is still being produced
+        now[0] += 601
+        await a.sessions.cleanup()
+        assert a.store.get(sid).status == "running"  # type: ignore[union-attr]
+        assert a.sessions.activity[sid] == now[0]  # the answer counted as activity
+        a.runner.busy.discard(sid)
+        now[0] += 601
+        await a.sessions.cleanup()
+        assert a.store.get(sid).status == "idle-stopped"  # type: ignore[union-attr]
