@@ -440,3 +440,43 @@ async def test_sync_turned_on_later_takes_a_snapshot(tmp_path: Path, pg: PgClust
     assert await pg_checksum(pg.dsn) == sqlite_checksum(cfg.db_path)
     await relay.close()
     await store.close()
+
+
+# --- lovd doctor ---
+
+
+async def test_doctor_reports_server_schema_and_sync_state(host: Host, pg: PgCluster) -> None:
+    from lovd.sync.doctor import checks
+
+    await host.store.insert(new_session("h1", 20000))
+    await until(host.synced)
+    cfg = config.from_mapping({"state_dir": str(host.cfg.state_path), "host_id": "h1",
+                               "postgres": {"dsn": pg.dsn}})  # fmt: skip
+    got = {c.name: c for c in await checks(cfg)}
+    assert got["postgres"].status == "ok" and "PostgreSQL 15" in got["postgres"].detail
+    assert got["postgres-schema"].status == "ok"
+    assert got["postgres-sync"].status == "ok" and "backlog 0" in got["postgres-sync"].detail
+    # Another lovd took the host id over: this store is fenced.
+    await pg_query(pg.dsn, "UPDATE lovd_hosts SET epoch = epoch + 1")
+    got = {c.name: c for c in await checks(cfg)}
+    assert got["postgres-sync"].status == "fail" and "fenced" in got["postgres-sync"].detail
+    await pg_query(pg.dsn, "UPDATE lovd_schema SET version = 99")
+    got = {c.name: c for c in await checks(cfg)}
+    assert got["postgres-schema"].status == "fail" and "upgrade lovd" in got["postgres-schema"].fix
+    await asyncio.to_thread(pg.stop)
+    got = {c.name: c for c in await checks(cfg)}
+    assert got["postgres"].status == "fail" and "pg_hba.conf" in got["postgres"].fix
+
+
+async def test_doctor_without_a_dsn_says_sync_is_off(tmp_path: Path) -> None:
+    from lovd.sync.doctor import checks
+
+    got = await checks(config.from_mapping({"state_dir": str(tmp_path)}))
+    assert [(c.name, c.status) for c in got] == [("postgres", "ok")]
+    assert "no sync" in got[0].detail
+
+
+def test_a_bad_dsn_is_a_config_error_that_does_not_echo_it() -> None:
+    with pytest.raises(config.ConfigError, match=r"postgres\.dsn") as e:
+        config.from_mapping({"postgres": {"dsn": "host=x password='s3cret"}})
+    assert "s3cret" not in str(e.value)
