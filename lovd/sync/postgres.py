@@ -238,8 +238,9 @@ class Relay:
         s.last_error = msg
         self._claimed = False  # re-claim (and re-check the epoch) after any failure
         if isinstance(e, SyncRefused):
+            if s.refused != msg:  # once per cause, not on every retry
+                log.error("PostgreSQL sync refused: %s", msg)
             s.refused = msg
-            log.error("PostgreSQL sync refused: %s", msg)
         elif failures == 1:
             log.warning(
                 "PostgreSQL (%s) unreachable: %s; changes stay queued in SQLite, the API is "

@@ -96,7 +96,7 @@ def test_sessions_reach_postgres_within_a_second_and_outages_never_stop_the_api(
     assert status == 201, s
     took = wait(lambda: (s["id"], "running") in {(r[0], r[1]) for r in pg_rows(pg)}, 1.0)
     print(f"\nrunning session in lovd_sessions {took * 1000:.0f} ms after the 201")
-    assert "within a second" and took < 1.0
+    assert took < 1.0  # within a second
 
     pg.stop()
     t0 = time.monotonic()
@@ -112,10 +112,12 @@ def test_sessions_reach_postgres_within_a_second_and_outages_never_stop_the_api(
     assert health["sync"]["backlog"] > 0 and not health["sync"]["connected"]
     print(f"PostgreSQL down: create {create_s * 1000:.0f} ms, delete {delete_s * 1000:.0f} ms")
 
-    pg.start()
     t0 = time.monotonic()
+    pg.start()
+    up = time.monotonic() - t0
     took = wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 10.0, step=0.05)
-    print(f"in sync again {took:.2f} s after PostgreSQL came back")
+    print(f"in sync again {took:.2f} s after PostgreSQL accepted connections "
+          f"({up + took:.2f} s after it was started)")
     assert took < 5.0
     gone = q(pg, "SELECT status FROM lovd_sessions WHERE id = %s", s["id"])
     assert gone == [("deleted",)]
