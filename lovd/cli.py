@@ -123,14 +123,25 @@ def cmd_session(args: argparse.Namespace) -> int:
         return 0
     if sub == "show":
         data = _api(args, "GET", f"/api/sessions/{args.id}?history=1")
+        health = _api(args, "GET", f"/api/sessions/{args.id}/health")
         if args.json:
-            print(json.dumps(data, indent=2))
+            print(json.dumps({**data, "health": health}, indent=2))
         else:
             for k, v in data.items():
                 if k not in ("events", "health"):
                     print(f"{k:14} {v}")
+            cls = f", {health['failure_class']}" if health["failure_class"] else ""
+            print(
+                f"{'health':14} {health['consecutive_failures']} failed probes in a row, "
+                f"{health['restarts_in_window']}/{health['restart_attempts']} restarts in "
+                f"{health['restart_window']:g} s{cls}"
+            )
+            print("events:")
             for e in reversed(data.get("events", [])[:10]):
                 print(f"  {e['at']} {e['kind']} {e['detail']}")
+            print("probes:")
+            for h in reversed(health["history"][:10]):
+                print(f"  {h['at']} {'ok  ' if h['ok'] else 'FAIL'} {h['detail']}")
         return 0
     if sub == "rm":
         for sid in args.ids:
@@ -142,7 +153,12 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     data = _api(args, "POST", "/api/cleanup")
-    print(json.dumps(data) if args.json else f"removed {len(data['removed'])} sessions")
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"deleted {len(data['removed'])} sessions")
+        for d in data.get("deleted", []):
+            print(f"  {d['id']}: {d['reason']}")
     return 0
 
 

@@ -102,3 +102,14 @@ def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_pat
     assert "lovd test session" in http_get(port, sid)
     out = podman("exec", f"lovd-{sid}", "cat", "/work/note.txt")
     assert out.strip() == "kept"  # the workspace came back with it
+
+
+def test_session_show_prints_the_probe_history(lovd: LovdProc) -> None:
+    _, _, s = lovd.api("POST", "/api/sessions")
+    wait_for(
+        lambda: lovd.api("GET", f"/api/sessions/{s['id']}/health")[2]["history"], 10
+    )
+    out = lovd.cli("session", "show", s["id"])
+    assert out.returncode == 0, out.stderr
+    assert "0 failed probes in a row, 0/3 restarts in 600 s" in out.stdout
+    assert "probes:" in out.stdout and " ok   HTTP 200" in out.stdout, out.stdout
