@@ -6,10 +6,17 @@
 1. a legal question, with a Lovdata search tool on offer → a tool call with a query
    made from the question's content words ("Hva sier arbeidsmiljøloven om oppsigelse?"
    → ``{"query": "oppsigelse", "law_id": "arbeidsmiljøloven"}``);
-2. a tool result as the last message → a Norwegian answer that quotes the provisions
-   found and cites section, law and the exact lovdata.no URL from the result;
-3. OpenCode's title-generation request → a short title; anything else → a short
+2. search results as the last message, with ``get_cross_references`` on offer → a call
+   for the cross-references of the first provision found (the legal agent's method:
+   find the law, read the provision, follow its references);
+3. then → an answer in the question's language that quotes the provisions found, cites
+   section, law and the exact lovdata.no URL from the results, names the references it
+   followed, says the text may have changed since and that it is not legal advice;
+4. OpenCode's title-generation request → a short title; anything else → a short
    generic answer.
+
+``GET /requests`` lists what each chat request offered (tools, system prompt) and what
+the stub answered, so tests can see which agent and tools a session really uses.
 
     python -m lovd.demo.llm_stub --host 127.0.0.1 --port 8766
 """
@@ -205,7 +212,7 @@ def _first_sentence(text: str, limit: int = 280) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
 
 
-def answer_from_tool_output(question: str, tool_output: str) -> str:
+def answer_from_tool_output(question: str, tool_output: str, cross_references: str = "") -> str:
     provisions = provisions_in(tool_output)
     english = is_english(question)
     if not provisions:
@@ -233,17 +240,49 @@ def answer_from_tool_output(question: str, tool_output: str) -> str:
         body = item.get("text") or item.get("snippet") or ""
         cite = f"{item['section']} {law}".strip()
         lines.append(f"\n**{cite}**{heading}: {_first_sentence(str(body))}")
-        lines.append(f"Kilde: {item['url']}")
+        lines.append(f"{'Source' if english else 'Kilde'}: {item['url']}")
     first = provisions[0]
     title = first.get("law_title")
     if title:
         date = f", {first['law_date']}" if first.get("law_date") else ""
-        lines.append(f"\nLov: {title}{date}.")
-    lines.append(
-        "\nDette er en automatisk oppsummering fra demo-modellen; les hele "
-        "bestemmelsen på lovdata.no før du bygger på den."
-    )
+        lines.append(f"\n{'Law' if english else 'Lov'}: {title}{date}.")
+    lines.extend(_followed(cross_references, english))
+    if english:
+        lines.append(
+            "\nThe text is as Lovdata holds it today and may have been amended since: check "
+            "the consolidated version on lovdata.no before you rely on it. This is legal "
+            "information, not legal advice; for a concrete case, ask a lawyer or the "
+            "competent authority. (Answer by lovd's offline demo model.)"
+        )
+    else:
+        lines.append(
+            "\nTeksten er slik Lovdata har den i dag og kan være endret senere: sjekk "
+            "gjeldende versjon på lovdata.no før du bygger på den. Dette er juridisk "
+            "informasjon, ikke juridisk rådgivning; i en konkret sak bør du spørre en "
+            "advokat eller rette myndighet. (Svar fra lovds demomodell uten nett.)"
+        )
     return "\n".join(lines)
+
+
+def _followed(cross_references: str, english: bool) -> list[str]:
+    """The references the stub followed (a get_cross_references result), as cited lines."""
+    try:
+        data = json.loads(cross_references) if cross_references else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return []
+    refs = [r for r in data.get("references") or [] if isinstance(r, dict) and r.get("url")]
+    refs += [r for r in data.get("referenced_by") or [] if isinstance(r, dict) and r.get("url")]
+    if not refs:
+        return []
+    lead = "References I followed:" if english else "Henvisninger jeg fulgte:"
+    out = [f"\n{lead}"]
+    for ref in refs[:4]:
+        section = ref.get("section") or ref.get("to") or ref.get("provision_id") or ""
+        heading = f" ({ref['heading']})" if ref.get("heading") else ""
+        out.append(f"- {section}{heading}: {ref['url']}")
+    return out
 
 
 # --- the decision -------------------------------------------------------------------------
@@ -258,16 +297,19 @@ def decide(body: dict[str, Any]) -> Reply:
         return Reply(text=make_title(users[-1] if users else ""))
     last = messages[-1]
     question = next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+    names = tool_names(body)
     if last.get("role") == "tool":
         # All tool results since the question, in order; the model answers from them.
-        outputs: list[str] = []
-        for m in reversed(messages):
-            if m.get("role") == "tool":
-                outputs.insert(0, message_text(m))
-            elif m.get("role") == "user":
-                break
-        return Reply(text=answer_from_tool_output(question, "\n".join(outputs)))
-    names = tool_names(body)
+        found: list[str] = []
+        followed: list[str] = []
+        for name, output in reversed(list(_tool_results_since_question(messages))):
+            (followed if name.endswith(XREF_SUFFIX) else found).append(output)
+        hits = provisions_in("\n".join(found))
+        xref = next((n for n in names if n.endswith(XREF_SUFFIX)), None)
+        if xref and not followed and hits and hits[0].get("provision_id"):
+            return Reply(tool_name=xref, tool_arguments={"provision_id": hits[0]["provision_id"]})
+        text = answer_from_tool_output(question, "\n".join(found), "\n".join(followed))
+        return Reply(text=text)
     tool = pick_search_tool(names)
     if last.get("role") == "user" and tool and looks_legal(question, names):
         query, law = extract_query(question)
@@ -284,6 +326,26 @@ def decide(body: dict[str, Any]) -> Reply:
     if is_english(question):
         return Reply(text="I am a demo model for Norwegian legal questions. Ask me about a law.")
     return Reply(text="Jeg er en demomodell for spørsmål om norsk rett. Spør meg gjerne om en lov.")
+
+
+XREF_SUFFIX = "get_cross_references"
+
+
+def _tool_results_since_question(
+    messages: Sequence[dict[str, Any]],
+) -> Iterator[tuple[str, str]]:
+    """(tool name, result text) of the tool results after the last user message, newest
+    first; the name comes from the assistant message that made the call."""
+    called: dict[str, str] = {}
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                called[str(call.get("id"))] = str(call["function"].get("name", ""))
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return
+        if m.get("role") == "tool":
+            yield called.get(str(m.get("tool_call_id")), ""), message_text(m)
 
 
 def make_title(text: str) -> str:
@@ -378,6 +440,23 @@ def completion_json(reply: Reply, model: str) -> dict[str, Any]:
     }
 
 
+REQUESTS_KEY = web.AppKey("requests", list)
+MAX_RECORDED = 200
+
+
+def summary(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    """What a test needs to see of one chat request: which tools the client offered, its
+    system prompt, and what the stub answered (not the whole conversation)."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    return {
+        "tools": tool_names(body),
+        "system": "\n".join(message_text(m) for m in messages if m.get("role") == "system"),
+        "messages": len(messages),
+        "reply_tool": reply.tool_name,
+        "reply_text": reply.text,
+    }
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
@@ -386,6 +465,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(body, dict):
         return web.json_response({"error": {"message": "expected an object"}}, status=400)
     reply = decide(body)
+    recorded = request.app[REQUESTS_KEY]
+    recorded.append(summary(body, reply))
+    del recorded[:-MAX_RECORDED]
     model = str(body.get("model") or MODEL_ID)
     logger.info(
         "chat: %d messages, %d tools -> %s",
@@ -420,6 +502,12 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def requests_seen(request: web.Request) -> web.Response:
+    """``GET /requests``: the recorded chat requests (see :func:`summary`), for tests that
+    check what an OpenCode session offers its model (like the MCP stand-in's /calls)."""
+    return web.json_response(request.app[REQUESTS_KEY])
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -445,6 +533,8 @@ def create_app(api_key: str = "") -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/requests", requests_seen)
+    app[REQUESTS_KEY] = []
     return app
 
 

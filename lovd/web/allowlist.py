@@ -51,6 +51,9 @@ _PARAMS = {
     # The UI's project folder: base64url of an absolute path, so it starts with "L"
     # ("/" encodes to "L…"). No OpenCode API route starts with an upper-case letter.
     "dir": r"L[A-Za-z0-9_-]{0,1023}",
+    # 1.18's tabbed layout names the server a chat is on: base64url of its URL (the
+    # site's own origin here). Only a page route uses it: it serves the UI's index.html.
+    "server": r"[A-Za-z0-9_-]{1,1024}",
     "asset": _FILE,
     "icon": _FILE + r"\.(?:ico|png|svg|webmanifest)",
 }
@@ -123,6 +126,9 @@ OPENCODE_ROUTES: tuple[Route, ...] = (
     _page("/{dir}/session", "client route: a new chat in a folder"),
     _page("/{dir}/session/{id}", "client route: a chat"),
     _page("/new-session", "client route: a new chat"),
+    # Where the 1.18.33 UI moves a chat opened at /{dir}/session/{id} (the landing
+    # redirect, web/chat_landing.py) when its tabbed layout is on: a reload asks for it.
+    _page("/server/{server}/session/{id}", "client route: a chat in the tabbed layout"),
     _page("/assets/{asset}", "the UI's JS, CSS, fonts, worker, sprites"),
     _page("/{icon}", "favicons, touch icon, web manifest, social image"),
     # Read on every page load: health, the project, what agents/models/commands exist.

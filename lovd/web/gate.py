@@ -45,7 +45,8 @@ from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session
 from lovd.web.allowlist import Allowlist, Decision
 from lovd.web.bodycheck import BodyCheck
-from lovd.web.pages import Pages, human_seconds
+from lovd.web.chat_landing import ChatLanding
+from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import problem
 from lovd.web.ratelimit import RateLimiter, client_address
 
@@ -116,6 +117,9 @@ class BrowserGate:
             session_of=self._session_of,
             password_header=sessions.env.basic_auth,
             http=sessions.http,
+        )
+        self.chat_landing = ChatLanding(
+            http=sessions.http, password_header=sessions.env.basic_auth
         )
 
     @classmethod
@@ -253,10 +257,12 @@ class BrowserGate:
         if decision.chat:
             self.sessions.mark_used(s.id)
         if s.status == "running":
+            if nav and decision.path == "/":
+                return await self.land(s)
             return self.allow(s, via_lovd=decision.body)
         task = self.ensure_waking(s.id)
         if nav:
-            return self.pages.render(self.pages.progress_page(s))
+            return self.pages.render(self.pages.progress_page(s, language(request)))
         try:
             await asyncio.wait_for(asyncio.shield(task), self.hold_timeout)
         except TimeoutError:
@@ -271,6 +277,15 @@ class BrowserGate:
             )
             return self.refuse(request, err, nav)
         return self.allow(s2, via_lovd=decision.body)
+
+    async def land(self, s: Session) -> web.Response:
+        """Opening the site goes straight into the session's latest chat, not OpenCode's
+        project picker (web/chat_landing.py); Caddy hands this redirect to the browser."""
+        where = await self.chat_landing.location(s.id, s.port)
+        if where is None:
+            return self.allow(s)  # OpenCode's own start page rather than an error
+        self.sessions.touch(s.id)
+        return web.Response(status=303, headers={"Location": where, "Cache-Control": "no-store"})
 
     def allow(self, s: Session, *, via_lovd: bool = False) -> web.Response:
         """Let Caddy proxy the request to the session's container, or, for a request whose
@@ -340,7 +355,7 @@ class BrowserGate:
         self, request: web.Request, err: LovdError, nav: bool, *, clear: bool = False
     ) -> web.Response:
         if nav:
-            resp = self.pages.render(self.pages.refusal_page(err))
+            resp = self.pages.render(self.pages.refusal_page(err, language(request)))
         else:
             resp = problem(err, request.headers.get("X-Forwarded-Uri", request.path))
         if err.status == 401 and not nav:
@@ -363,4 +378,7 @@ class BrowserGate:
         err = LovdError("forbidden", f"{what}: {why}", extra={"refused": "opencode-route"})
         if not nav:
             return self.refuse(request, err, nav)
-        return self.pages.render(self.pages.route_refused_page(what, why))
+        page = self.pages.route_refused_page(
+            what, why, language(request), websocket=decision.route is not None
+        )
+        return self.pages.render(page)

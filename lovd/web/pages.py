@@ -1,13 +1,14 @@
 """lovd's own pages on the browser path: landing, progress, refusals, static assets.
 
-Rendered from one template (static/page.html) with a strict Content-Security-Policy;
-every text a person reads is here.
+Rendered from one template (static/page.html) with a strict Content-Security-Policy, in
+the language the browser prefers (texts.py holds every text a person reads: Norwegian
+bokmål by default, English). Accessibility: ``lang`` on <html>, a skip link, landmarks,
+one <h1>, visible focus, a live region for progress, errors as ``role="alert"``.
 """
 
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -15,8 +16,10 @@ from string import Template
 
 from aiohttp import web
 
-from lovd.errors import CODES, LovdError
+from lovd.errors import LovdError
 from lovd.session.model import Session
+from lovd.web import texts
+from lovd.web.texts import DEFAULT, negotiate, text
 
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".html": "text/html"}
 PAGE_HEADERS = {
@@ -27,15 +30,20 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
+    # The page's language follows Accept-Language: caches must keep them apart.
+    "Vary": "Accept-Language",
 }
 STARTING = ("creating", "starting")
 
 
-def human_seconds(seconds: int) -> str:
-    if seconds < 90:
-        return f"{seconds} s"
-    minutes = math.ceil(seconds / 60)
-    return f"{minutes} min" if minutes < 90 else f"{math.ceil(minutes / 60)} h"
+def human_seconds(seconds: int, lang: str = "en") -> str:
+    """"45 s", "3 min", "2 h" (English by default: lovd's own error details are English)."""
+    return texts.human_seconds(seconds, lang)
+
+
+def language(request: web.Request) -> str:
+    """The language of the page for this request (texts.negotiate)."""
+    return negotiate(request.headers.get("Accept-Language"))
 
 
 def static_files() -> dict[str, bytes]:
@@ -50,6 +58,7 @@ class Page:
     main: str
     head: str = ""
     retry_after: int | None = None
+    lang: str = DEFAULT
 
 
 def start_form(label: str) -> str:
@@ -57,6 +66,10 @@ def start_form(label: str) -> str:
         '<form method="post" action="/_lovd/start">'
         f'<button type="submit">{html.escape(label)}</button></form>'
     )
+
+
+def _e(s: str) -> str:
+    return html.escape(s, quote=True)
 
 
 class Pages:
@@ -76,57 +89,106 @@ class Pages:
         self._template = Template(self.static["page.html"].decode())
 
     def render(self, page: Page) -> web.Response:
+        lang = page.lang
+        lovdata = '<a href="https://lovdata.no/" rel="noopener noreferrer">lovdata.no</a>'
         body = self._template.substitute(
-            title=html.escape(page.title), main=page.main, head=page.head
+            lang=texts.HTML_LANG.get(lang, lang),
+            title=_e(page.title),
+            suffix=_e(text(lang, "title_suffix")),
+            site=_e(text(lang, "site")),
+            skip=_e(text(lang, "skip")),
+            footer=_e(text(lang, "footer", lovdata="\0")).replace("\0", lovdata),
+            main=page.main,
+            head=page.head,
         )
         resp = web.Response(status=page.status, text=body, content_type="text/html")
         resp.headers.update(PAGE_HEADERS)
+        resp.headers["Content-Language"] = texts.HTML_LANG.get(lang, lang)
         if page.retry_after is not None:
             resp.headers["Retry-After"] = str(page.retry_after)
         return resp
 
-    def refusal_text(self, err: LovdError) -> str:
-        if err.code == "too-many-sessions" and err.retry_after is not None:
-            limit = err.extra.get("limit", self.max_running)
-            places = "The only place is" if limit == 1 else f"All {limit} places are"
-            return f"{places} in use — try again in {human_seconds(err.retry_after)}."
-        msg = err.message
-        return msg[:1].upper() + msg[1:] + ("" if msg.endswith(".") else ".")
+    @staticmethod
+    def human(seconds: int, lang: str) -> str:
+        return human_seconds(seconds, lang)
 
-    def refusal_page(self, err: LovdError) -> Page:
-        text = html.escape(self.refusal_text(err))
+    def full_text(self, limit: int, wait: int, lang: str, *, refused: bool) -> str:
+        key = ("refused_" if refused else "full_") + ("one" if limit == 1 else "all")
+        return text(lang, key, limit=limit, wait=human_seconds(wait, lang))
+
+    def refusal_text(self, err: LovdError, lang: str = DEFAULT) -> str:
+        """What a person reads for a refusal: in English lovd's own detail (it says what
+        to do), in other languages the text for the error's kind."""
+        if err.code == "too-many-sessions" and err.retry_after is not None:
+            limit = int(err.extra.get("limit", self.max_running))
+            return self.full_text(limit, err.retry_after, lang, refused=True)
+        if lang == "en":
+            msg = err.message
+            return msg[:1].upper() + msg[1:] + ("" if msg.endswith(".") else ".")
+        return self._translated(err, lang)
+
+    def _translated(self, err: LovdError, lang: str) -> str:
+        msg = err.message
+        if err.code == "forbidden" and "expired" in msg:
+            return text(lang, "text.expired")
+        if err.code == "forbidden" and "started from this site" in msg:
+            return text(lang, "text.foreign-start")
+        if err.code == "unavailable" and msg.startswith("this session failed ("):
+            reason = msg[len("this session failed (") :].split(")", 1)[0]
+            return text(lang, "text.failed", reason=reason)
+        if err.code == "rate-limited":
+            return text(lang, "text.rate-limited", wait=human_seconds(err.retry_after or 60, lang))
+        if err.code == "not-found":
+            return text(lang, "text.not-found", path=msg.rsplit(" ", 1)[-1])
+        if err.code == "too-many-sessions":
+            return text(lang, "text.too-many-sessions")
+        return text(lang, f"text.{err.code}", detail=msg)
+
+    def refusal_page(self, err: LovdError, lang: str = DEFAULT) -> Page:
+        title = text(lang, f"error.{err.code}")
         retry = ""
         if err.retry_after is not None and err.retry_after <= 120:
             retry = f'<noscript><meta http-equiv="refresh" content="{err.retry_after}"></noscript>'
         main = (
-            f"<h1>{html.escape(CODES[err.code][1])}</h1>"
-            f'<p class="notice" role="alert">{text}</p>' + start_form("Start a new session")
+            f"<h1>{_e(title)}</h1>"
+            f'<p class="notice" role="alert">{_e(self.refusal_text(err, lang))}</p>'
+            + start_form(text(lang, "start"))
         )
-        return Page(err.status, CODES[err.code][1], main, head=retry, retry_after=err.retry_after)
+        return Page(err.status, title, main, head=retry, retry_after=err.retry_after, lang=lang)
 
-    def progress_page(self, s: Session) -> Page:
-        waking = s.status not in STARTING
-        title = "Waking up your session" if waking else "Starting your session"
-        what = (
-            "Your session was paused after a while without activity. It is starting again "
-            "with everything you had; this takes a few seconds."
-            if waking
-            else "Your private research assistant is being prepared; this takes a few seconds."
-        )
+    def progress_page(self, s: Session, lang: str = DEFAULT) -> Page:
+        kind = "wake" if s.status not in STARTING else "start"
+        title = text(lang, f"progress_{kind}_title")
+        # progress.js reads its texts from data-* attributes (the CSP allows no inline
+        # script), so the live region speaks the page's language.
+        say = {
+            "ready": text(lang, "status_ready"),
+            "retry": text(lang, "status_retry", seconds="{s}"),
+            "not-yet": text(lang, "status_not_yet"),
+            "error": text(lang, "status_error"),
+            "default": text(lang, f"status_{'waking' if kind == 'wake' else 'starting'}"),
+        }
+        data = " ".join(f'data-{k}="{_e(v)}"' for k, v in say.items())
+        label = _e(text(lang, "progress_label"))
         main = (
-            f"<h1>{title}…</h1><p>{what}</p>"
-            '<progress id="progress-bar" max="100" aria-label="Progress"></progress>'
-            '<p id="progress-status" role="status" aria-live="polite">Please wait…</p>'
-            '<p class="muted">This page continues on its own when the session is ready.</p>'
+            f"<h1>{_e(title)}…</h1><p>{_e(text(lang, f'progress_{kind}_text'))}</p>"
+            f'<progress id="progress-bar" max="100" aria-label="{label}"></progress>'
+            f'<p id="progress-status" role="status" aria-live="polite" {data}>'
+            f"{_e(text(lang, 'progress_wait'))}</p>"
+            f'<p class="muted">{_e(text(lang, "progress_continues"))}</p>'
         )
         head = (
             '<noscript><meta http-equiv="refresh" content="2"></noscript>'
             '<script src="/_lovd/static/progress.js" defer></script>'
         )
-        return Page(503, title, main, head=head, retry_after=2)
+        return Page(503, title, main, head=head, retry_after=2, lang=lang)
 
     def landing_page(
-        self, message: str = "", status: int = 200, retry_after: int | None = None
+        self,
+        message: str = "",
+        status: int = 200,
+        retry_after: int | None = None,
+        lang: str = DEFAULT,
     ) -> Page:
         limit = self.max_running
         used = self.running()
@@ -134,24 +196,19 @@ class Pages:
             # Say how long the wait really is (the soonest place to free up), and let
             # Retry-After say the same.
             retry_after = self.retry_after()
-            places = "The only place is" if limit == 1 else f"All {limit} places are"
-            message = (
-                f"{places} in use right now — one should free up within "
-                f"{human_seconds(retry_after)}; start your session then."
-            )
-        notice = f'<p class="notice" role="alert">{html.escape(message)}</p>' if message else ""
+            message = self.full_text(limit, retry_after, lang, refused=False)
+        notice = f'<p class="notice" role="alert">{_e(message)}</p>' if message else ""
+        example = f"<em>{_e(text(lang, 'landing_example'))}</em>"
+        intro = _e(text(lang, "landing_intro", example="\0")).replace("\0", example)
         main = (
-            "<h1>Research Norwegian law with an AI assistant</h1>"
-            "<p>Ask questions about Norwegian laws and regulations in plain language. "
-            "The assistant searches Lovdata and answers with exact references to "
-            "the provisions (for example <em>arbeidsmiljøloven § 15-7</em>), "
-            "linked to lovdata.no.</p>"
+            f"<h1>{_e(text(lang, 'landing_h1'))}</h1>"
+            f"<p>{intro}</p>"
+            f"<p>{_e(text(lang, 'landing_advice'))}</p>"
             f"{notice}"
-            + start_form("Start a new session")
-            + f'<p class="muted">{used} of {limit} places are in use right now. '
-            "Your session is private to this browser.</p>"
+            + start_form(text(lang, "start"))
+            + f'<p class="muted">{_e(text(lang, "landing_places", used=used, limit=limit))}</p>'
         )
-        return Page(status, "Start", main, retry_after=retry_after)
+        return Page(status, text(lang, "landing_title"), main, retry_after=retry_after, lang=lang)
 
     async def static_file(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -165,10 +222,18 @@ class Pages:
             headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"},
         )
 
-    def route_refused_page(self, what: str, why: str) -> Page:
+    def route_refused_page(
+        self, what: str, why: str, lang: str = DEFAULT, *, websocket: bool = False
+    ) -> Page:
+        """403 for a route the chat does not need; ``why`` is the English detail."""
+        if lang == "en":
+            said = f"{what}: {why}."
+        else:
+            said = text(lang, "not_here_websocket" if websocket else "not_here_route", what=what)
+        title = text(lang, "not_here_title")
         main = (
-            "<h1>Not available here</h1>"
-            f'<p class="notice" role="alert">{html.escape(what)}: {html.escape(why)}.</p>'
-            '<p><a href="/">Back to your session</a></p>'
+            f"<h1>{_e(title)}</h1>"
+            f'<p class="notice" role="alert">{_e(said)}</p>'
+            f'<p><a href="/">{_e(text(lang, "back"))}</a></p>'
         )
-        return Page(403, "Not available here", main)
+        return Page(403, title, main, lang=lang)

@@ -23,8 +23,9 @@ from lovd.caddy import AUTH_PATH
 from lovd.errors import LovdError
 from lovd.session.lifecycle import Sessions
 from lovd.web.gate import BrowserGate, wants_html
-from lovd.web.pages import STARTING, human_seconds
+from lovd.web.pages import STARTING, language
 from lovd.web.ratelimit import client_address
+from lovd.web.texts import text
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class PublicSite:
 
     async def landing(self, request: web.Request) -> web.Response:
         self.gate.on_request()
-        return self.pages.render(self.pages.landing_page())
+        return self.pages.render(self.pages.landing_page(lang=language(request)))
 
     async def start(self, request: web.Request) -> web.Response:
         self.gate.on_request()
@@ -48,20 +49,19 @@ class PublicSite:
         if self._has_live_session(request):
             return web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
         addr = client_address(request)
+        lang = language(request)
         retry = self.gate.starts.retry_after(addr)
         if retry is not None:
-            msg = (
-                f"You have started {self.gate.starts.limit} sessions recently — "
-                f"try again in {human_seconds(retry)}."
-            )
-            return self.pages.render(self.pages.landing_page(msg, 429, retry))
+            wait = self.pages.human(retry, lang)
+            msg = text(lang, "too_many_starts", limit=self.gate.starts.limit, wait=wait)
+            return self.pages.render(self.pages.landing_page(msg, 429, retry, lang))
         self.gate.starts.hit(addr)
         try:
             s, token = await self.gate.sessions.create(wait=False)
         except LovdError as e:
             log.info("browser session start refused for %s: %s", addr, e.message)
-            text = self.pages.refusal_text(e)
-            return self.pages.render(self.pages.landing_page(text, e.status, e.retry_after))
+            msg = self.pages.refusal_text(e, lang)
+            return self.pages.render(self.pages.landing_page(msg, e.status, e.retry_after, lang))
         log.info("session started from the browser by %s", addr, extra={"SESSION_ID": s.id})
         resp = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
         self.gate.set_cookie(request, resp, s, token)
@@ -82,6 +82,7 @@ class PublicSite:
         self.gate.on_request()
         value = self.gate.cookie_value(request)
         addr = client_address(request)
+        lang = language(request)
         try:
             if value is None:
                 raise LovdError(
@@ -89,15 +90,15 @@ class PublicSite:
                 )
             s = self.gate.authenticate(addr, functools.partial(self.gate.verify, value))
         except LovdError as e:
-            text = self.pages.refusal_text(e)
-            return _status_json(e.status, False, text, e.retry_after, error=True)
+            msg = self.pages.refusal_text(e, lang)
+            return _status_json(e.status, False, msg, e.retry_after, error=True)
         if s.status == "running":
-            return _status_json(200, True, "Ready.")
+            return _status_json(200, True, text(lang, "status_ready"))
         err = self.gate.wake_errors.get(s.id)
         if err is not None and not self.gate.waking(s.id):
-            text = self.pages.refusal_text(err)
-            return _status_json(200, False, text, err.retry_after, error=True)
-        msg = "Starting…" if s.status in STARTING else "Waking up…"
+            msg = self.pages.refusal_text(err, lang)
+            return _status_json(200, False, msg, err.retry_after, error=True)
+        msg = text(lang, "status_starting" if s.status in STARTING else "status_waking")
         return _status_json(200, False, msg)
 
     async def entry(self, request: web.Request) -> web.StreamResponse:

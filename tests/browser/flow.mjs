@@ -1,43 +1,58 @@
-// The full browser flow against lovd behind Caddy, in Debian's Chromium via playwright-core:
-// landing page → "Start a new session" → progress page → OpenCode UI (screenshot)
-// → type a legal question → the stub LLM's reply (with a lovdata.no citation) appears.
+// A person using the legal chat in Debian's Chromium (playwright-core), through lovd
+// behind a real Caddy. Only clicks, typing, reloads and following a link: this script
+// makes no API call of its own. tests/browser/test_browser.py runs it once per step
+// and checks what it reports.
 //
-//   node flow.mjs BASE_URL ARTIFACT_DIR
+//   node flow.mjs SPEC_JSON
 //
-// Prints one JSON line with what it saw; exits non-zero on failure (with a screenshot).
+// SPEC: {base, artifacts, profile, locale, mode, name, url?, question?, start_label?,
+//        expect_question?}
+//   mode "start":   the landing page → click start → the chat → ask → answer → reload
+//   mode "link":    open a session link (/c/{id}?token=…) → the chat → ask → answer → reload
+//   mode "return":  open the site again (the session may be stopped: it wakes) → the
+//                   earlier conversation is shown
+//   mode "page":    open a URL (a refusal, the landing page) and check it
+// In every mode lovd's own pages met on the way are checked with axe-core. Prints one JSON
+// line with what it saw; screenshots go to ARTIFACTS/<name>-*.png.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
+import { createRequire } from "node:module";
 
-const [base, artifacts] = process.argv.slice(2);
-const QUESTION = "Hva sier arbeidsmiljøloven om oppsigelse?";
-const result = { steps: [] };
+const spec = JSON.parse(process.argv[2]);
+const { base, artifacts, profile, locale, mode, name } = spec;
+const AXE = fs.readFileSync(createRequire(import.meta.url).resolve("axe-core/axe.min.js"), "utf8");
+const CODING_AGENTS = ["build", "plan", "general", "explore"];
+const result = { name, mode, locale, steps: [], axe: [], lovd_pages: [] };
 const t0 = Date.now();
-const step = (name, extra = {}) => result.steps.push({ name, ms: Date.now() - t0, ...extra });
+const step = (what, extra = {}) => result.steps.push({ what, ms: Date.now() - t0, ...extra });
 
-const profile = fs.mkdtempSync(path.join(os.tmpdir(), "lovd-chromium-"));
 const ctx = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
+  locale, // sets navigator.language and Accept-Language, as a person's browser would
   args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"],
   viewport: { width: 1280, height: 800 },
 });
 const page = ctx.pages()[0] || (await ctx.newPage());
-const statuses = [];
+const shot = (what, opts = {}) =>
+  page.screenshot({ path: path.join(artifacts, `${name}-${what}.png`), ...opts });
+
 // Every request the page makes to the site (method, path with ids normalised, status),
 // so the gate's allowlist can be checked against what the UI really uses.
 const origin = new URL(base).origin;
+const statuses = [];
 const requests = new Map();
 const normalise = (p) => p
   .replace(/\/[a-z]{3}_[0-9A-Za-z]{20,}(?=\/|$)/g, "/{id}")
+  .replace(/^\/server\/[A-Za-z0-9_-]+(?=\/session)/, "/server/{server}")
   .replace(/^\/L[A-Za-z0-9_-]*(?=\/session(\/|$)|$)/, "/{dir}");
 page.on("response", async (r) => {
   const u = new URL(r.url());
-  statuses.push([r.status(), u.pathname]);
   if (u.origin !== origin) return;
   const req = r.request();
+  statuses.push([r.status(), u.pathname, req.resourceType(), Date.now() - t0]);
   const key = `${req.method()} ${normalise(u.pathname)}`;
   const seen = requests.get(key) || { route: key, statuses: [], type: req.resourceType() };
   if (!seen.statuses.includes(r.status())) seen.statuses.push(r.status());
@@ -47,78 +62,186 @@ page.on("response", async (r) => {
     if (body.includes("opencode-route")) seen.gate_refused = body.slice(0, 300);
   }
 });
+// When the page went where (the landing's way: start → progress → redirect → chat).
+result.navigations = [];
+page.on("framenavigated", (f) => {
+  if (f === page.mainFrame()) result.navigations.push([Date.now() - t0, new URL(f.url()).pathname.slice(0, 60)]);
+});
 page.on("websocket", (ws) => {
   const key = `WS ${normalise(new URL(ws.url()).pathname)}`;
   requests.set(key, { route: key, statuses: [], type: "websocket" });
 });
 
-async function until(what, fn, timeoutMs) {
+async function until(what, fn, timeoutMs, every = 100) {
   const end = Date.now() + timeoutMs;
   for (;;) {
-    try { if (await fn()) return; } catch { /* page is navigating */ }
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await page.waitForTimeout(250);
+    try { const v = await fn(); if (v) return v; } catch { /* the page is navigating */ }
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await page.waitForTimeout(every);
   }
 }
 
-try {
-  // 1. Landing page.
-  await page.goto(base + "/");
-  await page.getByRole("heading", { level: 1 }).waitFor();
-  result.landing_title = await page.title();
-  await page.screenshot({ path: path.join(artifacts, "1-landing.png") });
-  step("landing");
+const isLovdPage = () => page.evaluate(() =>
+  !!document.querySelector('link[href="/_lovd/static/lovd.css"]'));
 
-  // 2. Start a session; the progress page continues on its own.
-  await page.getByRole("button", { name: "Start a new session" }).click();
-  step("clicked-start");
-  await until("the OpenCode UI", async () =>
-    (await page.locator("#progress-status").count()) === 0 && (await page.title()) === "OpenCode",
-    120000);
-  result.saw_progress_page = statuses.some(([s, p]) => s === 503 && p === "/");
-  step("opencode-ui");
-  const cookies = await ctx.cookies();
-  const c = cookies.find((x) => x.name.endsWith("lovd_session"));
-  result.cookie = c && { name: c.name, httpOnly: c.httpOnly, sameSite: c.sameSite, secure: c.secure };
-  result.cookie_visible_to_js = await page.evaluate(() => document.cookie.includes("lovd_session"));
-  await page.waitForTimeout(1500);
-  await page.screenshot({ path: path.join(artifacts, "2-opencode-ui.png") });
+// lovd's own page as it is now: its language, heading, and axe-core's verdict.
+async function checkLovdPage(what) {
+  const info = await page.evaluate(() => ({
+    lang: document.documentElement.lang,
+    title: document.title,
+    h1: document.querySelector("h1")?.textContent?.trim() || "",
+    text: document.body.innerText.slice(0, 600),
+  }));
+  await page.evaluate(AXE);
+  const axe = await page.evaluate(async () => {
+    // The WCAG 2.1 A/AA rules and best practices; what a person meets is what counts.
+    const r = await window.axe.run(document, { resultTypes: ["violations"] });
+    return r.violations.map((v) => ({ id: v.id, impact: v.impact, help: v.help,
+      nodes: v.nodes.slice(0, 3).map((n) => n.target.join(" ")) }));
+  });
+  result.lovd_pages.push({ what, ...info });
+  result.axe.push({ what, violations: axe });
+  await shot(what);
+  step(`lovd page: ${what}`);
+  return info;
+}
 
-  // 3. A chat session in the session's working directory. OpenCode's web UI asks for a
-  //    project folder before the first prompt; the API call does that step (through
-  //    the same proxy, with the same cookie), the question is typed in the UI.
-  const where = await (await page.request.get(base + "/path")).json();
-  const created = await page.request.post(base + "/session", { data: { title: "Legal question" } });
-  if (!created.ok()) throw new Error(`POST /session: ${created.status()}`);
-  const oc = await created.json();
-  const dir = Buffer.from(where.directory).toString("base64url");
-  await page.goto(`${base}/${dir}/session/${oc.id}`);
-  const prompt = page.locator('[data-component="prompt-input"]').first();
-  await prompt.waitFor({ timeout: 30000 });
-  await prompt.click();
-  await page.keyboard.type(QUESTION);
-  await page.locator('[data-action="prompt-submit"]').click();
+const prompt = () => page.locator('[data-component="prompt-input"]').first();
+const inChat = async () =>
+  /\/session\/ses_/.test(new URL(page.url()).pathname) && (await prompt().isVisible());
+
+// Wait for the chat; check lovd's pages (progress, waking) met on the way with axe once.
+async function reachChat(timeoutMs) {
+  let checked = false;
+  return until("the chat with its prompt", async () => {
+    if (!checked && (await isLovdPage().catch(() => false))) {
+      const h1 = await page.locator("h1").first().textContent().catch(() => "");
+      if (h1) { checked = true; result.met_progress = h1.trim(); await checkLovdPage("progress").catch(() => { checked = false; }); }
+    }
+    return inChat();
+  }, timeoutMs);
+}
+
+// The agent the UI offers: its name on the agent button, and what the keyboard's
+// "next agent" (Ctrl+.) and an "@" mention offer besides it.
+async function agents() {
+  const button = page.locator('button[aria-haspopup]').filter({ has: page.locator("span.capitalize") }).first();
+  const shown = [];
+  await prompt().click();
+  for (let i = 0; i < 4; i++) {
+    shown.push((await button.innerText()).trim().toLowerCase());
+    await page.keyboard.press("Control+Period");
+    await page.waitForTimeout(250);
+  }
+  await page.keyboard.type("@");
+  await page.waitForTimeout(700);
+  const popup = (await page.locator("body").innerText()).toLowerCase();
+  const mentionable = CODING_AGENTS.filter((a) => new RegExp(`(^|\\n)\\s*${a}\\s*(\\n|$)`).test(popup));
+  await shot("agent-mention");
+  await page.keyboard.press("Escape");
+  await page.keyboard.press("Backspace");
+  result.agents_shown = [...new Set(shown)];
+  result.agents_mentionable = mentionable;
+  step("agents");
+}
+
+async function ask(question) {
+  await prompt().click();
+  await page.keyboard.type(question);
+  await page.keyboard.press("Enter");
   step("asked");
-
-  // 4. The stub LLM's answer streams in over OpenCode's SSE, through Caddy.
-  const answer = page.getByText("lovdata.no/", { exact: false }).first();
-  await answer.waitFor({ timeout: 90000 });
-  await page.waitForTimeout(1000);
-  result.answer = (await answer.innerText()).slice(0, 500);
+  const t = Date.now();
+  // The answer streams in over OpenCode's event stream, through Caddy.
+  const link = page.getByText("lovdata.no/lov/", { exact: false }).first();
+  await link.waitFor({ timeout: 90000 });
+  result.first_link_ms = Date.now() - t;
+  await until("the answer to finish", async () =>
+    (await page.getByText(/juridisk rådgivning|legal advice/).count()) > 0, 30000, 250);
+  await page.waitForTimeout(500);
+  result.answer = (await page.locator("body").innerText()).slice(-2500);
+  result.answer_links = await page.evaluate(() =>
+    [...document.querySelectorAll('a[href^="https://lovdata.no/"]')].map((a) => a.href));
   step("answered");
-  await page.screenshot({ path: path.join(artifacts, "3-answer.png"), fullPage: true });
+  await shot("answer");
+}
+
+async function conversationShown(question) {
+  await reachChat(60000);
+  await page.getByText(question, { exact: false }).first().waitFor({ timeout: 30000 });
+  await page.getByText("lovdata.no/lov/", { exact: false }).first().waitFor({ timeout: 30000 });
+  return true;
+}
+
+try {
+  if (mode === "start") {
+    await page.goto(base + "/");
+    await page.getByRole("heading", { level: 1 }).waitFor();
+    result.landing = await checkLovdPage("landing");
+    const start = page.getByRole("button", { name: spec.start_label });
+    step("landing");
+    const clicked = Date.now();
+    await start.click();
+    await reachChat(120000);
+    result.click_to_prompt_ms = Date.now() - clicked;
+    step("chat", { click_to_prompt_ms: result.click_to_prompt_ms });
+    result.chat_path = new URL(page.url()).pathname;
+    await page.waitForTimeout(700);
+    await shot("chat");
+  } else if (mode === "link") {
+    const opened = Date.now();
+    await page.goto(spec.url);
+    await reachChat(120000);
+    result.link_to_prompt_ms = Date.now() - opened;
+    result.chat_path = new URL(page.url()).pathname;
+    step("chat");
+    await page.waitForTimeout(700);
+    await shot("chat");
+  } else if (mode === "return") {
+    const opened = Date.now();
+    await page.goto(base + "/");
+    await conversationShown(spec.expect_question);
+    result.return_to_chat_ms = Date.now() - opened;
+    result.chat_path = new URL(page.url()).pathname;
+    result.conversation_shown = true;
+    step("earlier conversation");
+    await page.waitForTimeout(700);
+    await shot("returned");
+  } else if (mode === "page") {
+    const r = await page.goto(spec.url);
+    result.http_status = r ? r.status() : 0;
+    await page.getByRole("heading", { level: 1 }).waitFor();
+    result.page = await checkLovdPage("page");
+  }
+  if (mode !== "page") result.ui_text = (await page.locator("body").innerText()).slice(-400);
+
+  if (mode === "start" || mode === "link") {
+    // No project picker, no folder dialog: the chat is open in the session's workspace.
+    result.picker_visible = await page.getByText(/Add project|Open project|Legg til prosjekt|Åpne prosjekt/).count();
+    await agents();
+    await ask(spec.question);
+    const before = new URL(page.url()).pathname;
+    await page.reload();
+    result.reload_shown = await conversationShown(spec.question);
+    result.reload_path = new URL(page.url()).pathname;
+    result.reload_same_path = result.reload_path === before;
+    step("reloaded");
+    await page.waitForTimeout(700);
+    await shot("reloaded");
+  }
   result.ok = true;
 } catch (e) {
   result.ok = false;
   result.error = String(e && e.message ? e.message : e).slice(0, 1000);
-  await page.screenshot({ path: path.join(artifacts, "failure.png") }).catch(() => {});
-  fs.writeFileSync(path.join(artifacts, "failure.html"), await page.content().catch(() => ""));
+  result.url = page.url();
+  await shot("failure").catch(() => {});
+  fs.writeFileSync(path.join(artifacts, `${name}-failure.html`), await page.content().catch(() => ""));
 } finally {
   result.requests = [...requests.values()].sort((a, b) => a.route.localeCompare(b.route));
   result.gate_refusals = result.requests.filter((r) => r.gate_refused);
-  result.errors_5xx = statuses.filter(([s, p]) => s >= 500 && !(s === 503 && p === "/"));
+  result.timeline = statuses.slice(0, 120).map(([s, p, , ms]) => `${ms} ${s} ${normalise(p)}`);
+  // 503 is lovd's progress page at a navigation; any other 5xx is a failure.
+  result.errors_5xx = statuses.filter(([s, , type]) => s >= 500 && !(s === 503 && type === "document"));
   await ctx.close();
-  fs.rmSync(profile, { recursive: true, force: true });
 }
 console.log(JSON.stringify(result));
 process.exit(result.ok ? 0 : 1);

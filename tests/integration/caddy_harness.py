@@ -316,7 +316,13 @@ async def harness(
     cfg.sessions_path.mkdir(parents=True, exist_ok=True)
     await caddy.start()
     store = await Store.open(cfg.db_path)
-    http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+    # The tests read lovd's English texts; Norwegian, the default, is tested in
+    # tests/unit/test_pages_i18n.py and with a Norwegian browser in tests/browser.
+    http = aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        headers={"Accept-Language": "en"},
+    )
     pool = aiohttp.ClientSession()
     runner = PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, store.instance_id)
     metrics = Metrics()

@@ -28,9 +28,10 @@ from lovd.web.public import create_public_app
 from tests.fakes import FakeRunner
 from tests.unit.test_allowlist import ATTACKS, SES
 
-NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+# These tests read lovd's English texts; Norwegian, the default, is in test_pages_i18n.py.
+NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Accept-Language": "en"}
 XHR = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
-START = {"Sec-Fetch-Site": "same-origin"}
+START = {"Sec-Fetch-Site": "same-origin", "Accept-Language": "en"}
 
 
 @dataclass
