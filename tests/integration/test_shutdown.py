@@ -19,8 +19,9 @@ pytestmark = pytest.mark.podman
 SESSION_IMAGE = "localhost/lovd-session:latest"
 
 
-def test_sigterm_during_starts_exits_at_once_and_the_next_lovd_adopts(
-    podman: str, tmp_path: Path
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopped_during_starts_the_next_lovd_adopts_or_resumes(
+    podman: str, tmp_path: Path, how: str
 ) -> None:
     need(image_present(SESSION_IMAGE), f"{SESSION_IMAGE} missing: run 'lovd image build'")
     p = LovdProc(tmp_path, image=SESSION_IMAGE, demo="on", demo_mcp_port=0, demo_llm_port=0,
@@ -38,10 +39,10 @@ def test_sigterm_during_starts_exits_at_once_and_the_next_lovd_adopts(
         assert "starting" in starting or "creating" in starting, starting
         assert p.proc is not None
         t0 = time.monotonic()
-        p.proc.send_signal(signal.SIGTERM)
+        p.proc.send_signal(getattr(signal, how))
         p.proc.wait(10)
         took = time.monotonic() - t0
-        print(f"lovd exited {took:.2f} s after SIGTERM with 3 starts in flight")
+        print(f"lovd exited {took:.2f} s after {how} with 3 starts in flight")
         assert took < 5.0
         # Nothing was stopped on the way out: whatever podman had created still runs.
         before = {name: cid for name, cid in containers(f"lovd.instance={iid}").items()}
