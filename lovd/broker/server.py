@@ -94,8 +94,8 @@ class Broker:
         self.metrics = metrics
         self.clock = clock
         self.on_request = on_request or (lambda: None)
-        # A session calling its LLM or MCP server is answering: that is activity (an
-        # answer must never be cut off by idle_timeout).
+        # A session calling its model is answering: that is activity (an answer must
+        # never be cut off by idle_timeout).
         self.on_session_call = on_session_call or (lambda sid: None)
         metrics.track_usage(self.usage_by_session)
 
@@ -194,8 +194,10 @@ class Broker:
             log.info("broker refused a call to %s: %s", up.prefix, e.message)
             return _error(up, e.status, e.message)
         sid = session.id
-        self.on_session_call(sid)
         if up.llm:
+            # Only model calls: OpenCode's MCP client talks to the broker on its own (its
+            # event stream) and would keep an abandoned session awake forever.
+            self.on_session_call(sid)
             why = self.ledger.refusal(sid, self.clock())
             if why:
                 self.ledger.count_refused(sid)

@@ -8,6 +8,7 @@ soonest place frees up, from the same policy that will free it (housekeeping.py)
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import socket
@@ -19,6 +20,8 @@ from lovd.config import Config, parse_size
 from lovd.errors import LovdError
 from lovd.session.model import ACTIVE, Session
 from lovd.store import Store
+
+log = logging.getLogger(__name__)
 
 # When no running session has a deadline, the wait a refusal suggests.
 RETRY_AFTER_DEFAULT = 30
@@ -59,31 +62,46 @@ class Floors:
         self.disk = disk
         self.memory = memory
 
+    def _read(self) -> tuple[int | None, int | None]:
+        """Free disk and available memory; None where it cannot be read (a missing
+        state_dir; /proc/meminfo hidden by a sandbox): never a reason to refuse."""
+        try:
+            disk: int | None = self.disk(self.path)
+        except OSError as e:
+            log.warning("floors.disk_free not checked: %s", e)
+            disk = None
+        try:
+            memory: int | None = self.memory()
+        except OSError as e:
+            log.warning("floors.memory_free not checked: %s", e)
+            memory = None
+        return disk, memory
+
     def problems(self) -> list[str]:
+        disk, memory = self._read()
         out = []
-        if self.disk_floor:
-            free = self.disk(self.path)
-            if free < self.disk_floor:
-                out.append(
-                    f"only {gib(free)} of disk is free under {self.path} "
-                    f"(floors.disk_free is {gib(self.disk_floor)}): free some space"
-                )
-        if self.memory_floor:
-            avail = self.memory()
-            if avail < self.memory_floor:
-                out.append(
-                    f"only {gib(avail)} of memory is available on this host "
-                    f"(floors.memory_free is {gib(self.memory_floor)})"
-                )
+        if self.disk_floor and disk is not None and disk < self.disk_floor:
+            out.append(
+                f"only {gib(disk)} of disk is free under {self.path} "
+                f"(floors.disk_free is {gib(self.disk_floor)}): free some space"
+            )
+        if self.memory_floor and memory is not None and memory < self.memory_floor:
+            out.append(
+                f"only {gib(memory)} of memory is available on this host "
+                f"(floors.memory_free is {gib(self.memory_floor)})"
+            )
         return out
 
     def summary(self) -> tuple[bool, str]:
         """For /api/health and lovd doctor: the floors and the current values."""
         problems = self.problems()
-        disk = f"disk {gib(self.disk(self.path))} free under {self.path}"
-        mem = f"memory {gib(self.memory())} available"
-        floors = f"floors {gib(self.disk_floor)} / {gib(self.memory_floor)}"
-        return not problems, "; ".join([disk, mem, floors, *problems])
+        disk, memory = self._read()
+        shown = [
+            f"disk {gib(disk)} free under {self.path}" if disk is not None else "disk unknown",
+            f"memory {gib(memory)} available" if memory is not None else "memory unknown",
+            f"floors {gib(self.disk_floor)} / {gib(self.memory_floor)}",
+        ]
+        return not problems, "; ".join([*shown, *problems])
 
 
 class Admission:

@@ -338,4 +338,6 @@ async def test_a_session_calling_through_the_broker_is_active(tmp_path: Path) ->
         await resp.read()
         resp = await r.client.post("/mcp/lovdata", json={}, headers=bearer(cred))
         await resp.read()
-        assert seen == [s.id, s.id]  # idle_timeout never cuts off an answer in progress
+        # A model call is an answer in progress (idle_timeout never cuts it off); MCP
+        # traffic alone is not (OpenCode's MCP client keeps its event stream open).
+        assert seen == [s.id]

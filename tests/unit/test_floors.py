@@ -33,3 +33,18 @@ async def test_low_memory_refuses_new_sessions_and_the_pool(
 def test_sizes() -> None:
     assert parse_size("1G") == 1024**3 and parse_size("512M") == 512 * 1024**2
     assert parse_size("0") == 0 and parse_size("1.5k") == 1536 and parse_size("2GiB") == 2 * 1024**3
+
+
+def test_an_unreadable_value_never_refuses(tmp_path: Path) -> None:
+    """A sandbox that hides /proc/meminfo (ProcSubset=pid) or a missing state_dir must
+    not turn every create into a 500: the floor is reported as not checked."""
+    from lovd import config
+    from lovd.session.admission import Floors
+
+    def hidden() -> int:
+        raise FileNotFoundError("/proc/meminfo")
+
+    f = Floors(config.from_mapping({"state_dir": str(tmp_path / "missing")}), memory=hidden)
+    assert f.problems() == []
+    ok, detail = f.summary()
+    assert ok and "disk unknown" in detail and "memory unknown" in detail
