@@ -7,17 +7,40 @@
 #      systemd-nspawn and installs lovd into it with packaging/install.sh).
 # With CI=true, any test that cannot run here fails instead of skipping.
 #
-#   sudo packaging/run-tests.sh [pytest args for step 2]
+#   packaging/run-tests.sh [pytest args for step 2]   (as root, or a user who may sudo)
 set -euo pipefail
+
+# It sets up users and packages and runs parts of the suite as root. The README's
+# command works as written in a root shell (a fresh VM often has no sudo at all) and
+# from an account with sudo: then it asks sudo to run it again, keeping CI and the
+# LOVD_* settings.
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    keep=$(compgen -e | grep -E '^(LOVD_[A-Z0-9_]*|CI)$' | paste -sd, -) || true
+    exec sudo ${keep:+--preserve-env="$keep"} -- "$0" "$@"
+  fi
+  echo "run-tests.sh sets up users and packages and runs parts of the suite as root:" \
+    "run it as root (su -c '$0'), or install sudo" >&2
+  exit 2
+fi
+
 here=$(cd "$(dirname "$0")/.." && pwd)
+# lovd runs from this checkout as the unprivileged lovd user (the venv is an editable
+# install of it): a clone in root's home (/root is 0700) fails much later with
+# "Permission denied". Say so before installing anything.
+d=$here
+while [ "$d" != / ]; do
+  if [ "$(( 0$(stat -c %a "$d") & 01 ))" -eq 0 ]; then
+    echo "run-tests.sh: the lovd user cannot reach $here ($d is mode $(stat -c %a "$d")):" \
+      "clone lovd to a directory others may read (e.g. /opt/lovd-src or /srv/lovd)," \
+      "or chmod o+x $d" >&2
+    exit 2
+  fi
+  d=$(dirname "$d")
+done
 cd "$here"
 VENV=${LOVD_VENV:-/opt/lovd/venv}
 LOVD_USER=${LOVD_USER:-lovd}
-
-if [ "$(id -u)" -ne 0 ]; then
-  echo "run-tests.sh sets up users and packages and runs parts of the suite as root: use sudo" >&2
-  exit 2
-fi
 
 if [ -z "${LOVD_SKIP_SETUP:-}" ]; then
   bash packaging/setup-host.sh

@@ -29,6 +29,7 @@ so the internet) can reach only this surface, never the operator API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -53,6 +54,10 @@ from lovd.web.ratelimit import RateLimiter, client_address
 log = logging.getLogger(__name__)
 
 SECURE_COOKIE = "__Host-" + COOKIE_NAME
+# How long a page load waits for a session that is starting before it gets the progress
+# page: a container claimed from the warm pool is confirmed ready within this, so the
+# person goes straight into the chat instead of through a progress page shown for a blink.
+NAV_HOLD = 1.0
 
 
 def _original_method(request: web.Request) -> str:
@@ -261,6 +266,15 @@ class BrowserGate:
                 return await self.land(s)
             return self.allow(s, via_lovd=decision.body)
         task = self.ensure_waking(s.id)
+        if nav and s.status == "starting":
+            # Still starting, or failed: the progress page says which.
+            with contextlib.suppress(TimeoutError, LovdError):
+                await asyncio.wait_for(asyncio.shield(task), NAV_HOLD)
+            s2 = self.sessions.store.get(s.id)
+            if s2 is not None and s2.status == "running":
+                if decision.path == "/":
+                    return await self.land(s2)
+                return self.allow(s2, via_lovd=decision.body)
         if nav:
             return self.pages.render(self.pages.progress_page(s, language(request)))
         try:
