@@ -10,6 +10,7 @@ import base64
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from lovd.web.allowlist import Allowlist
 from lovd.web.chat_landing import ChatLanding, chat_path, latest_chat
+from tests.unit.test_gate import NAV, XHR, open_gate
 
 WORK = "/work"
 AUTH = "Basic b3BlbmNvZGU6cHc="
@@ -157,3 +159,55 @@ async def test_no_answer_means_no_redirect(
     with socket.socket() as bound_only:  # bound, never listening: refused at once
         bound_only.bind(("127.0.0.1", 0))
         assert await landing(http).location("s1", bound_only.getsockname()[1]) is None
+
+
+# --- the gate's hook (lovd/web/gate.py), in-process with the fake runner ---------------
+
+
+async def test_gate_redirects_a_page_load_of_the_site_into_the_chat(
+    tmp_path: Path,
+    free_ports: list[int],
+    opencode: tuple[FakeOpenCode, int, aiohttp.ClientSession],
+) -> None:
+    fake, port, _ = opencode
+    async with open_gate(tmp_path, free_ports) as g:
+        s, token = await g.session("running", port=port)
+        r = await g.auth(s, token, "GET", "/", NAV)
+        assert r.status == 303 and r.headers["Location"] == chat_path(WORK, "ses_new1")
+        assert r.headers["Cache-Control"] == "no-store"
+        assert "X-Lovd-Upstream" not in r.headers and "Authorization" not in r.headers
+        assert fake.auth_seen[-1] == g.sessions.env.basic_auth(s.id)  # its own password
+        # Only a page load of the site itself: the UI's own requests pass as before.
+        for method, uri, headers in (
+            ("GET", "/", XHR),
+            ("GET", chat_path(WORK, "ses_new1"), NAV),
+            ("GET", "/session", XHR),
+        ):
+            r = await g.auth(s, token, method, uri, headers)
+            assert r.status == 204 and r.headers["X-Lovd-Upstream"] == f"127.0.0.1:{port}"
+        assert fake.created == 1
+
+
+async def test_gate_lets_opencode_answer_when_the_container_cannot_tell(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_gate(tmp_path, free_ports) as g:
+        s, token = await g.session("running")  # nothing listens on its port
+        r = await g.auth(s, token, "GET", "/", NAV)
+        assert r.status == 204  # OpenCode's own start page, not an error
+
+
+async def test_a_page_load_waits_a_moment_for_a_starting_session(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_gate(tmp_path, free_ports) as g:
+        # Starting (a warm-pool claim being confirmed): ready within NAV_HOLD, so the
+        # page load goes on instead of getting the progress page for a blink.
+        s, token = await g.session("starting", port=free_ports[0])
+        r = await g.auth(s, token, "GET", chat_path(WORK, "ses_1"), NAV)
+        assert r.status == 204, await r.text()
+        assert g.store.get(s.id).status == "running"  # type: ignore[union-attr]
+        # Waking from an idle stop takes seconds: the progress page at once.
+        s2, token2 = await g.session("idle-stopped", port=free_ports[1])
+        r = await g.auth(s2, token2, "GET", chat_path(WORK, "ses_1"), NAV)
+        assert r.status == 503 and r.headers["Retry-After"] == "2"
