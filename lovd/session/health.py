@@ -82,11 +82,15 @@ class Health:
     async def check(self) -> dict[str, list[str]]:
         """One pass over the running sessions: probe all at once, record, restart."""
         c = self.config
-        running = [
+        candidates = [
             s
             for s in self.store.all()
             if s.status == SessionState.RUNNING and not self.launcher.lock(s.id).locked()
         ]
+        # A unit systemd is (re)starting is systemd's to handle (its own restart policy
+        # and start limit): probing it now would count a restart in progress as a hang.
+        units = await self.launcher.runner.unit_states([s.id for s in candidates])
+        running = [s for s in candidates if s.id not in units or units[s.id].active == "active"]
         results = await asyncio.gather(
             *(self.launcher.probe(s, timeout=c.probe_timeout) for s in running)
         )

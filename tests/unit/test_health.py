@@ -85,3 +85,23 @@ async def test_too_many_restarts_fail_the_session_but_keep_it(
 )
 def test_failure_classes(reason: str, cls: str) -> None:
     assert failure_class(reason) == cls
+
+
+async def test_a_unit_systemd_is_restarting_is_left_to_systemd(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    """Under the systemd runner a crashed container is the unit's to restart (its
+    start limit fails it after restart_attempts): lovd's probes must not restart it too
+    (a restart through systemctl resets the unit's start counter)."""
+    from lovd.runner import UnitState
+
+    async with open_api(tmp_path, free_ports, warm_pool=0, **FAST) as a:
+        s, _ = await a.sessions.create(wait=True)
+        await kill(a, s.id)
+        a.runner.units[s.id] = UnitState("activating", "auto-restart", "exit-code", 1)
+        for _ in range(4):
+            report = await a.sessions.health_pass()
+            assert report["restarted"] == [] and report["unhealthy"] == []
+        a.runner.units[s.id] = UnitState("active", "running", "success", 1)
+        await a.sessions.health_pass()
+        assert (await a.sessions.health_pass())["restarted"] == [s.id]  # active, not answering
