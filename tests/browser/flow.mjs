@@ -6,7 +6,7 @@
 //   node flow.mjs SPEC_JSON
 //
 // SPEC: {base, artifacts, profile, locale, mode, name, url?, question?, start_label?,
-//        expect_question?}
+//        expect_question?, second_question?, new_chat_label?}
 //   mode "start":   the landing page → click start → the chat → ask → answer → reload
 //   mode "link":    open a session link (/c/{id}?token=…) → the chat → ask → answer → reload
 //   mode "return":  open the site again (the session may be stopped: it wakes) → the
@@ -145,7 +145,7 @@ async function agents() {
   step("agents");
 }
 
-async function ask(question) {
+async function ask(question, key = "answer") {
   await prompt().click();
   await page.keyboard.type(question);
   await page.keyboard.press("Enter");
@@ -158,11 +158,11 @@ async function ask(question) {
   await until("the answer to finish", async () =>
     (await page.getByText(/juridisk rådgivning|legal advice/).count()) > 0, 30000, 250);
   await page.waitForTimeout(500);
-  result.answer = (await page.locator("body").innerText()).slice(-2500);
-  result.answer_links = await page.evaluate(() =>
+  result[key] = (await page.locator("body").innerText()).slice(-2500);
+  result[`${key}_links`] = await page.evaluate(() =>
     [...document.querySelectorAll('a[href^="https://lovdata.no/"]')].map((a) => a.href));
   step("answered");
-  await shot("answer");
+  await shot(key);
 }
 
 async function conversationShown(question) {
@@ -227,6 +227,17 @@ try {
     step("reloaded");
     await page.waitForTimeout(700);
     await shot("reloaded");
+  }
+  if (spec.second_question) {
+    // A new conversation, the way OpenCode offers it: its "new session" button, then
+    // a question typed into the new chat's prompt.
+    await page.locator(`button[aria-label="${spec.new_chat_label}"]`).first().click();
+    await until("the new chat's prompt", async () => (await prompt().isVisible()) &&
+      (await page.getByText(spec.question, { exact: false }).count()) === 0, 15000);
+    step("new conversation");
+    await ask(spec.second_question, "second_answer");
+    result.second_path = new URL(page.url()).pathname;
+    result.second_answered = result.second_answer.includes(spec.second_question);
   }
   result.ok = true;
 } catch (e) {

@@ -39,6 +39,7 @@ SESSION_IMAGE = os.environ.get("LOVD_SESSION_IMAGE", "localhost/lovd-session:lat
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 QUESTION_NB = "Hva sier arbeidsmiljøloven om oppsigelse?"
 QUESTION_EN = "What does arbeidsmiljøloven say about oppsigelse?"
+QUESTION_NB_2 = "Hvor stort depositum kan utleier kreve etter husleieloven?"
 # The acceptance bar: from the click on "start" to a chat with its prompt, when a warm
 # container is available.
 WARM_START_LIMIT_MS = 5000
@@ -146,6 +147,7 @@ async def test_a_person_asks_in_norwegian_and_in_english(browser_env: None) -> N
                 h, artifacts, name="nb", mode="start", locale="nb-NO",
                 profile=str(profiles / "nb"), question=QUESTION_NB,
                 start_label=texts.text("nb", "start"),
+                second_question=QUESTION_NB_2, new_chat_label="Ny sesjon",
             )  # fmt: skip
             landing = nb["landing"]
             assert landing["lang"] == "nb" and landing["h1"] == texts.text("nb", "landing_h1")
@@ -154,6 +156,10 @@ async def test_a_person_asks_in_norwegian_and_in_english(browser_env: None) -> N
             chatted(nb, QUESTION_NB)
             assert "ikke juridisk rådgivning" in nb["answer"]
             assert "Spør om hva som helst" in nb["ui_text"]  # OpenCode's UI in Norwegian too
+            # A new conversation as OpenCode offers it (its "new session" button).
+            assert nb["second_answered"], nb["second_answer"]
+            assert any("lovdata.no/lov/1999-03-26-17" in u for u in nb["second_answer_links"])
+            assert nb["second_path"] != nb["chat_path"]
 
             # 2. An English browser: the landing page in English.
             en_landing = await flow(
@@ -189,9 +195,9 @@ async def test_a_person_asks_in_norwegian_and_in_english(browser_env: None) -> N
             # 5. The Norwegian browser comes back to the site: its latest conversation.
             nb_back = await flow(
                 h, artifacts, name="nb-return", mode="return", locale="nb-NO",
-                profile=str(profiles / "nb"), expect_question=QUESTION_NB,
+                profile=str(profiles / "nb"), expect_question=QUESTION_NB_2,
             )  # fmt: skip
-            assert nb_back["chat_path"].rsplit("/", 1)[-1] == nb["chat_path"].rsplit("/", 1)[-1]
+            assert nb_back["chat_path"].rsplit("/", 1)[-1] == nb["second_path"].rsplit("/", 1)[-1]
 
             # 6. A refusal (an old link), in Norwegian.
             refused = await flow(
