@@ -405,9 +405,14 @@ class Daemon:
     async def _housekeeping(self, sessions: Sessions) -> None:
         """Cleanup when the next session reaches its unused/idle deadline (at least once a
         minute): a place is freed when the landing page said it would be."""
+        c = self.config
+        # A session created while this sleeps reaches its first deadline no sooner than
+        # the shortest timeout: waking at least that often keeps every stop on time.
+        timeouts = [t for t in (c.idle_timeout, c.unused_timeout) if t > 0]
+        longest = max(1.0, min([60.0, *(t / 2 for t in timeouts)]))
         while True:
             wait = sessions.next_deadline()
-            await asyncio.sleep(min(60.0, max(1.0, wait + 0.05 if wait is not None else 60.0)))
+            await asyncio.sleep(min(longest, max(1.0, wait + 0.05 if wait is not None else 60)))
             try:
                 await sessions.cleanup()
             except Exception:
