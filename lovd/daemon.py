@@ -34,7 +34,6 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import PodmanAPI, PodmanCLI, PodmanClient, default_api_socket
 from lovd.runner import PodmanRunner, Runner, SystemdRunner, user_manager_reachable
-from lovd.session.launcher import SessionEnv, load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Store
 from lovd.sync.postgres import discard_outbox
@@ -45,6 +44,7 @@ from lovd.systemd.notify import Notifier
 from lovd.web.app import STATE, create_app
 from lovd.web.gate import BrowserGate
 from lovd.web.public import serve_public
+from lovd.wiring import build_sessions
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,15 @@ class Daemon:
         except (RuntimeError, OSError) as e:
             raise StartupError(f"demo: {e}") from e
         self._closers.append(demo)
-        env = SessionEnv(c, load_host_key(c.state_path), demo.urls)
-        sessions = Sessions(c, store, runner, http, env, metrics, host_id)
+        sessions = build_sessions(
+            c,
+            store=store,
+            runner=runner,
+            http=http,
+            metrics=metrics,
+            host_id=host_id,
+            demo_urls=demo.urls,
+        )
         self.sessions = sessions
         broker = await Broker.from_config(
             c,

@@ -43,12 +43,12 @@ from lovd.caddy import CaddyAdmin, CaddyManager
 from lovd.metrics import Metrics
 from lovd.podman import PodmanCLI
 from lovd.runner import PodmanRunner
-from lovd.session.launcher import SessionEnv, load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Session, Store
 from lovd.web.allowlist import OPENCODE_ROUTES, Allowlist, Route
 from lovd.web.gate import BrowserGate
 from lovd.web.public import serve_public
+from lovd.wiring import build_sessions
 
 _ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 STAND_IN_ROUTES = (
@@ -326,8 +326,8 @@ async def harness(
     pool = aiohttp.ClientSession()
     runner = PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, store.instance_id)
     metrics = Metrics()
-    sessions = Sessions(
-        cfg, store, runner, pool, SessionEnv(cfg, load_host_key(cfg.state_path)), metrics, "test"
+    sessions = build_sessions(
+        cfg, store=store, runner=runner, http=pool, metrics=metrics, host_id="test"
     )
     # Sessions reach LLMs and MCP servers only through the broker (lovd/broker/).
     # Its own pool, as in the daemon: it passes bodies through without decompressing.

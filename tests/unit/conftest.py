@@ -12,10 +12,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lovd import config
 from lovd.metrics import Metrics
-from lovd.session.launcher import SessionEnv, load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Store
 from lovd.web.app import create_app
+from lovd.wiring import build_sessions
 from tests.fakes import FakeRunner
 
 
@@ -43,8 +43,8 @@ async def open_api(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncIt
     runner = FakeRunner()
     http = aiohttp.ClientSession()
     metrics = Metrics()
-    sessions = Sessions(
-        cfg, store, runner, http, SessionEnv(cfg, load_host_key(cfg.state_path)), metrics, "h1"
+    sessions = build_sessions(
+        cfg, store=store, runner=runner, http=http, metrics=metrics, host_id="h1"
     )
     app = create_app(sessions=sessions, metrics_=metrics, public_url="https://chat.example",
                      max_body=cfg.max_body)

@@ -20,11 +20,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from lovd import config, ids
 from lovd.caddy import GATE_HEADER, gate_key
 from lovd.metrics import Metrics
-from lovd.session.launcher import SessionEnv, load_host_key
+from lovd.session.launcher import load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Session, Store
 from lovd.web.gate import BrowserGate
 from lovd.web.public import create_public_app
+from lovd.wiring import build_sessions
 from tests.fakes import FakeRunner
 from tests.unit.test_allowlist import ATTACKS, SES
 
@@ -105,8 +106,10 @@ async def open_gate(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncI
     store = await Store.open(cfg.db_path)
     runner = FakeRunner()
     http = aiohttp.ClientSession()
-    env = SessionEnv(cfg, load_host_key(cfg.state_path))
-    sessions = Sessions(cfg, store, runner, http, env, Metrics(), "h1")
+    sessions = build_sessions(
+        cfg, store=store, runner=runner, http=http, metrics=Metrics(), host_id="h1"
+    )
+    env = sessions.env
     gate = BrowserGate.from_config(cfg, sessions)
     gate.self_upstream = "unix//run/lovd-test/auth.sock"  # serve_public sets it from its socket
     # No cookie jar: each request carries exactly the cookie the test gives it.
