@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -53,10 +54,16 @@ REQUEST_TIMEOUT = 3.0
 # The newest chats are first; this many is plenty to find the latest root chat.
 LIST_LIMIT = 50
 MAX_LOCKS = 1024
+# What lovd puts into the Location header comes from the container, which is hostile
+# like everything in a session (docs/security.md): only an OpenCode chat id and an
+# absolute folder, or no redirect at all.
+CHAT_ID = re.compile(r"ses_[A-Za-z0-9]{1,124}")
 
 
 def chat_path(directory: str, chat_id: str) -> str:
     """The UI's client route of one chat in one folder (OpenCode 1.18.33)."""
+    if not CHAT_ID.fullmatch(chat_id) or not directory.startswith("/"):
+        raise LovdError("unavailable", "OpenCode named a chat or folder lovd cannot link to")
     folder = base64.urlsafe_b64encode(directory.encode()).decode().rstrip("=")
     return f"/{folder}/session/{chat_id}"
 

@@ -106,6 +106,25 @@ def test_chat_path_is_the_ui_route_of_a_chat_in_a_folder() -> None:
     assert not allow.check("POST", f"/server/{origin}/session/ses_1a2b3c").allowed
 
 
+@pytest.mark.parametrize(
+    ("directory", "chat_id"),
+    [
+        ("/work", "../../pty"),
+        ("/work", "ses_1\r\nSet-Cookie: x=1"),
+        ("/work", "//evil.example"),
+        ("/work", ""),
+        ("work", "ses_1"),  # not a folder the UI can open
+    ],
+)
+def test_a_hostile_container_cannot_choose_where_the_browser_goes(
+    directory: str, chat_id: str
+) -> None:
+    from lovd.errors import LovdError
+
+    with pytest.raises(LovdError):
+        chat_path(directory, chat_id)
+
+
 def test_latest_root_chat_of_the_workspace() -> None:
     chats = [
         chat_row("ses_old", 10),
