@@ -135,3 +135,37 @@ def containers(label: str) -> dict[str, str]:
     """name -> id of containers (any state) with the label."""
     out = podman("ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}} {{.ID}}")
     return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def forward_auth(p: LovdProc, sid: str, token: str, uri: str = "/global/health"
+                 ) -> tuple[int, dict[str, str], Any]:
+    """What Caddy's forward_auth asks lovd's public socket for one browser request
+    (the gate key from the host key, the session cookie, the original method and URI)."""
+    from lovd.caddy import AUTH_PATH, GATE_HEADER, gate_key
+
+    state = Path(yaml.safe_load(p.config_path.read_text())["state_dir"])
+    return request(
+        str(p.tmp / "auth.sock"),
+        "GET",
+        AUTH_PATH,
+        headers={
+            GATE_HEADER: gate_key((state / "host.key").read_bytes()),
+            "Cookie": f"lovd_session={sid}.{token}",
+            "X-Forwarded-Method": "GET",
+            "X-Forwarded-Uri": uri,
+            "Accept": "application/json",
+        },
+    )
+
+
+def remove_all(p: LovdProc) -> None:
+    """Stop lovd and leave nothing behind, even when a test failed half-way."""
+    p.stop()
+    state = Path(yaml.safe_load(p.config_path.read_text())["state_dir"])
+    if (state / "lovd.db").exists():
+        import sqlite3
+        with sqlite3.connect(state / "lovd.db") as db:
+            iid = db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()[0]
+        for name in containers(f"lovd.instance={iid}"):
+            podman("rm", "-f", "-t", "0", name, check=False)
+    subprocess.run(["podman", "unshare", "rm", "-rf", str(state)], check=False)

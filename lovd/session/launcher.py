@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import time
@@ -273,33 +274,29 @@ class Launcher:
         log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
         raise err
 
+    async def _get(self, session: Session, path: str, timeout: float) -> tuple[int, bytes]:
+        """GET ``path`` from the session's own server, with its password."""
+        async with self.http.get(
+            f"http://127.0.0.1:{session.port}{path}",
+            headers={"Authorization": self.env.basic_auth(session.id)},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as r:
+            return r.status, await r.read()
+
     async def probe(self, session: Session, timeout: float = 0.3) -> tuple[bool, str]:
-        url = f"http://127.0.0.1:{session.port}{self.config.health_path}"
         try:
-            async with self.http.get(
-                url,
-                headers={"Authorization": self.env.basic_auth(session.id)},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as r:
-                await r.read()
-                return r.status < 400, f"HTTP {r.status}"
+            status, _ = await self._get(session, self.config.health_path, timeout)
         except (aiohttp.ClientError, TimeoutError) as e:
             return False, type(e).__name__
+        return status < 400, f"HTTP {status}"
 
     async def busy(self, session: Session, timeout: float = 2.0) -> bool:
         """Is OpenCode answering a question right now (its ``GET /session/status``: a chat
         whose status is not "idle")? Made for OpenCode 1.18.33; a server that does not
         answer counts as not busy (the health probes deal with hung servers)."""
-        url = f"http://127.0.0.1:{session.port}/session/status"
         try:
-            async with self.http.get(
-                url,
-                headers={"Authorization": self.env.basic_auth(session.id)},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as r:
-                if r.status != 200:
-                    return False
-                data = await r.json(content_type=None)
+            status, body = await self._get(session, "/session/status", timeout)
+            data = json.loads(body) if status == 200 else None
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return False
         if not isinstance(data, dict):

@@ -19,13 +19,11 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from lovd.caddy import AUTH_PATH, GATE_HEADER, gate_key
-from tests.lovdproc import LovdProc, containers, request
+from tests.lovdproc import LovdProc, forward_auth, remove_all
 
 TEST_IMAGE = "localhost/lovd-test:latest"
 SESSION_IMAGE = "localhost/lovd-session:latest"
@@ -34,14 +32,6 @@ SESSION_IMAGE = "localhost/lovd-session:latest"
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cleanup(p: LovdProc) -> None:
-    p.stop()
-    iid = p.instance_id()
-    for name in containers(f"lovd.instance={iid}"):
-        subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, check=False)
-    subprocess.run(["podman", "unshare", "rm", "-rf", str(p.tmp / "state")], check=False)
 
 
 def readoption(sizes: list[int], health_seconds: float) -> None:
@@ -90,7 +80,7 @@ def readoption(sizes: list[int], health_seconds: float) -> None:
             f"({used / wall * 100:.1f} % at 5 s)"
         )
     finally:
-        cleanup(p)
+        remove_all(p)
 
 
 def wake_vs_cold(runs: int) -> None:
@@ -102,7 +92,6 @@ def wake_vs_cold(runs: int) -> None:
     cold: list[float] = []
     wake: list[float] = []
     try:
-        key = gate_key((tmp / "state" / "host.key").read_bytes())
         for _ in range(runs):
             t0 = time.monotonic()
             status, _, s = p.api("POST", "/api/sessions")
@@ -114,18 +103,7 @@ def wake_vs_cold(runs: int) -> None:
                 assert time.monotonic() < deadline, "not idle-stopped"
                 time.sleep(0.2)
             t0 = time.monotonic()
-            status, headers, _ = request(
-                str(tmp / "auth.sock"),
-                "GET",
-                AUTH_PATH,
-                headers={
-                    GATE_HEADER: key,
-                    "Cookie": f"lovd_session={sid}.{s['token']}",
-                    "X-Forwarded-Method": "GET",
-                    "X-Forwarded-Uri": "/global/health",
-                    "Accept": "application/json",
-                },
-            )
+            status, headers, _ = forward_auth(p, sid, s["token"])
             assert status == 204, (status, headers)
             wake.append(time.monotonic() - t0)
             p.api("DELETE", f"/api/sessions/{sid}")
@@ -134,7 +112,7 @@ def wake_vs_cold(runs: int) -> None:
               f"wake of an idle-stopped session → request allowed p50 {w:.3f} s "
               f"({w / c:.2f}x cold)")
     finally:
-        cleanup(p)
+        remove_all(p)
 
 
 if __name__ == "__main__":

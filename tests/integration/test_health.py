@@ -4,16 +4,15 @@ session that still exists after many cleanup passes and wakes with its workspace
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lovd.caddy import AUTH_PATH, GATE_HEADER, UPSTREAM_HEADER, gate_key
+from lovd.caddy import UPSTREAM_HEADER
 from tests.integration.test_podman_daemon import http_get
-from tests.lovdproc import LovdProc, containers, podman, request
+from tests.lovdproc import LovdProc, forward_auth, podman, remove_all
 
 pytestmark = pytest.mark.podman
 
@@ -28,12 +27,7 @@ def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
         health={"interval": INTERVAL, "failures": FAILURES, "probe_timeout": 0.5},
     )
     yield p.start()
-    p.stop()
-    iid = p.instance_id() if (tmp_path / "state" / "lovd.db").exists() else ""
-    if iid:
-        for name in containers(f"lovd.instance={iid}"):
-            podman("rm", "-f", "-t", "0", name, check=False)
-    subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)
+    remove_all(p)
 
 
 def wait_for(check: object, timeout: float) -> float:
@@ -83,19 +77,7 @@ def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_pat
     assert lovd.api("GET", f"/api/sessions/{sid}")[0] == 200
     # The user comes back: the next request of their browser (Caddy's forward_auth
     # subrequest on lovd's public socket) is held while the session wakes, then allowed.
-    key = gate_key((tmp_path / "state" / "host.key").read_bytes())
-    status, headers, _ = request(
-        str(tmp_path / "auth.sock"),
-        "GET",
-        AUTH_PATH,
-        headers={
-            GATE_HEADER: key,
-            "Cookie": f"lovd_session={sid}.{s['token']}",
-            "X-Forwarded-Method": "GET",
-            "X-Forwarded-Uri": "/global/health",
-            "Accept": "application/json",
-        },
-    )
+    status, headers, _ = forward_auth(lovd, sid, s["token"])
     assert status == 204 and headers[UPSTREAM_HEADER] == f"127.0.0.1:{port}", (status, headers)
     _, _, woken = lovd.api("GET", f"/api/sessions/{sid}")
     assert woken["status"] == "running" and woken["id"] == sid

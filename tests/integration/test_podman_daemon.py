@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lovdproc import LovdProc, containers, podman
+from tests.lovdproc import LovdProc, containers, podman, remove_all
 
 pytestmark = pytest.mark.podman
 
@@ -22,13 +22,7 @@ pytestmark = pytest.mark.podman
 def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
     p = LovdProc(tmp_path, limits={"max_running": 10})
     yield p.start()
-    p.stop()
-    # Leave nothing behind, even when a test failed half-way.
-    iid = p.instance_id() if (tmp_path / "state" / "lovd.db").exists() else ""
-    if iid:
-        for name in containers(f"lovd.instance={iid}"):
-            podman("rm", "-f", "-t", "0", name, check=False)
-    subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)
+    remove_all(p)
 
 
 def password(session_id: str) -> str:
