@@ -149,3 +149,19 @@ owned_dir() {
   chown -h -- "$user:$group" "$dir"
   chmod -- "$mode" "$dir"
 }
+
+# reachable_by_others DIR SCRIPT: exit with a fix when the lovd user cannot reach DIR
+# (lovd runs from the checkout as that user; a clone in root's 0700 home would fail
+# much later with "Permission denied").
+reachable_by_others() {
+  local d=$1
+  while [ "$d" != / ]; do
+    if [ "$(( 0$(stat -c %a "$d") & 01 ))" -eq 0 ]; then
+      echo "$2: the lovd user cannot reach $1 ($d is mode $(stat -c %a "$d")):" \
+        "clone lovd to a directory others may read (e.g. /opt/lovd-src or /srv/lovd)," \
+        "or chmod o+x $d" >&2
+      exit 2
+    fi
+    d=$(dirname "$d")
+  done
+}

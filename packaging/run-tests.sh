@@ -28,16 +28,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # lovd runs from this checkout as the unprivileged lovd user (the venv is an editable
 # install of it): a clone in root's home (/root is 0700) fails much later with
 # "Permission denied". Say so before installing anything.
-d=$here
-while [ "$d" != / ]; do
-  if [ "$(( 0$(stat -c %a "$d") & 01 ))" -eq 0 ]; then
-    echo "run-tests.sh: the lovd user cannot reach $here ($d is mode $(stat -c %a "$d")):" \
-      "clone lovd to a directory others may read (e.g. /opt/lovd-src or /srv/lovd)," \
-      "or chmod o+x $d" >&2
-    exit 2
-  fi
-  d=$(dirname "$d")
-done
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/packaging/lib.sh"
+reachable_by_others "$here" run-tests.sh
 cd "$here"
 VENV=${LOVD_VENV:-/opt/lovd/venv}
 LOVD_USER=${LOVD_USER:-lovd}
