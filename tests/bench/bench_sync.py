@@ -30,7 +30,7 @@ from lovd.store import Store
 from lovd.sync.postgres import Relay
 from tests.pg import cluster
 
-BASE = random.randrange(30000, 59000, 1000)
+BASE = random.randrange(20000, 55000, 5000)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -43,8 +43,9 @@ def cfg_for(tmp: Path, dsn: str) -> config.Config:
         {
             "state_dir": str(tmp),
             "runtime_dir": str(tmp / "run"),
-            # Far from other benches' and tests' ranges; the fake runner binds these.
-            "port_range": f"{BASE}-{BASE + 999}",
+            # The fake runner binds these; every create/delete cycle leaves its port in
+            # TIME_WAIT for a minute, so the range must outnumber the cycles of a run.
+            "port_range": f"{BASE}-{BASE + 4999}",
             "warm_pool": 0,
             "limits": {"max_running": 50},
             "postgres": {"dsn": dsn, "max_backoff": 1.0},
@@ -115,7 +116,10 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
         for _ in range(cycles):
             t = time.perf_counter()
             r = await client.post("/api/sessions", json={"wait": True})
-            sid = (await r.json())["id"]
+            body = await r.json()
+            if r.status != 201:
+                raise SystemExit(f"bench: create answered {r.status}: {body.get('detail')}")
+            sid = body["id"]
             into["create"].append(time.perf_counter() - t)
             for kind, method, path in (("get", "GET", f"/api/sessions/{sid}"),
                                        ("list", "GET", "/api/sessions"),
@@ -128,16 +132,26 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
 
     up: dict[str, list[float]] = {k: [] for k in kinds}
     down: dict[str, list[float]] = {k: [] for k in kinds}
-    await phase({k: [] for k in kinds})  # warm-up
     backlog = 0
-    for _ in range(4):  # alternate, so drift (other load on the machine) hits both sides
-        await phase(up)
-        await asyncio.to_thread(pg.stop)
-        await phase(down)
-        backlog = max(backlog, (await store.outbox_stats())[0])
-        await asyncio.to_thread(pg.start)
-        while (await store.outbox_stats())[0]:
-            await asyncio.sleep(0.05)
+    try:
+        await phase({k: [] for k in kinds})  # warm-up
+        for _ in range(4):  # alternate, so drift (other load on the machine) hits both sides
+            await phase(up)
+            await asyncio.to_thread(pg.stop)
+            await phase(down)
+            backlog = max(backlog, (await store.outbox_stats())[0])
+            await asyncio.to_thread(pg.start)
+            while (await store.outbox_stats())[0]:
+                await asyncio.sleep(0.05)
+    finally:
+        if not pg.running():
+            await asyncio.to_thread(pg.start)
+        await sync.close()
+        await sessions.drain()
+        await client.close()
+        await runner.close()
+        await http.close()
+        await store.close()
     print(f"2. API latency, PostgreSQL down vs up ({len(up['get'])} cycles per side; "
           f"up to {backlog} changes queued while down):")
     for k in kinds:
@@ -149,12 +163,6 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
     d_all = [x for k in kinds for x in down[k]]
     print(f"   all    ratio down/up p50 {statistics.median(d_all) / statistics.median(u_all):.3f}x,"
           f" p99 {pct(d_all, 99) / pct(u_all, 99):.3f}x (target <= 1.1x)")
-    await sync.close()
-    await sessions.drain()
-    await client.close()
-    await runner.close()
-    await http.close()
-    await store.close()
 
 
 async def throughput(dsn: str, tmp: Path, rows: int) -> None:
