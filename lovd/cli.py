@@ -162,6 +162,25 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lovd_running(args: argparse.Namespace, cfg: Config) -> bool:
+    """Whether a lovd serves this config. Under systemd ask systemd: connecting to a
+    socket-activated socket would start lovd (which would restore on its own)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("systemctl") and os.path.isdir("/run/systemd/system"):
+        units = ["lovd.service", "lovd.socket"]
+        r = subprocess.run(["systemctl", "is-active", "--quiet", *units], check=False)
+        # is-active --quiet is 0 if any is active; 1+ otherwise (or when unknown).
+        if r.returncode == 0:
+            return True
+    with contextlib.suppress(OSError, SystemExit), socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(_socket_path(args, cfg))
+        return True
+    return False
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """Rebuild this host's sessions from PostgreSQL into an empty store (lovd stopped)."""
     import socket
@@ -177,8 +196,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not cfg.postgres_dsn:
         print("lovd: postgres.dsn is not set: there is nothing to restore from", file=sys.stderr)
         return 1
-    with contextlib.suppress(OSError, SystemExit), socket.socket(socket.AF_UNIX) as probe:
-        probe.connect(_socket_path(args, cfg))
+    if _lovd_running(args, cfg):
         print("lovd: lovd is running; stop it first (systemctl stop lovd.service lovd.socket)",
               file=sys.stderr)  # fmt: skip
         return 1
