@@ -429,7 +429,8 @@ class Config:
         "postgres.host_stale_after",
         30.0,
         "A host whose last heartbeat is older than this many seconds is shown as not alive "
-        "(scope=all) and gets no browser traffic routed to it.",
+        "(scope=all, lovd doctor). Browser traffic for its sessions is still sent to it: "
+        "its lovd may only have exited when idle.",
     )
     postgres_retention: float = setting(
         "postgres.retention",

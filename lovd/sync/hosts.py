@@ -157,11 +157,15 @@ class Hosts:
         )
 
     async def upstream_for(self, session_id: str) -> str | None:
-        """The browser-routing resolver for the gate (lovd/web/proxy.py).
+        """The browser-routing resolver for the gate (lovd/web/gate.py, lovd/web/public.py).
 
         For a session this host does not have: the owning host's ``postgres.upstream``
-        (HOST:PORT of its Caddy site, as the front Caddy dials it) when another live
-        host owns it, else None (the gate then answers as for an unknown session).
+        (HOST:PORT of its Caddy site, as the front Caddy dials it) when another host owns
+        it, else None (the gate then answers as for an unknown session). A host without
+        a recent heartbeat still gets its sessions' requests: its lovd may only have
+        exited when idle (its Caddy and socket activation answer), and if it is really
+        down the browser gets a retryable error and keeps its cookie, instead of being
+        told its session no longer exists.
         Cached for a couple of seconds, so a page's burst of requests costs one query;
         never raises (PostgreSQL down means None).
         """
@@ -175,7 +179,7 @@ class Hosts:
             log.warning("browser routing: %s", e.message)
             return None
         upstream = None
-        if owner is not None and owner.host_id != self.host_id and owner.alive:
+        if owner is not None and owner.host_id != self.host_id:
             upstream = owner.upstream or None
         if len(self._routes) > 10_000:
             self._routes.clear()

@@ -25,8 +25,9 @@ checked (a session of another host is not a failed login here).
 
 All hosts must share ``public_url`` (the front's Host header reaches the owner's Caddy
 unchanged) and trust PostgreSQL: whoever can write ``lovd_hosts.upstream`` decides
-where browsers of other hosts' sessions are sent. A host without a heartbeat within
-``postgres.host_stale_after`` gets no traffic (its sessions answer as unknown).
+where browsers of other hosts' sessions are sent. A host without a recent heartbeat
+still gets its sessions' traffic (an idle-exited lovd is started by its socket; a host
+that is really down costs its users a retryable error, not their cookie).
 """
 
 from __future__ import annotations

@@ -105,14 +105,23 @@ async def test_a_browser_on_the_front_reaches_a_session_on_either_host(
         ) as r:
             assert r.status == 401
             assert "wrong or old token" in await r.text()
-        # B stops heartbeating (its lovd is gone): the front no longer sends traffic there.
+        # B's lovd stops: shown as not alive; its users get a retryable error, keep their
+        # cookie, and are back as soon as B's lovd is.
         await asyncio.to_thread(b.stop)
         await asyncio.sleep(2.5)  # host_stale_after, and the resolver's cache
+        listed = (await asyncio.to_thread(a.api, "GET", "/api/sessions?scope=all"))[2]
+        assert {h["host_id"]: h["alive"] for h in listed["hosts"]} == {
+            "host-a": True, "host-b": False}
         valid = {"Cookie": f"lovd_session={sb['id']}.{sb['token']}"}
         async with aiohttp.ClientSession() as http, http.get(
             f"{front}/global/health", headers=valid
         ) as r:
-            assert r.status == 401 and "does not exist" in await r.text()
+            assert r.status >= 500 and "Set-Cookie" not in r.headers, r.status
+        await asyncio.to_thread(b.start)
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{front}/global/health", headers=valid
+        ) as r:
+            assert r.status == 200, await r.text()
     finally:
         for p in procs:
             await asyncio.to_thread(cleanup, p)

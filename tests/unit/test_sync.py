@@ -389,12 +389,13 @@ async def test_hosts_listing_ownership_and_routing(tmp_path: Path, pg: PgCluster
     await hosts_a.refuse_foreign(sa.id)  # ours: no refusal
     assert await hosts_a.upstream_for(sb.id) == "10.0.0.2:80"
     assert await hosts_a.upstream_for(sa.id) is None  # local: the gate handles it
-    await asyncio.sleep(1.3)  # b stops heartbeating
+    await asyncio.sleep(1.3)  # b stops heartbeating: shown as such, still routed to
     await ra.step()
-    hosts_a._routes.clear()
-    assert await hosts_a.upstream_for(sb.id) is None
     alive = {h["host_id"]: h["alive"] for h in await hosts_a.hosts()}
     assert alive == {"a": True, "b": False}
+    hosts_a._routes.clear()
+    assert await hosts_a.upstream_for(sb.id) == "10.0.0.2:80"
+    assert await hosts_a.upstream_for(ids.new_session_id()) is None  # nobody's
     await asyncio.to_thread(pg.stop)
     with pytest.raises(LovdError, match="PostgreSQL cannot be read") as e:
         await hosts_a.sessions("x")
