@@ -12,8 +12,8 @@ import psycopg
 from lovd.config import Config
 from lovd.doctor import Check
 from lovd.sync import schema
+from lovd.sync.claim import META_EPOCH
 from lovd.sync.pool import connect, describe
-from lovd.sync.postgres import META_EPOCH
 
 MIN_SERVER = 110000  # ON CONFLICT, make_interval, to_regclass: PostgreSQL 11 is plenty
 LAG_WARN = 60.0

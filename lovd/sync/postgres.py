@@ -6,7 +6,7 @@ The loop, in one task owned by :class:`Relay`:
    epoch). A new SQLite (fresh or restored) takes the next epoch; an older copy of the
    same host that comes back later finds a newer epoch and stops writing (fenced). A
    fresh SQLite never takes over a host id whose live sessions PostgreSQL still holds
-   for another instance: that is a restore, which the operator must choose.
+   for another instance: that is a restore, which the operator must choose (claim.py).
 2. **Snapshot** once per claim: every SQLite row is upserted (versioned, so nothing
    older wins), and this host's PostgreSQL rows SQLite no longer has become
    tombstones. This covers changes made while sync was off.
@@ -25,14 +25,11 @@ The loop, in one task owned by :class:`Relay`:
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import random
-import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -40,11 +37,12 @@ import psycopg
 from lovd.config import Config
 from lovd.store import OutboxRow, Store
 from lovd.sync import schema
+from lovd.sync.claim import SyncRefused, claim
 from lovd.sync.pool import Conn, Pool, describe
+from lovd.sync.status import SyncStatus
 
 log = logging.getLogger(__name__)
 
-META_EPOCH = "pg_epoch"
 PRUNE_EVERY = 600.0
 COALESCE = 0.005  # seconds the relay waits after a wake-up for the rest of a burst
 
@@ -77,10 +75,6 @@ RETURNING epoch
 """
 
 
-class SyncRefused(Exception):
-    """This host may not write its rows (fenced, or a restore is due); says what to do."""
-
-
 # Failures of PostgreSQL or the way to it: logged once per outage, not as bugs.
 _EXPECTED = (psycopg.Error, OSError, TimeoutError, SyncRefused, schema.SchemaError)
 
@@ -92,53 +86,6 @@ def _upsert_params(p: dict[str, Any], host_id: str, epoch: int) -> tuple[Any, ..
         p["last_activity"], p.get("started_at", 0.0), p.get("used_at", 0.0),
         p.get("restarts", 0),
     )  # fmt: skip
-
-
-@dataclass
-class SyncStatus:
-    """What /api/health, /metrics and lovd doctor show about the relay."""
-
-    configured: bool = False
-    target: str = ""
-    connected: bool = False
-    refused: str = ""  # SyncRefused's message while it holds
-    last_error: str = ""
-    down_since: float | None = None  # wall clock of the first failure of an outage
-    last_commit: float | None = None
-    epoch: int = 0
-    backlog: int = 0
-    oldest: float | None = None  # created_at of the oldest unacknowledged outbox row
-    rows_applied: int = 0
-    batches: int = 0
-    lags: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2000))
-
-    def lag(self, now: float) -> float:
-        """Age of the oldest change not yet in PostgreSQL (0: in sync)."""
-        return max(0.0, now - self.oldest) if self.oldest is not None else 0.0
-
-    def percentile(self, q: float) -> float:
-        if not self.lags:
-            return 0.0
-        if len(self.lags) == 1:
-            return self.lags[0]
-        return statistics.quantiles(self.lags, n=100, method="inclusive")[int(q) - 1]
-
-    def as_dict(self, now: float) -> dict[str, Any]:
-        return {
-            "configured": self.configured,
-            "target": self.target,
-            "connected": self.connected,
-            "refused": self.refused,
-            "last_error": self.last_error,
-            "down_seconds": round(now - self.down_since, 3) if self.down_since else 0.0,
-            "epoch": self.epoch,
-            "backlog": self.backlog,
-            "lag_seconds": round(self.lag(now), 3),
-            "lag_p50_seconds": round(self.percentile(50), 4),
-            "lag_p99_seconds": round(self.percentile(99), 4),
-            "rows_applied": self.rows_applied,
-            "last_commit": self.last_commit,
-        }
 
 
 class Relay:
@@ -283,65 +230,9 @@ class Relay:
     # --- claim and snapshot ---
 
     async def _claim(self, conn: Conn) -> None:
-        mine_raw = await self.store.meta_get(META_EPOCH)
-        mine = int(mine_raw) if mine_raw else None
-        instance = self.store.instance_id
-        async with conn.transaction():
-            cur = await conn.execute(
-                "SELECT instance_id, epoch FROM lovd_hosts WHERE host_id = %s FOR UPDATE",
-                (self.host_id,),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                epoch = 1
-                await conn.execute(
-                    "INSERT INTO lovd_hosts (host_id, instance_id, epoch, upstream, lovd_version)"
-                    " VALUES (%s, %s, %s, %s, %s)",
-                    (self.host_id, instance, epoch, self.config.postgres_upstream, self.version),
-                )
-            else:
-                their_instance, their_epoch = str(row[0]), int(row[1])
-                if mine is not None and mine == their_epoch and their_instance == instance:
-                    epoch = mine  # the same SQLite again (a restart)
-                elif mine is not None:
-                    raise SyncRefused(
-                        f"another lovd took over host_id {self.host_id!r} in PostgreSQL "
-                        f"(epoch {their_epoch}, ours {mine}); this copy no longer writes there. "
-                        "Stop this lovd, or give it its own host_id"
-                    )
-                else:
-                    if their_instance != instance:
-                        cur = await conn.execute(
-                            "SELECT count(*) FROM lovd_sessions "
-                            "WHERE host_id = %s AND status <> 'deleted'",
-                            (self.host_id,),
-                        )
-                        live = (await cur.fetchone() or (0,))[0]
-                        if live:
-                            raise SyncRefused(
-                                f"PostgreSQL holds {live} live session(s) of host_id "
-                                f"{self.host_id!r} written by another lovd database; to take "
-                                "them over, stop lovd, move lovd.db away and run 'lovd restore' "
-                                "(or give this host its own host_id)"
-                            )
-                    epoch = their_epoch + 1
-                    await conn.execute(
-                        "UPDATE lovd_hosts SET instance_id = %s, epoch = %s, upstream = %s, "
-                        "lovd_version = %s, claimed_at = now(), heartbeat_at = now() "
-                        "WHERE host_id = %s",
-                        (instance, epoch, self.config.postgres_upstream, self.version,
-                         self.host_id),
-                    )  # fmt: skip
-            if row is not None and epoch == mine:
-                await conn.execute(
-                    "UPDATE lovd_hosts SET upstream = %s, lovd_version = %s, heartbeat_at = now()"
-                    " WHERE host_id = %s",
-                    (self.config.postgres_upstream, self.version, self.host_id),
-                )
-        if epoch != mine:
-            await self.store.meta_set(META_EPOCH, str(epoch))
-            log.info("PostgreSQL: host_id %s claimed at epoch %d", self.host_id, epoch)
-        self.status.epoch = epoch
+        self.status.epoch = await claim(
+            conn, self.store, self.host_id, self.config.postgres_upstream, self.version
+        )
 
     async def _snapshot(self, conn: Conn) -> None:
         """Upsert every SQLite row and tombstone what SQLite no longer has (changes made

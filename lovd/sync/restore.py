@@ -26,8 +26,8 @@ from lovd import ids
 from lovd.config import Config
 from lovd.session.model import Session
 from lovd.store import Store
+from lovd.sync.claim import META_EPOCH
 from lovd.sync.pool import Conn, connect
-from lovd.sync.postgres import META_EPOCH
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from lovd.config import Config
 from lovd.metrics import Metrics
 from lovd.store import Store
 from lovd.sync.hosts import Hosts
-from lovd.sync.postgres import Relay, SyncStatus
+from lovd.sync.postgres import Relay
+from lovd.sync.status import SyncStatus
 
 
 class _SyncCollector(Collector):

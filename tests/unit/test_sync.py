@@ -299,7 +299,7 @@ async def test_a_second_copy_of_a_host_is_refused_and_a_superseded_one_fenced(
     new_cfg = make_config(tmp_path / "new", pg.dsn)
     new = await Store.open(new_cfg.db_path)
     r_new = Relay.from_config(new_cfg, new, "h1", "t")
-    from lovd.sync.postgres import SyncRefused
+    from lovd.sync.claim import SyncRefused
 
     with pytest.raises(SyncRefused, match="lovd restore"):
         await r_new.step()
