@@ -193,7 +193,9 @@ def hook_json(directory: Path, search_path: str) -> str:
 
 
 def directory(config: Config) -> Path:
-    return config.secrets_path / "egress"
+    """Per broker port: two lovd instances sharing a runtime dir (they cannot share a
+    port) must never load each other's rules into their containers."""
+    return config.secrets_path / f"egress-{config.broker_port}"
 
 
 def hooks_dir(config: Config) -> Path:

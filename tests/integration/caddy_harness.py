@@ -294,6 +294,8 @@ async def harness(
     conf: dict[str, Any] = {
         "state_dir": str(workdir / "state"),
         "broker": {"listen": f"127.0.0.1:{free_port()}"},
+        # Its own runtime dir (secrets, egress rules): parallel harnesses never mix.
+        "runtime_dir": str(workdir / "run"),
         "image": image,
         "runner": "podman",
         "port_range": f"{base}-{base + 499}",

@@ -300,7 +300,7 @@ def test_without_enforcement_the_same_probe_gets_through(
         status, _, s = p.api("POST", "/api/sessions")
         assert status == 201, s
         assert "egress.enforce is false" in p.log_path.read_text()
-        assert not (tmp_path / "run" / "egress").exists()
+        assert not list((tmp_path / "run").glob("egress*"))
         if egress.nft_path():  # no lovd table in its network namespace
             assert egress.TABLE not in live_rules(s["id"])
         code, out = connect_from(s["id"], denied.port)

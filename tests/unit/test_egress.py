@@ -114,7 +114,7 @@ def test_bad_gateway(tmp_path: Path) -> None:
 def test_install_writes_hook_script_and_rules(tmp_path: Path) -> None:
     c = cfg(tmp_path, egress={"allow": ["192.0.2.1:80"]})
     hooks = egress.install(c)
-    d = tmp_path / "run" / "egress"
+    d = tmp_path / "run" / "egress-18780"
     assert hooks == d / "hooks.d"
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert stat.S_IMODE(hooks.stat().st_mode) == 0o700
@@ -139,7 +139,7 @@ def test_enforce_off_removes_the_hook(tmp_path: Path, caplog: pytest.LogCaptureF
     egress.install(cfg(tmp_path))
     off = cfg(tmp_path, egress={"enforce": False})
     assert egress.install(off) is None
-    assert not (tmp_path / "run" / "egress").exists()
+    assert not (tmp_path / "run" / "egress-18780").exists()
     assert "egress.enforce is false" in caplog.text
     assert egress.ensure(off) is None
 
@@ -150,10 +150,10 @@ def test_ensure_restores_a_deleted_hook(tmp_path: Path) -> None:
     hooks = egress.install(c)
     assert hooks is not None
     (hooks / "lovd-egress.json").unlink()
-    (tmp_path / "run" / "egress" / "rules.nft").write_text("flush ruleset\n")
+    (tmp_path / "run" / "egress-18780" / "rules.nft").write_text("flush ruleset\n")
     assert egress.ensure(c) == hooks
     assert (hooks / "lovd-egress.json").is_file()
-    assert (tmp_path / "run" / "egress" / "rules.nft").read_text() == egress.render_rules(c)
+    assert (tmp_path / "run" / "egress-18780" / "rules.nft").read_text() == egress.render_rules(c)
 
 
 def test_ensure_failure_is_a_start_error(tmp_path: Path) -> None:
@@ -187,8 +187,8 @@ async def test_sessions_start_with_the_hook(tmp_path: Path, free_ports: list[int
     async with open_api(tmp_path, ports, runtime_dir=str(tmp_path / "run")) as api:
         r = await api.client.post("/api/sessions")
         assert r.status == 201
-        assert api.runner.starts[-1].hooks_dir == tmp_path / "run" / "egress" / "hooks.d"
-        assert (tmp_path / "run" / "egress" / "hooks.d" / "lovd-egress.json").is_file()
+        assert api.runner.starts[-1].hooks_dir == tmp_path / "run" / "egress-18780" / "hooks.d"
+        assert (tmp_path / "run" / "egress-18780" / "hooks.d" / "lovd-egress.json").is_file()
     async with open_api(
         tmp_path / "off", ports, runtime_dir=str(tmp_path / "run2"), egress={"enforce": False}
     ) as api:
@@ -315,3 +315,18 @@ def test_a_start_without_nft_is_refused_with_the_fix(
     paths = {"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "r")}
     off = config_mod.from_mapping({**paths, "egress": {"enforce": False}})
     assert egress.ensure(off) is None
+
+
+def test_two_lovds_sharing_a_runtime_dir_keep_their_own_rules(tmp_path: Path) -> None:
+    """Two instances (their broker ports differ) never load each other's rules: a session
+    allowed only the other instance's broker could not reach its own."""
+    from lovd import config as config_mod
+
+    base = {"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "r")}
+    a = config_mod.from_mapping({**base, "broker": {"listen": "127.0.0.1:18780"}})
+    b = config_mod.from_mapping({**base, "broker": {"listen": "127.0.0.1:18781"}})
+    assert egress.directory(a) != egress.directory(b)
+    egress.install(a)
+    egress.install(b)
+    assert "18780" in (egress.directory(a) / "rules.nft").read_text()
+    assert "18781" in (egress.directory(b) / "rules.nft").read_text()
