@@ -24,6 +24,7 @@ from lovd.sync.service import Sync
 from lovd.web.app import create_app
 from tests.fakes import FakeRunner
 from tests.pg import PgCluster, cluster
+from tests.unit.test_api import check_schema
 from tests.unit.test_sync import pg_checksum, pg_query, sqlite_checksum, until
 
 
@@ -142,6 +143,7 @@ async def test_200_api_changes_with_postgres_stopped_halfway(
         r = await a.client.get("/api/health")
         body = await r.json()
         assert r.status == 200 and body["sync"]["backlog"] == 0, body
+        check_schema("#/components/schemas/Health", body)
         print(f"\n{len(latencies)} API calls, max {max(latencies) * 1000:.1f} ms")
 
 
@@ -170,12 +172,16 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
             got = {(s["id"], s["host_id"], s["read_only"]) for s in body["sessions"]}
             assert got == {(sa, "a", mine != "a"), (sb, "b", mine != "b")}
             assert {h["host_id"] for h in body["hosts"]} == {"a", "b"}
+            check_schema("#/components/schemas/SyncHost", body["hosts"][0])
+            for row in body["sessions"]:
+                check_schema("#/components/schemas/Session", row)
         # Without scope: this host's only.
         assert [s["id"] for s in (await (await a.client.get("/api/sessions")).json())["sessions"]
                 ] == [sa]  # fmt: skip
         r = await a.client.delete(f"/api/sessions/{sb}")
         problem = await r.json()
         assert r.status == 409 and problem["code"] == "conflict"
+        check_schema("#/components/schemas/Problem", problem)
         assert "belongs to host 'b'" in problem["detail"] and "'b''s lovd API" in problem["detail"]
         assert problem["owner_host_id"] == "b"
         assert b.store.get(sb) is not None  # untouched
