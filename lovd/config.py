@@ -407,6 +407,13 @@ class Config:
     postgres_connect_timeout: float = setting(
         "postgres.connect_timeout", 3.0, "Seconds to wait for a PostgreSQL connection."
     )
+    postgres_timeout: float = setting(
+        "postgres.timeout",
+        30.0,
+        "Seconds one relay pass (a batch's transaction) may take before it is abandoned, "
+        "its connection closed and the batch retried later: PostgreSQL hanging, or a "
+        "network partition. psycopg may add up to 10 s trying to cancel the query.",
+    )
     postgres_read_timeout: float = setting(
         "postgres.read_timeout",
         2.0,

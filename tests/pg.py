@@ -13,6 +13,7 @@ import contextlib
 import getpass
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -76,6 +77,26 @@ class PgCluster:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
                   "-w", "stop")
 
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (backends, walwriter, …): this cluster's only."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        kids: list[int] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        return [pid, *kids]
+
+    def freeze(self) -> None:
+        """A hung server (SIGSTOP): connections open, nothing answers."""
+        self._frozen = self._pids()
+        for p in self._frozen:
+            os.kill(p, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for p in getattr(self, "_frozen", []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
+        self._frozen = []
+
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
 
@@ -89,6 +110,7 @@ class PgCluster:
         return r.stdout.strip()
 
     def destroy(self) -> None:
+        self.thaw()
         if self.running():
             with contextlib.suppress(RuntimeError):
                 self.stop()

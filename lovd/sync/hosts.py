@@ -70,16 +70,37 @@ class Hosts:
         self.read_timeout = read_timeout
         self.stale_after = stale_after
         self._routes: dict[str, tuple[float, str | None]] = {}
+        self._strays: set[asyncio.Future[list[tuple[Any, ...]]]] = set()
+
+    def _forget(self, task: asyncio.Future[list[tuple[Any, ...]]]) -> None:
+        self._strays.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an abandoned read's failure is no news
+
+    async def _run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(sql.encode(), params)
+            return list(await cur.fetchall())
 
     async def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """One read, retried once on a fresh connection (a pooled one may predate a
-        PostgreSQL restart); any failure becomes a 503 that says what to do."""
+        """One read within ``read_timeout``, retried once on a fresh connection (a pooled
+        one may predate a PostgreSQL restart); any failure becomes a 503 that says what
+        to do. A read that overruns is left to finish in the background: cancelling a
+        query on a hung server takes psycopg up to 10 s, and the request must not wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout
         last: BaseException | None = None
         for _ in range(2):
+            task = asyncio.ensure_future(self._run(sql, params))
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                task.cancel()
+                self._strays.add(task)
+                task.add_done_callback(self._forget)
+                last = TimeoutError(f"no answer within {self.read_timeout:g} s")
+                break
             try:
-                async with asyncio.timeout(self.read_timeout), self.pool.connection() as conn:
-                    cur = await conn.execute(sql.encode(), params)
-                    return list(await cur.fetchall())
+                return task.result()
             except (psycopg.Error, OSError, TimeoutError) as e:
                 last = e
         raise LovdError(

@@ -202,7 +202,9 @@ class Relay:
     async def step(self) -> bool:
         """One pass: claim if needed, apply one batch. True if the batch was full."""
         self._kick.clear()
-        async with self.pool.connection() as conn:
+        # A PostgreSQL that hangs (stopped, partitioned) must not hold the relay forever:
+        # past the bound the pass fails like an outage and the batch is retried.
+        async with asyncio.timeout(self.config.postgres_timeout), self.pool.connection() as conn:
             if not self._claimed:
                 await schema.migrate(conn)
                 await self._claim(conn)

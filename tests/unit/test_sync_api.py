@@ -210,3 +210,42 @@ async def test_scope_all_without_postgres_says_what_to_set(
     async with open_api(tmp_path, free_ports) as a:
         r = await a.client.get("/api/sessions?scope=all")
         assert r.status == 503 and "postgres.dsn" in (await r.json())["detail"]
+
+
+async def test_a_hung_postgres_never_holds_the_api(
+    tmp_path: Path, free_ports: list[int], pg: PgCluster
+) -> None:
+    """PostgreSQL stops answering without closing anything (SIGSTOP, as in a network
+    partition): local requests answer as usual, scope=all gives up after read_timeout,
+    the relay abandons its pass after postgres.timeout and catches up once it answers."""
+    async with open_synced(tmp_path, free_ports[0], pg.dsn, "h1", postgres={
+            "dsn": pg.dsn, "timeout": 1.0, "read_timeout": 0.5, "max_backoff": 0.5,
+            "heartbeat_interval": 0.2}) as a:  # fmt: skip
+        first = (await (await a.client.post("/api/sessions")).json())["id"]
+        await until(lambda: _synced(a))
+        await asyncio.to_thread(pg.freeze)
+        try:
+            t0 = time.monotonic()
+            r = await a.client.post("/api/sessions")
+            assert r.status == 201
+            assert (await a.client.delete(f"/api/sessions/{first}")).status == 204
+            assert (await a.client.get("/api/sessions")).status == 200
+            local = time.monotonic() - t0
+            t0 = time.monotonic()
+            r = await a.client.get("/api/sessions?scope=all")
+            waited = time.monotonic() - t0
+            assert r.status == 503 and waited < 1.5, (r.status, waited)
+            # The relay's pass is abandoned (psycopg takes up to 10 s more to give up on
+            # cancelling the query), and it reports the outage.
+            await until(lambda: _down(a), timeout=20)
+            assert a.sync.relay.status.backlog >= 2
+        finally:
+            await asyncio.to_thread(pg.thaw)
+        await until(lambda: _synced(a), timeout=20)
+        assert await pg_checksum(pg.dsn) == sqlite_checksum(a.db)
+        print(f"\nhung PostgreSQL: 3 local requests {local * 1000:.0f} ms, "
+              f"scope=all refused after {waited * 1000:.0f} ms")
+
+
+async def _down(a: SyncedApi) -> bool:
+    return not a.sync.relay.status.connected
