@@ -168,6 +168,31 @@ class PodmanClient(Protocol):
     async def logs(self, name: str, tail: int = 20) -> str: ...
 
 
+# Podman 4.3 can deadlock two of its own commands on its storage locks (seen here: a
+# `run --replace` and an `rm -f` of another container, for ten minutes). A command that
+# takes this long is killed, which releases its locks, and reported.
+PODMAN_TIMEOUT = 120.0
+
+
+async def communicate(
+    proc: asyncio.subprocess.Process,
+    stdin: bytes | None,
+    what: str,
+    timeout: float = PODMAN_TIMEOUT,
+) -> tuple[bytes, bytes]:
+    """``proc.communicate`` with a deadline: past it the process is killed."""
+    try:
+        return await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError as e:
+        proc.kill()
+        await proc.wait()
+        raise LovdError(
+            "runner-failed",
+            f"{what} did not finish within {timeout:g} s and was killed (Podman may be "
+            "stuck on its storage locks: see 'lovd doctor')",
+        ) from e
+
+
 class PodmanCLI:
     def __init__(self, binary: str = "podman") -> None:
         self.binary = binary
@@ -185,7 +210,7 @@ class PodmanCLI:
             raise LovdError(
                 "runner-failed", f"{self.binary} not found: install podman (lovd doctor)"
             ) from e
-        out, err = await proc.communicate(stdin)
+        out, err = await communicate(proc, stdin, f"podman {args[0]}")
         if check and proc.returncode != 0:
             msg = err.decode(errors="replace").strip().splitlines()
             raise LovdError(

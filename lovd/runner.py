@@ -34,7 +34,7 @@ from typing import Protocol
 
 from lovd import ids
 from lovd.errors import LovdError
-from lovd.podman import ContainerInfo, ContainerSpec, PodmanClient, run_argv
+from lovd.podman import ContainerInfo, ContainerSpec, PodmanClient, communicate, run_argv
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ async def _exec(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
-    out, err = await proc.communicate()
+    out, err = await communicate(proc, None, " ".join(argv[:2]))
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
