@@ -364,3 +364,52 @@ async def test_token_cap_shows_its_message_in_the_chat(session_image: str, tmp_p
         if name:
             run("podman", "rm", "-f", "-t", "0", name)
         run("podman", "unshare", "rm", "-rf", str(tmp_path / "state"))
+
+
+async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: Path) -> None:
+    """What an OOM kill or a reboot does (podman rm -f): the session stays through cleanup
+    passes, the browser's next request wakes it, and OpenCode lists the chat made before."""
+    from tests.lovdproc import forward_auth
+
+    p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0,
+                 health={"interval": 1.0})
+    p.start()
+    name = ""
+    try:
+        status, _, s = p.api("POST", "/api/sessions")
+        assert status == 201 and s["status"] == "running", s
+        name = f"lovd-{s['id']}"
+
+        async def chats() -> list[dict[str, Any]]:
+            env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
+            password = dict(x.split("=", 1) for x in env.splitlines())["OPENCODE_SERVER_PASSWORD"]
+            url = f"http://127.0.0.1:{s['port']}"
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=30), headers=basic_auth(password)
+            ) as http, http.get(url + "/session") as resp:
+                return list(await resp.json())
+
+        env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
+        password = dict(x.split("=", 1) for x in env.splitlines())["OPENCODE_SERVER_PASSWORD"]
+        async with aiohttp.ClientSession(headers=basic_auth(password)) as http, http.post(
+            f"http://127.0.0.1:{s['port']}/session", json={"title": "Oppsigelse"}
+        ) as resp:
+            chat = (await resp.json())["id"]
+        run("podman", "rm", "-f", "-t", "0", name)
+        for _ in range(100):
+            if p.api("GET", f"/api/sessions/{s['id']}")[2]["status"] != "running":
+                break
+            await asyncio.sleep(0.2)
+        gone = p.api("GET", f"/api/sessions/{s['id']}")[2]
+        assert gone["status"] in ("stopped", "failed") and gone["reason"], gone
+        for _ in range(3):
+            assert s["id"] not in p.api("POST", "/api/cleanup")[2]["removed"]
+        status, _, _ = await asyncio.to_thread(forward_auth, p, s["id"], s["token"])
+        assert status == 204  # held while it woke, then allowed
+        listed = await chats()
+        assert chat in [c["id"] for c in listed], listed  # the chat history came back
+    finally:
+        p.stop()
+        if name:
+            run("podman", "rm", "-f", "-t", "0", name)
+        run("podman", "unshare", "rm", "-rf", str(tmp_path / "state"))
