@@ -309,7 +309,7 @@ class Daemon:
         if auth_sock is None:
             auth_sock = _bind_unix(auth_socket)
             self._unlink.append(auth_socket)
-        public = await self._serve_browser_path(sessions, caddy, auth_sock, activated)
+        public = await self._serve_browser_path(sessions, caddy, auth_sock, activated, sync)
         if broker_sock is None:
             try:
                 broker_sock = broker_server.bind(c)
@@ -400,10 +400,13 @@ class Daemon:
         caddy: CaddyManager | None,
         auth_sock: socket.socket,
         activated: bool,
+        sync: Sync | None = None,
     ) -> web.AppRunner:
         """The public socket Caddy talks to (web/gate.py, web/public.py), then keep Caddy
         configured."""
         gate = BrowserGate.from_config(self.config, sessions, on_request=self._seen)
+        if sync is not None:
+            gate.route_elsewhere = sync.hosts.upstream_for
         public = await serve_public(gate, auth_sock, ours=not activated)
         if caddy is not None:
             caddy.start()

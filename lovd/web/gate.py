@@ -34,7 +34,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -44,6 +44,7 @@ from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session
+from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
 from lovd.web.bodycheck import BodyCheck
 from lovd.web.chat_landing import ChatLanding
@@ -118,6 +119,9 @@ class BrowserGate:
         # Caddy's dial address of this app's own socket (set by serve_public), for the
         # requests whose body lovd checks before they reach the container.
         self.self_upstream = ""
+        # Browser routing across hosts (lovd/sync/routing.py): set by the daemon when
+        # PostgreSQL sync is on; answers the owning host's upstream for a foreign session.
+        self.route_elsewhere: Callable[[str], Awaitable[str | None]] | None = None
         self.bodycheck = BodyCheck(
             session_of=self._session_of,
             password_header=sessions.env.basic_auth,
@@ -221,6 +225,12 @@ class BrowserGate:
         except LovdError as e:
             return self.refuse(request, e, False)
 
+    async def elsewhere(self, sid: str) -> str | None:
+        """The upstream of the host that owns ``sid`` when this one does not have it."""
+        if self.route_elsewhere is None or not ids.is_valid(sid) or self.sessions.store.get(sid):
+            return None
+        return await self.route_elsewhere(sid)
+
     def from_caddy(self, request: web.Request) -> bool:
         """Whether the request carries the gate key only Caddy's forward_auth sends."""
         sent = request.headers.get(GATE_HEADER, "")
@@ -242,6 +252,9 @@ class BrowserGate:
                 LovdError("unauthorized", "you have no session here; start one on the front page"),
                 nav,
             )
+        upstream = await self.elsewhere(value.partition(".")[0])
+        if upstream:
+            return routing.elsewhere(upstream)
         addr = client_address(request)
         try:
             s = self.authenticate(addr, functools.partial(self.verify, value))

@@ -22,6 +22,7 @@ from lovd import ids
 from lovd.caddy import AUTH_PATH
 from lovd.errors import LovdError
 from lovd.session.lifecycle import Sessions
+from lovd.sync import routing
 from lovd.web.gate import BrowserGate, wants_html
 from lovd.web.pages import STARTING, language
 from lovd.web.ratelimit import client_address
@@ -106,6 +107,9 @@ class PublicSite:
         self.gate.on_request()
         addr = client_address(request)
         token = request.query.get("token", "")
+        upstream = await self.gate.elsewhere(request.match_info["id"])
+        if upstream:
+            return await routing.forward_entry(upstream, request)
         try:
             sid = request.match_info["id"]
             s = self.gate.authenticate(addr, lambda: self.gate.verify_token(ids.check(sid), token))
