@@ -115,6 +115,31 @@ class Sessions:
     def running_count(self) -> int:
         return self.admission.running_count()
 
+    # --- what the web layer needs, without reaching into the store or the settings ---
+
+    def find(self, session_id: str) -> Session | None:
+        """The row of ``session_id`` whatever its state (a warm one too), or None."""
+        return self.store.get(session_id)
+
+    def container_auth(self, session_id: str) -> str:
+        """The ``Authorization`` header of the session's own OpenCode server."""
+        return self.env.basic_auth(session_id)
+
+    def now(self) -> float:
+        return self.clock()
+
+    @property
+    def limit(self) -> int:
+        """limits.max_running: the places."""
+        return self.config.max_running
+
+    @property
+    def host_key(self) -> bytes:
+        return self.env.host_key
+
+    async def history(self, session_id: str) -> dict[str, list[dict[str, Any]]]:
+        return await self.store.history(session_id)
+
     def retry_after(self) -> int:
         return self.admission.retry_after()
 

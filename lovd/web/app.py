@@ -189,7 +189,7 @@ async def get_session(request: web.Request) -> web.Response:
     if st.usage is not None:
         data["usage"] = st.usage(s.id)
     if request.query.get("history") in ("1", "true"):
-        data.update(await st.sessions.store.history(s.id))
+        data.update(await st.sessions.history(s.id))
     return web.json_response(data)
 
 
@@ -240,7 +240,7 @@ async def health(request: web.Request) -> web.Response:
         "sessions": {
             "running": st.sessions.running_count(),
             "total": len(st.sessions.all()),
-            "limit": st.sessions.config.max_running,
+            "limit": st.sessions.limit,
         },
     }
     if st.sync is not None:

@@ -110,7 +110,7 @@ class BrowserGate:
         self.allowlist = allowlist or Allowlist()
         self.on_request = on_request or (lambda: None)
         self.pages = Pages(
-            max_running=sessions.config.max_running,
+            max_running=sessions.limit,
             running=sessions.running_count,
             retry_after=sessions.retry_after,
         )
@@ -124,11 +124,11 @@ class BrowserGate:
         self.route_elsewhere: Callable[[str], Awaitable[str | None]] | None = None
         self.bodycheck = BodyCheck(
             session_of=self._session_of,
-            password_header=sessions.env.basic_auth,
+            password_header=sessions.container_auth,
             http=sessions.http,
         )
         self.chat_landing = ChatLanding(
-            http=sessions.http, password_header=sessions.env.basic_auth
+            http=sessions.http, password_header=sessions.container_auth
         )
 
     @classmethod
@@ -144,7 +144,7 @@ class BrowserGate:
             failures=RateLimiter(config.browser_auth_failures, config.browser_auth_failure_window),
             starts=RateLimiter(config.browser_start_limit, config.browser_start_window),
             hold_timeout=config.ready_timeout + 5.0,
-            gate_key=gate_key(sessions.env.host_key),
+            gate_key=gate_key(sessions.host_key),
             allowlist=allowlist,
             on_request=on_request,
         )
@@ -161,13 +161,13 @@ class BrowserGate:
         return self.verify_token(sid, token)
 
     def verify_token(self, sid: str, token: str) -> Session:
-        s = self.sessions.store.get(sid)
+        s = self.sessions.find(sid)
         if s is None or not s.token_hash:  # no row, or an unclaimed warm container
             ids.token_matches(token, "0" * 64)  # same work either way
             raise LovdError("unauthorized", "this session does not exist (any more)")
         if not token or not ids.token_matches(token, s.token_hash):
             raise LovdError("unauthorized", "this session link is not valid (wrong or old token)")
-        if s.expires_at <= self.sessions.clock():
+        if s.expires_at <= self.sessions.now():
             raise LovdError("forbidden", "this session has expired; start a new one")
         return s
 
@@ -204,7 +204,7 @@ class BrowserGate:
             samesite="Lax",
             secure=secure,
             path="/",
-            max_age=max(0, int(s.expires_at - self.sessions.clock())),
+            max_age=max(0, int(s.expires_at - self.sessions.now())),
         )
 
     @staticmethod
@@ -227,7 +227,7 @@ class BrowserGate:
 
     async def elsewhere(self, sid: str) -> str | None:
         """The upstream of the host that owns ``sid`` when this one does not have it."""
-        if self.route_elsewhere is None or not ids.is_valid(sid) or self.sessions.store.get(sid):
+        if self.route_elsewhere is None or not ids.is_valid(sid) or self.sessions.find(sid):
             return None
         return await self.route_elsewhere(sid)
 
@@ -283,7 +283,7 @@ class BrowserGate:
             # Still starting, or failed: the progress page says which.
             with contextlib.suppress(TimeoutError, LovdError):
                 await asyncio.wait_for(asyncio.shield(task), NAV_HOLD)
-            s2 = self.sessions.store.get(s.id)
+            s2 = self.sessions.find(s.id)
             if s2 is not None and s2.status == "running":
                 if decision.path == "/":
                     return await self.land(s2)
@@ -297,7 +297,7 @@ class BrowserGate:
             return self.refuse(request, err, nav)
         except LovdError as e:
             return self.refuse(request, e, nav)
-        s2 = self.sessions.store.get(s.id)
+        s2 = self.sessions.find(s.id)
         if s2 is None or s2.status != "running":
             err = self.wake_errors.get(s.id) or LovdError(
                 "unavailable", "the session could not be started; start a new one"
@@ -328,7 +328,7 @@ class BrowserGate:
             status=204,
             headers={
                 UPSTREAM_HEADER: upstream,
-                "Authorization": self.sessions.env.basic_auth(s.id),
+                "Authorization": self.sessions.container_auth(s.id),
                 "Cache-Control": "no-store",
             },
         )
@@ -357,7 +357,7 @@ class BrowserGate:
     async def _wake(self, sid: str) -> None:
         deadline = time.monotonic() + self.hold_timeout
         while True:
-            s = self.sessions.store.get(sid)
+            s = self.sessions.find(sid)
             if s is None:
                 raise LovdError("unauthorized", "this session was deleted")
             if s.status == "running":
