@@ -100,6 +100,12 @@ def write_env(path: Path, values: dict[str, str]) -> None:
     path.chmod(0o600)
 
 
+def container_settings(name: str) -> dict[str, str]:
+    """What lovd gave a session container (/run/secrets/lovd.env, read from inside)."""
+    env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
+    return dict(line.split("=", 1) for line in env.splitlines())
+
+
 async def wait_ready(url: str, auth: dict[str, str], deadline: float) -> None:
     # OpenCode can hang a request made just after its port opens: short timeouts, retry.
     timeout = aiohttp.ClientTimeout(total=0.3)
@@ -287,8 +293,7 @@ async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> Non
         name = f"lovd-{s['id']}"
         inspect = json.loads(run("podman", "inspect", name).stdout)[0]
         assert inspect["HostConfig"]["NetworkMode"].startswith("slirp4netns"), inspect["HostConfig"]
-        env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
-        settings = dict(line.split("=", 1) for line in env.splitlines())
+        settings = container_settings(name)
         broker_port = yaml.safe_load(p.config_path.read_text())["broker"]["listen"].split(":")[1]
         assert settings["LOVDATA_MCP_URL"] == f"http://10.0.2.2:{broker_port}/mcp/lovdata"
         assert settings["LOVDATA_MCP_TOKEN"].startswith(s["id"] + ".")  # its broker credential
@@ -340,8 +345,7 @@ async def test_token_cap_shows_its_message_in_the_chat(session_image: str, tmp_p
         status, _, s = p.api("POST", "/api/sessions")
         assert status == 201 and s["status"] == "running", s
         name = f"lovd-{s['id']}"
-        env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
-        settings = dict(line.split("=", 1) for line in env.splitlines())
+        settings = container_settings(name)
         url = f"http://127.0.0.1:{s['port']}"
         auth = basic_auth(settings["OPENCODE_SERVER_PASSWORD"])
         async with aiohttp.ClientSession(
@@ -381,16 +385,14 @@ async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: 
         name = f"lovd-{s['id']}"
 
         async def chats() -> list[dict[str, Any]]:
-            env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
-            password = dict(x.split("=", 1) for x in env.splitlines())["OPENCODE_SERVER_PASSWORD"]
+            password = container_settings(name)["OPENCODE_SERVER_PASSWORD"]
             url = f"http://127.0.0.1:{s['port']}"
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=30), headers=basic_auth(password)
             ) as http, http.get(url + "/session") as resp:
                 return list(await resp.json())
 
-        env = run("podman", "exec", name, "cat", "/run/secrets/lovd.env").stdout
-        password = dict(x.split("=", 1) for x in env.splitlines())["OPENCODE_SERVER_PASSWORD"]
+        password = container_settings(name)["OPENCODE_SERVER_PASSWORD"]
         async with aiohttp.ClientSession(headers=basic_auth(password)) as http, http.post(
             f"http://127.0.0.1:{s['port']}/session", json={"title": "Oppsigelse"}
         ) as resp:
