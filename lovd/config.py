@@ -247,6 +247,13 @@ class Config:
     model: str = setting(
         "llm.model", "", "Default model, provider/model. Empty: the demo stub when demo is on."
     )
+    models: list[str] = setting(
+        "llm.models",
+        [],
+        "Further models (provider/model) a session may use besides llm.model. A session can "
+        "use llm.model and these, nothing else: OpenCode lists only them, and the gate and "
+        "the broker refuse any other model in a request.",
+    )
     llm_base_url: str = setting(
         "llm.base_url", "", "OpenAI-compatible endpoint for the 'lovd' provider."
     )
@@ -461,6 +468,11 @@ class Config:
     )
 
     # --- derived helpers ---
+    def allowed_models(self, demo_model: str = "") -> frozenset[str]:
+        """Every "provider/model" a session may use: llm.model (or demo mode's stub) and
+        llm.models."""
+        return frozenset(m for m in (self.model or demo_model, *self.models) if m)
+
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
@@ -596,6 +608,10 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.cpus <= 0:
         raise ConfigError("limits.cpus: must be greater than 0")
+    for m in (cfg.model, *cfg.models):
+        provider, _, name = m.partition("/")
+        if m and (not provider or not name):
+            raise ConfigError(f"llm.model/llm.models: expected provider/model, got {m!r}")
     if cfg.postgres_pool_size < 2:
         raise ConfigError("postgres.pool_size: must be at least 2 (relay + reads)")
     if cfg.postgres_batch < 1:
