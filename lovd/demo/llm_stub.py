@@ -207,20 +207,28 @@ def provisions_in(tool_output: str) -> list[dict[str, Any]]:
 
 def _sentences(text: str) -> list[str]:
     flat = " ".join(text.split())
-    return [m.group(1) for m in re.finditer(r"(.+?[.!?])(?=\s|$)", flat)] or [flat]
+    found = [m.group(1).strip() for m in re.finditer(r"(.+?[.!?])(?=\s|$)", flat)]
+    return [x for x in found if x] or [flat]
 
 
-def _best_sentence(text: str, question: str, limit: int = 320) -> str:
-    """The sentence of a provision that shares most word stems with the question (the
-    first one on a tie): what a reader would quote."""
+def _clip(sentence: str, limit: int = 320) -> str:
+    return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
+
+
+def _quote(text: str, question: str) -> str:
+    """What a reader would quote: the provision's first sentence (its rule), and the
+    sentence sharing most word stems with the question when that is another one."""
     asked = {w[:5] for w in questions.read(question).words if len(w) > 3}
 
     def overlap(sentence: str) -> int:
         return len(asked & {w.lower()[:5] for w in _WORD_RE.findall(sentence) if len(w) > 3})
 
     sentences = _sentences(text)
-    best = max(sentences, key=overlap)
-    return best if len(best) <= limit else best[: limit - 3].rstrip() + "..."
+    first = sentences[0]
+    best = max(sentences[1:], key=overlap, default=first)
+    if overlap(best) > overlap(first):
+        return f"{_clip(first)} … {_clip(best)}"
+    return _clip(first)
 
 
 def _not_found(question: str, tool_output: str, english: bool) -> str:
@@ -282,7 +290,7 @@ def answer_from_tool_output(
     law = first.get("law_short_title") or first.get("law_title") or ""
     heading = f" ({first['heading']})" if first.get("heading") else ""
     body = str(first.get("text") or first.get("snippet") or "")
-    quote = _best_sentence(body, question)
+    quote = _quote(body, question)
     lines.append(f"\n**{first['section']} {law}**{heading}: {quote}")
     lines.append(f"{'Source' if english else 'Kilde'}: {first['url']}")
     others = provisions[1:3]
