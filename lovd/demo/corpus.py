@@ -10,7 +10,8 @@ The JSON format (see ``data/lovdata-fixture.json``) has two lists:
   which may point outside the corpus).
 
 Operators can load their own file in the same shape; nothing here is specific to the
-four laws of the fixture except the table of well-known abbreviations.
+four laws of the fixture except the table of well-known abbreviations (``lawnames``).
+Search is Norwegian full text ranked by BM25 (``search``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from lovd.demo import lawnames, search
 
 logger = logging.getLogger(__name__)
+
 
 
 def _words(text: str) -> frozenset[str]:
@@ -31,23 +35,7 @@ def _words(text: str) -> frozenset[str]:
 
 
 LOVDATA_BASE = "https://lovdata.no"
-
-# Lovdata's customary abbreviations ("forkortelser") for laws a corpus is likely to hold.
-# A corpus may add its own per law with an ``abbreviations`` list.
-KNOWN_ABBREVIATIONS: dict[str, str] = {
-    "aml": "arbeidsmiljøloven",
-    "husll": "husleieloven",
-    "hrl": "husleieloven",
-    "grl": "grunnloven",
-    "popplyl": "personopplysningsloven",
-    "pol": "personopplysningsloven",
-    "avtl": "avtaleloven",
-    "fvl": "forvaltningsloven",
-    "strl": "straffeloven",
-    "tvl": "tvisteloven",
-    "kjl": "kjøpsloven",
-    "ferieloven": "ferieloven",
-}
+_T = TypeVar("_T")
 
 # Words too common to discriminate between provisions; dropped from queries so that a
 # question-shaped query ("hva sier loven om oppsigelse") still finds the right text.
@@ -55,17 +43,18 @@ STOPWORDS: frozenset[str] = _words(
     """
     og i på om til av for med som er det den de en et å at har kan skal ikke eller fra
     ved etter når hva hvem hvor hvordan hvilke hvilken hvorfor sier står gjelder loven
-    lov lovens jeg meg min mitt du deg vi oss seg sin sitt sine være blir bli har hadde
+    lov lovens jeg meg min mitt du deg vi oss seg sin sitt sine være blir bli hadde
     the a an of to in on for and or is are what which who how does do about law says
     """
 )
 
-_TOKEN_RE = re.compile(r"\w+", re.UNICODE)
-_SECTION_RE = re.compile(r"§+\s*(\d+\s*[a-zA-Z]?(?:\s*-\s*\d+\s*[a-zA-Z]?)?)")
+_SECTION_RE = re.compile(
+    r"(?:§+|\bparagraf(?:en)?\b)\s*(\d+\s*[a-zA-Z]?(?:\s*-\s*\d+\s*[a-zA-Z]?)?)", re.I
+)
 
 
 def tokenize(text: str) -> list[str]:
-    return [t for t in _TOKEN_RE.findall(text.lower()) if t]
+    return search.tokenize(text)
 
 
 def query_terms(query: str) -> list[str]:
@@ -73,6 +62,12 @@ def query_terms(query: str) -> list[str]:
     tokens = tokenize(query)
     terms = [t for t in tokens if t not in STOPWORDS]
     return terms or tokens
+
+
+def split_sections(query: str) -> tuple[set[str], str]:
+    """The section numbers a query cites ("§ 15-7", "paragraf 9-6") and the rest of it."""
+    sections = {normalize_section(m.group(1)) for m in _SECTION_RE.finditer(query)}
+    return sections, _SECTION_RE.sub(" ", query)
 
 
 def normalize_section(raw: str) -> str:
@@ -143,6 +138,9 @@ class Corpus:
     path: Path
     laws: list[Law] = field(default_factory=list)
     provisions: list[Provision] = field(default_factory=list)
+    stemmer: search.Stemmer = field(default_factory=search.Stemmer)
+    _provision_index: search.Index | None = field(default=None, repr=False)
+    _law_index: search.Index | None = field(default=None, repr=False)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -194,24 +192,42 @@ class Corpus:
         keys.add(law.doc_id.split("/", 1)[-1].lower())  # "lov/2005-06-17-62"
         keys.add(law.doc_id.rsplit("/", 1)[-1].lower())  # "2005-06-17-62"
         keys.update(a.lower().rstrip(".") for a in law.abbreviations)
-        keys.update(
-            abbr for abbr, name in KNOWN_ABBREVIATIONS.items() if name == law.short_title.lower()
-        )
+        keys.update(self._abbreviations(law))
+        keys.add(lawnames.normalize_law_name(law.short_title))
         keys.discard("")
         return keys
 
+    @staticmethod
+    def _abbreviations(law: Law) -> set[str]:
+        name = law.short_title.lower()
+        return {abbr for abbr, title in lawnames.KNOWN_ABBREVIATIONS.items() if title == name}
+
     def find_law(self, ref: str) -> Law | None:
-        """A law by doc id, LOV-id, date-number, short title, title or abbreviation."""
+        """A law by doc id, LOV-id, date-number, short title (either written form:
+        "husleielova"), title or abbreviation; a misspelt short title as a last resort."""
         key = ref.strip().lower().rstrip(".").strip()
         if not key:
             return None
+        named = lawnames.normalize_law_name(key)
         for law in self.laws:
-            if key in self._law_keys(law) or key == law.title.lower():
+            keys = self._law_keys(law)
+            if key in keys or named in keys or key == law.title.lower():
                 return law
         # A URL or a longer phrase that names the law ("lov om husleieavtaler").
         for law in self.laws:
             if law.url.lower() in key or law.short_title.lower() in key:
                 return law
+        titles = {law.short_title.lower(): law for law in self.laws}
+        close = lawnames.closest(named, list(titles))
+        return titles[close] if close else None
+
+    def unknown_law_name(self, ref: str) -> str | None:
+        """The short title of a well-known law that ``ref`` names but this corpus does not
+        hold ("avhl." → "avhendingslova"), so the answer can say which law is missing."""
+        for token in [ref, *tokenize(ref)]:
+            name = lawnames.expand_abbreviation(token)
+            if name and self.find_law(name) is None:
+                return name
         return None
 
     def law_of(self, provision: Provision) -> Law | None:
@@ -244,6 +260,8 @@ class Corpus:
         law = self.find_law(law_part) or self.find_law(law_part.replace(" / ", "/"))
         if law is None:
             for token in tokenize(law_part):
+                if token in STOPWORDS:
+                    continue
                 law = self.find_law(token)
                 if law:
                     break
@@ -258,34 +276,30 @@ class Corpus:
 
     # --- search --------------------------------------------------------------------------
 
-    @staticmethod
-    def _term_score(term: str, tokens: list[str], weight: float) -> float:
-        # Prefix and substring matches stand in for Norwegian stemming and compounds:
-        # "oppsigelse" should find "oppsigelsen" and "oppsigelsesvern".
-        if term in tokens:
-            return 2.0 * weight
-        if any(tok.startswith(term) or term in tok for tok in tokens):
-            return 1.0 * weight
-        return 0.0
+    def _law_names(self, law: Law | None) -> str:
+        if law is None:
+            return ""
+        names = [law.short_title, law.title, *law.abbreviations, *self._abbreviations(law)]
+        return " ".join(names)
 
-    def _provision_fields(self, p: Provision) -> list[tuple[list[str], float]]:
-        law = self.law_of(p)
-        law_tokens = tokenize(f"{law.short_title} {law.title}") if law else []
-        return [
-            (tokenize(p.heading), 3.0),
-            (tokenize(p.text), 1.0),
-            (law_tokens + tokenize(p.section), 0.5),
-        ]
+    def provision_index(self) -> search.Index:
+        if self._provision_index is None:
+            # Heading words say what a provision is about; its law's names let a query
+            # that names the law ("aml oppsigelse") keep to it.
+            index = search.Index(self.stemmer, ["heading", "body", "law"], [4.0, 1.0, 1.0])
+            for key, p in enumerate(self.provisions):
+                index.add(key, [p.heading, p.text, self._law_names(self.law_of(p))])
+            self._provision_index = index
+        return self._provision_index
 
-    def _score(self, terms: list[str], fields: list[tuple[list[str], float]]) -> tuple[int, float]:
-        matched = 0
-        score = 0.0
-        for term in terms:
-            best = max((self._term_score(term, toks, w) for toks, w in fields), default=0.0)
-            if best > 0:
-                matched += 1
-                score += best
-        return matched, score
+    def law_index(self) -> search.Index:
+        if self._law_index is None:
+            index = search.Index(self.stemmer, ["names", "area", "body"], [4.0, 2.0, 1.0])
+            for key, law in enumerate(self.laws):
+                body = " ".join(f"{p.heading} {p.text}" for p in self.provisions_of(law))
+                index.add(key, [self._law_names(law), law.legal_area, body])
+            self._law_index = index
+        return self._law_index
 
     def search_provisions(
         self,
@@ -295,47 +309,50 @@ class Corpus:
         *,
         require_all: bool,
         threshold: float = 0.0,
-    ) -> list[tuple[Provision, float]]:
-        terms = query_terms(query)
-        if not terms:
-            return []
-        hits: list[tuple[Provision, float]] = []
-        for p in self.provisions:
-            if law is not None and p.law_doc_id != law.doc_id:
-                continue
-            matched, score = self._score(terms, self._provision_fields(p))
-            if matched == 0 or (require_all and matched < len(terms)):
-                continue
-            relevance = matched / len(terms)
-            if relevance < threshold:
-                continue
-            hits.append((p, round(score if require_all else relevance, 3)))
-        hits.sort(key=lambda h: (-h[1], self.provisions.index(h[0])))
-        return hits[: max(0, limit)]
+    ) -> tuple[list[tuple[Provision, float]], search.Result]:
+        """Provisions for a query, best first, with what the search did.
+
+        Full text (``require_all``): every word must match, else any word may (the
+        result's mode says which); score is BM25. Otherwise ("semantic"): the share of
+        query words matched, at least ``threshold``, ties broken by BM25. Section
+        references in the query ("§ 15-7") keep the search to provisions with that
+        number, and alone return them.
+        """
+        sections, rest = split_sections(query)
+        within = {
+            key
+            for key, p in enumerate(self.provisions)
+            if (law is None or p.law_doc_id == law.doc_id)
+            and (not sections or p.number in sections)
+        }
+        terms = query_terms(rest) if rest.strip() else []
+        result = self.provision_index().search(terms, require_all=require_all, within=within)
+        if sections and not result.hits:
+            # The cited section is the stronger signal than the words around it.
+            hits = [search.Hit(k, 1.0, 0) for k in sorted(within)]
+            result = search.Result(hits, result.terms, "section", result.corrected)
+        return self._ranked(result, self.provisions, limit, require_all, threshold), result
 
     def search_laws(
         self, query: str, limit: int, *, require_all: bool, threshold: float = 0.0
-    ) -> list[tuple[Law, float]]:
+    ) -> tuple[list[tuple[Law, float]], search.Result]:
         terms = query_terms(query)
-        if not terms:
-            return []
-        hits: list[tuple[Law, float]] = []
-        for law in self.laws:
-            body = " ".join(f"{p.heading} {p.text}" for p in self.provisions_of(law))
-            fields = [
-                (tokenize(f"{law.short_title} {law.title}") + sorted(self._law_keys(law)), 3.0),
-                (tokenize(law.legal_area), 2.0),
-                (tokenize(body), 1.0),
-            ]
-            matched, score = self._score(terms, fields)
-            if matched == 0 or (require_all and matched < len(terms)):
-                continue
-            relevance = matched / len(terms)
-            if relevance < threshold:
-                continue
-            hits.append((law, round(score if require_all else relevance, 3)))
-        hits.sort(key=lambda h: -h[1])
-        return hits[: max(0, limit)]
+        result = self.law_index().search(terms, require_all=require_all)
+        return self._ranked(result, self.laws, limit, require_all, threshold), result
+
+    @staticmethod
+    def _ranked(
+        result: search.Result, items: list[_T], limit: int, require_all: bool, threshold: float
+    ) -> list[tuple[_T, float]]:
+        if require_all:
+            return [(items[h.key], h.score) for h in result.hits][: max(0, limit)]
+        # Semantic: the share of query words found, ties broken by BM25.
+        share = [
+            (h, round(h.matched / result.terms, 3) if result.terms else 1.0) for h in result.hits
+        ]
+        kept = [(h, s) for h, s in share if s >= threshold]
+        kept.sort(key=lambda hs: (-hs[1], -hs[0].score, hs[0].key))
+        return [(items[h.key], s) for h, s in kept][: max(0, limit)]
 
     # --- rendering -----------------------------------------------------------------------
 

@@ -3,15 +3,19 @@
 ``POST /v1/chat/completions`` (streamed SSE when ``stream`` is true, JSON otherwise) and
 ``GET /v1/models``. It plays a model just well enough for a full OpenCode round trip:
 
-1. a legal question, with a Lovdata search tool on offer → a tool call with a query
-   made from the question's content words ("Hva sier arbeidsmiljøloven om oppsigelse?"
-   → ``{"query": "oppsigelse", "law_id": "arbeidsmiljøloven"}``);
-2. search results as the last message, with ``get_cross_references`` on offer → a call
-   for the cross-references of the first provision found (the legal agent's method:
-   find the law, read the provision, follow its references);
-3. then → an answer in the question's language that quotes the provisions found, cites
-   section, law and the exact lovdata.no URL from the results, names the references it
-   followed, says the text may have changed since and that it is not legal advice;
+1. a legal question, with a Lovdata search tool on offer → a tool call: a search with
+   the question's content words, everyday words put as the law puts them ("Kan
+   arbeidsgiveren si meg opp uten saklig grunn?" → ``{"query": "arbeidsgiveren
+   oppsigelse saklig grunn"}``), within the law it names ("aml", "husleielova", ...);
+   a question that cites a section of a law ("aml § 15-7") → ``resolve_reference``;
+2. search results → ``get_provision`` for the best provision (reading it), then
+   ``get_cross_references`` for it (the legal agent's method: find the law, read the
+   provision, follow its references);
+3. then → an answer in the question's language that quotes the most relevant sentence
+   of the provision read, cites section, law and the exact lovdata.no URL from the
+   results, names the other hits and the references it followed, says the text may have
+   changed since and that it is not legal advice — or says plainly which law or section
+   it could not find;
 4. OpenCode's title-generation request → a short title; anything else → a short
    generic answer.
 
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from lovd.demo import question as questions
 
 logger = logging.getLogger(__name__)
 
@@ -154,14 +160,8 @@ def extract_query(question: str) -> tuple[str, str | None]:
 
     "Hva sier arbeidsmiljøloven om oppsigelse?" → ("oppsigelse", "arbeidsmiljøloven").
     """
-    words = [w.lower() for w in _WORD_RE.findall(question)]
-    law = next((w for w in words if _LAW_NAME_RE.match(w) and w not in QUESTION_WORDS), None)
-    terms = [w for w in words if w not in QUESTION_WORDS and w != law and len(w) > 1]
-    # Full-text search wants all words to match, so keep it to the legal terms when
-    # there are any ("stort depositum utleier kreve" → "depositum utleier").
-    legal = [w for w in terms if w in LEGAL_WORDS]
-    chosen = legal[:2] or terms[:3]
-    return (" ".join(chosen) or law or question.strip()), law
+    read = questions.read(question)
+    return (read.query or read.law or question.strip()), read.law
 
 
 def is_english(text: str) -> bool:
@@ -205,43 +205,101 @@ def provisions_in(tool_output: str) -> list[dict[str, Any]]:
     return found
 
 
-def _first_sentence(text: str, limit: int = 280) -> str:
+def _sentences(text: str) -> list[str]:
     flat = " ".join(text.split())
-    match = re.search(r"(.+?[.!?])(\s|$)", flat)
-    sentence = match.group(1) if match else flat
+    found = [m.group(1).strip() for m in re.finditer(r"(.+?[.!?])(?=\s|$)", flat)]
+    return [x for x in found if x] or [flat]
+
+
+def _clip(sentence: str, limit: int = 320) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
 
 
-def answer_from_tool_output(question: str, tool_output: str, cross_references: str = "") -> str:
-    provisions = provisions_in(tool_output)
-    english = is_english(question)
-    if not provisions:
-        urls = list(dict.fromkeys(_URL_RE.findall(tool_output)))
-        if urls:
-            lead = "Relevant sources:" if english else "Relevante kilder:"
-            return lead + "\n" + "\n".join(f"- {u}" for u in urls[:3])
+def _quote(text: str, question: str) -> str:
+    """What a reader would quote: the provision's first sentence (its rule), and the
+    sentence sharing most word stems with the question when that is another one."""
+    asked = {w[:5] for w in questions.read(question).words if len(w) > 3}
+
+    def overlap(sentence: str) -> int:
+        return len(asked & {w.lower()[:5] for w in _WORD_RE.findall(sentence) if len(w) > 3})
+
+    sentences = _sentences(text)
+    first = sentences[0]
+    best = max(sentences[1:], key=overlap, default=first)
+    if overlap(best) > overlap(first):
+        return f"{_clip(first)} … {_clip(best)}"
+    return _clip(first)
+
+
+def _not_found(question: str, tool_output: str, english: bool) -> str:
+    """No provision: say plainly which law or section was not found, or that nothing was."""
+    read = questions.read(question)
+    law = read.law_name or read.law
+    missing_law = "Fant ingen lov" in tool_output or "finnes ikke i dette utvalget" in tool_output
+    missing_section = re.search(r"§ ?([\w-]+) finnes ikke i korpuset", tool_output)
+    urls = list(dict.fromkeys(_URL_RE.findall(tool_output)))
+    if law and missing_law:
         if english:
             return (
-                "I found no provisions in Lovdata that answer the question. Try rephrasing "
-                "it or naming the law."
+                f"I could not find {law} in the Lovdata selection I have access to, so I "
+                "cannot answer from that law. Check lovdata.no or ask a lawyer."
             )
         return (
-            "Jeg fant ingen bestemmelser i Lovdata som besvarer spørsmålet. Prøv å "
-            "omformulere det eller nevne hvilken lov det gjelder."
+            f"Jeg fant ikke {law} i Lovdata-utvalget jeg har tilgang til, så jeg kan ikke "
+            "svare ut fra den loven. Sjekk lovdata.no eller spør en advokat."
         )
-    lines: list[str] = []
+    if missing_section:
+        where = f" i {law}" if law else ""
+        link = f" Se {urls[0]}." if urls else ""
+        if english:
+            return f"I could not find § {missing_section.group(1)}{where} in Lovdata.{link}"
+        return f"Jeg fant ikke § {missing_section.group(1)}{where} i Lovdata.{link}"
+    if urls:
+        lead = "Relevant sources:" if english else "Relevante kilder:"
+        return lead + "\n" + "\n".join(f"- {u}" for u in urls[:3])
     if english:
-        lines.append("According to the provisions I found in Lovdata:")
-    else:
-        lines.append("Etter bestemmelsene jeg fant i Lovdata:")
-    for item in provisions[:3]:
-        law = item.get("law_short_title") or item.get("law_title") or ""
-        heading = f" ({item['heading']})" if item.get("heading") else ""
-        body = item.get("text") or item.get("snippet") or ""
-        cite = f"{item['section']} {law}".strip()
-        lines.append(f"\n**{cite}**{heading}: {_first_sentence(str(body))}")
-        lines.append(f"{'Source' if english else 'Kilde'}: {item['url']}")
+        return (
+            "I found no provisions in Lovdata that answer the question. Try rephrasing "
+            "it or naming the law."
+        )
+    where = f" i {law}" if law else " i Lovdata"
+    return (
+        f"Jeg fant ingen bestemmelser{where} som besvarer spørsmålet. Prøv å "
+        "omformulere det eller nevne hvilken lov det gjelder."
+    )
+
+
+def answer_from_tool_output(
+    question: str, tool_output: str, cross_references: str = "", read: str = ""
+) -> str:
+    """The answer from what the tools returned: ``tool_output`` (search and resolve
+    results), ``read`` (the provision read with get_provision, cited first) and
+    ``cross_references`` (a get_cross_references result)."""
+    provisions = provisions_in(read) + provisions_in(tool_output)
+    provisions = list({p["url"]: p for p in reversed(provisions)}.values())[::-1]
+    english = is_english(question)
+    if not provisions:
+        return _not_found(question, tool_output, english)
     first = provisions[0]
+    lines: list[str] = []
+    lines.append(
+        "According to the provisions I found in Lovdata:"
+        if english
+        else "Etter bestemmelsene jeg fant i Lovdata:"
+    )
+    law = first.get("law_short_title") or first.get("law_title") or ""
+    heading = f" ({first['heading']})" if first.get("heading") else ""
+    body = str(first.get("text") or first.get("snippet") or "")
+    quote = _quote(body, question)
+    lines.append(f"\n**{first['section']} {law}**{heading}: {quote}")
+    lines.append(f"{'Source' if english else 'Kilde'}: {first['url']}")
+    others = provisions[1:3]
+    if others:
+        lines.append("\nSee also:" if english else "\nSe også:")
+        for item in others:
+            other_law = item.get("law_short_title") or ""
+            other_heading = f" ({item['heading']})" if item.get("heading") else ""
+            lines.append(f"- {item['section']} {other_law}{other_heading}: {item['url']}")
     title = first.get("law_title")
     if title:
         date = f", {first['law_date']}" if first.get("law_date") else ""
@@ -288,6 +346,34 @@ def _followed(cross_references: str, english: bool) -> list[str]:
 # --- the decision -------------------------------------------------------------------------
 
 
+def _tool(names: Sequence[str], suffix: str) -> str | None:
+    """The offered tool with this name, with or without OpenCode's server prefix."""
+    return next((n for n in names if n == suffix or n.endswith("_" + suffix)), None)
+
+
+def first_call(question: str, names: Sequence[str], body: dict[str, Any]) -> Reply | None:
+    """The first tool call for a question: resolve a cited section of a named law, or
+    search with the question's content words (within the law it names)."""
+    read = questions.read(question)
+    resolve = _tool(names, "resolve_reference")
+    if read.sections and read.law and resolve:
+        reference = f"{read.law} § {read.sections[0]}"
+        return Reply(tool_name=resolve, tool_arguments={"reference": reference})
+    tool = pick_search_tool(names)
+    if tool is None:
+        return None
+    if tool.endswith("resolve_reference"):
+        return Reply(tool_name=tool, tool_arguments={"reference": question.strip()})
+    params = tool_parameters(body, tool)
+    query = " ".join([*(f"§ {s}" for s in read.sections), *read.words])
+    args: dict[str, Any] = {"query": query or read.law or question.strip()}
+    if read.law and "law_id" in params:
+        args["law_id"] = read.law
+    if "limit" in params:
+        args["limit"] = SEARCH_LIMIT
+    return Reply(tool_name=tool, tool_arguments=args)
+
+
 def decide(body: dict[str, Any]) -> Reply:
     messages: list[dict[str, Any]] = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     if not messages:
@@ -301,34 +387,40 @@ def decide(body: dict[str, Any]) -> Reply:
     if last.get("role") == "tool":
         # All tool results since the question, in order; the model answers from them.
         found: list[str] = []
+        reads: list[str] = []
         followed: list[str] = []
         for name, output in reversed(list(_tool_results_since_question(messages))):
-            (followed if name.endswith(XREF_SUFFIX) else found).append(output)
+            if name.endswith(XREF_SUFFIX):
+                followed.append(output)
+            elif name.endswith(READ_SUFFIX):
+                reads.append(output)
+            else:
+                found.append(output)
         hits = provisions_in("\n".join(found))
-        xref = next((n for n in names if n.endswith(XREF_SUFFIX)), None)
-        if xref and not followed and hits and hits[0].get("provision_id"):
-            return Reply(tool_name=xref, tool_arguments={"provision_id": hits[0]["provision_id"]})
-        text = answer_from_tool_output(question, "\n".join(found), "\n".join(followed))
+        best = provisions_in("\n".join(reads))[:1] or hits[:1]
+        best_id = best[0].get("provision_id") if best else None
+        reader = _tool(names, READ_SUFFIX)
+        if reader and not reads and best_id:
+            return Reply(tool_name=reader, tool_arguments={"provision_id": best_id})
+        xref = _tool(names, XREF_SUFFIX)
+        if xref and not followed and best_id:
+            return Reply(tool_name=xref, tool_arguments={"provision_id": best_id})
+        text = answer_from_tool_output(
+            question, "\n".join(found), "\n".join(followed), "\n".join(reads)
+        )
         return Reply(text=text)
-    tool = pick_search_tool(names)
-    if last.get("role") == "user" and tool and looks_legal(question, names):
-        query, law = extract_query(question)
-        params = tool_parameters(body, tool)
-        if tool.endswith("resolve_reference"):
-            args: dict[str, Any] = {"reference": question.strip()}
-        else:
-            args = {"query": query}
-            if law and "law_id" in params:
-                args["law_id"] = law
-            if "limit" in params:
-                args["limit"] = 3
-        return Reply(tool_name=tool, tool_arguments=args)
+    if last.get("role") == "user" and looks_legal(question, names):
+        call = first_call(question, names, body)
+        if call is not None:
+            return call
     if is_english(question):
         return Reply(text="I am a demo model for Norwegian legal questions. Ask me about a law.")
     return Reply(text="Jeg er en demomodell for spørsmål om norsk rett. Spør meg gjerne om en lov.")
 
 
 XREF_SUFFIX = "get_cross_references"
+READ_SUFFIX = "get_provision"
+SEARCH_LIMIT = 5
 
 
 def _tool_results_since_question(

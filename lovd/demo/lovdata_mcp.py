@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lovd.demo import default_corpus_path
 from lovd.demo.corpus import Corpus, Law, lovdata_url_for
+from lovd.demo.search import Result as SearchResult
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,21 @@ class _BearerAuth:
 def _law_or_error(corpus: Corpus, ref: str) -> Law:
     law = corpus.find_law(ref)
     if law is None:
+        known = corpus.unknown_law_name(ref)
+        named = f" ({known})" if known else ""
         raise ToolError(
-            f"Fant ingen lov eller forskrift for {ref!r}. Bruk list_laws eller "
-            "search_laws_fulltext for å finne riktig dokument-id."
+            f"Fant ingen lov eller forskrift for {ref!r}{named} i dette utvalget av Lovdata. "
+            "Bruk list_laws eller search_laws_fulltext for å finne riktig dokument-id."
         )
     return law
+
+
+def _how(result: SearchResult) -> dict[str, Any]:
+    """What the search did, for the caller to judge its hits."""
+    how: dict[str, Any] = {"match": result.mode}
+    if result.corrected:
+        how["searched_instead"] = result.corrected
+    return how
 
 
 def _optional_law(corpus: Corpus, law_id: str | None) -> Law | None:
@@ -193,11 +204,14 @@ def build_server(corpus: Corpus, calls: CallLog) -> MCPServer[Any]:
 
     @mcp.tool()
     def search_laws_fulltext(query: str, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
-        """Norwegian full-text search over laws and regulations (titles and text).
-        All query words must match; word prefixes match ("oppsig" finds "oppsigelse")."""
-        hits = corpus.search_laws(query, limit, require_all=True)
+        """Norwegian full-text search over laws and regulations (titles and text), ranked
+        by BM25. Words are stemmed ("arbeidsgiveren" finds "arbeidsgiver") and match
+        compounds they start ("oppsigelse" finds "oppsigelsesvern"); all words must match,
+        and when no law matches them all, any may ("match": "all" or "any")."""
+        hits, result = corpus.search_laws(query, limit, require_all=True)
         return {
             "query": query,
+            **_how(result),
             "total": len(hits),
             "results": [{**law.summary(), "score": score} for law, score in hits],
         }
@@ -206,10 +220,10 @@ def build_server(corpus: Corpus, calls: CallLog) -> MCPServer[Any]:
     def search_laws_semantic(
         query: str, limit: int = DEFAULT_LIMIT, threshold: float = DEFAULT_SEMANTIC_THRESHOLD
     ) -> dict[str, Any]:
-        """Semantic search over laws. In this stand-in "semantic" is a token-overlap score
-        (share of query words found, 0..1), not an embedding model; results below
-        threshold are dropped."""
-        hits = corpus.search_laws(query, limit, require_all=False, threshold=threshold)
+        """Semantic search over laws. In this stand-in "semantic" is the share of query
+        words found (stemmed, 0..1, ties ranked by BM25), not an embedding model; results
+        below threshold are dropped."""
+        hits, _ = corpus.search_laws(query, limit, require_all=False, threshold=threshold)
         return {
             "query": query,
             "total": len(hits),
@@ -266,13 +280,17 @@ def build_server(corpus: Corpus, calls: CallLog) -> MCPServer[Any]:
     def search_provisions_fulltext(
         query: str, law_id: str | None = None, limit: int = DEFAULT_LIMIT
     ) -> dict[str, Any]:
-        """Norwegian full-text search in provisions (heading, text and the law's title),
-        optionally within one law. All query words must match; word prefixes and compound
-        parts match ("oppsigelse" finds "oppsigelsesvern")."""
+        """Norwegian full-text search in provisions (heading, text and the law's names),
+        optionally within one law (law_id: doc id, short title or abbreviation such as
+        "aml"), ranked by BM25. Words are stemmed ("arbeidsgiveren" finds "arbeidsgiver")
+        and match compounds they start ("oppsigelse" finds "oppsigelsesvern"); all words
+        must match, and when no provision matches them all, any may ("match": "all" or
+        "any"). "§ 15-7" in the query keeps to provisions with that number."""
         law = _optional_law(corpus, law_id)
-        hits = corpus.search_provisions(query, law, limit, require_all=True)
+        hits, result = corpus.search_provisions(query, law, limit, require_all=True)
         return {
             "query": query,
+            **_how(result),
             "law_id": law.doc_id if law else None,
             "total": len(hits),
             "results": [{**corpus.provision_record(p), "score": s} for p, s in hits],
@@ -285,10 +303,13 @@ def build_server(corpus: Corpus, calls: CallLog) -> MCPServer[Any]:
         limit: int = DEFAULT_LIMIT,
         threshold: float = DEFAULT_SEMANTIC_THRESHOLD,
     ) -> dict[str, Any]:
-        """Semantic search in provisions. In this stand-in "semantic" is a token-overlap
-        score (share of query words found in the provision, 0..1), not embeddings."""
+        """Semantic search in provisions. In this stand-in "semantic" is the share of
+        query words found in the provision (stemmed, 0..1, ties ranked by BM25), not
+        embeddings."""
         law = _optional_law(corpus, law_id)
-        hits = corpus.search_provisions(query, law, limit, require_all=False, threshold=threshold)
+        hits, _ = corpus.search_provisions(
+            query, law, limit, require_all=False, threshold=threshold
+        )
         return {
             "query": query,
             "law_id": law.doc_id if law else None,
@@ -342,6 +363,11 @@ def build_server(corpus: Corpus, calls: CallLog) -> MCPServer[Any]:
         "LOV-2005-06-17-62" to the law and provision it names."""
         resolved = corpus.resolve(reference)
         if resolved is None:
+            known = corpus.unknown_law_name(reference)
+            if known:
+                message = f"{known} finnes ikke i dette utvalget av Lovdata."
+                return {"reference": reference, "found": False, "law_name": known,
+                        "message": message[:1].upper() + message[1:]}
             return {"reference": reference, "found": False, "message": "Ukjent lov."}
         law, provision, section = resolved
         data: dict[str, Any] = {"reference": reference, "law": law.summary()}

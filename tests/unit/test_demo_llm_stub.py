@@ -121,34 +121,33 @@ async def test_legal_question_streams_a_tool_call(stub: StandIn) -> None:
     )
     name, args, finish = tool_call_from(chunks)
     assert name == "lovdata_search_provisions_fulltext"
-    assert args == {"query": "oppsigelse", "law_id": "arbeidsmiljøloven", "limit": 3}
+    assert args == {"query": "oppsigelse", "law_id": "arbeidsmiljøloven", "limit": 5}
     assert finish == "tool_calls"
     assert chunks[-1]["usage"]["total_tokens"] > 0
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
 async def test_answer_after_tool_result_cites_the_url(stub: StandIn) -> None:
-    messages = [
+    def call(cid: str, name: str, arguments: str, result: Any) -> list[dict[str, Any]]:
+        fn = {"name": name, "arguments": arguments}
+        return [
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": cid, "type": "function", "function": fn}]},
+            {"role": "tool", "tool_call_id": cid, "content": json.dumps(result)},
+        ]
+
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {
-                        "name": "lovdata_search_provisions_fulltext",
-                        "arguments": '{"query":"oppsigelse"}',
-                    },
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(TOOL_RESULT)},
+        *call("call_1", "lovdata_search_provisions_fulltext", '{"query":"oppsigelse"}',
+              TOOL_RESULT),
     ]
-    chunks = await stream(
-        stub.base_url, {"model": "legal-stub", "messages": messages, "tools": lovdata_tools()}
-    )
+    body = {"model": "legal-stub", "messages": messages, "tools": lovdata_tools()}
+    # It reads the best provision it found before it answers.
+    name, args, _ = tool_call_from(await stream(stub.base_url, body))
+    assert name == "lovdata_get_provision"
+    assert args == {"provision_id": "NL/lov/2005-06-17-62/§15-7"}
+    messages += call("call_2", name, json.dumps(args), TOOL_RESULT["results"][0])
+    chunks = await stream(stub.base_url, {**body, "messages": messages})
     text = text_from(chunks)
     assert "https://lovdata.no/lov/2005-06-17-62/§15-7" in text
     assert "§ 15-7 arbeidsmiljøloven" in text
@@ -210,10 +209,18 @@ async def test_small_talk_without_tools_gets_a_generic_answer(stub: StandIn) -> 
         (QUESTION, "oppsigelse", "arbeidsmiljøloven"),
         (
             "Hvor stort depositum kan utleier kreve etter husleieloven?",
-            "depositum utleier",
+            "depositum utleier kreve",
             "husleieloven",
         ),
         ("What does Norwegian law say about dismissal?", "dismissal", None),
+        (
+            "Kan arbeidsgiveren si meg opp uten saklig grunn?",
+            "arbeidsgiveren oppsigelse saklig grunn",
+            None,
+        ),
+        ("Kan huseieren kaste meg ut?", "utleier oppsigelse", None),
+        ("Hva sier hl om depositum?", "depositum", "husleieloven"),
+        ("Hva sier avhl om mangler?", "mangler", "avhendingslova"),
     ],
 )
 def test_extract_query(question: str, query: str, law: str | None) -> None:
