@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from lovd import ids
+from lovd import ids, limits
 from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
@@ -146,6 +146,8 @@ class Launcher:
         from lovd import egress  # here, not at the top: keeps egress's edit inside spec()
 
         c = self.config
+        enforcement = self.runner.enforcement(c.userns)
+        limits.check(c, enforcement)  # 503 where a limit would not hold (limits.enforce)
         return ContainerSpec(
             session_id=session.id,
             instance_id=self.store.instance_id,
@@ -161,6 +163,7 @@ class Launcher:
             stop_timeout=c.stop_timeout,
             extra_args=self._network_args() + list(c.extra_run_args),
             cgroup_v2=cgroup_v2(),
+            cgroup_limits=enforcement.cgroup,
             secret_file=self.secrets_dir / ids.secret_file_name(session.id),
             systemd_unit=self.runner.unit_name(session.id),
             # The egress hook (rules in the container's netns before it runs); checked
