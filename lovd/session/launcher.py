@@ -146,8 +146,7 @@ class Launcher:
         from lovd import egress  # here, not at the top: keeps egress's edit inside spec()
 
         c = self.config
-        enforcement = self.runner.enforcement(c.userns)
-        limits.check(c, enforcement)  # 503 where a limit would not hold (limits.enforce)
+        enforcement = self.check_limits()
         return ContainerSpec(
             session_id=session.id,
             instance_id=self.store.instance_id,
@@ -170,6 +169,13 @@ class Launcher:
             # on disk for every start, since Podman ignores a missing hooks dir.
             hooks_dir=egress.ensure(c),
         )
+
+    def check_limits(self) -> limits.Enforcement:
+        """503 where a session's memory/CPU/pids limit would not hold, unless
+        limits.enforce is false (lovd/limits.py); else what the runner enforces."""
+        enforcement = self.runner.enforcement(self.config.userns)
+        limits.check(self.config, enforcement)
+        return enforcement
 
     def _network_args(self) -> list[str]:
         # Every session calls the broker on the host's loopback (session_network); the

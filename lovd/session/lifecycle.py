@@ -206,6 +206,7 @@ class Sessions:
 
     async def create(self, wait: bool = True) -> tuple[Session, str]:
         """Create and start a session. Returns the session and its token (shown once)."""
+        self.check_limits()
         token = ids.new_token()
         token_hash = ids.hash_token(token)
         async with self.admission.lock:
@@ -228,6 +229,11 @@ class Sessions:
         else:
             self._spawn(self._logged(start, sid))
         return session, token
+
+    def check_limits(self) -> None:
+        """503 before any row changes where a session's limits would not hold (the
+        launcher checks again at every start)."""
+        self.launcher.check_limits()
 
     async def _claim_warm(self, token_hash: str, now: float) -> Session | None:
         """Give a warm row to a new owner. A compare-and-set on its state: a discard that
@@ -256,6 +262,7 @@ class Sessions:
         if session.status == SessionState.RUNNING:
             return session
         if session.status != SessionState.STARTING:
+            self.check_limits()
             async with self.admission.lock:
                 self.admission.admit()
                 async with self.lock(sid):
