@@ -27,8 +27,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = {"memory": "limits.memory", "cpu": "limits.cpus", "pids": "limits.tasks"}
 DELEGATE_FIX = (
     "boot with systemd.unified_cgroup_hierarchy=1 (cgroup v2) and delegate the controllers "
-    "to user managers (a drop-in for user@.service with Delegate=memory cpu pids), then "
-    "restart lovd; or set limits.enforce: false to run sessions without them"
+    "to user managers (Delegate=cpu cpuset io memory pids in a user@.service drop-in: "
+    "packaging/install.sh installs units/user@.service.d/delegate.conf), then restart "
+    "lovd; or set limits.enforce: false to run sessions without them"
 )
 
 

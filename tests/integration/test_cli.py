@@ -48,7 +48,7 @@ def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
     if here.missing:  # limits.enforce: true (the default) on a host that cannot
         assert r.returncode == 1 and "[FAIL] limits" in r.stdout, r.stdout
         assert "Sessions are refused (503, limits.enforce: true)" in r.stdout
-        assert "Delegate=memory cpu pids" in r.stdout
+        assert "Delegate=cpu cpuset io memory pids" in r.stdout
     else:
         assert "[ok  ] limits" in r.stdout, r.stdout
     assert first.returncode == 0, first.stdout

@@ -101,7 +101,7 @@ def test_check_refuses_with_the_missing_controller_and_the_fix() -> None:
     msg = err.value.message
     assert "memory (limits.memory)" in msg and "cpu (limits.cpus)" in msg
     assert "pids" not in msg.split("would not apply")[0]
-    assert "Delegate=memory cpu pids" in msg and "limits.enforce: false" in msg
+    assert "Delegate=cpu cpuset io memory pids" in msg and "limits.enforce: false" in msg
     assert err.value.extra == {"missing_limits": ["memory", "cpu"]}
     limits.check(config.from_mapping({"limits": {"enforce": False}}), e)  # opted out
     limits.check(cfg, limits.Enforcement(ALL, "auto"))  # all enforced
@@ -146,7 +146,7 @@ def test_doctor_says_how_each_limit_is_enforced() -> None:
     assert "tasks 64: enforced by rlimit (nproc) only" in c.detail
     assert "Sessions are refused (503" in c.detail and "cgroup v1/hybrid" in c.detail
     assert "podman: cgroup v1, cgroupfs manager" in c.detail
-    assert "Delegate=memory cpu pids" in c.fix
+    assert "Delegate=cpu cpuset io memory pids" in c.fix
     text = render([c])
     assert "[FAIL] limits" in text and "fix: boot with systemd.unified_cgroup_hierarchy=1" in text
 
