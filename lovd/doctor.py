@@ -133,7 +133,7 @@ async def run_checks(config: Config) -> list[Check]:
                 )
             )
 
-    out.append(limits_check(config, host))
+    out.append(limits_check(config, host, runner=await _runner_kind(config)))
 
     tun = Path("/dev/net/tun")
     if tun.exists() and os.access(tun, os.R_OK | os.W_OK):
@@ -208,12 +208,23 @@ async def run_checks(config: Config) -> list[Check]:
     return out
 
 
+async def _runner_kind(config: Config) -> str:
+    if config.runner != "auto":
+        return config.runner
+    return "systemd" if await user_manager_reachable() else "podman"
+
+
 def limits_check(
-    config: Config, podman_host: dict[str, object], enforcement: limits.Enforcement | None = None
+    config: Config,
+    podman_host: dict[str, object],
+    enforcement: limits.Enforcement | None = None,
+    *,
+    runner: str = "podman",
 ) -> Check:
     """How each session limit is enforced (by cgroup, by rlimit, or not at all) for this
-    user's containers, and whether sessions start without the missing ones."""
-    e = enforcement or limits.detect(config.userns)
+    user's containers under ``runner``, and whether sessions start without the missing
+    ones."""
+    e = enforcement or limits.for_runner(runner, config.userns)
     detail = "; ".join(e.describe(config))
     seen = podman_host.get("cgroupVersion"), podman_host.get("cgroupManager")
     if all(seen):

@@ -12,8 +12,11 @@ its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,7 @@ class Enforcement:
     userns: str  # --userns: RLIMIT_NPROC counts per uid, so it is per container under auto
     unified: bool = True  # cgroup v2 only (not v1 or hybrid)
     source: Path = Path("/nonexistent")  # the user manager's cgroup.controllers
+    reason: str = ""  # why no cgroup holds them, when it is not the host's cgroups
 
     @property
     def nproc_per_container(self) -> bool:
@@ -109,12 +113,59 @@ class Enforcement:
         return out
 
     def why(self) -> str:
+        if self.reason:
+            return self.reason
         if not self.unified:
             return "this host has cgroup v1/hybrid, where rootless containers get no cgroup limits"
         return (
             f"the lovd user's systemd manager has no {', '.join(self.missing)} controller "
             f"delegated ({self.source})"
         )
+
+
+def podman_cgroup_manager(
+    home: Path | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """The cgroup manager rootless Podman is configured with (containers.conf(5): the
+    system files, then the user's; CONTAINERS_CONF replaces them all)."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME", "~")).expanduser() if home is None else home
+    user = Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "containers"
+    files: list[Path] = []
+    if env.get("CONTAINERS_CONF"):
+        files = [Path(env["CONTAINERS_CONF"])]
+    else:
+        for base in (Path("/usr/share/containers"), Path("/etc/containers"), user):
+            files.append(base / "containers.conf")
+            files += sorted((base / "containers.conf.d").glob("*.conf"))
+    manager = "systemd"
+    for f in files:
+        try:
+            engine = tomllib.loads(f.read_text()).get("engine", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        if isinstance(engine, dict) and isinstance(engine.get("cgroup_manager"), str):
+            manager = engine["cgroup_manager"]
+    return manager
+
+
+def for_runner(runner: str, userns: str, *, cgroup_manager: str | None = None) -> Enforcement:
+    """What containers of the ``systemd`` or ``podman`` runner get. The systemd runner's
+    unit limits are the user manager's; the direct runner's containers are in the user
+    manager's tree only through Podman's systemd cgroup manager (with cgroupfs a rootless
+    container gets no cgroup it may limit)."""
+    e = detect(userns)
+    if runner == "systemd" or not e.cgroup:
+        return e
+    manager = cgroup_manager or podman_cgroup_manager()
+    if manager == "systemd":
+        return e
+    return dataclasses.replace(
+        e,
+        cgroup=frozenset(),
+        reason=f"Podman's cgroup_manager is {manager!r} (containers.conf), so rootless "
+        'containers get no cgroup of the user manager; set cgroup_manager = "systemd"',
+    )
 
 
 def check(config: Config, enforcement: Enforcement) -> None:

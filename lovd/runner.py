@@ -119,8 +119,8 @@ class PodmanRunner:
         await _remove_tree(self.podman, path)
 
     def enforcement(self, userns: str) -> limits.Enforcement:
-        # Read at every start (two small sysfs files): a host fixed at runtime counts.
-        return limits.detect(userns)
+        # Read at every start (a few small files): a host fixed at runtime counts.
+        return limits.for_runner("podman", userns)
 
 
 async def _remove_tree(podman: str, path: Path) -> None:
@@ -240,7 +240,7 @@ class SystemdRunner:
         return ids.unit_name(session_id)
 
     def enforcement(self, userns: str) -> limits.Enforcement:
-        return limits.detect(userns)
+        return limits.for_runner("systemd", userns)
 
     async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]:
         """One ``systemctl show`` for every unit (re-adopting 200 sessions must not cost

@@ -25,7 +25,7 @@ def lovd(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[
 def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
     conf = tmp_path / "lovd.conf"
     conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image,
-                                    "limits": {"enforce": False}}))
+                                    "runner": "podman", "limits": {"enforce": False}}))
     r = lovd("doctor", "--json", config=conf)
     checks = {c["name"]: c for c in json.loads(r.stdout)}
     for name in ("user", "podman", "runtime", "storage", "subuid", "subgid", "network",
@@ -37,13 +37,14 @@ def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
     first = r
 
     # The truth about each limit, as the daemon would apply it on this host.
-    here = limits.detect("auto")
+    here = limits.for_runner("podman", "auto")
     got = checks["limits"]
     for phrase in here.describe(config.from_mapping({})):
         assert phrase in got["detail"], got
     assert got["status"] == ("warn" if here.missing else "ok"), got
     assert "pids-limit is applied" not in r.stdout
-    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image}))
+    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image,
+                                    "runner": "podman"}))
     r = lovd("doctor", config=conf)
     if here.missing:  # limits.enforce: true (the default) on a host that cannot
         assert r.returncode == 1 and "[FAIL] limits" in r.stdout, r.stdout

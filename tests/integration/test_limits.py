@@ -40,7 +40,7 @@ def test_a_session_is_refused_where_its_limits_would_not_hold(
 ) -> None:
     p = LovdProc(tmp_path, limits={"enforce": True, "max_running": 2})
     made.append(p.start())
-    here = limits.detect("auto")
+    here = limits.for_runner("podman", "auto")
     status, _, body = p.api("POST", "/api/sessions", {})
     if here.missing:
         assert status == 503, body
@@ -65,7 +65,7 @@ def test_a_fork_loop_stops_at_the_sessions_task_limit(
     tasks = 32
     p = LovdProc(tmp_path, limits={"tasks": tasks})  # limits.enforce: false (the harness)
     made.append(p.start())
-    if limits.detect("auto").missing:
+    if limits.for_runner("podman", "auto").missing:
         assert "limits.enforce is false" in p.log_path.read_text()  # said at start
     status, _, s = p.api("POST", "/api/sessions", {})
     assert status == 201, s

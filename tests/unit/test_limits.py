@@ -164,3 +164,31 @@ def test_doctor_says_how_each_limit_is_enforced() -> None:
     )
     shared = limits_check(cfg, {}, limits.Enforcement(frozenset({"memory", "cpu"}), "keep-id"))
     assert shared.status == "fail" and "tasks 64: NOT enforced" in shared.detail
+
+
+def test_podman_cgroup_manager_follows_containers_conf(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    user = home / ".config" / "containers"
+    user.mkdir(parents=True)
+    env = {"HOME": str(home)}
+    (user / "containers.conf").write_text('[engine]\ncgroup_manager = "cgroupfs"\n')
+    assert limits.podman_cgroup_manager(env=env) == "cgroupfs"
+    (user / "containers.conf.d").mkdir()
+    (user / "containers.conf.d" / "z.conf").write_text('[engine]\ncgroup_manager = "systemd"\n')
+    assert limits.podman_cgroup_manager(env=env) == "systemd"  # drop-ins come later
+    only = tmp_path / "only.conf"
+    only.write_text('[engine]\ncgroup_manager = "cgroupfs"\n')
+    assert limits.podman_cgroup_manager(env={**env, "CONTAINERS_CONF": str(only)}) == "cgroupfs"
+
+
+def test_the_direct_runner_gets_cgroup_limits_only_through_systemds_manager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = cgroup_tree(tmp_path / "cg", unified=True, delegated="cpu memory pids")
+    delegated = limits.detect("auto", uid=UID, root=root)
+    monkeypatch.setattr(limits, "detect", lambda userns: delegated)
+    assert limits.for_runner("systemd", "auto").cgroup == ALL  # the unit's own limits
+    assert limits.for_runner("podman", "auto", cgroup_manager="systemd").cgroup == ALL
+    e = limits.for_runner("podman", "auto", cgroup_manager="cgroupfs")
+    assert e.cgroup == frozenset() and e.missing == ["memory", "cpu"]
+    assert "cgroup_manager is 'cgroupfs'" in e.why()
