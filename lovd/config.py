@@ -139,6 +139,15 @@ class Config:
     memory_max: str = setting("limits.memory", "4G", "Memory limit per session (MemoryMax=).")
     cpus: float = setting("limits.cpus", 1.0, "CPU limit per session, in CPUs (CPUQuota=).")
     tasks_max: int = setting("limits.tasks", 512, "Process/thread limit per session (TasksMax=).")
+    limits_enforce: bool = setting(
+        "limits.enforce",
+        True,
+        "Refuse to start sessions (503) where the host cannot enforce limits.memory, "
+        "limits.cpus and limits.tasks for the lovd user (cgroup v2 with the memory, cpu and "
+        "pids controllers delegated to its user manager; lovd doctor says which are). "
+        "false: start them anyway, without the missing limits (logged at start, shown by "
+        "lovd doctor).",
+    )
     max_running: int = setting(
         "limits.max_running", 3, "Sessions that may run at once; more get 429 + Retry-After."
     )

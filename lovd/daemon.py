@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lovd import __version__, egress
+from lovd import __version__, egress, limits
 from lovd.broker import server as broker_server
 from lovd.broker.server import Broker
 from lovd.caddy import CaddyManager, auth_socket_path
@@ -232,6 +232,7 @@ class Daemon:
         self._closers.append(http)
         client = await make_podman_client(c, self._closers)
         runner = await make_runner(c, client, store.instance_id)
+        limits.announce(c, runner.enforcement(c.userns))
         metrics = Metrics()
         try:
             demo = await demo_mode.start(c)

@@ -12,9 +12,9 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lovd import egress
+from lovd import egress, limits
 from lovd.config import Config
-from lovd.podman import LABEL_INSTANCE, LABEL_SESSION, cgroup_v2, default_api_socket
+from lovd.podman import LABEL_INSTANCE, LABEL_SESSION, default_api_socket
 from lovd.runner import user_manager_reachable
 
 
@@ -133,25 +133,7 @@ async def run_checks(config: Config) -> list[Check]:
                 )
             )
 
-    if cgroup_v2():
-        out.append(
-            Check(
-                "cgroups",
-                "ok",
-                "cgroup v2: memory/CPU/task limits are enforced "
-                "(with delegation to the user manager)",
-            )
-        )
-    else:
-        out.append(
-            Check(
-                "cgroups",
-                "warn",
-                "cgroup v1/hybrid: rootless containers cannot have memory/CPU limits "
-                "enforced; pids-limit is applied by the runtime, unit limits are recorded only",
-                "boot with systemd.unified_cgroup_hierarchy=1 for enforced limits",
-            )
-        )
+    out.append(limits_check(config, host, runner=await _runner_kind(config)))
 
     tun = Path("/dev/net/tun")
     if tun.exists() and os.access(tun, os.R_OK | os.W_OK):
@@ -224,6 +206,46 @@ async def run_checks(config: Config) -> list[Check]:
 
     out += await postgres_checks(config)
     return out
+
+
+async def _runner_kind(config: Config) -> str:
+    if config.runner != "auto":
+        return config.runner
+    return "systemd" if await user_manager_reachable() else "podman"
+
+
+def limits_check(
+    config: Config,
+    podman_host: dict[str, object],
+    enforcement: limits.Enforcement | None = None,
+    *,
+    runner: str = "podman",
+) -> Check:
+    """How each session limit is enforced (by cgroup, by rlimit, or not at all) for this
+    user's containers under ``runner``, and whether sessions start without the missing
+    ones."""
+    e = enforcement or limits.for_runner(runner, config.userns)
+    detail = "; ".join(e.describe(config))
+    seen = podman_host.get("cgroupVersion"), podman_host.get("cgroupManager")
+    if all(seen):
+        detail += f" (podman: cgroup {seen[0]}, {seen[1]} manager)"
+    missing = e.missing
+    if not missing:
+        return Check("limits", "ok", detail)
+    names = ", ".join(missing)
+    if config.limits_enforce:
+        return Check(
+            "limits",
+            "fail",
+            f"{detail}. Sessions are refused (503, limits.enforce: true): {e.why()}",
+            limits.DELEGATE_FIX,
+        )
+    return Check(
+        "limits",
+        "warn",
+        f"{detail}. limits.enforce: false: sessions start without {names} limits",
+        limits.DELEGATE_FIX.split("; or ")[0],
+    )
 
 
 def floors_check(config: Config) -> Check:

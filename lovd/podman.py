@@ -51,6 +51,9 @@ class ContainerSpec:
     secret_file: Path = Path("/nonexistent")
     extra_args: list[str] = field(default_factory=list)
     cgroup_v2: bool = False
+    # Which of memory/cpu/pids a cgroup enforces for this runner (lovd/limits.py); the
+    # others are left out of the argv, so `podman inspect` never shows a limit that is not.
+    cgroup_limits: frozenset[str] = frozenset()
     systemd_unit: str = ""
     # podman's global --hooks-dir: the session egress hook (lovd/egress.py). None: no hook.
     hooks_dir: Path | None = None
@@ -60,7 +63,7 @@ class ContainerSpec:
         return ids.container_name(self.session_id)
 
 
-def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
+def run_argv(podman: str, spec: ContainerSpec) -> list[str]:
     """argv for ``podman run`` (Quadlet conventions). No secret ever goes in here: they
     reach the container as a file bind-mounted read-only from lovd's runtime directory
     (tmpfs, 0700), over a tmpfs at /run/secrets so the read-only root needs no mountpoint.
@@ -93,8 +96,10 @@ def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
         "/run/secrets:rw,nosuid,nodev,noexec,size=1m",
         "-v",
         f"{spec.secret_file}:{SECRET_TARGET}:ro",
-        "--pids-limit",
-        str(spec.tasks_max),
+        # RLIMIT_NPROC counts the tasks of one uid, and under --userns=auto every container
+        # has uids of its own: a process limit that holds without cgroup delegation.
+        "--ulimit",
+        f"nproc={spec.tasks_max}:{spec.tasks_max}",
         "--stop-timeout",
         str(spec.stop_timeout),
         "--userns",
@@ -108,10 +113,13 @@ def run_argv(podman: str, spec: ContainerSpec, *, limits: bool) -> list[str]:
     ]
     if spec.user:
         argv += ["--user", spec.user]
-    if limits:
-        # Only meaningful where rootless Podman can apply them (cgroup v2 with delegation);
-        # under systemd the unit's MemoryMax=/CPUQuota= are the authoritative limits.
-        argv += ["--memory", spec.memory_max, "--cpus", f"{spec.cpus:g}"]
+    # Under systemd the unit's MemoryMax=/CPUQuota=/TasksMax= apply as well.
+    if "pids" in spec.cgroup_limits:
+        argv += ["--pids-limit", str(spec.tasks_max)]
+    if "memory" in spec.cgroup_limits:
+        argv += ["--memory", spec.memory_max]
+    if "cpu" in spec.cgroup_limits:
+        argv += ["--cpus", f"{spec.cpus:g}"]
     if spec.systemd_unit:
         argv += ["--sdnotify=conmon", "--env", f"PODMAN_SYSTEMD_UNIT={spec.systemd_unit}"]
         if spec.cgroup_v2:

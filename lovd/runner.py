@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from lovd import ids
+from lovd import ids, limits
 from lovd.errors import LovdError
 from lovd.podman import ContainerInfo, ContainerSpec, PodmanClient, communicate, run_argv
 
@@ -63,6 +63,10 @@ class Runner(Protocol):
 
     async def remove_workspace(self, path: Path) -> None: ...
 
+    def enforcement(self, userns: str) -> limits.Enforcement:
+        """Which of memory/cpu/pids limits this runner's containers get (lovd/limits.py)."""
+        ...
+
 
 async def _exec(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
@@ -92,7 +96,7 @@ class PodmanRunner:
         self.instance_id = instance_id
 
     async def start(self, spec: ContainerSpec) -> str:
-        argv = run_argv(self.podman, spec, limits=spec.cgroup_v2)
+        argv = run_argv(self.podman, spec)
         code, out, err = await _exec(*argv)
         if code != 0:
             await self.client.remove(spec.name)
@@ -113,6 +117,10 @@ class PodmanRunner:
 
     async def remove_workspace(self, path: Path) -> None:
         await _remove_tree(self.podman, path)
+
+    def enforcement(self, userns: str) -> limits.Enforcement:
+        # Read at every start (a few small files): a host fixed at runtime counts.
+        return limits.for_runner("podman", userns)
 
 
 async def _remove_tree(podman: str, path: Path) -> None:
@@ -170,10 +178,16 @@ class SystemdRunner:
             "Delegate=yes",
             # Default CollectMode=inactive: a unit that exhausted its restarts stays loaded
             # as failed, so reconcile can read its Result (start() and stop() reset-failed).
+            # Enforced only where the user manager has these controllers delegated
+            # (spec.cgroup_limits; lovd/limits.py refuses the start otherwise); recorded
+            # always, so `systemctl --user show` says what was asked for.
             f"MemoryMax={spec.memory_max}",
             f"CPUQuota={round(spec.cpus * 100)}%",
             f"TasksMax={spec.tasks_max}",
             "Restart=on-failure",
+            # `podman stop` ends the container with SIGTERM (143 through --init): a clean
+            # stop, neither restarted nor a failed unit.
+            "SuccessExitStatus=143",
             "RestartSec=1",
             # Restart at most restart_attempts times within the window, then fail the unit.
             f"StartLimitBurst={self.restart_attempts + 1}",
@@ -198,7 +212,7 @@ class SystemdRunner:
         ]
         for prop in self.properties(spec):
             argv += ["-p", prop]
-        argv += ["--", *run_argv(self.podman, spec, limits=spec.cgroup_v2)]
+        argv += ["--", *run_argv(self.podman, spec)]
         code, _, err = await _exec(*argv, env=self._env())
         if code != 0:
             await self.stop(spec.session_id)
@@ -224,6 +238,9 @@ class SystemdRunner:
 
     def unit_name(self, session_id: str) -> str:
         return ids.unit_name(session_id)
+
+    def enforcement(self, userns: str) -> limits.Enforcement:
+        return limits.for_runner("systemd", userns)
 
     async def unit_states(self, session_ids: Sequence[str]) -> dict[str, UnitState]:
         """One ``systemctl show`` for every unit (re-adopting 200 sessions must not cost

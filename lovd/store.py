@@ -153,7 +153,10 @@ class Store:
         await self._db.close()
 
     async def _load(self) -> None:
-        async with self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sessions") as cur:
+        # Tombstones (a delete not finished yet, see tombstone()) are no live session.
+        async with self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE status <> 'deleted'"
+        ) as cur:
             rows = await cur.fetchall()
         self._sessions = {r[0]: Session(*r) for r in rows}
 
@@ -232,6 +235,48 @@ class Store:
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
         self.on_outbox()
+
+    async def tombstone(self, session_id: str, reason: str = "") -> bool:
+        """The first step of a crash-safe delete. The row leaves the live sessions (API,
+        gate, broker, admission, its port) and the outbox carries its one deletion to
+        PostgreSQL, but it stays in SQLite as status 'deleted' until the container and the
+        workspace are gone (:meth:`purge`): a crash in between leaves a tombstone the next
+        reconcile finishes, never a stopped row whose history is gone. False: no such row."""
+        async with self._tx() as db:
+            current = self._sessions.get(session_id)
+            if current is None:
+                return False
+            gone = dataclasses.replace(
+                current,
+                status="deleted",
+                reason=reason,
+                updated_at=time.time(),
+                version=current.version + 1,
+            )
+            # port = -rowid: unique and never a real port, so a new session may take it.
+            await db.execute(
+                "UPDATE sessions SET status = 'deleted', reason = ?, updated_at = ?, "
+                "version = ?, port = -rowid, token_hash = '', broker_hash = '' WHERE id = ?",
+                (reason, gone.updated_at, gone.version, session_id),
+            )
+            await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
+            await self._record(db, gone, "delete", "deleted", reason)
+        del self._sessions[session_id]
+        self.on_outbox()
+        return True
+
+    async def tombstones(self) -> list[str]:
+        """Sessions whose delete has not finished (:meth:`tombstone`)."""
+        async with self._db.execute("SELECT id FROM sessions WHERE status = 'deleted'") as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def purge(self, session_id: str) -> None:
+        """The last step of a delete: drop the tombstone (no outbox row: PostgreSQL saw the
+        deletion when the tombstone was written)."""
+        async with self._tx() as db:
+            await db.execute(
+                "DELETE FROM sessions WHERE id = ? AND status = 'deleted'", (session_id,)
+            )
 
     async def touch(self, activity: dict[str, float]) -> None:
         """Persist last-activity times in one transaction (no outbox: not a state change)."""

@@ -281,45 +281,12 @@ done
 
 # ---------------------------------------------------------------- rootless Podman
 log "configuring rootless Podman for $LOVD_USER"
-runtime=runc
-if [ -f /sys/fs/cgroup/cgroup.controllers ] && command -v crun >/dev/null; then runtime=crun; fi
-cgroup_manager=systemd
-# Rootless Podman cannot use cgroups at all on cgroup v1; the systemd manager then only
-# adds scope round trips, and cgroupfs is what Podman itself falls back to.
-[ -f /sys/fs/cgroup/cgroup.controllers ] || cgroup_manager=cgroupfs
 cfg="$STATE/.config/containers"
 # As lovd: these paths are lovd's to replace (lib.sh).
 owner_mkdir "$LOVD_USER" 0700 "$STATE/.config" "$cfg"
-tmp=$(mktemp)
-cat > "$tmp" <<CONF
-# Written by lovd's packaging/install.sh (rewritten on every install).
-[containers]
-# Rootless processes may not raise limits above the user's hard limits.
-default_ulimits = ["nofile=8192:8192", "nproc=32768:32768"]
-# Container stdout/stderr go to the journal, tagged with the session unit.
-log_driver = "journald"
-[engine]
-runtime = "$runtime"
-cgroup_manager = "$cgroup_manager"
-events_logger = "journald"
-CONF
-changed=
-put_config() {  # put_config SRC DEST: write DEST as lovd only when different, and remember it
-  if ! owner_same "$LOVD_USER" "$1" "$2"; then
-    owner_write "$LOVD_USER" 0644 "$2" < "$1"
-    changed=1
-  fi
-}
-put_config "$tmp" "$cfg/containers.conf"
-cat > "$tmp" <<CONF
-# Written by lovd's packaging/install.sh: native rootless overlay instead of the vfs
-# fallback (which copies every image per container).
-[storage]
-driver = "overlay"
-CONF
-put_config "$tmp" "$cfg/storage.conf"
-rm -f "$tmp"
-if [ -n "$changed" ]; then
+PODMAN_CONFIG_CHANGED=
+podman_user_config "$LOVD_USER" "$cfg"  # lib.sh: the same files setup-host.sh writes
+if [ -n "$PODMAN_CONFIG_CHANGED" ]; then
   # Only when the config changed: migrate restarts Podman's pause process (and with it
   # every running container), and an API service still inside the old namespaces could
   # no longer see new containers' network namespaces; the socket restarts it on demand.

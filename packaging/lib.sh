@@ -165,3 +165,68 @@ reachable_by_others() {
     d=$(dirname "$d")
   done
 }
+
+# ---------------------------------------------------------------------------------------
+# The lovd user's rootless Podman configuration.
+
+# podman_user_config USER DIR: write USER's containers.conf and storage.conf in DIR (as
+# USER, lib.sh's owner_write), each only when its content differs, and set
+# PODMAN_CONFIG_CHANGED=1 when one was written. setup-host.sh and install.sh both write
+# them from here, so running one after the other changes nothing. The caller runs
+# `podman system migrate` only after a change: migrate restarts Podman's pause process,
+# and with it every running container of USER (every session).
+podman_user_config() {
+  local user=$1 dir=$2 runtime=runc cgroup_manager=cgroupfs tmp
+  # crun refuses hybrid cgroups; the runtime is chosen by what works on this host.
+  if [ -f /sys/fs/cgroup/cgroup.controllers ] && command -v crun >/dev/null; then runtime=crun; fi
+  tmp=$(mktemp)
+  if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
+    # Rootless Podman cannot use cgroups at all on cgroup v1; the systemd manager then
+    # only adds scope round trips, and cgroupfs is what Podman itself falls back to.
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then cgroup_manager=systemd; fi
+    cat > "$tmp" <<CONF
+# Written by lovd's packaging scripts (setup-host.sh, install.sh).
+[containers]
+# Rootless processes may not raise limits above the user's hard limits.
+default_ulimits = ["nofile=8192:8192", "nproc=32768:32768"]
+# Container stdout/stderr go to the journal, tagged with the session unit.
+log_driver = "journald"
+[engine]
+runtime = "$runtime"
+cgroup_manager = "$cgroup_manager"
+events_logger = "journald"
+CONF
+  else
+    cat > "$tmp" <<CONF
+# Written by lovd's setup-host.sh.
+[containers]
+# Rootless processes may not raise limits above the hard limit of the user.
+default_ulimits = ["nofile=8192:8192", "nproc=32768:32768"]
+[engine]
+runtime = "$runtime"
+cgroup_manager = "$cgroup_manager"
+events_logger = "file"
+CONF
+  fi
+  _config_update "$user" "$tmp" "$dir/containers.conf"
+  if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
+    printf '%s\n' "# Written by lovd's packaging scripts: native rootless overlay instead of the vfs" > "$tmp"
+  else
+    printf '%s\n' "# Written by lovd's setup-host.sh: native rootless overlay instead of the vfs" > "$tmp"
+  fi
+  cat >> "$tmp" <<CONF
+# fallback (which copies every image per container).
+[storage]
+driver = "overlay"
+CONF
+  _config_update "$user" "$tmp" "$dir/storage.conf"
+  rm -f -- "$tmp"
+}
+
+# _config_update USER SRC DEST: write DEST as USER (0644) when it differs from SRC.
+_config_update() {
+  if ! owner_same "$1" "$2" "$3"; then
+    owner_write "$1" 0644 "$3" < "$2"
+    PODMAN_CONFIG_CHANGED=1
+  fi
+}

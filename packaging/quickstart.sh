@@ -55,8 +55,16 @@ public_url: "http://localhost:8080"
 caddy:
   admin: "unix//run/lovd/caddy-admin.sock"
   listen: [":8080"]
+limits:
+  # Without systemd the lovd user has no user manager to hold cgroup v2 controllers, so
+  # a session's memory and CPU limits cannot be enforced (its process count still is,
+  # by rlimit). A demo; for production install under systemd (lovd doctor: limits).
+  enforce: false
 CONF
   chgrp lovd "$CONF" && chmod 0640 "$CONF"
+  echo "note: $CONF sets limits.enforce: false: without systemd this host cannot enforce a" \
+    "session's memory and CPU limits (only its process count); fine for a demo, not for" \
+    "production -- 'lovd doctor' shows how each limit is enforced" >&2
 fi
 uid=$(id -u lovd)
 # Without systemd, Caddy runs beside lovd as the same unprivileged user (port 8080);

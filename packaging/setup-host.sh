@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 host for lovd: packages, the unprivileged `lovd` user with
 # subordinate ids, its rootless Podman configuration, a venv with lovd installed,
-# and the session images. Idempotent: safe to run again after every pull.
+# and the session images. Idempotent: safe to run again after every pull (running
+# sessions keep running: Podman is migrated only when its configuration changed).
 #
 #   sudo packaging/setup-host.sh            # everything
 #   LOVD_SKIP_APT=1 packaging/setup-host.sh # skip apt (already installed)
@@ -60,42 +61,23 @@ if ! id "$LOVD_USER" >/dev/null 2>&1; then
     --shell /usr/sbin/nologin --comment "lovd session daemon" "$LOVD_USER"
 fi
 owned_dir "$LOVD_USER" "$LOVD_USER" 0750 "$LOVD_HOME"
+# New subordinate ids reach Podman's user namespace only through a migrate (below).
+PODMAN_CONFIG_CHANGED=
 if ! grep -q "^$LOVD_USER:" /etc/subuid; then
   usermod --add-subuids "$SUBID_START-$((SUBID_START + SUBID_COUNT - 1))" "$LOVD_USER"
+  PODMAN_CONFIG_CHANGED=1
 fi
 if ! grep -q "^$LOVD_USER:" /etc/subgid; then
   usermod --add-subgids "$SUBID_START-$((SUBID_START + SUBID_COUNT - 1))" "$LOVD_USER"
+  PODMAN_CONFIG_CHANGED=1
 fi
 uid=$(id -u "$LOVD_USER")
 
-# Podman for the lovd user. The runtime is chosen by what works on this host
-# (crun refuses hybrid cgroups), not hard-coded in lovd.
-runtime=crun
-if [ ! -f /sys/fs/cgroup/cgroup.controllers ] || ! command -v crun >/dev/null; then runtime=runc; fi
-if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
-  cgroup_manager=systemd; events_logger=journald
-else
-  cgroup_manager=cgroupfs; events_logger="file"
-fi
+# Podman for the lovd user (lib.sh: the same files install.sh writes).
 cfg="$LOVD_HOME/.config/containers"
 # As the user: these paths are the user's to replace (lib.sh).
 owner_mkdir "$LOVD_USER" 0700 "$LOVD_HOME/.config" "$cfg"
-owner_write "$LOVD_USER" 0644 "$cfg/containers.conf" <<CONF
-# Written by lovd's setup-host.sh.
-[containers]
-# Rootless processes may not raise limits above the hard limit of the user.
-default_ulimits = ["nofile=8192:8192", "nproc=32768:32768"]
-[engine]
-runtime = "$runtime"
-cgroup_manager = "$cgroup_manager"
-events_logger = "$events_logger"
-CONF
-owner_write "$LOVD_USER" 0644 "$cfg/storage.conf" <<CONF
-# Written by lovd's setup-host.sh: native rootless overlay instead of the vfs
-# fallback (which copies every image per container).
-[storage]
-driver = "overlay"
-CONF
+podman_user_config "$LOVD_USER" "$cfg"
 
 if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
   loginctl enable-linger "$LOVD_USER"
@@ -115,7 +97,11 @@ if [ -z "${LOVD_SKIP_VENV:-}" ]; then
 fi
 
 as_lovd() { runuser -u "$LOVD_USER" -- env -C "$LOVD_HOME" HOME="$LOVD_HOME" XDG_RUNTIME_DIR="/run/user/$uid" "$@"; }
-as_lovd podman system migrate >/dev/null 2>&1 || true
+if [ -n "$PODMAN_CONFIG_CHANGED" ]; then
+  # Only after a change: migrate stops every running container of the user (lib.sh).
+  log "Podman configuration changed: podman system migrate"
+  as_lovd podman system migrate >/dev/null 2>&1 || true
+fi
 
 if [ -z "${LOVD_SKIP_IMAGES:-}" ]; then
   log "building the test session image"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from lovd import ids
+from lovd import ids, limits
 from lovd.errors import LovdError
 from lovd.podman import ContainerInfo, ContainerSpec
 from lovd.runner import UnitState
@@ -56,6 +56,8 @@ class FakeRunner:
         # Containers that still run but whose server no longer answers (hung).
         self.hung: set[str] = set()
         self.unit_queries = 0
+        # The cgroup controllers this "host" delegates (lovd/limits.py); all by default.
+        self.cgroup_limits: frozenset[str] = frozenset(limits.CONTROLLERS)
 
     async def start(self, spec: ContainerSpec) -> str:
         ids.check(spec.session_id)
@@ -110,6 +112,9 @@ class FakeRunner:
 
     def unit_name(self, session_id: str) -> str:
         return ""
+
+    def enforcement(self, userns: str) -> limits.Enforcement:
+        return limits.Enforcement(cgroup=self.cgroup_limits, userns=userns)
 
     async def remove_workspace(self, path: Path) -> None:
         if path.exists():

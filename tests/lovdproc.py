@@ -62,8 +62,16 @@ class LovdProc:
             "broker": {"listen": f"127.0.0.1:{base + 99}"},
             # Tests count containers; the warm pool has its own tests.
             "warm_pool": 0,
+            # Hosts like the test machines (cgroup v1/hybrid) cannot enforce memory/CPU
+            # limits for the rootless lovd user; tests/integration/test_limits.py checks
+            # the refusal with true.
+            "limits": {"enforce": False},
         }
-        conf.update(settings)
+        for k, v in settings.items():
+            if isinstance(v, dict) and isinstance(conf.get(k), dict):
+                conf[k] = {**conf[k], **v}
+            else:
+                conf[k] = v
         self.config_path = tmp / "lovd.conf"
         self.config_path.write_text(yaml.safe_dump(conf))
         self.log_path = tmp / "lovd.log"

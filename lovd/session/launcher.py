@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from lovd import ids
+from lovd import ids, limits
 from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
@@ -146,6 +146,7 @@ class Launcher:
         from lovd import egress  # here, not at the top: keeps egress's edit inside spec()
 
         c = self.config
+        enforcement = self.check_limits()
         return ContainerSpec(
             session_id=session.id,
             instance_id=self.store.instance_id,
@@ -161,12 +162,20 @@ class Launcher:
             stop_timeout=c.stop_timeout,
             extra_args=self._network_args() + list(c.extra_run_args),
             cgroup_v2=cgroup_v2(),
+            cgroup_limits=enforcement.cgroup,
             secret_file=self.secrets_dir / ids.secret_file_name(session.id),
             systemd_unit=self.runner.unit_name(session.id),
             # The egress hook (rules in the container's netns before it runs); checked
             # on disk for every start, since Podman ignores a missing hooks dir.
             hooks_dir=egress.ensure(c),
         )
+
+    def check_limits(self) -> limits.Enforcement:
+        """503 where a session's memory/CPU/pids limit would not hold, unless
+        limits.enforce is false (lovd/limits.py); else what the runner enforces."""
+        enforcement = self.runner.enforcement(self.config.userns)
+        limits.check(self.config, enforcement)
+        return enforcement
 
     def _network_args(self) -> list[str]:
         # Every session calls the broker on the host's loopback (session_network); the

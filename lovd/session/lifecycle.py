@@ -183,7 +183,9 @@ class Sessions:
     async def reconcile(self, *, startup: bool = False) -> dict[str, list[str]]:
         """Make actual containers match the store: adopt, mark vanished, collect orphans,
         and start again what the previous lovd was starting when it stopped."""
+        finished = await self.finish_deletes()
         report = await self.reconciler.reconcile(startup=startup)
+        report["deletes_finished"] = finished
         for sid in report["resume"]:
             self._spawn(self._logged(self.launcher.start(sid), sid))
         return report
@@ -204,6 +206,7 @@ class Sessions:
 
     async def create(self, wait: bool = True) -> tuple[Session, str]:
         """Create and start a session. Returns the session and its token (shown once)."""
+        self.check_limits()
         token = ids.new_token()
         token_hash = ids.hash_token(token)
         async with self.admission.lock:
@@ -226,6 +229,11 @@ class Sessions:
         else:
             self._spawn(self._logged(start, sid))
         return session, token
+
+    def check_limits(self) -> None:
+        """503 before any row changes where a session's limits would not hold (the
+        launcher checks again at every start)."""
+        self.launcher.check_limits()
 
     async def _claim_warm(self, token_hash: str, now: float) -> Session | None:
         """Give a warm row to a new owner. A compare-and-set on its state: a discard that
@@ -254,6 +262,7 @@ class Sessions:
         if session.status == SessionState.RUNNING:
             return session
         if session.status != SessionState.STARTING:
+            self.check_limits()
             async with self.admission.lock:
                 self.admission.admit()
                 async with self.lock(sid):
@@ -280,17 +289,51 @@ class Sessions:
         return session
 
     async def delete(self, sid: str, reason: str = "deleted by request") -> None:
+        """Crash-safe, in this order: a tombstone (the session is gone for the API and
+        for PostgreSQL, which sees the delete once), the container, the workspace, the
+        tombstone. Cut anywhere, the next reconcile finishes it (finish_deletes)."""
         async with self.lock(sid):
             self.get(sid)
-            await self.store.update(sid, status=SessionState.STOPPING, reason=reason)
-            await self.launcher.stop_container(sid)
-            await self.runner.remove_workspace(self.config.sessions_path / sid)
-            await self.store.delete(sid, reason)
+            await self.store.tombstone(sid, reason)
+            self._forget(sid)
+            await self._remove(sid)
         self.launcher.forget(sid)
-        self._activity.forget(sid)
-        self.health.forget(sid)
         log.info("session deleted: %s", reason, extra={"SESSION_ID": sid})
         self.capacity_changed()
+
+    def _forget(self, sid: str) -> None:
+        self._activity.forget(sid)
+        self.health.forget(sid)
+
+    async def _remove(self, sid: str) -> None:
+        await self.launcher.stop_container(sid)
+        await self.runner.remove_workspace(self.config.sessions_path / sid)
+        await self.store.purge(sid)
+
+    async def finish_deletes(self) -> list[str]:
+        """Finish deletes a crash (or a failed container or workspace removal) cut short:
+        each tombstone's container and workspace go, then the tombstone."""
+        done = []
+        for sid in await self.store.tombstones():
+            lock = self.lock(sid)
+            if lock.locked():
+                continue  # its delete is still running
+            async with lock:
+                try:
+                    await self._remove(sid)
+                except LovdError as e:
+                    log.warning(
+                        "finishing an interrupted delete failed (retried at the next "
+                        "reconcile): %s",
+                        e.message,
+                        extra={"SESSION_ID": sid},
+                    )
+                    continue
+            self.launcher.forget(sid)
+            self._forget(sid)
+            log.info("finished an interrupted delete", extra={"SESSION_ID": sid})
+            done.append(sid)
+        return done
 
     # --- the warm pool ---
 

@@ -26,6 +26,9 @@ from lovd.store import Store
 
 log = logging.getLogger(__name__)
 
+# 128 + SIGTERM: what --init reports when `podman stop` ended the server.
+SIGTERM_EXIT = 143
+
 
 class Reconciler:
     def __init__(
@@ -90,6 +93,10 @@ class Reconciler:
                         f"{max(0, unit.restarts - 1)} restarts"
                     )
                     status = SessionState.FAILED
+                elif c is not None and c.exit_code == SIGTERM_EXIT:
+                    # `podman stop`: a clean stop, not a failure.
+                    reason = "container was stopped (SIGTERM)"
+                    status = SessionState.STOPPED
                 elif c is not None and c.exit_code:
                     reason = f"container exited with code {c.exit_code}"
                     status = SessionState.FAILED

@@ -73,6 +73,7 @@ class Warm:
         async with self.admission.lock:
             if self.wanted() < 1:
                 return None
+            self.launcher.check_limits()  # refused before a row exists (lovd/limits.py)
             row = await self.admission.insert(SessionState.WARM, "", self.clock(), event="warm")
         return await self.launcher.start(row.id, warm=True)
 

@@ -54,6 +54,8 @@ orphan_grace: 600.0
 idle_timeout: 0.0
 warm_pool: 0
 limits:
+  # The machine is a copy of a cgroup v1/hybrid host: memory/CPU cannot be enforced.
+  enforce: false
   memory: "256M"
   cpus: 0.5
   tasks: 64

@@ -4,7 +4,8 @@ A throw-away ``systemd-nspawn --volatile=overlay`` of the host's own OS (not boo
 systemd is not PID 1 there, as on the CI machines, so the quick start runs lovd in the
 foreground with its Caddy on :8080). Inside, on a pseudo-terminal like a person's:
 
-- a user who may use sudo types ``packaging/quickstart.sh`` (it runs itself again with
+- a user who may use sudo (installed in the machine first when the host has none, as on
+  a fresh Debian) types ``packaging/quickstart.sh`` (it runs itself again with
   sudo), gets the landing page, types Ctrl-C: lovd and Caddy are gone;
 - root, on a machine with no sudo at all, does the same;
 - root with the clone in /root (0700) is told what to do before anything is installed;
@@ -80,6 +81,14 @@ print("REPORT " + json.dumps(report), flush=True)
 INNER = r"""#!/bin/bash
 set -u
 echo "127.0.1.1 $(hostname)" >> /etc/hosts  # sudo resolves its own host name
+# The "user with sudo" case needs sudo, which a fresh machine may not have (this copy of
+# the host's OS is thrown away, so installing it changes nothing outside).
+if ! command -v sudo >/dev/null; then
+  echo "=== installing sudo"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends sudo >/dev/null
+  echo "SUDO $?"
+fi
 useradd -m alice && echo 'alice ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/alice
 cp -a /src /srv/lovd && cd /srv/lovd
 echo "=== alice, with sudo"
@@ -172,3 +181,5 @@ def test_the_readme_commands_as_written(copy_of_this_machine: tuple[Path, Path, 
         assert report["caddy_after"] == 0 and report["lovd_after"] == 0, report
     assert "the lovd user cannot reach /root/lovd" in out and "REFUSED 2" in out, out[-3000:]
     assert "TESTS 0" in out, out[-3000:]
+    if "=== installing sudo" in out:  # the fresh-machine case: the test got its own sudo
+        assert "SUDO 0" in out, out[-3000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lovd import config, limits
 from tests.lovdproc import podman
 
 pytestmark = pytest.mark.podman
@@ -23,16 +24,35 @@ def lovd(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[
 
 def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
     conf = tmp_path / "lovd.conf"
-    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image}))
+    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image,
+                                    "runner": "podman", "limits": {"enforce": False}}))
     r = lovd("doctor", "--json", config=conf)
     checks = {c["name"]: c for c in json.loads(r.stdout)}
     for name in ("user", "podman", "runtime", "storage", "subuid", "subgid", "network",
-                 "state-dir", "image", "cgroups", "user-manager"):
+                 "state-dir", "image", "limits", "user-manager"):
         assert name in checks, name
     for name in ("user", "podman", "storage", "subuid", "subgid", "network", "state-dir",
                  "image"):
         assert checks[name]["status"] == "ok", checks[name]
-    assert r.returncode == 0, r.stdout
+    first = r
+
+    # The truth about each limit, as the daemon would apply it on this host.
+    here = limits.for_runner("podman", "auto")
+    got = checks["limits"]
+    for phrase in here.describe(config.from_mapping({})):
+        assert phrase in got["detail"], got
+    assert got["status"] == ("warn" if here.missing else "ok"), got
+    assert "pids-limit is applied" not in r.stdout
+    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image,
+                                    "runner": "podman"}))
+    r = lovd("doctor", config=conf)
+    if here.missing:  # limits.enforce: true (the default) on a host that cannot
+        assert r.returncode == 1 and "[FAIL] limits" in r.stdout, r.stdout
+        assert "Sessions are refused (503, limits.enforce: true)" in r.stdout
+        assert "Delegate=cpu cpuset io memory pids" in r.stdout
+    else:
+        assert "[ok  ] limits" in r.stdout, r.stdout
+    assert first.returncode == 0, first.stdout
 
     conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "nope" / "x"),
                                     "image": "localhost/no-such-image:1"}))

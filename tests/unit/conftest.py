@@ -38,7 +38,7 @@ async def open_api(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncIt
             **settings,
         }
     )
-    cfg.sessions_path.mkdir(parents=True)
+    cfg.sessions_path.mkdir(parents=True, exist_ok=True)  # exists when a test "restarts"
     store = await Store.open(cfg.db_path)
     runner = FakeRunner()
     http = aiohttp.ClientSession()

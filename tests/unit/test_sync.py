@@ -78,7 +78,8 @@ _CHECK_COLS = "id, host_id, status, reason, version, port, container_id, restart
 
 def sqlite_checksum(db: Path) -> tuple[int, str]:
     with sqlite3.connect(db) as c:
-        rows = sorted(c.execute(f"SELECT {_CHECK_COLS}, created_at, expires_at FROM sessions"))
+        rows = sorted(c.execute(f"SELECT {_CHECK_COLS}, created_at, expires_at FROM sessions "
+                                "WHERE status <> 'deleted'"))  # tombstones: not sessions
     rows = [(*r[:-2], round(r[-2], 3), round(r[-1], 3)) for r in rows]
     return len(rows), hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -63,7 +64,7 @@ async def open_synced(
             **settings,
         }
     )
-    cfg.sessions_path.mkdir(parents=True)
+    cfg.sessions_path.mkdir(parents=True, exist_ok=True)  # exists when a test "restarts"
     store = await Store.open(cfg.db_path)
     runner = FakeRunner()
     http = aiohttp.ClientSession()
@@ -249,3 +250,53 @@ async def test_a_hung_postgres_never_holds_the_api(
 
 async def _down(a: SyncedApi) -> bool:
     return not a.sync.relay.status.connected
+
+
+async def test_a_delete_cut_by_a_crash_reaches_postgresql_once(
+    tmp_path: Path, free_ports: list[int], pg: PgCluster
+) -> None:
+    """A delete cut after its tombstone (the workspace removal "crashes"), then a restart
+    that finishes it: PostgreSQL shows the session deleted, with one deletion event."""
+
+    class Crash(Exception):
+        pass
+
+    async def crash(_: Path) -> None:
+        raise Crash
+
+    async with open_synced(tmp_path, free_ports[0], pg.dsn, "h1") as a:
+        r = await a.client.post("/api/sessions", json={"wait": True})
+        assert r.status == 201
+        sid = (await r.json())["id"]
+        a.sessions.runner.remove_workspace = crash  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            await a.sessions.delete(sid)
+
+        async def deleted_in_pg() -> bool:
+            try:
+                rows = await pg_query(
+                    pg.dsn, "SELECT status FROM lovd_sessions WHERE id = %s", sid
+                )
+            except psycopg.errors.UndefinedTable:  # the relay has not made its schema yet
+                return False
+            return rows == [("deleted",)]
+
+        await until(deleted_in_pg)  # at once, from the tombstone
+    async with open_synced(tmp_path, free_ports[0], pg.dsn, "h1") as b:
+        report = await b.sessions.reconcile(startup=True)
+        assert report["deletes_finished"] == [sid]
+        assert await b.store.tombstones() == []
+        assert not (b.sessions.config.sessions_path / sid).exists()
+
+        async def drained() -> bool:
+            return await b.store.outbox_size() == 0
+
+        await until(drained)
+        assert await deleted_in_pg()
+        events = await pg_query(
+            pg.dsn,
+            "SELECT kind FROM lovd_events WHERE session_id = %s AND status = 'deleted'",
+            sid,
+        )
+        assert events == [("deleted",)], events
+        assert await pg_checksum(pg.dsn, "h1") == sqlite_checksum(b.db)
