@@ -288,9 +288,11 @@ class BodyCheck:
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
             if kind == "prompt" and self.disk_grew is not None:
-                # Counted before the next measurement: a burst of prompts cannot
-                # overshoot the quota by more than the last one.
-                self.disk_grew(s.id, len(payload))
+                # Counted before the next measurement, so a burst of prompts cannot
+                # overshoot the quota by more than the last one; three times, as OpenCode
+                # stores an attachment about three times over (its tables and SQLite's
+                # WAL; measured in tests/integration/test_chat_bodies.py).
+                self.disk_grew(s.id, 3 * len(payload))
             async with self.http.post(url, data=payload, headers=headers) as r:
                 data = await r.read()
                 out = web.Response(status=r.status, body=data)
