@@ -271,12 +271,14 @@ class BodyCheck:
             check(kind, body, self.rules)
         except LovdError as e:
             log.info("refused a %s request body: %s", kind, e.message, extra={"SESSION_ID": s.id})
+            # "data.message" is where OpenCode's web UI looks for an error's text (its
+            # toast shows it instead of "Request failed").
+            e.extra.setdefault("data", {"message": e.message})
             raise
         if kind == "prompt" and self.disk_refusal is not None:
             why = await self.disk_refusal(s.id)
             if why:
                 log.info("refused a prompt: disk quota reached", extra={"SESSION_ID": s.id})
-                # "data.message" is where OpenCode's web UI looks for an error's text.
                 raise LovdError("quota-exceeded", why, extra={"data": {"message": why}})
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
         headers = {k: v for k, v in headers.items() if not k.lower().startswith("x-lovd-")}

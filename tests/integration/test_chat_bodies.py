@@ -54,6 +54,19 @@ def du(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
+async def settled(path: Path) -> int:
+    """The workspace's size once OpenCode has stopped writing (the last answer, its
+    title) -- so what the attacks add is not hidden in that noise."""
+    last = -1
+    for _ in range(20):
+        now = du(path)
+        if now == last:
+            return now
+        last = now
+        await asyncio.sleep(1)
+    return last
+
+
 def _file(url: str, mime: str = "application/octet-stream", **more: Any) -> dict[str, Any]:
     return {"noReply": True,
             "parts": [{"type": "file", "mime": mime, "filename": "n", "url": url, **more}]}
@@ -165,7 +178,7 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
             assert "lovdata.no" in seen and "brev.pdf" in seen
 
             # 2. Attacks through Caddy: refused, naming the field; nothing reaches OpenCode.
-            before = du(workspace)
+            before = await settled(workspace)
             attacks: list[tuple[dict[str, Any], str]] = [
                 (_file("file:///usr/bin/node"), "parts[0]"),
                 (_file("file:///run/secrets/lovd.env", "text/plain"), "parts[0].url"),
@@ -192,11 +205,13 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
                     assert r.content_type == "application/problem+json"
                     assert problem["field"].startswith(field), (field, problem)
                     assert problem["field"] in problem["detail"]
+                    assert problem["data"]["message"] == problem["detail"]  # the UI's toast
             async with http.post(base + "/session", json={"agent": "build"}) as r:
                 assert r.status == 403 and (await r.json())["field"] == "agent"
-            await asyncio.sleep(1)  # anything OpenCode had been given would be written now
-            after = du(workspace)
+            after = await settled(workspace)
             print(f"workspace before the attacks {before} B, after {after} B")
+            # OpenCode's own bookkeeping after an answer (title, summary) writes a few
+            # hundred KB; /usr/bin/node alone would be 94 MiB (24 MiB with the per-file cap).
             assert after - before < 1024 * 1024, (before, after)
             for chat in (oc,):
                 text = await _texts(http, f"{base}/session/{chat}/message")
