@@ -32,6 +32,7 @@ import aiohttp
 import pytest
 
 from lovd.demo.serve import serve_llm_stub, serve_lovdata_mcp
+from lovd.session.quota import walk_size
 from tests.conftest import image_present, need
 from tests.integration.caddy_harness import CaddyProc, caddy_binary, free_port
 from tests.lovdproc import LovdProc
@@ -179,6 +180,9 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
 
             # 2. Attacks through Caddy: refused, naming the field; nothing reaches OpenCode.
             before = await settled(workspace)
+            # lovd measures it itself, cheaply (no podman unshare): OpenCode's files are
+            # readable by lovd's user although they belong to the container's uids.
+            assert abs(walk_size(workspace) - before) < 256 * 1024, (walk_size(workspace), before)
             attacks: list[tuple[dict[str, Any], str]] = [
                 (_file("file:///usr/bin/node"), "parts[0]"),
                 (_file("file:///run/secrets/lovd.env", "text/plain"), "parts[0].url"),
