@@ -266,3 +266,78 @@ def test_exactly_the_routes_with_such_bodies_are_checked() -> None:
         line for r in Allowlist().routes if r.body for line in r.lines
     }
     assert checked == {"POST /session", "POST /session/{sessionID}/prompt_async"}
+
+
+# --- the handler: what reaches the container, the quota, large bodies ----------------
+
+
+async def test_the_handler_forwards_only_checked_bodies_and_stops_at_the_quota() -> None:
+    import json
+
+    import aiohttp
+    from aiohttp import web
+
+    from lovd.session.model import Session
+    from lovd.web.bodycheck import MAX_BODY, BodyCheck
+    from lovd.web.problems import problem
+
+    seen: list[bytes] = []
+
+    async def container(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.Response(status=204)
+
+    up = web.Application()
+    up.router.add_post("/session/{sid}/prompt_async", container)
+    up_runner = web.AppRunner(up)
+    await up_runner.setup()
+    site = web.TCPSite(up_runner, "127.0.0.1", 0)
+    await site.start()
+    port = up_runner.addresses[0][1]
+    session = Session("0123456789abcdef", "running", "", "", port, "", "", 0, 0, 0, 0)
+    full: dict[str, bool] = {"full": False}
+    grown: list[int] = []
+
+    async def refusal(sid: str) -> str:
+        return "Lagringsplassen er brukt opp (storage used up)" if full["full"] else ""
+
+    async with aiohttp.ClientSession() as http:
+        check_ = BodyCheck(session_of=lambda r: session, password_header=lambda sid: "Basic x",
+                           http=http, rules=RULES, disk_refusal=refusal,
+                           disk_grew=lambda sid, n: grown.append(n))
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                return await check_.handle(request)
+            except LovdError as e:
+                return problem(e)
+
+        app = web.Application(client_max_size=2 * MAX_BODY)
+        app.router.add_post("/session/{sid}/prompt_async", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        front = web.TCPSite(runner, "127.0.0.1", 0)
+        await front.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/session/ses_1/prompt_async"
+        try:
+            ok = {"parts": [*TEXT, _file(mime="application/pdf", url=PDF)]}
+            async with http.post(url, json=ok) as r:
+                assert r.status == 204
+            assert [json.loads(b) for b in seen] == [ok] and grown == [3 * len(seen[0])]
+            attack = {"parts": [_file(url="file:///run/secrets/lovd.env")]}
+            async with http.post(url, json=attack) as r:
+                body = await r.json(content_type=None)
+                assert r.status == 403 and body["field"] == "parts[0].url"
+                assert body["data"]["message"] == body["detail"]
+            # A body larger than the limit, sent in many chunks, is refused whole.
+            big = b'{"parts": [' + b" " * (MAX_BODY + 10) + b"]}"
+            async with http.post(url, data=big) as r:
+                assert r.status == 413
+            full["full"] = True
+            async with http.post(url, json=ok) as r:
+                body = await r.json(content_type=None)
+                assert r.status == 507 and "storage used up" in body["data"]["message"]
+            assert len(seen) == 1  # nothing refused reached the container
+        finally:
+            await runner.cleanup()
+            await up_runner.cleanup()
