@@ -136,7 +136,9 @@ def _model(field: str, value: Any, rules: Rules) -> None:
     provider, model = value.get("providerID"), value.get("modelID")
     name = f"{provider}/{model}"
     if not isinstance(provider, str) or not isinstance(model, str) or name not in rules.models:
-        allowed = ", ".join(sorted(rules.models)) or "none"
+        if not rules.models:
+            raise _refuse(field, f"{name}: no model is configured (the operator sets llm.model)")
+        allowed = ", ".join(sorted(rules.models))
         raise _refuse(field, f"{name} is not available in this service (only {allowed})")
 
 
