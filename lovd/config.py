@@ -148,6 +148,12 @@ class Config:
         "false: start them anyway, without the missing limits (logged at start, shown by "
         "lovd doctor).",
     )
+    disk_max: str = setting(
+        "limits.disk",
+        "1G",
+        "Disk quota per session: its workspace and chat database (512M, 1G, ...; 0: none). "
+        "Reached: new prompts are refused with a message in the chat, the history stays.",
+    )
     max_running: int = setting(
         "limits.max_running", 3, "Sessions that may run at once; more get 429 + Retry-After."
     )
@@ -483,6 +489,11 @@ class Config:
         return frozenset(m for m in (self.model or demo_model, *self.models) if m)
 
     @property
+    def disk_quota(self) -> int:
+        """limits.disk in bytes (0: no quota)."""
+        return parse_size(self.disk_max)
+
+    @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
 
@@ -585,7 +596,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"listen: expected unix:PATH or tcp:HOST:PORT, got {cfg.listen!r}")
     if not cfg.health_path.startswith("/"):
         raise ConfigError(f"health_path: must start with '/', got {cfg.health_path!r}")
-    for floor in ("disk_floor", "memory_floor"):
+    for floor in ("disk_floor", "memory_floor", "disk_max"):
         try:
             parse_size(getattr(cfg, floor))
         except ValueError as e:

@@ -202,6 +202,7 @@ async def run_checks(config: Config) -> list[Check]:
         )
     out += await egress_checks(config, podman_ok=bool(podman and info))
     out.append(floors_check(config))
+    out.append(disk_quota_check(config))
     from lovd.sync.doctor import checks as postgres_checks  # imports this module
 
     out += await postgres_checks(config)
@@ -259,6 +260,21 @@ def floors_check(config: Config) -> Check:
         return Check("floors", "warn", f"not checked: {e}", "create state_dir first")
     fix = "" if ok else "free disk under state_dir or memory, or lower floors.* in lovd.conf"
     return Check("floors", "ok" if ok else "fail", detail, fix)
+
+
+def disk_quota_check(config: Config) -> Check:
+    """Which per-session disk quota is in force (lovd/session/quota.py)."""
+    from lovd.session.quota import KIND
+
+    limit = config.disk_quota
+    if not limit:
+        return Check(
+            "disk-quota",
+            "warn",
+            "no per-session disk quota (limits.disk: 0): one chat can fill the disk",
+            "set limits.disk in lovd.conf (e.g. 1G)",
+        )
+    return Check("disk-quota", "ok", f"limits.disk {config.disk_max} per session: {KIND}")
 
 
 async def egress_checks(config: Config, *, podman_ok: bool) -> list[Check]:

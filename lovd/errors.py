@@ -21,6 +21,7 @@ CODES: dict[str, tuple[int, str]] = {
     "body-too-large": (413, "Request body too large"),
     "unsupported-media-type": (415, "Unsupported media type"),
     "too-many-sessions": (429, "Session limit reached"),
+    "quota-exceeded": (507, "Disk quota reached"),
     "rate-limited": (429, "Too many requests"),
     "internal": (500, "Internal error"),
     "runner-failed": (502, "Container runtime failed"),

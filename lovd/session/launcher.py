@@ -95,6 +95,14 @@ class SessionEnv:
             "ANTHROPIC_API_KEY": cred(c.anthropic_api_key),
             "GOOGLE_GENERATIVE_AI_API_KEY": cred(c.google_api_key),
             "LOVD_PERMISSIONS_DENY": ",".join(c.permissions_deny),
+            # The models OpenCode lists (its per-provider whitelist): all a session may
+            # use; the gate and the broker refuse any other.
+            "LOVD_MODELS": ",".join(
+                sorted(c.allowed_models(self.demo_urls.get("model", "")))
+            ),
+            # No single file (the chat database) may outgrow the disk quota
+            # (lovd/session/quota.py); the entrypoint turns this into RLIMIT_FSIZE.
+            "LOVD_FILE_MAX_KB": str(c.disk_quota // 1024) if c.disk_quota else "",
         }
         for k, v in env.items():
             if "\n" in v or "\0" in v:

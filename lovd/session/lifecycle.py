@@ -8,6 +8,7 @@ sessions proceed in parallel; the admission lock is always taken before a sessio
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -27,6 +28,7 @@ from lovd.session.health import Health
 from lovd.session.housekeeping import Activity, Housekeeping
 from lovd.session.launcher import Launcher, SessionEnv
 from lovd.session.model import Session, SessionState
+from lovd.session.quota import DiskQuota, podman_du
 from lovd.session.reconcile import Reconciler
 from lovd.session.warm import Warm, WarmPool
 from lovd.store import StaleRow, Store
@@ -72,6 +74,11 @@ class Sessions:
             config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
         )
         self.health = Health(config, store, self.launcher, clock=now)
+        self.disk = DiskQuota(
+            config.disk_quota,
+            workspace=lambda sid: config.sessions_path / sid,
+            fallback=functools.partial(podman_du, config.podman),
+        )
         self.reconciler = Reconciler(
             config, store, self.launcher, metrics, discard_warm=self.discard_warm
         )
@@ -127,6 +134,10 @@ class Sessions:
 
     def now(self) -> float:
         return self.clock()
+
+    def allowed_models(self) -> frozenset[str]:
+        """The models ("provider/model") a session may use."""
+        return self.config.allowed_models(self.env.demo_urls.get("model", ""))
 
     @property
     def limit(self) -> int:

@@ -46,7 +46,7 @@ from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session
 from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
-from lovd.web.bodycheck import BodyCheck
+from lovd.web.bodycheck import BodyCheck, Rules
 from lovd.web.chat_landing import ChatLanding
 from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import problem
@@ -126,6 +126,9 @@ class BrowserGate:
             session_of=self._session_of,
             password_header=sessions.container_auth,
             http=sessions.http,
+            rules=Rules(models=sessions.allowed_models()),
+            disk_refusal=sessions.disk.refusal,
+            disk_grew=sessions.disk.grew,
         )
         self.chat_landing = ChatLanding(
             http=sessions.http, password_header=sessions.container_auth
