@@ -176,9 +176,9 @@ def spec(tmp_path: Path, hooks_dir: Path | None) -> ContainerSpec:
 
 
 def test_hooks_dir_is_a_global_flag_before_run(tmp_path: Path) -> None:
-    argv = run_argv("podman", spec(tmp_path, tmp_path / "hooks.d"), limits=False)
+    argv = run_argv("podman", spec(tmp_path, tmp_path / "hooks.d"))
     assert argv[:4] == ["podman", "--hooks-dir", str(tmp_path / "hooks.d"), "run"]
-    argv = run_argv("podman", spec(tmp_path, None), limits=False)
+    argv = run_argv("podman", spec(tmp_path, None))
     assert argv[1] == "run" and "--hooks-dir" not in argv
 
 
