@@ -115,6 +115,8 @@ def cmd_session(args: argparse.Namespace) -> int:
             for r in data["sessions"]:
                 r["host"] = r["host_id"] + ("" if r["host_alive"] else " (no heartbeat)")
             print(_table(data["sessions"], ["id", "host", "status", "created_at", "reason"]))
+            if data.get("sync") == "off":
+                print("(PostgreSQL sync is off, postgres.dsn unset: this host's sessions only)")
             for h in data["hosts"]:
                 if not h["alive"]:
                     print(f"host {h['host_id']}: no heartbeat for {h['heartbeat_age']:.0f} s")
