@@ -46,6 +46,7 @@ class AppState:
     sync: Sync | None = None  # PostgreSQL sync (postgres.dsn); None when off
 
 
+LIVEZ = "/api/livez"
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 
@@ -62,7 +63,8 @@ _HTTP_CODES = {
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     st = request.app[STATE]
-    st.last_request = time.monotonic()
+    if request.path != LIVEZ:  # a liveness probe is no reason to stay up (idle_exit)
+        st.last_request = time.monotonic()
     rid = request.headers.get("X-Request-Id", "")
     if not (0 < len(rid) <= 64 and rid.isascii() and rid.replace("-", "").isalnum()):
         rid = secrets.token_hex(8)
@@ -329,7 +331,7 @@ def create_app(
     app.router.add_post("/api/cleanup", cleanup)
     app.router.add_get("/api/health", health)  # readiness: floors, PostgreSQL, reconcile
     app.router.add_get("/api/readyz", health)
-    app.router.add_get("/api/livez", livez)
+    app.router.add_get(LIVEZ, livez)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
     add_browser_entry(app, sessions)  # /c/{id}: shared with the public socket (web/public.py)

@@ -123,3 +123,16 @@ async def test_livez_answers_while_readiness_fails(api: Api) -> None:
     doc = load_openapi()
     assert {"/api/livez", "/api/health", "/api/readyz"} <= set(doc["paths"])
     assert "liveness" in doc["info"]["description"].lower()
+
+
+async def test_livez_is_not_activity_for_idle_exit(api: Api) -> None:
+    """A socket-activated lovd exits after idle_exit without requests; a liveness probe
+    every few seconds must not keep it up (the next real request starts it again)."""
+    from lovd.web.app import STATE
+
+    st = api.client.app[STATE]  # type: ignore[index]
+    st.last_request = 0.0
+    assert (await api.client.get("/api/livez")).status == 200
+    assert st.last_request == 0.0
+    await api.client.get("/api/sessions")
+    assert st.last_request > 0.0
