@@ -665,7 +665,11 @@ def _rules() -> dict[str, checks.Check]:
         "extra_run_args": c.each(c.non_empty),
         "host_gateway": c.ip_address,
         "session_network": c.word,
-        "limits.memory": c.size(parse_size, 64 << 20, "64M"),
+        # As podman --memory and systemd's MemoryMax= both read it: K, M, G, T only.
+        "limits.memory": c.both(
+            _matches(r"\d+(\.\d+)?[KMGT]?", "a size like 512M or 4G (K, M, G, T)"),
+            c.size(parse_size, 64 << 20, "64M"),
+        ),
         "limits.cpus": c.number(0, 1024, "CPUs"),
         "limits.tasks": c.count(16, 1_000_000),
         "limits.max_running": c.count(1, 10_000),

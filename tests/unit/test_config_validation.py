@@ -73,7 +73,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("health.interval", 0.2, "from 1 to 3600"),  # keeps podman ps off the CPU
     ("session_ttl", -1, "0 (never)"),
     ("delete_after", -86400, "0 (never)"),
-    ("limits.memory", "lots", "not a size"),
+    ("limits.memory", "lots", "512M or 4G"),
     ("public_url", "not a url", "http:// or https://"),
     # daemon
     ("listen", "/run/lovd/api.sock", "unix:/ABSOLUTE/PATH or tcp:HOST:PORT"),
@@ -113,9 +113,11 @@ BAD: list[tuple[str, Any, str]] = [
     ("host_gateway", "gateway.local", "IP address"),
     ("session_network", "", "without spaces"),
     # limits and lifecycle
-    ("limits.memory", "-1G", "not a size"),
+    ("limits.memory", "-1G", "512M or 4G"),
     ("limits.memory", "1M", "at least 64M"),
-    ("limits.memory", "infG", "not a size"),
+    ("limits.memory", "infG", "512M or 4G"),
+    ("limits.memory", "4g", "512M or 4G"),  # systemd's MemoryMax= reads upper case only
+    ("limits.memory", "2GiB", "512M or 4G"),
     ("limits.cpus", 0, "more than 0"),
     ("limits.cpus", math.nan, "more than 0"),
     ("limits.tasks", 0, "16 to"),
@@ -224,7 +226,7 @@ GOOD: list[tuple[str, Any]] = [
     ("caddy.listen", [":443", "127.0.0.1:8080", "tcp6/[::1]:8443", "unix//run/c.sock"]),
     ("caddy.admin", "localhost:2019"), ("caddy.admin", "unix//run/caddy/admin.sock"),
     ("caddy.admin", ""), ("egress.allow", ["10.0.0.5:3128", "192.168.0.0/16", "[fd00::1]:80"]),
-    ("broker.listen", "[::1]:18780"), ("limits.memory", "512M"), ("limits.memory", "2Gi"),
+    ("broker.listen", "[::1]:18780"), ("limits.memory", "512M"), ("limits.memory", "1.5G"),
     ("floors.disk_free", "0"), ("postgres.upstream", "front.internal:8443"),
     ("container_user", ""), ("container_user", "1000:1000"), ("userns", "auto:size=65536"),
     ("demo_mcp_port", 0), ("llm.models", ["openai/gpt-4.1", "anthropic/claude-sonnet-4"]),
