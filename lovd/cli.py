@@ -115,6 +115,8 @@ def cmd_session(args: argparse.Namespace) -> int:
             for r in data["sessions"]:
                 r["host"] = r["host_id"] + ("" if r["host_alive"] else " (no heartbeat)")
             print(_table(data["sessions"], ["id", "host", "status", "created_at", "reason"]))
+            if data.get("sync") == "off":
+                print("(PostgreSQL sync is off, postgres.dsn unset: this host's sessions only)")
             for h in data["hosts"]:
                 if not h["alive"]:
                     print(f"host {h['host_id']}: no heartbeat for {h['heartbeat_age']:.0f} s")
@@ -232,11 +234,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from lovd.doctor import render, run_checks
+    from lovd.doctor import config_report, render, run_checks
 
-    results = asyncio.run(run_checks(args.cfg))
+    results = config_report(*config_mod.config_path(args.config), [])
+    results += asyncio.run(run_checks(args.cfg))
     print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else render(results))
     return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def doctor_bad_config(args: argparse.Namespace, err: ConfigError) -> int:
+    """``lovd doctor`` with settings lovd refuses: report each; the host checks need them."""
+    from lovd.doctor import config_report, render
+
+    results = config_report(*config_mod.config_path(args.config), err.problems)
+    print(json.dumps([r.as_dict() for r in results], indent=2) if args.json else render(results))
+    return EXIT_USAGE
 
 
 def cmd_image(args: argparse.Namespace) -> int:
@@ -344,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.cfg = config_mod.load(args.config)
     except ConfigError as e:
+        if args.fn is cmd_doctor:  # the report lists every problem, not just the first
+            return doctor_bad_config(args, e)
         print(f"lovd: configuration error: {e}", file=sys.stderr)
         return EXIT_USAGE
     rc: int = args.fn(args)

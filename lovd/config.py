@@ -8,8 +8,11 @@ against this list by the test suite, so the two cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
+import re
 import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,11 +21,29 @@ from typing import Any
 
 import yaml
 
+from lovd import config_checks as checks
+
 DEFAULT_CONFIG_PATH = "/etc/lovd/lovd.conf"
+# expires_at of a session that never expires (session_ttl 0): 9999-12-31T23:59:59Z, the
+# last second every consumer (ISO dates, PostgreSQL timestamptz, cookies) can represent.
+NEVER = 253402300799.0
 
 
 class ConfigError(Exception):
-    """A configuration problem the operator must fix; the message names the key."""
+    """A configuration problem the operator must fix; the message names the key.
+
+    ``problems`` holds every problem found (lovd doctor lists them); the message is the
+    first, on one line."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        more = len(problems) - 1
+        tail = f" (and {more} more: lovd doctor lists them all)" if more else ""
+        return cls(problems[0] + tail, problems)
 
 
 def setting(key: str, default: Any, help: str) -> Any:
@@ -54,7 +75,8 @@ class Config:
     public_url: str = setting(
         "public_url",
         "http://localhost",
-        "Base URL browsers use to reach Caddy; session links are <public_url>/c/<id>.",
+        "Base URL browsers use to reach Caddy (http:// or https:// and a host name); "
+        "session links are <public_url>/c/<id>.",
     )
     log_level: str = setting("log_level", "info", "debug, info, warning or error.")
     idle_exit: float = setting(
@@ -136,7 +158,11 @@ class Config:
     )
 
     # --- limits and lifecycle ---
-    memory_max: str = setting("limits.memory", "4G", "Memory limit per session (MemoryMax=).")
+    memory_max: str = setting(
+        "limits.memory",
+        "4G",
+        "Memory limit per session (MemoryMax=): a size with K, M, G or T, at least 64M.",
+    )
     cpus: float = setting("limits.cpus", 1.0, "CPU limit per session, in CPUs (CPUQuota=).")
     tasks_max: int = setting("limits.tasks", 512, "Process/thread limit per session (TasksMax=).")
     limits_enforce: bool = setting(
@@ -172,10 +198,14 @@ class Config:
         "or changed settings reach new sessions.",
     )
     ready_timeout: float = setting(
-        "ready_timeout", 60.0, "Seconds a starting session may take to answer its health path."
+        "ready_timeout",
+        60.0,
+        "Seconds a starting session may take to answer its health path (1 to 3600).",
     )
     stop_timeout: int = setting(
-        "stop_timeout", 5, "Seconds podman waits after SIGTERM before SIGKILL."
+        "stop_timeout",
+        5,
+        "Seconds podman waits after SIGTERM before SIGKILL (0 to 3600; 0: SIGKILL at once).",
     )
     idle_timeout: float = setting(
         "idle_timeout", 3600.0, "Seconds without activity before a session is stopped (0: never)."
@@ -184,26 +214,30 @@ class Config:
         "session_ttl",
         86400.0,
         "Seconds after creation at which a session is deleted, whatever its state "
-        "(with its workspace and chat history).",
+        "(with its workspace and chat history). 0: never (like every 0 among the "
+        "timeouts: the limit is off).",
     )
     delete_after: float = setting(
         "delete_after",
         86400.0,
         "Seconds a stopped, failed or idle-stopped session (its workspace and chat history) "
         "is kept after it stopped; until then it wakes on its user's next request. Nothing "
-        "else deletes a session but this, session_ttl and an explicit delete.",
+        "else deletes a session but this, session_ttl and an explicit delete. 0: never "
+        "(the session is kept until session_ttl or an explicit delete).",
     )
     orphan_grace: float = setting(
         "orphan_grace",
         60.0,
         "Seconds a labelled container without a session row may live before removal "
-        "(protects containers whose row is still being written).",
+        "(protects containers whose row is still being written). 0: no grace, removed at "
+        "the next reconcile.",
     )
     health_interval: float = setting(
         "health.interval",
         30.0,
         "Seconds between health probes of running sessions (the health path, with "
-        "health.probe_timeout); each pass also reconciles containers with the store.",
+        "health.probe_timeout); each pass also reconciles containers with the store "
+        "(1 to 3600: each pass runs podman ps).",
     )
     probe_timeout: float = setting(
         "health.probe_timeout",
@@ -483,6 +517,10 @@ class Config:
     )
 
     # --- derived helpers ---
+    def expires_at(self, now: float) -> float:
+        """When a session created (or claimed) at ``now`` expires: session_ttl 0 is never."""
+        return now + self.session_ttl if self.session_ttl else NEVER
+
     def allowed_models(self, demo_model: str = "") -> frozenset[str]:
         """Every "provider/model" a session may use: llm.model (or demo mode's stub) and
         llm.models."""
@@ -581,72 +619,217 @@ def _coerce(s: Setting, value: Any) -> Any:
     return value
 
 
-def _validate(cfg: Config) -> None:
-    for attr, choices in _CHOICES.items():
-        if getattr(cfg, attr) not in choices:
-            key = next(s.key for s in settings() if s.attr == attr)
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}")
-    try:
-        ports = cfg.ports
-    except ValueError as e:
-        raise ConfigError(f"port_range: expected LOW-HIGH, got {cfg.port_range!r}") from e
-    if not ports or ports.start < 1024 or ports.stop > 65536:
-        raise ConfigError(f"port_range: {cfg.port_range!r} must lie within 1024-65535")
-    if not cfg.listen.startswith(("unix:", "tcp:")):
-        raise ConfigError(f"listen: expected unix:PATH or tcp:HOST:PORT, got {cfg.listen!r}")
-    if not cfg.health_path.startswith("/"):
-        raise ConfigError(f"health_path: must start with '/', got {cfg.health_path!r}")
-    for floor in ("disk_floor", "memory_floor", "disk_max"):
-        try:
-            parse_size(getattr(cfg, floor))
-        except ValueError as e:
-            key = next(s.key for s in settings() if s.attr == floor)
-            raise ConfigError(f"{key}: {e}") from e
-    for name in (
-        "max_running",
-        "tasks_max",
-        "max_body",
-        "restart_attempts",
-        "health_failures",
-        "health_history",
-    ):
-        if getattr(cfg, name) < 1:
-            key = next(s.key for s in settings() if s.attr == name)
-            raise ConfigError(f"{key}: must be at least 1")
-    if cfg.warm_pool < 0:
-        raise ConfigError("warm_pool: must be 0 (off) or more")
-    if cfg.warm_max_age <= 0:
-        raise ConfigError("warm_max_age: must be greater than 0")
-    for name in ("max_tokens_per_session", "max_tokens_per_day"):
-        if getattr(cfg, name) < 0:
-            key = next(s.key for s in settings() if s.attr == name)
-            raise ConfigError(f"{key}: must be 0 (no cap) or more")
-    host, _, port = cfg.broker_listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"broker.listen: expected HOST:PORT (e.g. 127.0.0.1:18780), got {cfg.broker_listen!r}"
-        )
-    if cfg.cpus <= 0:
-        raise ConfigError("limits.cpus: must be greater than 0")
-    for m in (cfg.model, *cfg.models):
-        provider, _, name = m.partition("/")
-        if m and (not provider or not name):
-            raise ConfigError(f"llm.model/llm.models: expected provider/model, got {m!r}")
-    if cfg.postgres_pool_size < 2:
-        raise ConfigError("postgres.pool_size: must be at least 2 (relay + reads)")
-    if cfg.postgres_batch < 1:
-        raise ConfigError("postgres.batch: must be at least 1")
-    if cfg.postgres_dsn:
-        try:
-            import psycopg.conninfo
+def _model(v: Any) -> str | None:
+    provider, _, name = v.partition("/")
+    if v and (not provider or not name or any(c.isspace() for c in v)):
+        return f"{v!r} is not provider/model (e.g. openai/gpt-4.1)"
+    return None
 
-            psycopg.conninfo.conninfo_to_dict(cfg.postgres_dsn)
-        except psycopg.Error as e:
-            # Not the parser's message: it may quote the DSN, password included.
-            raise ConfigError(
-                "postgres.dsn: not a libpq connection string or URI (key=value pairs, or "
-                "postgresql://user@host/dbname); check quoting"
-            ) from e
+
+def _matches(pattern: str, allowed: str, *, empty: bool = False) -> checks.Check:
+    rx = re.compile(pattern)
+
+    def check(v: Any) -> str | None:
+        if (empty and v == "") or rx.fullmatch(v):
+            return None
+        return f"{v!r} is not allowed; allowed: {allowed}" + (" (or empty)" if empty else "")
+
+    return check
+
+
+def _userns(v: Any) -> str | None:
+    mode = v.partition(":")[0]
+    if mode in ("keep-id", "host", "") or any(c.isspace() for c in v):
+        return (
+            f"{v!r} is not allowed; allowed: auto, or another podman --userns mode that gives "
+            "the container its own ids (never host or keep-id: they map it onto lovd itself)"
+        )
+    return None
+
+
+def _egress_entry(v: Any) -> str | None:
+    from lovd.egress import EgressError, parse_allow  # egress imports this module
+
+    try:
+        parse_allow(v)
+    except EgressError as e:
+        return str(e).removeprefix("egress.allow: ")
+    return None
+
+
+@functools.cache
+def _rules() -> dict[str, checks.Check]:
+    """Every setting's allowed values, by key. A setting without an entry here still gets
+    the generic rule of its type (_generic): finite and not negative, no control characters."""
+    c = checks
+    never = "never"
+    word_or_empty = _matches(r"\S+", "a value without spaces", empty=True)
+    return {
+        "listen": c.listen,
+        "state_dir": c.absolute_path(),
+        "runtime_dir": c.absolute_path(empty=True),
+        "public_url": c.url(),
+        "idle_exit": c.seconds(0, c.YEAR, above=True, zero=never),
+        "max_body": c.count(1024, 1 << 30, unit="bytes"),
+        "host_id": _matches(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", "letters, digits, . _ -, "
+                            "at most 63 characters", empty=True),
+        "podman.binary": c.word,
+        "podman.socket": c.absolute_path(empty=True),
+        "image": c.word,
+        "container_port": c.port(),
+        "container_user": _matches(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?",
+                                   "USER or USER:GROUP (names or numeric ids)", empty=True),
+        "health_path": _matches(r"/\S*", "a path starting with '/', without spaces"),
+        "port_range": _port_range,
+        "userns": _userns,
+        "extra_run_args": c.each(c.non_empty),
+        "host_gateway": c.ip_address,
+        "session_network": c.word,
+        # As podman --memory and systemd's MemoryMax= both read it: K, M, G, T only.
+        "limits.memory": c.both(
+            _matches(r"\d+(\.\d+)?[KMGT]?", "a size like 512M or 4G (K, M, G, T)"),
+            c.size(parse_size, 64 << 20, "64M"),
+        ),
+        "limits.cpus": c.number(0, 1024, "CPUs"),
+        "limits.tasks": c.count(16, 1_000_000),
+        "limits.max_running": c.count(1, 10_000),
+        "warm_pool": c.count(0, 1_000),
+        "warm_max_age": c.seconds(0, c.YEAR, above=True),
+        "ready_timeout": c.seconds(1, c.HOUR),
+        "stop_timeout": c.count(0, 3600, unit="seconds"),
+        "idle_timeout": c.seconds(0, 10 * c.YEAR, above=True, zero=never),
+        "session_ttl": c.seconds(0, 10 * c.YEAR, above=True, zero=never),
+        "delete_after": c.seconds(0, 10 * c.YEAR, above=True, zero=never),
+        "unused_timeout": c.seconds(0, 10 * c.YEAR, above=True, zero=never),
+        "orphan_grace": c.seconds(0, c.DAY),
+        "health.interval": c.seconds(1, c.HOUR),
+        "health.probe_timeout": c.seconds(0, 5 * c.MINUTE, above=True),
+        "health.failures": c.count(1, 1_000),
+        "health.restart_attempts": c.count(1, 1_000),
+        "health.restart_window": c.seconds(0, c.YEAR, above=True),
+        "health.history": c.count(1, 10_000),
+        "floors.disk_free": c.size(parse_size, 0, "0", zero="no floor"),
+        "floors.memory_free": c.size(parse_size, 0, "0", zero="no floor"),
+        "limits.disk": c.size(parse_size, 0, "0", zero="no quota"),
+        "mcp.lovdata.url": c.url(empty=True),
+        "mcp.lovdata.token": word_or_empty,
+        "llm.model": _model,
+        "llm.models": c.each(_model),
+        "llm.base_url": c.url(empty=True),
+        "llm.api_key": word_or_empty,
+        "llm.openai_api_key": word_or_empty,
+        "llm.anthropic_api_key": word_or_empty,
+        "llm.google_api_key": word_or_empty,
+        "llm.openai_base_url": c.url(),
+        "llm.anthropic_base_url": c.url(),
+        "llm.google_base_url": c.url(),
+        "llm.max_tokens_per_session": c.count(1, 10**15, zero="no cap"),
+        "llm.max_tokens_per_day": c.count(1, 10**15, zero="no cap"),
+        "llm.deny_tools": c.each(_matches(r"[A-Za-z0-9_.*-]+", "OpenCode tool names")),
+        "demo_corpus": c.absolute_path(empty=True),
+        "demo_mcp_port": c.port(zero="any free port"),
+        "demo_llm_port": c.port(zero="any free port"),
+        "demo_listen": c.ip_address,
+        "broker.listen": c.host_port("127.0.0.1:18780", ip_only=True),
+        "egress.allow": c.each(_egress_entry),
+        "caddy.admin": c.caddy_admin,
+        "caddy.listen": c.caddy_listen,
+        "caddy.server": _matches(r"[A-Za-z0-9_-]{1,64}", "letters, digits, _ and -"),
+        "caddy.auth_socket": c.absolute_path(empty=True),
+        "caddy.check_interval": c.seconds(0.1, c.HOUR),
+        "browser.start_limit": c.count(1, 1_000_000),
+        "browser.start_window": c.seconds(0, c.YEAR, above=True),
+        "browser.auth_failures": c.count(1, 1_000_000),
+        "browser.auth_failure_window": c.seconds(0, c.YEAR, above=True),
+        "postgres.dsn": _dsn,
+        "postgres.pool_size": c.count(2, 100),
+        "postgres.batch": c.count(1, 100_000),
+        "postgres.connect_timeout": c.seconds(0, 5 * c.MINUTE, above=True),
+        "postgres.timeout": c.seconds(0, c.HOUR, above=True),
+        "postgres.read_timeout": c.seconds(0, 5 * c.MINUTE, above=True),
+        "postgres.max_backoff": c.seconds(0.2, c.HOUR),
+        "postgres.heartbeat_interval": c.seconds(0, c.HOUR, above=True),
+        "postgres.host_stale_after": c.seconds(0, c.DAY, above=True),
+        "postgres.retention": c.seconds(c.MINUTE, 10 * c.YEAR),
+        "postgres.upstream": c.host_port("10.0.0.2:80", empty=True),
+        **{key: _choice(choices) for key, choices in _CHOICES.items()},
+    }
+
+
+def _choice(choices: tuple[str, ...]) -> checks.Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"{v!r}: must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _port_range(v: Any) -> str | None:
+    lo, sep, hi = v.partition("-")
+    if not (sep and lo.strip().isdigit() and hi.strip().isdigit()):
+        return f"expected LOW-HIGH, got {v!r}"
+    if not 1024 <= int(lo) <= int(hi) <= 65535:
+        return f"{v!r} must lie within 1024-65535 (LOW-HIGH, LOW <= HIGH)"
+    return None
+
+
+def _dsn(v: Any) -> str | None:
+    if not v:
+        return None
+    import psycopg.conninfo
+
+    try:
+        psycopg.conninfo.conninfo_to_dict(v)
+    except psycopg.Error:
+        # Not the parser's message: it may quote the DSN, password included.
+        return (
+            "not a libpq connection string or URI (key=value pairs, or "
+            "postgresql://user@host/dbname); check quoting"
+        )
+    return None
+
+
+def _generic(s: Setting) -> checks.Check | None:
+    """The rule for a setting _rules() does not name: what any value of its type must be."""
+    if s.type is float:
+        return checks.seconds(0, 10 * checks.YEAR)
+    if s.type is int:
+        return checks.count(0, 10**15)
+    return None
+
+
+def problems(cfg: Config) -> list[str]:
+    """Everything wrong with ``cfg``, one line each, each naming its key and what is allowed."""
+    rules = _rules()
+    out: list[str] = []
+    for s in settings():
+        value = getattr(cfg, s.attr)
+        strings = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+        problem = next(filter(None, map(checks.no_control, strings)), None)
+        rule = rules.get(s.key) or _generic(s)
+        if problem is None and rule is not None:
+            problem = rule(value)
+        if problem:
+            out.append(f"{s.key}: {problem}")
+    # Rules across settings, once each setting is fine on its own.
+    if not out and cfg.max_running > len(cfg.ports):
+        out.append(
+            f"limits.max_running: {cfg.max_running} sessions need as many ports, and "
+            f"port_range {cfg.port_range} has {len(cfg.ports)}; allowed: at most "
+            f"{len(cfg.ports)}, or a wider port_range"
+        )
+    if not out and cfg.postgres_host_stale_after <= cfg.postgres_heartbeat_interval:
+        out.append(
+            f"postgres.host_stale_after: {cfg.postgres_host_stale_after:g} would show live "
+            f"hosts as dead; allowed: more than postgres.heartbeat_interval "
+            f"({cfg.postgres_heartbeat_interval:g})"
+        )
+    return out
+
+
+def _validate(cfg: Config) -> None:
+    found = problems(cfg)
+    if found:
+        raise ConfigError.of(found)
 
 
 def parse_size(text: str) -> int:
@@ -660,6 +843,8 @@ def parse_size(text: str) -> int:
         value = float(t)
     except ValueError as e:
         raise ValueError(f"expected a size like 512M or 1G, got {text!r}") from e
+    if not math.isfinite(value):
+        raise ValueError(f"expected a size like 512M or 1G, got {text!r}")
     if value < 0:
         raise ValueError(f"a size cannot be negative, got {text!r}")
     return int(value * scale)
@@ -668,14 +853,56 @@ def parse_size(text: str) -> int:
 def from_mapping(data: Mapping[str, Any]) -> Config:
     by_key = {s.key: s for s in settings()}
     values: dict[str, Any] = {}
+    found: list[str] = []
     for key, value in _flatten(data):
         s = by_key.get(key)
         if s is None:
-            raise ConfigError(f"unknown setting {key!r} (see lovd.conf.example for all keys)")
-        values[s.attr] = _coerce(s, value)
+            found.append(f"unknown setting {key!r} (see lovd.conf.example for all keys)")
+            continue
+        try:
+            values[s.attr] = _coerce(s, value)
+        except ConfigError as e:
+            found.append(str(e))
+    if found:
+        raise ConfigError.of(found)
     cfg = Config(**values)
     _validate(cfg)
     return cfg
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml when present), refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of duplicate keys: a repeated section (two ``limits:`` blocks)
+    would silently replace the first, settings and all."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicates(node, "")
+        return super().construct_document(node)
+
+
+def _refuse_duplicates(node: yaml.Node, prefix: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}" if isinstance(key_node, yaml.ScalarNode) else ""
+            line = key_node.start_mark.line + 1
+            if key and key in seen:
+                raise ConfigError(
+                    f"{key}: given twice (lines {seen[key]} and {line}); a repeated key or "
+                    "section would replace the first: merge them into one"
+                )
+            seen[key] = line
+            _refuse_duplicates(value_node, key + "." if key else prefix)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, prefix)
+
+
+def config_path(path: str | None = None) -> tuple[Path, bool]:
+    """The file ``load`` reads, and whether it was named (``path`` or $LOVD_CONFIG)."""
+    explicit = path or os.environ.get("LOVD_CONFIG")
+    return Path(explicit or DEFAULT_CONFIG_PATH), bool(explicit)
 
 
 def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -683,9 +910,7 @@ def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) ->
 
     A missing *default* file is fine (all defaults); a missing explicit file is an error.
     """
-    explicit = path or os.environ.get("LOVD_CONFIG")
-    p = Path(explicit or DEFAULT_CONFIG_PATH)
-    data: dict[str, Any] = {}
+    p, explicit = config_path(path)
     try:
         text = p.read_text()
     except FileNotFoundError as e:
@@ -695,15 +920,16 @@ def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) ->
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
     try:
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
-        loaded = yaml.load(text, Loader=loader) if text.strip() else {}  # noqa: S506
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else {}  # noqa: S506
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: expected a mapping of settings at the top level")
-    data.update(loaded)
-    merged = _flatten(data)
-    flat = dict(merged)
+    flat: dict[str, Any] = {}
+    for key, value in _flatten(loaded):
+        if key in flat:  # `limits.memory: …` beside a `limits:` section naming it too
+            raise ConfigError(f"{key}: given twice; a repeated key would replace the first")
+        flat[key] = value
     flat.update(overrides or {})
     return from_mapping(flat)
 

@@ -401,6 +401,15 @@ async def _egress_live(config: Config, nft: str) -> Check:
     )
 
 
+def config_report(path: Path, named: bool, problems: list[str]) -> list[Check]:
+    """The settings' validation, as lovd itself applies it at load (config.problems)."""
+    where = str(path) if named or path.exists() else f"{path} absent: every default"
+    if not problems:
+        return [Check("config", "ok", f"{where}: every setting valid")]
+    fix = f"edit {path}: lovd.conf.example lists every key with its default and range"
+    return [Check("config", "fail", p, fix) for p in problems]
+
+
 def render(results: list[Check]) -> str:
     mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
     lines = []

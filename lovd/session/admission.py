@@ -190,7 +190,7 @@ class Admission:
                 host_id=self.host_id,
                 created_at=now,
                 updated_at=now,
-                expires_at=now + self.config.session_ttl,
+                expires_at=self.config.expires_at(now),
                 last_activity=now,
             ),
             event=event,

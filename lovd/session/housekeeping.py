@@ -9,7 +9,9 @@ memory and written to the store in batches: the gate must stay cheap. The policy
   unless OpenCode is still answering (its session status is busy); a session calling
   its LLM or MCP server through the broker is active too;
 - nothing a user may come back to is deleted by anything but the expiry policy: a
-  session past ``session_ttl``, or stopped/failed/idle-stopped for ``delete_after``.
+  session past ``session_ttl``, or stopped/failed/idle-stopped for ``delete_after``
+  (0 turns either off, like every 0 among the timeouts; session_ttl 0 gives
+  ``config.NEVER`` as expires_at).
   A stopped or failed session keeps its workspace and chat history and wakes on its
   user's next request like an idle-stopped one.
 """
@@ -127,7 +129,9 @@ class Housekeeping:
                 why = ""
                 if s.expires_at <= now:
                     why = "expired (session_ttl)"
-                elif s.status in RESTING and s.updated_at + c.delete_after <= now:
+                elif (
+                    c.delete_after and s.status in RESTING and s.updated_at + c.delete_after <= now
+                ):
                     why = f"{s.status} for longer than delete_after"
                 if why:
                     await self.delete(s.id, why)

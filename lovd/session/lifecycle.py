@@ -260,7 +260,7 @@ class Sessions:
                     event="claimed",
                     token_hash=token_hash,
                     created_at=now,
-                    expires_at=now + self.config.session_ttl,
+                    expires_at=self.config.expires_at(now),
                     last_activity=now,
                 )
             except (StaleRow, KeyError):

@@ -46,6 +46,7 @@ class AppState:
     sync: Sync | None = None  # PostgreSQL sync (postgres.dsn); None when off
 
 
+LIVEZ = "/api/livez"
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 
@@ -62,7 +63,8 @@ _HTTP_CODES = {
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     st = request.app[STATE]
-    st.last_request = time.monotonic()
+    if request.path != LIVEZ:  # a liveness probe is no reason to stay up (idle_exit)
+        st.last_request = time.monotonic()
     rid = request.headers.get("X-Request-Id", "")
     if not (0 < len(rid) <= 64 and rid.isascii() and rid.replace("-", "").isalnum()):
         rid = secrets.token_hex(8)
@@ -96,7 +98,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             raise
         status = e.status
         code = _HTTP_CODES.get(e.status, "bad-request" if e.status < 500 else "internal")
-        resp = problem(LovdError(code, e.reason or "request refused"), request.path)
+        resp = problem(LovdError(code, _reason(e, request)), request.path)
+        if "Allow" in e.headers:  # RFC 9110: a 405 lists the methods the resource has
+            resp.headers["Allow"] = e.headers["Allow"]
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         resp = problem(
@@ -108,6 +112,29 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         st.metrics.requests.labels(request.method, route_name, str(status)).inc()
     resp.headers["X-Request-Id"] = rid
     return resp
+
+
+def _reason(e: web.HTTPException, request: web.Request) -> str:
+    if e.status == 405:
+        return (
+            f"{request.method} is not allowed on {request.path}; "
+            f"allowed: {e.headers.get('Allow', 'none')}"
+        )
+    return e.reason or "request refused"
+
+
+def _query(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:
+    """The one value of query parameter ``name``, refused unless it is one of ``allowed``."""
+    values = request.query.getall(name, [])
+    if not values:
+        return None
+    if len(values) > 1 or values[0] not in allowed:
+        shown = ", ".join(repr(v[:40]) for v in values)
+        raise LovdError(
+            "bad-request",
+            f"query parameter {name} must be one of {', '.join(allowed)}; got {shown}",
+        )
+    return values[0]
 
 
 async def _json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
@@ -134,20 +161,13 @@ async def _json_body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise LovdError("bad-request", f"{name} must be true or false, got {value!r}")
-
-
 async def create_session(request: web.Request) -> web.Response:
     st = request.app[STATE]
+    query = _query(request, "wait", ("true", "false", "1", "0"))
     body = await _json_body(request, {"wait"})
-    wait = _bool(body.get("wait", request.query.get("wait", True)), "wait")
+    if "wait" in body and not isinstance(body["wait"], bool):
+        raise LovdError("bad-request", f"wait must be true or false, got {body['wait']!r}")
+    wait: bool = body.get("wait", query in (None, "true", "1"))
     session, token = await st.sessions.create(wait=wait)
     data = session.public(st.public_url)
     data["token"] = token
@@ -157,18 +177,15 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def list_sessions(request: web.Request) -> web.Response:
     st = request.app[STATE]
-    scope = request.query.get("scope", "local")
+    scope = _query(request, "scope", ("local", "all")) or "local"
     local = [s.public(st.public_url) for s in st.sessions.all()]
     if scope == "local":
         return web.json_response({"sessions": local})
-    if scope != "all":
-        raise LovdError("bad-request", f"scope must be local or all, got {scope!r}")
     if st.sync is None:
-        raise LovdError(
-            "unavailable",
-            "scope=all lists every host's sessions from PostgreSQL, and postgres.dsn is not "
-            "set on this host; set it in lovd.conf, or list this host's sessions without scope",
-        )
+        # Sync is a setting that is off, not a fault: every host there is, is this one.
+        rows = [dict(r, read_only=False, host_alive=True) for r in local]
+        me = st.sessions.host_id
+        return web.json_response({"sessions": rows, "hosts": [], "host_id": me, "sync": "off"})
     # Other hosts' rows as PostgreSQL last saw them (read-only here); ours from SQLite.
     me = st.sync.host_id
     hosts = await st.sync.hosts.hosts()
@@ -179,7 +196,7 @@ async def list_sessions(request: web.Request) -> web.Response:
         for r in await st.sync.hosts.sessions(st.public_url)
         if r["host_id"] != me
     ]
-    return web.json_response({"sessions": rows, "hosts": hosts, "host_id": me})
+    return web.json_response({"sessions": rows, "hosts": hosts, "host_id": me, "sync": "on"})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -188,7 +205,7 @@ async def get_session(request: web.Request) -> web.Response:
     data = s.public(st.public_url)
     if st.usage is not None:
         data["usage"] = st.usage(s.id)
-    if request.query.get("history") in ("1", "true"):
+    if _query(request, "history", ("1", "true", "0", "false")) in ("1", "true"):
         data.update(await st.sessions.history(s.id))
     return web.json_response(data)
 
@@ -248,6 +265,15 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ok_all else 503)
 
 
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Nothing it depends on is asked, so a monitor that
+    restarts lovd on failure never restarts a working daemon for a floor or PostgreSQL."""
+    st = request.app[STATE]
+    return web.json_response(
+        {"status": "alive", "version": st.version}, headers={"Cache-Control": "no-store"}
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     st = request.app[STATE]
     resp = web.Response(body=st.metrics.render())
@@ -303,7 +329,9 @@ def create_app(
     app.router.add_get("/api/sessions/{id}/health", session_health)
     app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_post("/api/cleanup", cleanup)
-    app.router.add_get("/api/health", health)
+    app.router.add_get("/api/health", health)  # readiness: floors, PostgreSQL, reconcile
+    app.router.add_get("/api/readyz", health)
+    app.router.add_get(LIVEZ, livez)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
     add_browser_entry(app, sessions)  # /c/{id}: shared with the public socket (web/public.py)

@@ -4,6 +4,7 @@ The rules loaded into real network namespaces are tested in tests/integration/te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import stat
@@ -21,6 +22,11 @@ from tests.unit.conftest import open_api
 
 def cfg(tmp_path: Path, **settings: Any) -> config.Config:
     return config.from_mapping({"runtime_dir": str(tmp_path / "run"), **settings})
+
+
+def unchecked(tmp_path: Path, **attrs: Any) -> config.Config:
+    """A config with values load refuses: egress.py checks them again on its own."""
+    return dataclasses.replace(cfg(tmp_path), **attrs)
 
 
 def test_default_rules_allow_the_broker_only(tmp_path: Path) -> None:
@@ -101,14 +107,19 @@ def test_ipv6_gateway(tmp_path: Path) -> None:
     ],
 )
 def test_bad_allow_entries_name_the_key(tmp_path: Path, entry: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as refused:  # at load: lovd does not start
+        cfg(tmp_path, egress={"allow": [entry]})
+    assert str(refused.value).startswith("egress.allow: ") and message in str(refused.value)
     with pytest.raises(egress.EgressError) as e:
-        egress.render_rules(cfg(tmp_path, egress={"allow": [entry]}))
+        egress.render_rules(unchecked(tmp_path, egress_allow=[entry]))
     assert str(e.value).startswith("egress.allow: ") and message in str(e.value)
 
 
 def test_bad_gateway(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match=r"host_gateway: 'host\.containers\.internal'"):
+        cfg(tmp_path, host_gateway="host.containers.internal")
     with pytest.raises(egress.EgressError, match=r"host_gateway: 'host\.containers\.internal'"):
-        egress.render_rules(cfg(tmp_path, host_gateway="host.containers.internal"))
+        egress.render_rules(unchecked(tmp_path, host_gateway="host.containers.internal"))
 
 
 def test_install_writes_hook_script_and_rules(tmp_path: Path) -> None:
@@ -289,7 +300,7 @@ async def test_doctor_fails_without_nft(tmp_path: Path, monkeypatch: pytest.Monk
 
 async def test_doctor_fails_on_bad_allow(tmp_path: Path) -> None:
     [check] = await doctor.egress_checks(
-        cfg(tmp_path, egress={"allow": ["pypi.org:443"]}), podman_ok=True
+        unchecked(tmp_path, egress_allow=["pypi.org:443"]), podman_ok=True
     )
     assert check.status == "fail" and "egress.allow: 'pypi.org:443'" in check.detail
 

@@ -203,14 +203,20 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
         assert (await a.client.get("/api/sessions")).status == 200
 
 
-async def test_scope_all_without_postgres_says_what_to_set(
+async def test_scope_all_without_postgres_is_this_host_with_sync_off(
     tmp_path: Path, free_ports: list[int]
 ) -> None:
+    """Sync is a setting that is off, not a fault: 200 with this host's sessions, no 503."""
     from tests.unit.conftest import open_api
 
     async with open_api(tmp_path, free_ports) as a:
+        s = await (await a.client.post("/api/sessions")).json()
         r = await a.client.get("/api/sessions?scope=all")
-        assert r.status == 503 and "postgres.dsn" in (await r.json())["detail"]
+        body = await r.json()
+        assert r.status == 200 and body["sync"] == "off" and body["hosts"] == []
+        assert body["host_id"] == "h1"
+        assert [(x["id"], x["read_only"], x["host_alive"]) for x in body["sessions"]] == [
+            (s["id"], False, True)]
 
 
 async def test_a_hung_postgres_never_holds_the_api(
