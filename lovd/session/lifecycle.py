@@ -71,7 +71,7 @@ class Sessions:
         self.warm_pool = Warm(
             config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
         )
-        self.health = Health(config, store, self.launcher, clock=now)
+        self.health = Health(config, store, self.launcher, clock=now, lost=self._lost)
         self.reconciler = Reconciler(
             config, store, self.launcher, metrics, discard_warm=self.discard_warm
         )
@@ -187,6 +187,19 @@ class Sessions:
         for sid in report["resume"]:
             self._spawn(self._logged(self.launcher.start(sid), sid))
         return report
+
+    async def _lost(self, sid: str) -> None:
+        """A running session's container is gone (a check, a Podman event): reconcile
+        records it (``stopped``, its secret dropped) through the one path that does."""
+        await self.reconcile()
+
+    def vouched(self, sid: str) -> bool:
+        """Has the session's container answered a probe in the last few seconds?"""
+        return self.health.vouched(sid)
+
+    def check_container(self, sid: str, why: str) -> asyncio.Task[str]:
+        """Look at the session's container now (health.py, Health.check_now)."""
+        return self.health.check_now(sid, why)
 
     async def health_pass(self) -> dict[str, list[str]]:
         """Every health.interval: reconcile, then probe running sessions (health.py)."""
@@ -317,3 +330,4 @@ class Sessions:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.drain()
