@@ -23,7 +23,7 @@ from lovd.metrics import Metrics
 from lovd.podman import ContainerSpec
 from lovd.runner import Runner
 from lovd.session.admission import Admission
-from lovd.session.health import Health
+from lovd.session.health import VOUCH_SECONDS, Health
 from lovd.session.housekeeping import Activity, Housekeeping
 from lovd.session.launcher import Launcher, SessionEnv
 from lovd.session.model import Session, SessionState
@@ -193,9 +193,10 @@ class Sessions:
         records it (``stopped``, its secret dropped) through the one path that does."""
         await self.reconcile()
 
-    def vouched(self, sid: str) -> bool:
-        """Has the session's container answered a probe in the last few seconds?"""
-        return self.health.vouched(sid)
+    def vouched(self, s: Session) -> bool:
+        """Has the session's container answered lately: a probe, or the readiness check
+        of a start within the last VOUCH_SECONDS?"""
+        return self.health.vouched(s.id) or 0 <= self._now() - s.started_at < VOUCH_SECONDS
 
     def check_container(self, sid: str, why: str) -> asyncio.Task[str]:
         """Look at the session's container now (health.py, Health.check_now)."""

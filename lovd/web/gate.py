@@ -299,7 +299,7 @@ class BrowserGate:
         if decision.chat:
             self.sessions.mark_used(s.id)
         if s.status == "running":
-            if not self.sessions.vouched(s.id):
+            if not self.sessions.vouched(s):
                 # Nothing has heard from the container lately: look now, in the background
                 # (a hung one is restarted in seconds rather than health.interval * failures).
                 self.sessions.check_container(s.id, "a request while no probe vouched for it")
