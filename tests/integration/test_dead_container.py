@@ -86,11 +86,21 @@ class Poll:
         return min(ok) - t if ok else -1.0
 
 
+async def apodman(*args: str) -> str:
+    """``podman`` without blocking the event loop (lovd's gate runs on it in this test)."""
+    proc = await asyncio.create_subprocess_exec(
+        "podman", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 150)
+    assert proc.returncode == 0, f"podman {args}: {err.decode()}"
+    return out.decode()
+
+
 async def _session(h: Harness) -> tuple[str, dict[str, str], str]:
     s, token = await h.sessions.create(wait=True)
     name = ids.container_name(s.id)
-    podman("exec", name, "sh", "-c", "echo kept > /work/note.txt")
-    return s.id, cookie(s, token), podman("inspect", "--format", "{{.Id}}", name).strip()
+    await apodman("exec", name, "sh", "-c", "echo kept > /work/note.txt")
+    return s.id, cookie(s, token), (await apodman("inspect", "--format", "{{.Id}}", name)).strip()
 
 
 def _report(what: str, poll: Poll, t_kill: float) -> dict[str, object]:
@@ -104,7 +114,7 @@ def _report(what: str, poll: Poll, t_kill: float) -> dict[str, object]:
     return {"back": back, "statuses": statuses}
 
 
-def _check(poll: Poll, h: Harness, sid: str, first_id: str) -> None:
+async def _check(poll: Poll, h: Harness, sid: str, first_id: str) -> None:
     bad = [p for p in poll.seen if p[3] == 0 or (p[3] >= 500 and p[3] != 503)]
     assert bad == [], bad  # never a 502 (nor any other 5xx than lovd's own 503)
     for _, _, kind, status, ctype, retry in poll.seen:
@@ -115,8 +125,8 @@ def _check(poll: Poll, h: Harness, sid: str, first_id: str) -> None:
     s = h.sessions.get(sid)
     assert s.status == "running", s
     name = ids.container_name(sid)
-    assert podman("inspect", "--format", "{{.Id}}", name).strip() != first_id
-    assert podman("exec", name, "cat", "/work/note.txt").strip() == "kept"  # its workspace
+    assert (await apodman("inspect", "--format", "{{.Id}}", name)).strip() != first_id
+    assert (await apodman("exec", name, "cat", "/work/note.txt")).strip() == "kept"
 
 
 @pytest.mark.parametrize("events", [False, True], ids=["error-route-alone", "with-events"])
@@ -135,14 +145,14 @@ async def test_removed_container_is_never_a_502(
             async with poll.running():
                 await asyncio.sleep(2.5)
                 t_kill = time.monotonic()
-                podman("rm", "-f", "-t", "0", ids.container_name(sid))
+                await apodman("rm", "-f", "-t", "0", ids.container_name(sid))
                 deadline = time.monotonic() + 60
                 while poll.back_after(t_kill) < 0 and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                 await asyncio.sleep(2.0)
             _report(f"podman rm -f ({'events on' if events else 'no events'})", poll, t_kill)
             assert poll.back_after(t_kill) > 0, poll.seen
-            _check(poll, h, sid, first)
+            await _check(poll, h, sid, first)
             if events:
                 assert watcher.deaths >= 1 and watcher.streams == 1
         finally:
@@ -158,14 +168,14 @@ async def test_hung_container_is_restarted_without_a_502(caddy_bin: str, test_im
             t_kill = time.monotonic()
             # Every process but the container's init: the server hangs, Podman still
             # reports the container running, connections are accepted and never answered.
-            podman("exec", ids.container_name(sid), "/bin/busybox", "kill", "-STOP", "-1")
+            await apodman("exec", ids.container_name(sid), "/bin/busybox", "kill", "-STOP", "-1")
             deadline = time.monotonic() + 60
             while poll.back_after(t_kill) < 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             await asyncio.sleep(2.0)
         _report("SIGSTOP", poll, t_kill)
         assert poll.back_after(t_kill) > 0, poll.seen
-        _check(poll, h, sid, first)
+        await _check(poll, h, sid, first)
         assert h.sessions.get(sid).restarts == 1
         # Found by the gate's check, not by health.interval (30 s here, never reached).
         assert poll.back_after(t_kill) < h.config.health_interval, poll.seen
