@@ -200,7 +200,14 @@ def render_server(site: Site) -> dict[str, Any]:
     # only when forward_auth allowed the request (clients' X-Lovd-* were deleted above);
     # the container's password is not sent on.
     upstream_failed: dict[str, Any] = {
-        "match": [{"header": {UPSTREAM_HEADER: ["*"]}}],
+        # 502: could not reach it. Not 499: the browser left (a closed tab, a page that
+        # moved on from an event stream), which says nothing about the container.
+        "match": [
+            {
+                "header": {UPSTREAM_HEADER: ["*"]},
+                "vars": {"{http.error.status_code}": ["502"]},
+            }
+        ],
         "handle": [
             {
                 "handler": "reverse_proxy",
