@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 
 from lovd import ids, runtime_events
+from lovd.caddy import FAILED_HEADER
 from tests.integration.caddy_harness import Harness, cookie, harness
 from tests.lovdproc import LovdProc, podman, remove_all
 
@@ -207,3 +208,17 @@ def test_lovd_serve_learns_of_a_death_from_podman_events(tmp_path: Path, test_im
               f"({time.monotonic() - t0:.2f} s with the API calls)")
     finally:
         remove_all(p)
+
+
+async def test_a_client_cannot_ask_for_the_failure_answer(caddy_bin: str) -> None:
+    # The header of Caddy's error route, sent by a browser: stripped with every X-Lovd-*
+    # header, so the request goes to the container as any other.
+    async with harness() as h:
+        up = await h.upstream("a")
+        s, token = await h.fake_session(up)
+        hdrs = {**cookie(s, token), **XHR, FAILED_HEADER: "502"}
+        async with h.http.get(h.url + "/x", headers=hdrs) as r:
+            assert r.status == 200, await r.text()
+            echoed = await r.json()
+        assert echoed["upstream"] == "a" and FAILED_HEADER not in echoed["headers"]
+        assert h.sessions.get(s.id).status == "running"
