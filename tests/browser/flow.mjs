@@ -12,7 +12,7 @@
 //   mode "return":  open the site again (the session may be stopped: it wakes) → the
 //                   earlier conversation is shown
 //   mode "page":    open a URL (a refusal, the landing page) and check it
-//   mode "survive": open the site (the chat with expect_question), poll an XHR once a
+//   mode "survive": open the chat at url (with expect_question), poll an XHR once a
 //                   second, write ready_file, wait for killed_file (the test kills or
 //                   stops the container then), reload once, and wait for the chat with
 //                   its history again; reports kill_to_chat_ms and every status seen
@@ -215,7 +215,7 @@ try {
     await page.addInitScript(() => {
       setInterval(() => { fetch("/session", { headers: { accept: "application/json" } }).catch(() => {}); }, 1000);
     });
-    await page.goto(base + "/");
+    await page.goto(spec.url);
     await conversationShown(spec.expect_question);
     step("chat before");
     await page.waitForTimeout(2000);

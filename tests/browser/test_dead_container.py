@@ -40,12 +40,16 @@ from tests.integration.test_dead_container import apodman
 pytestmark = [pytest.mark.browser, pytest.mark.caddy, pytest.mark.opencode]
 
 
-async def survive(h: Harness, artifacts: Path, name: str, profile: str, kill: list[str]) -> Any:
-    """Run flow.mjs's "survive" mode; run ``podman <kill>`` when it is ready."""
+async def survive(
+    h: Harness, artifacts: Path, name: str, profile: str, chat: str, kill: list[str]
+) -> Any:
+    """Run flow.mjs's "survive" mode in the chat at path ``chat``; run ``podman <kill>``
+    when it is ready."""
     marks = Path(tempfile.mkdtemp(prefix="lovd-survive-"))
     spec = {
         "base": h.url, "artifacts": str(artifacts), "name": name, "mode": "survive",
         "locale": "en-US", "profile": profile, "expect_question": QUESTION_EN,
+        "url": h.url + chat,
         "ready_file": str(marks / "ready"), "killed_file": str(marks / "killed"),
     }  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
@@ -86,6 +90,7 @@ async def test_the_chat_survives_a_removed_and_a_hung_container(browser_env: Non
     settings = {
         "image": SESSION_IMAGE,
         "ready_timeout": 90,
+        "warm_pool": 1,
         "mcp": {"lovdata": {"url": f"{mcp.base_url}/mcp"}},
         "llm": {"model": "lovd/legal-stub", "base_url": f"{llm.base_url}/v1", "api_key": "demo"},
     }
@@ -99,6 +104,8 @@ async def test_the_chat_survives_a_removed_and_a_hung_container(browser_env: Non
             )
             events.start()
             try:
+                # A warm container (warmed up once it listens), as test_browser.py's start.
+                assert await h.sessions.pool(h.config.warm_max_age).fill()
                 s, token = await h.sessions.create()
                 first = await flow(
                     h, artifacts, name="dead-link", mode="link", locale="en-US",
@@ -108,8 +115,9 @@ async def test_the_chat_survives_a_removed_and_a_hung_container(browser_env: Non
                 chatted(first, QUESTION_EN)
                 name = ids.container_name(s.id)
 
+                chat, profile = first["chat_path"], str(profiles / "p")
                 removed = await survive(
-                    h, artifacts, "dead-rm", str(profiles / "p"), ["rm", "-f", "-t", "0", name]
+                    h, artifacts, "dead-rm", profile, chat, ["rm", "-f", "-t", "0", name]
                 )
                 assert removed["conversation_shown"] and removed["statuses_502"] == 0, removed
                 assert h.sessions.get(s.id).status == "running"
@@ -117,7 +125,7 @@ async def test_the_chat_survives_a_removed_and_a_hung_container(browser_env: Non
                 # Every process but the container's init: OpenCode hangs, Podman still
                 # reports the container running.
                 hung = await survive(
-                    h, artifacts, "dead-stop", str(profiles / "p"),
+                    h, artifacts, "dead-stop", profile, chat,
                     ["exec", name, "sh", "-c", "kill -STOP -1"],
                 )  # fmt: skip
                 assert hung["conversation_shown"] and hung["statuses_502"] == 0, hung
