@@ -12,19 +12,24 @@ container is checked at once (session/health.py, ``Health.check_now``), which ha
 gone container to reconcile. lovd's own stops and restarts hold the session's lock or
 have left ``running`` first, so their events change nothing.
 
-The stream is bounded (one line at most ``MAX_LINE`` bytes) and restarted with a
-backoff when it ends or fails; the daemon owns the task and cancels it at shutdown,
-which kills the ``podman events`` child.
+The stream is bounded (one line at most asyncio's 64 KiB stream limit; a longer one ends
+the stream) and restarted with a backoff when it ends or fails; the daemon owns the task
+and cancels it at shutdown, which kills the ``podman events`` child. The child also gets
+SIGTERM when lovd dies (``PR_SET_PDEATHSIG``): a ``kill -9`` of lovd leaves no reader
+behind. ``spawn`` can be any function that starts a child with piped output (the
+daemon's own child-process helper, where there is one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from lovd import ids
 from lovd.podman import LABEL_INSTANCE, LABEL_SESSION
@@ -36,9 +41,31 @@ log = logging.getLogger(__name__)
 # The events that mean a container no longer serves ("died": its process exited, with
 # any cause; "remove": it is gone, e.g. `podman rm -f`).
 DEATHS = frozenset({"died", "remove"})
-MAX_LINE = 1 << 20
 # A stream that lived this long was healthy: the backoff starts again from the bottom.
 STABLE_SECONDS = 60.0
+
+
+_PR_SET_PDEATHSIG = 1
+Spawn = Callable[..., Awaitable[asyncio.subprocess.Process]]
+
+
+def _death_signal() -> Callable[[], None]:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork, not in the child
+    except OSError:
+        return lambda: None
+    return lambda: libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+async def spawn(*argv: str) -> asyncio.subprocess.Process:
+    """A child with piped stdout/stderr that gets SIGTERM when lovd dies."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_death_signal(),
+    )
 
 
 def parse(line: bytes) -> tuple[str, str] | None:
@@ -70,6 +97,7 @@ class ContainerEvents:
         *,
         min_delay: float = 1.0,
         max_delay: float = 30.0,
+        spawn: Spawn = spawn,
     ) -> None:
         self.argv = [
             podman,
@@ -82,6 +110,7 @@ class ContainerEvents:
             f"label={LABEL_INSTANCE}={instance_id}",
         ]
         self.on_death = on_death
+        self.spawn = spawn
         self.min_delay = min_delay
         self.max_delay = max_delay
         self.streams = 0  # how many times the stream was (re)started
@@ -105,7 +134,7 @@ class ContainerEvents:
             t0 = time.monotonic()
             try:
                 why = await self._follow()
-            except (OSError, ValueError) as e:  # no podman; a line over MAX_LINE
+            except (OSError, ValueError) as e:  # no podman; a line over the stream limit
                 why = repr(e)
             if time.monotonic() - t0 >= STABLE_SECONDS:
                 delay = self.min_delay
@@ -119,13 +148,7 @@ class ContainerEvents:
             delay = min(delay * 2, self.max_delay)
 
     async def _follow(self) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            limit=MAX_LINE,
-        )
+        proc = await self.spawn(*self.argv)
         self.streams += 1
         assert proc.stdout is not None and proc.stderr is not None
         try:

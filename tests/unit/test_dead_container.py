@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -156,3 +157,40 @@ async def test_closing_the_follower_ends_its_podman_child(tmp_path: Path) -> Non
     except ProcessLookupError:
         alive = False
     assert not alive  # killed and reaped: no orphaned `podman events`
+
+
+async def test_the_podman_events_child_dies_with_lovd(tmp_path: Path) -> None:
+    # A stand-in lovd that follows the events, killed with SIGKILL: its child follows it.
+    fake = tmp_path / "podman"
+    pidfile = tmp_path / "pid"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 60\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    script = (
+        "import asyncio\n"
+        "from lovd import runtime_events\n"
+        "async def main():\n"
+        f"    w = runtime_events.ContainerEvents({str(fake)!r}, 'inst', lambda *e: None)\n"
+        "    await w.run()\n"
+        "asyncio.run(main())\n"
+    )
+    lovd = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=Path(__file__).resolve().parents[2]
+    )
+    try:
+        for _ in range(300):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            await asyncio.sleep(0.02)
+        pid = int(pidfile.read_text())
+    finally:
+        lovd.kill()
+        await lovd.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("podman events outlived lovd")
