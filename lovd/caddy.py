@@ -10,6 +10,13 @@ the HTTP server ``apps.http.servers.<name>`` tagged ``"@id": "<name>"``:
    answers 2xx with ``X-Lovd-Upstream: 127.0.0.1:<port>`` and the container's
    ``Authorization`` header, and ``reverse_proxy`` dials that header (streaming,
    ``flush_interval -1``). Client-supplied ``X-Lovd-*`` headers are deleted first.
+3. when that ``reverse_proxy`` cannot reach the container (dial refused, the connection
+   closed before a response: the container died, was removed, or is being restarted),
+   Caddy's error routes (``handle_errors``) send the request to lovd's ``/_lovd/auth``
+   again with ``X-Lovd-Upstream-Failed: <status>``; lovd checks the container at once,
+   starts the wake, and answers the browser itself (the waking page, or 503 with
+   Retry-After) — never Caddy's bare 502. Only requests that passed forward_auth (they
+   carry the ``X-Lovd-Upstream`` lovd set) take that route.
 
 The container's password must never reach a browser, so lovd answers ``/_lovd/auth``
 only to a request carrying ``X-Lovd-Gate: <gate key>``, which only the forward_auth
@@ -53,6 +60,9 @@ COOKIE_NAME = "lovd_session"
 AUTH_PATH = "/_lovd/auth"
 UPSTREAM_HEADER = "X-Lovd-Upstream"
 GATE_HEADER = "X-Lovd-Gate"
+# Set by Caddy's error route (its value: Caddy's error status) when the container the
+# gate named could not be reached; lovd then answers the browser itself.
+FAILED_HEADER = "X-Lovd-Upstream-Failed"
 # What the documentation renderings (caddy/lovd.caddy.json, caddy/lovd.caddyfile) show
 # instead of a real key: a Caddy placeholder, so a hand-run Caddy can take it from its
 # environment.
@@ -185,7 +195,44 @@ def render_server(site: Site) -> dict[str, Any]:
         },
         {**match(), "handle": [forward_auth, to_session], "terminal": True},
     ]
-    server: dict[str, Any] = {"@id": site.name, "listen": list(site.listen), "routes": routes}
+    # Caddy's own answer to a container it cannot reach is an empty 502. Instead, lovd
+    # answers (web/gate.py, BrowserGate.upstream_failed). The upstream header is present
+    # only when forward_auth allowed the request (clients' X-Lovd-* were deleted above);
+    # the container's password is not sent on.
+    upstream_failed: dict[str, Any] = {
+        # 502: could not reach it. Not 499: the browser left (a closed tab, a page that
+        # moved on from an event stream), which says nothing about the container.
+        "match": [
+            {
+                "header": {UPSTREAM_HEADER: ["*"]},
+                "vars": {"{http.error.status_code}": ["502"]},
+            }
+        ],
+        "handle": [
+            {
+                "handler": "reverse_proxy",
+                "upstreams": [{"dial": lovd}],
+                "rewrite": {"method": "GET", "uri": AUTH_PATH},
+                "headers": {
+                    "request": {
+                        "set": {
+                            "X-Forwarded-Method": ["{http.request.method}"],
+                            "X-Forwarded-Uri": ["{http.request.uri}"],
+                            GATE_HEADER: [site.gate_key],
+                            FAILED_HEADER: ["{http.error.status_code}"],
+                        },
+                        "delete": ["Authorization", UPSTREAM_HEADER, "Content-Length"],
+                    }
+                },
+            }
+        ],
+    }
+    server: dict[str, Any] = {
+        "@id": site.name,
+        "listen": list(site.listen),
+        "routes": routes,
+        "errors": {"routes": [upstream_failed]},
+    }
     if not site.hosts:
         # Plain HTTP on the configured addresses; no certificate management.
         server["automatic_https"] = {"disable": True}

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lovd import __version__, egress, limits
+from lovd import __version__, egress, limits, runtime_events
 from lovd.broker import server as broker_server
 from lovd.broker.server import Broker
 from lovd.caddy import CaddyManager, auth_socket_path
@@ -322,6 +322,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         self._every(c.health_interval, sessions.health_pass)
+        # A container's death is known when Podman reports it, not at the next pass.
+        events = runtime_events.ContainerEvents(
+            c.podman, store.instance_id, runtime_events.on_death(sessions)
+        )
+        self._tasks.append(asyncio.create_task(events.run(), name="podman-events"))
         self._every(ACTIVITY_FLUSH_SECONDS, sessions.flush_activity)
         self._every(ACTIVITY_FLUSH_SECONDS, broker.flush)
         if sync is not None:

@@ -8,6 +8,16 @@ token (a new broker credential, as at every start). At most ``health.restart_att
 restarts within ``health.restart_window``; one more failure and the session is failed
 with reason ``unhealthy`` (its workspace stays; it wakes on its user's next request).
 
+Between passes a container is looked at **at once** (:meth:`Health.check_now`) when
+there is reason to doubt it: Caddy could not reach it (web/gate.py, the error route of
+lovd/caddy.py), Podman reported it died (lovd/runtime_events.py), or its browser sends
+requests while no probe has vouched for it for ``VOUCH_SECONDS``. A container that is
+gone is handed to reconcile (the session becomes ``stopped`` and wakes on its next
+request); one that is there but does not answer is confirmed by ``health.failures``
+probes ``CONFIRM_GAP`` apart — not ``health.interval`` apart — and restarted like above.
+A hung OpenCode (SIGSTOP, a deadlock) a person is waiting on is so restarted within
+about VOUCH_SECONDS + health.failures * (health.probe_timeout + CONFIRM_GAP).
+
 A failed session's reason starts with its class: ``oom``, ``exit-code N``,
 ``unhealthy``, ``image-missing``, ``start-timeout`` or ``interrupted``
 (:func:`failure_class`).
@@ -17,9 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import logging
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from lovd.config import Config
@@ -29,6 +42,18 @@ from lovd.session.model import Session, SessionState
 from lovd.store import Store
 
 log = logging.getLogger(__name__)
+
+# A successful probe vouches for a container this long; a request for a session whose
+# container has not answered since is the moment to look again (cheap: one GET of the
+# health path, at most once per VOUCH_SECONDS per session with traffic).
+VOUCH_SECONDS = 5.0
+# How far apart the probes that confirm a hang are: short, because a person is waiting,
+# but more than one probe, because a loaded host can miss one probe_timeout.
+CONFIRM_GAP = 1.0
+
+
+async def _nothing(_sid: str) -> None:
+    return None
 
 
 def failure_class(reason: str) -> str:
@@ -65,19 +90,93 @@ class Health:
         launcher: Launcher,
         *,
         clock: Callable[[], float],
+        lost: Callable[[str], Awaitable[None]] = _nothing,
     ) -> None:
         self.config = config
         self.store = store
         self.launcher = launcher
         self.clock = clock
+        # Called with a running session whose container is gone (Sessions: reconcile).
+        self.lost = lost
         self._records: dict[str, _Record] = {}
         self._restarting: set[str] = set()
+        self._answered: dict[str, float] = {}  # monotonic time of the last good probe
+        self._checks: dict[str, asyncio.Task[str]] = {}
 
     def record(self, sid: str) -> _Record:
         return self._records.setdefault(sid, _Record())
 
     def forget(self, sid: str) -> None:
         self._records.pop(sid, None)
+        self._answered.pop(sid, None)
+
+    def answered(self, sid: str) -> None:
+        """The container answered (a probe, its readiness check)."""
+        self._answered[sid] = time.monotonic()
+
+    def vouched(self, sid: str) -> bool:
+        """Did the container answer a probe within the last VOUCH_SECONDS?"""
+        return time.monotonic() - self._answered.get(sid, float("-inf")) < VOUCH_SECONDS
+
+    def check_now(self, sid: str, why: str) -> asyncio.Task[str]:
+        """Look at one session's container now (one check per session at a time, however
+        many ask). The task's result: "ok" (it answers), "gone" (handed to ``lost``),
+        "restarted"/"failed" (it hung: :meth:`recover`), or "skipped" (not running, or
+        a start/stop holds its lock: not ours to judge)."""
+        task = self._checks.get(sid)
+        if task is None or task.done():
+            task = asyncio.create_task(self._check_now(sid, why), name=f"check-{sid}")
+            self._checks[sid] = task
+            task.add_done_callback(functools.partial(self._check_done, sid))
+        return task
+
+    def _check_done(self, sid: str, task: asyncio.Task[str]) -> None:
+        if self._checks.get(sid) is task:
+            del self._checks[sid]
+        if not task.cancelled() and (e := task.exception()) is not None:
+            log.warning("container check failed: %r", e, extra={"SESSION_ID": sid})
+
+    async def _check_now(self, sid: str, why: str) -> str:
+        c = self.config
+        s = self.store.get(sid)
+        if s is None or s.status != SessionState.RUNNING or self.launcher.lock(sid).locked():
+            return "skipped"
+        ok, detail = await self.launcher.probe(s, timeout=c.probe_timeout)
+        if ok:
+            self.answered(sid)
+            return "ok"
+        if not await self.launcher.container_alive(sid):
+            log.warning(
+                "container gone (%s; probe: %s): reconciling",
+                why,
+                detail,
+                extra={"SESSION_ID": sid},
+            )
+            await self.lost(sid)
+            return "gone"
+        for _ in range(c.health_failures - 1):
+            await asyncio.sleep(CONFIRM_GAP)
+            s = self.store.get(sid)
+            if s is None or s.status != SessionState.RUNNING:
+                return "skipped"
+            ok, detail = await self.launcher.probe(s, timeout=c.probe_timeout)
+            if ok:
+                self.answered(sid)
+                return "ok"
+        self.record(sid).failures = c.health_failures
+        await self.store.add_health(
+            [(sid, self.clock(), False, f"probe failed: {detail} ({why})")], c.health_history
+        )
+        return await self.recover(
+            s, f"{c.health_failures} failed probes {CONFIRM_GAP:g} s apart after {why}"
+        )
+
+    async def drain(self) -> None:
+        tasks = list(self._checks.values())
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def check(self) -> dict[str, list[str]]:
         """One pass over the running sessions: probe all at once, record, restart."""
@@ -101,6 +200,8 @@ class Health:
         for s, (ok, detail) in zip(running, results, strict=True):
             rec = self.record(s.id)
             rec.failures = 0 if ok else rec.failures + 1
+            if ok:
+                self.answered(s.id)
             rows.append((s.id, now, ok, detail if ok else f"probe failed: {detail}"))
             if not ok:
                 report["unhealthy"].append(s.id)

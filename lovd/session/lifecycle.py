@@ -24,7 +24,7 @@ from lovd.metrics import Metrics
 from lovd.podman import ContainerSpec
 from lovd.runner import Runner
 from lovd.session.admission import Admission
-from lovd.session.health import Health
+from lovd.session.health import VOUCH_SECONDS, Health
 from lovd.session.housekeeping import Activity, Housekeeping
 from lovd.session.launcher import Launcher, SessionEnv
 from lovd.session.model import Session, SessionState
@@ -73,7 +73,7 @@ class Sessions:
         self.warm_pool = Warm(
             config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
         )
-        self.health = Health(config, store, self.launcher, clock=now)
+        self.health = Health(config, store, self.launcher, clock=now, lost=self._lost)
         self.disk = DiskQuota(
             config.disk_quota,
             workspace=lambda sid: config.sessions_path / sid,
@@ -200,6 +200,20 @@ class Sessions:
         for sid in report["resume"]:
             self._spawn(self._logged(self.launcher.start(sid), sid))
         return report
+
+    async def _lost(self, sid: str) -> None:
+        """A running session's container is gone (a check, a Podman event): reconcile
+        records it (``stopped``, its secret dropped) through the one path that does."""
+        await self.reconcile()
+
+    def vouched(self, s: Session) -> bool:
+        """Has the session's container answered lately: a probe, or the readiness check
+        of a start within the last VOUCH_SECONDS?"""
+        return self.health.vouched(s.id) or 0 <= self._now() - s.started_at < VOUCH_SECONDS
+
+    def check_container(self, sid: str, why: str) -> asyncio.Task[str]:
+        """Look at the session's container now (health.py, Health.check_now)."""
+        return self.health.check_now(sid, why)
 
     async def health_pass(self) -> dict[str, list[str]]:
         """Every health.interval: reconcile, then probe running sessions (health.py)."""
@@ -371,3 +385,4 @@ class Sessions:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.health.drain()

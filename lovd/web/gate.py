@@ -14,6 +14,16 @@ and holds nothing). The answer decides everything:
 - **session not running** (starting, idle-stopped): a navigation gets a short
   "waking up" page (503 + Retry-After, refreshes itself); any other request (XHR,
   SSE, API) is *held* until the container is ready, then allowed. Never a 502.
+- **the container cannot be reached** (it died, was removed, is being restarted): Caddy's
+  error route asks again with ``X-Lovd-Upstream-Failed`` (lovd/caddy.py) and
+  :meth:`BrowserGate.upstream_failed` answers the browser itself: the container is
+  checked at once (gone → reconciled to ``stopped``; hung → restarted), the wake starts,
+  and a navigation gets the waking page, anything else 503 + Retry-After. The next
+  request is held as above. Never Caddy's empty 502.
+- **a hung container**: a request for a running session whose container no probe has
+  vouched for in the last few seconds starts a check of it in the background
+  (session/health.py, ``Health.check_now``); a hang is confirmed by a few probes a
+  second apart and the container restarted, so waiting requests end and come back here.
 - **anything else** is returned by Caddy to the browser as is: 401 (no/invalid
   cookie, deleted session), 403 (expired), 429 (too many failures from one client
   address; a valid cookie is never refused for other clients' failures), with an HTML
@@ -39,7 +49,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from lovd import ids
-from lovd.caddy import COOKIE_NAME, GATE_HEADER, UPSTREAM_HEADER, gate_key
+from lovd.caddy import COOKIE_NAME, FAILED_HEADER, GATE_HEADER, UPSTREAM_HEADER, gate_key
 from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.session.lifecycle import Sessions
@@ -59,6 +69,12 @@ SECURE_COOKIE = "__Host-" + COOKIE_NAME
 # page: a container claimed from the warm pool is confirmed ready within this, so the
 # person goes straight into the chat instead of through a progress page shown for a blink.
 NAV_HOLD = 1.0
+# How long the answer to a request Caddy could not deliver waits for the container check
+# (a probe, then a Podman listing): long enough for "gone", which is what it nearly
+# always is; a hang is confirmed in the background.
+FAILED_CHECK_HOLD = 3.0
+# Retry-After of that answer: the wake of a removed container takes a few seconds.
+FAILED_RETRY_AFTER = 2
 
 
 def _original_method(request: web.Request) -> str:
@@ -226,6 +242,12 @@ class BrowserGate:
         try:
             return await self.bodycheck.handle(request)
         except LovdError as e:
+            if e.code == "unavailable":  # the container did not answer lovd either
+                value = self.cookie_value(request) or ""
+                sid = value.partition(".")[0]
+                if ids.is_valid(sid) and self.sessions.find(sid) is not None:
+                    self.sessions.check_container(sid, "lovd could not reach it")
+                e.retry_after = e.retry_after or FAILED_RETRY_AFTER
             return self.refuse(request, e, False)
 
     async def elsewhere(self, sid: str) -> str | None:
@@ -247,6 +269,8 @@ class BrowserGate:
             log.info("auth request without Caddy's gate key refused")
             err = LovdError("not-found", f"there is nothing at {request.path}")
             return self.refuse(request, err, wants_html(request))
+        if request.headers.get(FAILED_HEADER):
+            return await self.upstream_failed(request)
         value = self.cookie_value(request)
         nav = is_navigation(request)
         if value is None:
@@ -278,6 +302,10 @@ class BrowserGate:
         if decision.chat:
             self.sessions.mark_used(s.id)
         if s.status == "running":
+            if not self.sessions.vouched(s):
+                # Nothing has heard from the container lately: look now, in the background
+                # (a hung one is restarted in seconds rather than health.interval * failures).
+                self.sessions.check_container(s.id, "a request while no probe vouched for it")
             if nav and decision.path == "/":
                 return await self.land(s)
             return self.allow(s, via_lovd=decision.body)
@@ -307,6 +335,53 @@ class BrowserGate:
             )
             return self.refuse(request, err, nav)
         return self.allow(s2, via_lovd=decision.body)
+
+    async def upstream_failed(self, request: web.Request) -> web.Response:
+        """Caddy could not reach the container this gate named for the request (its error
+        route, lovd/caddy.py). Check the container, start the wake, and answer the browser:
+        the waking page for a navigation (it reloads into the chat), else 503 with
+        Retry-After. Never an upstream: the request is not sent on again."""
+        nav = is_navigation(request)
+        status = request.headers.get(FAILED_HEADER, "")
+        value = self.cookie_value(request)
+        if value is None:  # forward_auth allowed it, so there was one; be safe anyway
+            err = LovdError("unauthorized", "you have no session here; start one on the front page")
+            return self.refuse(request, err, nav)
+        sid = value.partition(".")[0]
+        if await self.elsewhere(sid):
+            err = LovdError(
+                "unavailable",
+                "the host that holds this session did not answer; try again shortly",
+                retry_after=FAILED_RETRY_AFTER,
+            )
+            return self.refuse(request, err, nav)
+        try:
+            s = self.authenticate(client_address(request), functools.partial(self.verify, value))
+        except LovdError as e:
+            return self.refuse(request, e, nav, clear=e.code != "rate-limited")
+        log.info(
+            "Caddy could not reach the container (HTTP %s for %s %s): checking it",
+            status[:3],
+            _original_method(request),
+            _original_uri(request)[:200],
+            extra={"SESSION_ID": s.id},
+        )
+        check = self.sessions.check_container(s.id, f"Caddy could not reach it ({status[:3]})")
+        # Not finished in time, or failed (logged by health.py): answer and wake anyway.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(check), FAILED_CHECK_HOLD)
+        s2 = self.sessions.find(s.id) or s
+        if s2.status != "running":
+            self.ensure_waking(s.id)
+        if nav:
+            return self.pages.render(self.pages.progress_page(s2, language(request)))
+        err = LovdError(
+            "unavailable",
+            "the session's container stopped answering and is being started again; "
+            f"retry in {FAILED_RETRY_AFTER} seconds",
+            retry_after=FAILED_RETRY_AFTER,
+        )
+        return self.refuse(request, err, nav)
 
     async def land(self, s: Session) -> web.Response:
         """Opening the site goes straight into the session's latest chat, not OpenCode's

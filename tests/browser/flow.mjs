@@ -12,6 +12,10 @@
 //   mode "return":  open the site again (the session may be stopped: it wakes) → the
 //                   earlier conversation is shown
 //   mode "page":    open a URL (a refusal, the landing page) and check it
+//   mode "survive": open the chat at url (with expect_question), poll an XHR once a
+//                   second, write ready_file, wait for killed_file (the test kills or
+//                   stops the container then), reload once, and wait for the chat with
+//                   its history again; reports kill_to_chat_ms and every status seen
 // In every mode lovd's own pages met on the way are checked with axe-core. Prints one JSON
 // line with what it saw; screenshots go to ARTIFACTS/<name>-*.png.
 import { chromium } from "playwright-core";
@@ -206,6 +210,30 @@ try {
     step("earlier conversation");
     await page.waitForTimeout(700);
     await shot("returned");
+  } else if (mode === "survive") {
+    // An XHR once a second in every document, as the chat UI's own polling does.
+    await page.addInitScript(() => {
+      setInterval(() => { fetch("/session", { headers: { accept: "application/json" } }).catch(() => {}); }, 1000);
+    });
+    await page.goto(spec.url);
+    await conversationShown(spec.expect_question);
+    step("chat before");
+    await page.waitForTimeout(2000);
+    fs.writeFileSync(spec.ready_file, "ready");
+    await until("the container to be killed", async () => fs.existsSync(spec.killed_file), 60000, 50);
+    const killed = Date.now();
+    result.kill_at_ms = killed - t0;
+    step("killed");
+    await page.waitForTimeout(1000);
+    // The person reloads the page; a hung container's page may take until its restart.
+    await page.reload({ waitUntil: "commit", timeout: 90000 });
+    await conversationShown(spec.expect_question);
+    result.kill_to_chat_ms = Date.now() - killed;
+    result.chat_path = new URL(page.url()).pathname;
+    result.conversation_shown = true;
+    step("chat again");
+    await page.waitForTimeout(3000); // the polls go on: still no 502
+    await shot("survived");
   } else if (mode === "page") {
     const r = await page.goto(spec.url);
     result.http_status = r ? r.status() : 0;
@@ -252,6 +280,8 @@ try {
   result.timeline = statuses.slice(0, 120).map(([s, p, , ms]) => `${ms} ${s} ${normalise(p)}`);
   // 503 is lovd's progress page at a navigation; any other 5xx is a failure.
   result.errors_5xx = statuses.filter(([s, , type]) => s >= 500 && !(s === 503 && type === "document"));
+  result.statuses_502 = statuses.filter(([s]) => s === 502).length;
+  result.statuses_503 = statuses.filter(([s]) => s === 503).length;
   await ctx.close();
 }
 console.log(JSON.stringify(result));

@@ -152,6 +152,9 @@ class HostUpstream:
 
     async def start(self) -> None:
         app = web.Application()
+        # lovd probes a session's health path (session/health.py) like a container's;
+        # those probes are lovd's own, not what a browser sent, so they are not in `seen`.
+        app.router.add_get("/global/health", self.health)
         app.router.add_get("/sse", self.sse)
         app.router.add_get("/idle", self.idle)
         app.router.add_get("/ws", self.ws)
@@ -163,6 +166,9 @@ class HostUpstream:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"healthy": True, "upstream": self.name})
 
     async def echo(self, request: web.Request) -> web.Response:
         headers = dict(request.headers)
