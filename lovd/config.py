@@ -379,6 +379,13 @@ class Config:
         5,
         "Sessions one client address may start from the landing page per start_window.",
     )
+    browser_max_running_per_client: int = setting(
+        "browser.max_running_per_client",
+        2,
+        "Running sessions one client address (an IPv6 /64 counts as one) may hold, "
+        "started or woken from the browser; more get the landing page's refusal with 429 "
+        "+ Retry-After (0: no such limit). The operator API is not limited by it.",
+    )
     browser_start_window: float = setting(
         "browser.start_window", 600.0, "Seconds over which browser.start_limit counts."
     )
@@ -593,6 +600,8 @@ def _validate(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             key = next(s.key for s in settings() if s.attr == name)
             raise ConfigError(f"{key}: must be at least 1")
+    if cfg.browser_max_running_per_client < 0:
+        raise ConfigError("browser.max_running_per_client: must be 0 (no limit) or more")
     if cfg.warm_pool < 0:
         raise ConfigError("warm_pool: must be 0 (off) or more")
     if cfg.warm_max_age <= 0:

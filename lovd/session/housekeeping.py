@@ -100,7 +100,7 @@ class Housekeeping:
         c = self.config
         unused = c.unused_timeout and not self.activity.is_used(s)
         if unused and max(s.created_at, s.started_at) + c.unused_timeout <= now:
-            return "no chat request within unused_timeout"
+            return UNUSED_REASON
         if c.idle_timeout and self.activity.last(s) + c.idle_timeout <= now:
             return "no activity for idle_timeout"
         return ""
@@ -143,5 +143,8 @@ class Housekeeping:
         return deleted
 
 
+# Why the policy stopped a session nobody chatted in: the gate wakes such a session only
+# for a chat request or a page load, never for a poll (web/gate.py).
+UNUSED_REASON = "no chat request within unused_timeout"
 # Sessions without a container that keep their workspace until delete_after.
 RESTING = frozenset({SessionState.STOPPED, SessionState.FAILED, SessionState.IDLE_STOPPED})
