@@ -171,8 +171,8 @@ async def test_a_person_asks_in_norwegian_and_in_english(browser_env: None) -> N
             assert texts.text("en", "start") in page["text"]
 
             # 3. A session link (what POST /api/sessions hands out) in an English browser.
-            s, token = await h.sessions.create()
-            link = f"{h.url}/c/{s.id}?token={token}"
+            s, _ = await h.sessions.create()
+            link = f"{h.url}/c/{s.id}?token={await h.sessions.new_link(s.id)}"
             en = await flow(
                 h, artifacts, name="en-link", mode="link", locale="en-US",
                 profile=str(profiles / "en"), url=link, question=QUESTION_EN,
