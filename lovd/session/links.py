@@ -5,7 +5,7 @@ A link ``/c/<id>?token=<link token>`` is what the operator hands a person
 the browser a *fresh* cookie secret (the session's old cookie stops working) and uses the
 link up: the same link a second time is refused with a page that says so. The cookie
 secret itself is never in a link, so a visitor cannot build a link to their own session
-from their cookie and plant it on someone else (docs/security.md, "Links").
+from their cookie and plant it on someone else (docs/security.md, planted link).
 
 Only hashes are stored (``link_hash``; ``token_hash`` for the cookie). Exchanges go
 through one lock so two browsers opening the same link at once cannot both get in.
