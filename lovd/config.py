@@ -316,8 +316,9 @@ class Config:
         "unused_timeout",
         300.0,
         "Seconds a session may run without a single chat request before it is stopped to "
-        "give its place back (it wakes again on its next request; 0: never). Keeps "
-        "abandoned or scripted starts from holding every place.",
+        "give its place back (it wakes again when its page is loaded or a prompt is sent, "
+        "never for a poll; 0: never). Keeps abandoned or scripted starts from holding "
+        "every place.",
     )
 
     # --- the credential broker and session egress ---
