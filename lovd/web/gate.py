@@ -239,7 +239,9 @@ class BrowserGate:
     def set_cookie(
         self, request: web.Request, resp: web.StreamResponse, s: Session, token: str
     ) -> None:
-        secure = request.headers.get("X-Forwarded-Proto", request.scheme) == "https"
+        proto = request.headers.get("X-Forwarded-Proto", request.scheme)
+        # Under an https public_url always the __Host- cookie: the only one read then.
+        secure = self.secure_only or proto == "https"
         resp.set_cookie(
             SECURE_COOKIE if secure else COOKIE_NAME,
             f"{s.id}.{token}",

@@ -203,8 +203,10 @@ class PublicSite:
         self, request: web.Request, sid: str, token: str, current: str
     ) -> web.Response:
         lang = language(request)
-        if not ids.is_valid(sid):
-            return self.gate.refuse(request, LovdError("invalid-session-id", sid[:40]), True)
+        try:
+            ids.check(sid)
+        except LovdError as e:
+            return self.gate.refuse(request, e, True)
         cookie = self.gate.cookie_value(request) or ""
         proof = self.gate.switch_token(sid, token, cookie, int(time.time()))
         held = self.gate.sessions.find(current)
