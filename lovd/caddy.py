@@ -18,6 +18,13 @@ the HTTP server ``apps.http.servers.<name>`` tagged ``"@id": "<name>"``:
    Retry-After) — never Caddy's bare 502. Only requests that passed forward_auth (they
    carry the ``X-Lovd-Upstream`` lovd set) take that route.
 
+Every response of the site (OpenCode's UI and lovd's own pages) leaves with
+``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer`` and a Content-Security-Policy
+``frame-ancestors 'none'`` (its own header: browsers enforce every CSP they get), and
+OpenCode's CSP has its ``connect-src`` narrowed to ``'self'`` (it ships ``*``): no
+framing (clickjacking), no session link in a Referer, no page script talking to
+another origin (``RESPONSE_HEADERS``).
+
 The container's password must never reach a browser, so lovd answers ``/_lovd/auth``
 only to a request carrying ``X-Lovd-Gate: <gate key>``, which only the forward_auth
 subrequest sets. The key is HMAC(host key, "caddy-gate"): it lives in Caddy's config
@@ -98,6 +105,17 @@ class Site:
         return []
 
 
+# Set on every response (see the module docstring). Deferred: applied when the response
+# is written, so they replace what an upstream sent instead of adding to it.
+RESPONSE_HEADERS: dict[str, list[str]] = {
+    "X-Frame-Options": ["DENY"],
+    "Referrer-Policy": ["no-referrer"],
+}
+FRAME_ANCESTORS = "frame-ancestors 'none'"
+# OpenCode's own CSP, connect-src narrowed: its UI talks to its own origin only.
+CONNECT_SRC = "connect-src 'self' data:"
+
+
 def _proxy_to_lovd(dial: str) -> dict[str, Any]:
     return {"handler": "reverse_proxy", "upstreams": [{"dial": dial}]}
 
@@ -149,7 +167,16 @@ def render_server(site: Site) -> dict[str, Any]:
         "upstreams": [{"dial": "{http.request.header.X-Lovd-Upstream}"}],
         # Stream SSE and chunked responses as they come; no buffering, no read timeout.
         "flush_interval": -1,
-        "headers": {"request": {"delete": [UPSTREAM_HEADER]}},
+        "headers": {
+            "request": {"delete": [UPSTREAM_HEADER]},
+            "response": {
+                "replace": {
+                    "Content-Security-Policy": [
+                        {"search_regexp": "connect-src[^;]*", "replace": CONNECT_SRC}
+                    ]
+                }
+            },
+        },
     }
 
     def match(extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -162,7 +189,17 @@ def render_server(site: Site) -> dict[str, Any]:
         # Never trust internal headers from the client (runs before anything else).
         {
             **match(),
-            "handle": [{"handler": "headers", "request": {"delete": ["X-Lovd-*"]}}],
+            "handle": [
+                {
+                    "handler": "headers",
+                    "request": {"delete": ["X-Lovd-*"]},
+                    "response": {
+                        "set": RESPONSE_HEADERS,
+                        "add": {"Content-Security-Policy": [FRAME_ANCESTORS]},
+                        "deferred": True,
+                    },
+                }
+            ],
         },
         # The auth answer carries the container's password: only forward_auth's
         # subrequest (straight to lovd's socket) may get it, never a browser.

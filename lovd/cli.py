@@ -105,7 +105,16 @@ def cmd_session(args: argparse.Namespace) -> int:
         else:
             print(f"session {data['id']} {data['status']}")
             print(f"  open: {data['url']}")
-            print("  (the link carries the session's token; it is shown only now)")
+            print("  (the link works once and is shown only now; lovd session link ID makes "
+                  "a new one)")
+        return 0
+    if sub == "link":
+        data = _api(args, "POST", f"/api/sessions/{args.id}/link")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print(data["url"])
+            print("  (works once; the session's earlier link no longer works)", file=sys.stderr)
         return 0
     if sub == "list":
         data = _api(args, "GET", "/api/sessions?scope=all" if args.all_hosts else "/api/sessions")
@@ -309,6 +318,11 @@ def parser() -> argparse.ArgumentParser:
         help="every host's sessions from PostgreSQL (read-only), with their host",
     )
     c = ss.add_parser("show", help="show one session with its recent events")
+    c.add_argument("id")
+    c.add_argument("--json", action="store_true")
+    c = ss.add_parser(
+        "link", help="a new single-use browser link for a session (the old one stops working)"
+    )
     c.add_argument("id")
     c.add_argument("--json", action="store_true")
     c = ss.add_parser("rm", help="delete sessions")

@@ -365,8 +365,9 @@ class Config:
         "unused_timeout",
         300.0,
         "Seconds a session may run without a single chat request before it is stopped to "
-        "give its place back (it wakes again on its next request; 0: never). Keeps "
-        "abandoned or scripted starts from holding every place.",
+        "give its place back (it wakes again when its page is loaded or a prompt is sent, "
+        "never for a poll; 0: never). Keeps abandoned or scripted starts from holding "
+        "every place.",
     )
 
     # --- the credential broker and session egress ---
@@ -427,6 +428,13 @@ class Config:
         "browser.start_limit",
         5,
         "Sessions one client address may start from the landing page per start_window.",
+    )
+    browser_max_running_per_client: int = setting(
+        "browser.max_running_per_client",
+        2,
+        "Running sessions one client address (an IPv6 /64 counts as one) may hold, "
+        "started or woken from the browser; more get the landing page's refusal with 429 "
+        "+ Retry-After (0: no such limit). The operator API is not limited by it.",
     )
     browser_start_window: float = setting(
         "browser.start_window", 600.0, "Seconds over which browser.start_limit counts."
@@ -741,6 +749,7 @@ def _rules() -> dict[str, checks.Check]:
         "browser.start_window": c.seconds(0, c.YEAR, above=True),
         "browser.auth_failures": c.count(1, 1_000_000),
         "browser.auth_failure_window": c.seconds(0, c.YEAR, above=True),
+        "browser.max_running_per_client": c.count(1, 10_000, zero="no limit"),
         "postgres.dsn": _dsn,
         "postgres.pool_size": c.count(2, 100),
         "postgres.batch": c.count(1, 100_000),

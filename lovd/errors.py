@@ -18,6 +18,7 @@ CODES: dict[str, tuple[int, str]] = {
     "session-not-found": (404, "Session not found"),
     "method-not-allowed": (405, "Method not allowed"),
     "conflict": (409, "Conflict"),
+    "link-used": (410, "Link already used"),
     "body-too-large": (413, "Request body too large"),
     "unsupported-media-type": (415, "Unsupported media type"),
     "too-many-sessions": (429, "Session limit reached"),

@@ -95,6 +95,13 @@ _MIGRATIONS: list[str] = [
         tokens INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 3: the session link's own single-use token (it used to be the cookie secret).
+    # Rows from before keep their cookies; their old links (which carried the cookie
+    # secret) stop working: `lovd session link ID` makes a new one.
+    """
+    ALTER TABLE sessions ADD COLUMN link_hash TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN link_used_at REAL NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -456,9 +463,8 @@ class Store:
         )
         # No token or broker-credential hash: the outbox feeds PostgreSQL, which other
         # hosts and operators read (lovd/sync/: restored sessions get new links instead).
-        payload: dict[str, Any] = {
-            c: getattr(s, c) for c in _COLUMNS if c not in ("token_hash", "broker_hash")
-        }
+        secret = ("token_hash", "broker_hash", "link_hash")
+        payload: dict[str, Any] = {c: getattr(s, c) for c in _COLUMNS if c not in secret}
         payload["event"] = event
         await db.execute(
             "INSERT INTO outbox (entity, key, version, op, payload, created_at) "

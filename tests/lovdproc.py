@@ -145,6 +145,18 @@ def containers(label: str) -> dict[str, str]:
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
+def cookie_of(p: LovdProc, s: dict[str, Any]) -> str:
+    """The session cookie's secret a browser gets for ``s``'s link (POST /api/sessions
+    hands out a single-use link, never the cookie): the link is used up here."""
+    from urllib.parse import urlsplit
+
+    link = urlsplit(s["url"])
+    status, headers, body = request(p.sock, "GET", f"{link.path}?{link.query}")
+    assert status == 303, (status, body)
+    value = headers["Set-Cookie"].split(";", 1)[0].split("=", 1)[1]
+    return value.split(".", 1)[1]
+
+
 def forward_auth(p: LovdProc, sid: str, token: str, uri: str = "/global/health"
                  ) -> tuple[int, dict[str, str], Any]:
     """What Caddy's forward_auth asks lovd's public socket for one browser request

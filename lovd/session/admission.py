@@ -3,6 +3,12 @@
 ``limits.max_running`` places are shared by creating, starting and running sessions;
 warm containers use free places only (warm.py gives them up). A refusal says when the
 soonest place frees up, from the same policy that will free it (housekeeping.py).
+
+One client address (an IPv6 /64 counts as one) may hold at most
+``browser.max_running_per_client`` of them, so a single visitor cannot take every place:
+the sessions it started or woke from the browser are remembered here, in memory only
+(addresses are never stored or synced; after a restart places are unattributed until
+their next wake). The operator API has no client and is not limited by it.
 """
 
 from __future__ import annotations
@@ -121,6 +127,8 @@ class Admission:
         self.floors = Floors(config)
         # Held while deciding and inserting, so two creates never take the last place.
         self.lock = asyncio.Lock()
+        # Session id -> the client key (web/ratelimit.py) that started or woke it last.
+        self.owners: dict[str, str] = {}
 
     def running_count(self) -> int:
         return self.store.count(ACTIVE)
@@ -146,9 +154,10 @@ class Admission:
                 retry_after=FLOOR_RETRY_AFTER,
             )
 
-    def admit(self) -> None:
-        """Raise ``too-many-sessions`` (with the real wait) when every place is taken.
-        Call with ``lock`` held."""
+    def admit(self, client: str = "") -> None:
+        """Raise ``too-many-sessions`` (with the real wait) when every place is taken, or
+        when ``client`` already holds browser.max_running_per_client of them. Call with
+        ``lock`` held."""
         limit = self.config.max_running
         if self.running_count() >= limit:
             retry = self.retry_after()
@@ -158,6 +167,38 @@ class Admission:
                 retry_after=retry,
                 extra={"limit": limit},
             )
+        per = self.config.browser_max_running_per_client
+        if not client or not per:
+            return
+        held = self.held_by(client)
+        if len(held) >= per:
+            ends = [t for s in held if (t := self.frees_at(s)) is not None]
+            wait = math.ceil(min(ends) - self.clock()) if ends else RETRY_AFTER_DEFAULT
+            retry = max(1, min(wait, 3600))
+            raise LovdError(
+                "too-many-sessions",
+                f"your address already has {len(held)} running session(s), the most one "
+                f"address may have (browser.max_running_per_client); use the one you have, "
+                f"or try again in {retry} s",
+                retry_after=retry,
+                extra={"limit": limit, "per_client": per},
+            )
+
+    def held_by(self, client: str) -> list[Session]:
+        """The places ``client`` holds now (forgets sessions that are gone)."""
+        out = []
+        for sid, owner in list(self.owners.items()):
+            s = self.store.get(sid)
+            if s is None:
+                del self.owners[sid]
+            elif owner == client and s.status in ACTIVE:
+                out.append(s)
+        return out
+
+    def hold(self, sid: str, client: str) -> None:
+        """Record that ``client`` started or woke ``sid`` (nothing without a client)."""
+        if client:
+            self.owners[sid] = client
 
     def pick_port(self) -> int:
         used = self.store.used_ports()

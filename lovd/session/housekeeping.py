@@ -1,10 +1,12 @@
 """Activity, and the policy that stops and deletes sessions by time.
 
-Activity (every request the gate lets through) and first chat requests are recorded in
+Activity (chat requests the gate lets through, model calls through the broker, an
+answer OpenCode is still producing) and first chat requests are recorded in
 memory and written to the store in batches: the gate must stay cheap. The policy:
 
 - a running session with no chat request within ``unused_timeout`` of its start is
-  stopped (its place goes to someone who will use it; it wakes on its next request);
+  stopped (its place goes to someone who will use it; it wakes when its page is loaded
+  or a prompt is sent, never for a poll: web/gate.py);
 - a running session with no activity for ``idle_timeout`` is stopped the same way,
   unless OpenCode is still answering (its session status is busy); a session calling
   its LLM or MCP server through the broker is active too;
@@ -102,7 +104,7 @@ class Housekeeping:
         c = self.config
         unused = c.unused_timeout and not self.activity.is_used(s)
         if unused and max(s.created_at, s.started_at) + c.unused_timeout <= now:
-            return "no chat request within unused_timeout"
+            return UNUSED_REASON
         if c.idle_timeout and self.activity.last(s) + c.idle_timeout <= now:
             return "no activity for idle_timeout"
         return ""
@@ -147,5 +149,8 @@ class Housekeeping:
         return deleted
 
 
+# Why the policy stopped a session nobody chatted in: the gate wakes such a session only
+# for a chat request or a page load, never for a poll (web/gate.py).
+UNUSED_REASON = "no chat request within unused_timeout"
 # Sessions without a container that keep their workspace until delete_after.
 RESTING = frozenset({SessionState.STOPPED, SessionState.FAILED, SessionState.IDLE_STOPPED})

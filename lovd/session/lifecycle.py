@@ -27,6 +27,7 @@ from lovd.session.admission import Admission
 from lovd.session.health import VOUCH_SECONDS, Health
 from lovd.session.housekeeping import Activity, Housekeeping
 from lovd.session.launcher import Launcher, SessionEnv
+from lovd.session.links import Links
 from lovd.session.model import Session, SessionState
 from lovd.session.quota import DiskQuota, podman_du
 from lovd.session.reconcile import Reconciler
@@ -79,6 +80,7 @@ class Sessions:
             workspace=lambda sid: config.sessions_path / sid,
             fallback=functools.partial(podman_du, config.podman),
         )
+        self.links = Links(store, now)
         self.reconciler = Reconciler(
             config, store, self.launcher, metrics, discard_warm=self.discard_warm
         )
@@ -229,19 +231,22 @@ class Sessions:
 
     # --- create / wake ---
 
-    async def create(self, wait: bool = True) -> tuple[Session, str]:
-        """Create and start a session. Returns the session and its token (shown once)."""
+    async def create(self, wait: bool = True, client: str = "") -> tuple[Session, str]:
+        """Create and start a session. Returns the session and its cookie secret (shown
+        once; a link is made with :meth:`new_link`). ``client``: the browser's address key
+        (web/ratelimit.py client_key), for browser.max_running_per_client."""
         self.check_limits()
         token = ids.new_token()
         token_hash = ids.hash_token(token)
         async with self.admission.lock:
-            self.admission.admit()
+            self.admission.admit(client)
             self.admission.check_floors()
             now = self.clock()
             session = await self._claim_warm(token_hash, now)
             warm = session is not None
             if session is None:
                 session = await self.admission.insert(SessionState.CREATING, token_hash, now)
+            self.admission.hold(session.id, client)
         sid = session.id
         log.info("session created%s", " (warm pool)" if warm else "", extra={"SESSION_ID": sid})
         self.metrics.sessions_created.inc()
@@ -281,15 +286,17 @@ class Sessions:
                 continue
         return None
 
-    async def wake(self, sid: str) -> Session:
-        """Start a stopped session again (same workspace), subject to admission."""
+    async def wake(self, sid: str, client: str = "") -> Session:
+        """Start a stopped session again (same workspace), subject to admission (and to
+        browser.max_running_per_client for the ``client`` that woke it)."""
         session = self.get(sid)
         if session.status == SessionState.RUNNING:
             return session
         if session.status != SessionState.STARTING:
             self.check_limits()
             async with self.admission.lock:
-                self.admission.admit()
+                self.admission.admit(client)
+                self.admission.hold(sid, client)
                 async with self.lock(sid):
                     session = self.get(sid)  # a delete may have won the lock: 404, not 500
                     if session.status == SessionState.RUNNING:
@@ -297,6 +304,19 @@ class Sessions:
                     await self.store.update(sid, status=SessionState.STARTING, reason="waking")
                 self.warm_pool.make_room()
         return await self.launcher.start(sid)
+
+    # --- links (session/links.py) ---
+
+    async def new_link(self, sid: str) -> str:
+        """A fresh single-use link token for ``sid``; earlier links stop working."""
+        self.get(sid)
+        return await self.links.mint(sid)
+
+    async def redeem_link(
+        self, sid: str, token: str, *, rotate: bool = True
+    ) -> tuple[Session, str]:
+        """Use ``sid``'s link up; with ``rotate``, the browser's new cookie secret."""
+        return await self.links.redeem(sid, token, rotate=rotate)
 
     # --- stop / delete ---
 

@@ -76,6 +76,10 @@ class Session:
     version: int = 1
     used_at: float = 0.0  # first chat request since the last start (0: none yet)
     broker_hash: str = ""  # hash of the running container's broker credential
+    # The session link's own token (never the cookie secret): its hash, and when it was
+    # exchanged for a cookie (0: not yet). A link works once (lovd/session/links.py).
+    link_hash: str = ""
+    link_used_at: float = 0.0
 
     def public(self, public_url: str) -> dict[str, Any]:
         """The API representation (never the token hash)."""

@@ -72,7 +72,7 @@ async def _host_rows(conn: Conn, host_id: str) -> tuple[str, list[Session]]:
                 port=int(port), container_id=str(cid), host_id=host_id,
                 created_at=created, updated_at=updated, expires_at=expires,
                 last_activity=activity, started_at=started, restarts=int(restarts),
-                version=int(version), used_at=used, broker_hash="",
+                version=int(version), used_at=used, broker_hash="", link_hash="",
             )
         )  # fmt: skip
     return str(host[0]), sessions
@@ -99,9 +99,16 @@ async def restore(
         for i, s in enumerate(sessions):
             if s.status == "warm":
                 continue
+            # A single-use link (session/links.py); the cookie secret is made when the
+            # link is used (this random one only marks the row as owned, not warm).
             token = ids.new_token()
             out.links[s.id] = token
-            sessions[i] = dataclasses.replace(s, token_hash=ids.hash_token(token))
+            sessions[i] = dataclasses.replace(
+                s,
+                token_hash=ids.hash_token(ids.new_token()),
+                link_hash=ids.hash_token(token),
+                link_used_at=0.0,
+            )
     await store.restore(sessions, instance, f"restored from PostgreSQL (host_id {host_id})")
     out.count = len(sessions)
     log.info(

@@ -52,14 +52,21 @@ def elsewhere(upstream: str) -> web.Response:
 
 
 async def forward_entry(
-    upstream: str, request: web.Request, http: aiohttp.ClientSession | None = None
+    upstream: str,
+    request: web.Request,
+    http: aiohttp.ClientSession | None = None,
+    *,
+    path_qs: str = "",
 ) -> web.Response:
     """Relay ``/c/{id}?token=…`` to the owning host's Caddy; its answer goes back as is
     (status, Location, Set-Cookie). Failures become a 502 that says what happened.
-    Without ``http`` a client is made for the call (a link is opened once per user)."""
+    Without ``http`` a client is made for the call (a link is opened once per user).
+    Never with the browser's cookie: the front host already asked whether the link
+    would replace a live session (web/public.py); ``path_qs`` is the link when the
+    request was the confirmed switch (a POST)."""
     if http is None:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as own:
-            return await forward_entry(upstream, request, own)
+            return await forward_entry(upstream, request, own, path_qs=path_qs)
     headers = {
         "Host": request.host,
         "X-Forwarded-For": request.headers.get("X-Forwarded-For", request.remote or ""),
@@ -67,7 +74,7 @@ async def forward_entry(
         "Accept": request.headers.get("Accept", "*/*"),
         "Accept-Language": request.headers.get("Accept-Language", ""),
     }
-    url = f"http://{upstream}{request.path_qs}"
+    url = f"http://{upstream}{path_qs or request.path_qs}"
     try:
         async with http.get(
             url, headers=headers, allow_redirects=False, timeout=ENTRY_TIMEOUT

@@ -168,11 +168,24 @@ async def create_session(request: web.Request) -> web.Response:
     if "wait" in body and not isinstance(body["wait"], bool):
         raise LovdError("bad-request", f"wait must be true or false, got {body['wait']!r}")
     wait: bool = body.get("wait", query in (None, "true", "1"))
-    session, token = await st.sessions.create(wait=wait)
-    data = session.public(st.public_url)
-    data["token"] = token
-    data["url"] = f"{data['url']}?token={token}"
+    # The cookie secret stays with lovd (a browser gets it for the link); the API hands
+    # out the single-use link token (session/links.py).
+    session, _ = await st.sessions.create(wait=wait)
+    link = await st.sessions.new_link(session.id)
+    data = st.sessions.get(session.id).public(st.public_url)
+    data["token"] = link
+    data["url"] = f"{data['url']}?token={link}"
     return web.json_response(data, status=201, headers={"Location": f"/api/sessions/{session.id}"})
+
+
+async def new_link(request: web.Request) -> web.Response:
+    """A fresh single-use link for a session (the old one stops working)."""
+    st = request.app[STATE]
+    await _json_body(request, set())
+    sid = ids.check(request.match_info["id"])
+    link = await st.sessions.new_link(sid)
+    url = f"{st.public_url.rstrip('/')}/c/{sid}?token={link}"
+    return web.json_response({"id": sid, "token": link, "url": url}, status=201)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -328,6 +341,7 @@ def create_app(
     app.router.add_get("/api/sessions/{id}", get_session)
     app.router.add_get("/api/sessions/{id}/health", session_health)
     app.router.add_delete("/api/sessions/{id}", delete_session)
+    app.router.add_post("/api/sessions/{id}/link", new_link)
     app.router.add_post("/api/cleanup", cleanup)
     app.router.add_get("/api/health", health)  # readiness: floors, PostgreSQL, reconcile
     app.router.add_get("/api/readyz", health)

@@ -9,11 +9,15 @@ and holds nothing). The answer decides everything:
 - **2xx**: the session cookie is valid and the container runs. The answer carries
   ``X-Lovd-Upstream: 127.0.0.1:<port>`` (derived from the cookie's session only, so a
   cookie of session A can never reach session B) and the container's own
-  ``Authorization: Basic …`` (the browser never sees that password). Activity is
-  recorded (``Sessions.touch``).
+  ``Authorization: Basic …`` (the browser never sees that password). Only chat
+  requests (allowlist ``chat``) count as activity (``Sessions.touch``): polls, health
+  checks and event streams never keep a session's place.
 - **session not running** (starting, idle-stopped): a navigation gets a short
   "waking up" page (503 + Retry-After, refreshes itself); any other request (XHR,
-  SSE, API) is *held* until the container is ready, then allowed. Never a 502.
+  SSE, API) is *held* until the container is ready, then allowed. Never a 502. A
+  session the policy stopped because nobody chatted in it (``UNUSED_REASON``) is woken
+  only by a page load or a chat request; other requests get 503 without waking it.
+  Wakes count against ``browser.max_running_per_client`` for the client's address.
 - **the container cannot be reached** (it died, was removed, is being restarted): Caddy's
   error route asks again with ``X-Lovd-Upstream-Failed`` (lovd/caddy.py) and
   :meth:`BrowserGate.upstream_failed` answers the browser itself: the container is
@@ -41,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import hmac
 import logging
 import time
@@ -52,6 +57,7 @@ from lovd import ids
 from lovd.caddy import COOKIE_NAME, FAILED_HEADER, GATE_HEADER, UPSTREAM_HEADER, gate_key
 from lovd.config import Config
 from lovd.errors import LovdError
+from lovd.session.housekeeping import UNUSED_REASON
 from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session
 from lovd.sync import routing
@@ -60,7 +66,7 @@ from lovd.web.bodycheck import BodyCheck, Rules
 from lovd.web.chat_landing import ChatLanding
 from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import problem
-from lovd.web.ratelimit import RateLimiter, client_address
+from lovd.web.ratelimit import RateLimiter, client_address, client_key
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ NAV_HOLD = 1.0
 FAILED_CHECK_HOLD = 3.0
 # Retry-After of that answer: the wake of a removed container takes a few seconds.
 FAILED_RETRY_AFTER = 2
+# How long the "switch session?" page's form stays valid (web/public.py).
+SWITCH_TTL = 600
 
 
 def _original_method(request: web.Request) -> str:
@@ -117,8 +125,14 @@ class BrowserGate:
         gate_key: str,
         allowlist: Allowlist | None = None,
         on_request: Callable[[], None] | None = None,
+        secure_only: bool = False,
     ) -> None:
         self.sessions = sessions
+        # Under an https public_url only the __Host- cookie counts: a sibling domain can
+        # set a plain lovd_session cookie for this host (cookie tossing), never a
+        # __Host- one.
+        self.secure_only = secure_only
+        self._switch_key = hmac.new(sessions.host_key, b"link-switch", hashlib.sha256).digest()
         self.failures = failures
         self.starts = starts
         self.hold_timeout = hold_timeout
@@ -166,11 +180,40 @@ class BrowserGate:
             gate_key=gate_key(sessions.host_key),
             allowlist=allowlist,
             on_request=on_request,
+            secure_only=config.public_url.startswith("https:"),
         )
 
-    @staticmethod
-    def cookie_value(request: web.Request) -> str | None:
+    def cookie_value(self, request: web.Request) -> str | None:
+        if self.secure_only:
+            return request.cookies.get(SECURE_COOKIE) or None
         return request.cookies.get(SECURE_COOKIE) or request.cookies.get(COOKIE_NAME) or None
+
+    def live_session(self, request: web.Request) -> Session | None:
+        """The session this browser's cookie holds now, if it is valid and not expired
+        (whatever its state: a stopped one wakes). No failure is counted: this only asks
+        whether a link would replace something."""
+        value = self.cookie_value(request)
+        if value is None:
+            return None
+        try:
+            return self.verify(value)
+        except LovdError:
+            return None
+
+    def switch_token(self, sid: str, link: str, cookie: str, issued: int) -> str:
+        """The form token of the "switch session?" page: bound to the link, to the cookie
+        the browser holds and to the time, keyed with the host key (a cross-site page
+        can neither read nor compute it)."""
+        msg = f"{sid}\0{link}\0{cookie}\0{issued}".encode()
+        mac = hmac.new(self._switch_key, msg, hashlib.sha256).hexdigest()
+        return f"{issued}.{mac}"
+
+    def switch_token_ok(self, sid: str, link: str, cookie: str, token: str) -> bool:
+        issued, _, _ = token.partition(".")
+        if not issued.isdigit() or not 0 <= time.time() - int(issued) <= SWITCH_TTL:
+            return False
+        expected = self.switch_token(sid, link, cookie, int(issued))
+        return hmac.compare_digest(expected.encode(), token.encode())
 
     def verify(self, value: str) -> Session:
         """The session a cookie value ``<id>.<token>`` belongs to, or LovdError."""
@@ -215,7 +258,9 @@ class BrowserGate:
     def set_cookie(
         self, request: web.Request, resp: web.StreamResponse, s: Session, token: str
     ) -> None:
-        secure = request.headers.get("X-Forwarded-Proto", request.scheme) == "https"
+        proto = request.headers.get("X-Forwarded-Proto", request.scheme)
+        # Under an https public_url always the __Host- cookie: the only one read then.
+        secure = self.secure_only or proto == "https"
         resp.set_cookie(
             SECURE_COOKIE if secure else COOKIE_NAME,
             f"{s.id}.{token}",
@@ -300,7 +345,9 @@ class BrowserGate:
             )
             return self.refuse_route(request, decision, nav)
         if decision.chat:
+            # Only chat activity keeps a place (a poll every 30 s must not hold one).
             self.sessions.mark_used(s.id)
+            self.sessions.touch(s.id)
         if s.status == "running":
             if not self.sessions.vouched(s):
                 # Nothing has heard from the container lately: look now, in the background
@@ -309,7 +356,16 @@ class BrowserGate:
             if nav and decision.path == "/":
                 return await self.land(s)
             return self.allow(s, via_lovd=decision.body)
-        task = self.ensure_waking(s.id)
+        if s.reason == UNUSED_REASON and s.status == "idle-stopped" and not (nav or decision.chat):
+            # Nobody chatted in it: a page load or a prompt wakes it, a poll does not.
+            err = LovdError(
+                "unavailable",
+                "this session was paused because nobody used it; reload the page or send a "
+                "message to wake it",
+                retry_after=30,
+            )
+            return self.refuse(request, err, nav)
+        task = self.ensure_waking(s.id, client_key(addr))
         if nav and s.status == "starting":
             # Still starting, or failed: the progress page says which.
             with contextlib.suppress(TimeoutError, LovdError):
@@ -389,13 +445,11 @@ class BrowserGate:
         where = await self.chat_landing.location(s.id, s.port)
         if where is None:
             return self.allow(s)  # OpenCode's own start page rather than an error
-        self.sessions.touch(s.id)
         return web.Response(status=303, headers={"Location": where, "Cache-Control": "no-store"})
 
     def allow(self, s: Session, *, via_lovd: bool = False) -> web.Response:
         """Let Caddy proxy the request to the session's container, or, for a request whose
         body lovd must check first (bodycheck.py), to lovd's own public socket."""
-        self.sessions.touch(s.id)
         upstream = f"127.0.0.1:{s.port}"
         if via_lovd:
             if not self.self_upstream:
@@ -414,12 +468,12 @@ class BrowserGate:
     def waking(self, sid: str) -> bool:
         return sid in self._wakes
 
-    def ensure_waking(self, sid: str) -> asyncio.Task[None]:
+    def ensure_waking(self, sid: str, client: str = "") -> asyncio.Task[None]:
         """One wake-up per session, however many requests wait for it."""
         task = self._wakes.get(sid)
         if task is None or task.done():
             self.wake_errors.pop(sid, None)
-            task = asyncio.create_task(self._wake(sid), name=f"wake-{sid}")
+            task = asyncio.create_task(self._wake(sid, client), name=f"wake-{sid}")
             self._wakes[sid] = task
             task.add_done_callback(lambda t: self._wake_done(sid, t))
         return task
@@ -432,7 +486,7 @@ class BrowserGate:
             assert isinstance(err, LovdError)
             self.wake_errors[sid] = err
 
-    async def _wake(self, sid: str) -> None:
+    async def _wake(self, sid: str, client: str) -> None:
         deadline = time.monotonic() + self.hold_timeout
         while True:
             s = self.sessions.find(sid)
@@ -448,7 +502,7 @@ class BrowserGate:
             await asyncio.sleep(0.05)
         if s.status != "starting":
             log.info("waking session on request", extra={"SESSION_ID": sid})
-        await self.sessions.wake(sid)
+        await self.sessions.wake(sid, client)
 
     async def drain(self) -> None:
         tasks = list(self._wakes.values())

@@ -9,6 +9,7 @@ one <h1>, visible focus, a live region for progress, errors as ``role="alert"``.
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -28,6 +29,7 @@ PAGE_HEADERS = {
         "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
     # The page's language follows Accept-Language: caches must keep them apart.
@@ -119,6 +121,9 @@ class Pages:
     def refusal_text(self, err: LovdError, lang: str = DEFAULT) -> str:
         """What a person reads for a refusal: in English lovd's own detail (it says what
         to do), in other languages the text for the error's kind."""
+        if err.code == "too-many-sessions" and "per_client" in err.extra:
+            held = int(err.extra["per_client"])
+            return text(lang, "per_client", n=held, wait=human_seconds(err.retry_after or 60, lang))
         if err.code == "too-many-sessions" and err.retry_after is not None:
             limit = int(err.extra.get("limit", self.max_running))
             return self.full_text(limit, err.retry_after, lang, refused=True)
@@ -133,6 +138,10 @@ class Pages:
             return text(lang, "text.expired")
         if err.code == "forbidden" and "started from this site" in msg:
             return text(lang, "text.foreign-start")
+        if err.code == "forbidden" and "switched from this site" in msg:
+            return text(lang, "text.foreign-switch")
+        if err.code == "unavailable" and "nobody used it" in msg:
+            return text(lang, "text.paused-unused")
         if err.code == "unavailable" and msg.startswith("this session failed ("):
             reason = msg[len("this session failed (") :].split(")", 1)[0]
             return text(lang, "text.failed", reason=reason)
@@ -155,6 +164,40 @@ class Pages:
             + start_form(text(lang, "start"))
         )
         return Page(err.status, title, main, head=retry, retry_after=err.retry_after, lang=lang)
+
+    def switch_page(
+        self,
+        current: str,
+        started: float | None,
+        other: str,
+        link: str,
+        form_token: str,
+        lang: str = DEFAULT,
+    ) -> Page:
+        """A browser already in session ``current`` opened a link to session ``other``: it
+        is never switched silently (a planted link would read what the person writes
+        next). The switch is a same-origin POST of this form (web/public.py)."""
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)) if started else "?"
+        cur, oth = f"<code>{_e(current)}</code>", f"<code>{_e(other)}</code>"
+
+        def say(key: str) -> str:
+            filled = text(lang, key, current="\1", other="\2", started=when)
+            return _e(filled).replace("\1", cur).replace("\2", oth)
+
+        title = text(lang, "switch_title")
+        main = (
+            f"<h1>{_e(title)}</h1>"
+            f"<p>{say('switch_current')}</p>"
+            f"<p>{say('switch_other')}</p>"
+            f'<p class="notice" role="alert">{say("switch_warning")}</p>'
+            f'<p><a href="/">{say("switch_stay")}</a></p>'
+            f'<form method="post" action="/c/{_e(other)}">'
+            f'<input type="hidden" name="token" value="{_e(link)}">'
+            f'<input type="hidden" name="switch" value="{_e(form_token)}">'
+            f'<button type="submit">{_e(text(lang, "switch_button", other=other))}</button>'
+            "</form>"
+        )
+        return Page(200, title, main, lang=lang)
 
     def progress_page(self, s: Session, lang: str = DEFAULT) -> Page:
         kind = "wake" if s.status not in STARTING else "start"

@@ -1,20 +1,23 @@
 """lovd's public app on ``caddy.auth_socket``: everything Caddy may send to lovd.
 
-Caddy routes ``/`` (visitors without a session cookie), ``/c/{id}`` and ``/_lovd/*``
-here, sends forward_auth subrequests to ``/_lovd/auth`` (web/gate.py) and, as the
-upstream the gate names for them, the chat requests whose body lovd checks
-(web/bodycheck.py). It is a separate socket from the API so that Caddy (and so the
-internet) can reach only this surface, never the operator API.
+Caddy routes ``/`` (visitors without a session cookie), ``/c/{id}`` (the session
+link, single-use: session/links.py) and ``/_lovd/*`` here, sends forward_auth
+subrequests to ``/_lovd/auth`` (web/gate.py) and, as the upstream the gate names for
+them, the chat requests whose body lovd checks (web/bodycheck.py). It is a separate
+socket from the API so that Caddy (and so the internet) can reach only this surface,
+never the operator API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
@@ -22,10 +25,12 @@ from lovd import ids
 from lovd.caddy import AUTH_PATH
 from lovd.errors import LovdError
 from lovd.session.lifecycle import Sessions
+from lovd.session.links import NEW_LINK, LinkState, link_state
+from lovd.session.model import Session
 from lovd.sync import routing
 from lovd.web.gate import BrowserGate, wants_html
 from lovd.web.pages import STARTING, language
-from lovd.web.ratelimit import client_address
+from lovd.web.ratelimit import client_address, client_key
 from lovd.web.texts import text
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,7 @@ class PublicSite:
             return self.pages.render(self.pages.landing_page(msg, 429, retry, lang))
         self.gate.starts.hit(addr)
         try:
-            s, token = await self.gate.sessions.create(wait=False)
+            s, token = await self.gate.sessions.create(wait=False, client=client_key(addr))
         except LovdError as e:
             log.info("browser session start refused for %s: %s", addr, e.message)
             msg = self.pages.refusal_text(e, lang)
@@ -103,20 +108,122 @@ class PublicSite:
         return _status_json(200, False, msg)
 
     async def entry(self, request: web.Request) -> web.StreamResponse:
-        """``/c/{id}?token=…``: trade the one-time link for a session cookie, then go to ``/``."""
+        """``GET /c/{id}?token=…``: trade the single-use link for a fresh session cookie,
+        then go to ``/``. A browser that already holds another live session is never
+        switched here: it gets a page that names both and asks (:meth:`switch`)."""
         self.gate.on_request()
-        addr = client_address(request)
+        sid = request.match_info["id"]
         token = request.query.get("token", "")
-        upstream = await self.gate.elsewhere(request.match_info["id"])
+        current = await self._current(request)
+        upstream = await self.gate.elsewhere(sid)
         if upstream:
+            if current is not None and current != sid:
+                return self._ask_to_switch(request, sid, token, current)
+            # Without the browser's cookie: the owner exchanges the link.
             return await routing.forward_entry(upstream, request)
         try:
-            sid = request.match_info["id"]
-            s = self.gate.authenticate(addr, lambda: self.gate.verify_token(ids.check(sid), token))
+            s = self._checked_link(request, sid, token)
         except LovdError as e:
             return self.gate.refuse(request, e, wants_html(request))
-        resp = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
-        self.gate.set_cookie(request, resp, s, token)
+        if current == sid:
+            # This browser is in that session already: the link is spent, nothing changes.
+            if link_state(s, token) is LinkState.VALID:
+                with contextlib.suppress(LookupError):
+                    await self.gate.sessions.redeem_link(sid, token, rotate=False)
+            return _to_front()
+        if link_state(s, token) is LinkState.USED:
+            return self.gate.refuse(request, link_used(), wants_html(request))
+        if current is not None:
+            return self._ask_to_switch(request, sid, token, current)
+        return await self._exchange(request, sid, token)
+
+    async def switch(self, request: web.Request) -> web.StreamResponse:
+        """``POST /c/{id}`` from the "switch session?" page: only same-origin, and only
+        with the page's form token, which is bound to this browser's cookie."""
+        self.gate.on_request()
+        sid = request.match_info["id"]
+        if not _same_origin(request, strict=True):
+            err = LovdError(
+                "forbidden", "sessions can only be switched from this site's own page"
+            )
+            log.info("cross-site session switch refused for %s", client_address(request))
+            return self.gate.refuse(request, err, True)
+        form = await request.post()
+        token, proof = str(form.get("token", "")), str(form.get("switch", ""))
+        cookie = self.gate.cookie_value(request) or ""
+        if not ids.is_valid(sid) or not self.gate.switch_token_ok(sid, token, cookie, proof):
+            err = LovdError(
+                "forbidden",
+                "this switch form is not valid (too old, or from another page); open the "
+                "link again",
+            )
+            return self.gate.refuse(request, err, True)
+        upstream = await self.gate.elsewhere(sid)
+        if upstream:
+            where = f"/c/{sid}?{urlencode({'token': token})}"
+            return await routing.forward_entry(upstream, request, path_qs=where)
+        try:
+            s = self._checked_link(request, sid, token)
+        except LovdError as e:
+            return self.gate.refuse(request, e, True)
+        if link_state(s, token) is LinkState.USED:
+            return self.gate.refuse(request, link_used(), True)
+        return await self._exchange(request, sid, token)
+
+    async def _current(self, request: web.Request) -> str | None:
+        """The live session this browser holds, by id: verified here, or (with browser
+        routing) one another host owns, which only that host could verify: treated as
+        live, so that a link never replaces it unasked."""
+        s = self.gate.live_session(request)
+        if s is not None:
+            return s.id
+        held = (self.gate.cookie_value(request) or "").partition(".")[0]
+        if held and await self.gate.elsewhere(held):
+            return held
+        return None
+
+    def _checked_link(self, request: web.Request, sid: str, token: str) -> Session:
+        """The link's session, under the failure limit (a wrong token is a guess; a used
+        one is not: it matched)."""
+        addr = client_address(request)
+        return self.gate.authenticate(addr, lambda: self._check_link(ids.check(sid), token))
+
+    def _check_link(self, sid: str, token: str) -> Session:
+        s = self.gate.sessions.find(sid)
+        if s is None or not s.token_hash:  # no row, or an unclaimed warm container
+            link_state(_unknown(sid), token)  # same work either way
+            raise LovdError("unauthorized", "this session does not exist (any more)")
+        if link_state(s, token) is LinkState.WRONG:
+            raise LovdError("unauthorized", "this session link is not valid (wrong or old token)")
+        if s.expires_at <= self.gate.sessions.now():
+            raise LovdError("forbidden", "this session has expired; start a new one")
+        return s
+
+    def _ask_to_switch(
+        self, request: web.Request, sid: str, token: str, current: str
+    ) -> web.Response:
+        lang = language(request)
+        try:
+            ids.check(sid)
+        except LovdError as e:
+            return self.gate.refuse(request, e, True)
+        cookie = self.gate.cookie_value(request) or ""
+        proof = self.gate.switch_token(sid, token, cookie, int(time.time()))
+        held = self.gate.sessions.find(current)
+        started = held.created_at if held is not None else None
+        page = self.pages.switch_page(current, started, sid, token, proof, lang)
+        return self.pages.render(page)
+
+    async def _exchange(self, request: web.Request, sid: str, token: str) -> web.Response:
+        """Use the link up and give the browser the session's fresh cookie."""
+        addr = client_address(request)
+        try:
+            s, secret = await self.gate.sessions.redeem_link(sid, token)
+        except LookupError:  # another browser used it in between
+            return self.gate.refuse(request, link_used(), wants_html(request))
+        log.info("session link used by %s", addr, extra={"SESSION_ID": s.id})
+        resp = _to_front()
+        self.gate.set_cookie(request, resp, s, secret)
         return resp
 
     async def ping(self, request: web.Request) -> web.Response:
@@ -130,15 +237,35 @@ class PublicSite:
         return await self.pages.static_file(request)
 
 
-def _same_origin(request: web.Request) -> bool:
+def _same_origin(request: web.Request, *, strict: bool = False) -> bool:
+    """Whether a POST comes from this site's own page. ``strict`` (switching sessions):
+    only ``same-origin``, not ``none`` (a typed or bookmarked request never POSTs)."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
-        return site in ("same-origin", "none")
+        return site == "same-origin" or (site == "none" and not strict)
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser form post (curl); cookies are SameSite=Lax anyway
     host = request.headers.get("X-Forwarded-Host") or request.host
     return urlsplit(origin).netloc == host
+
+
+def link_used() -> LovdError:
+    return LovdError(
+        "link-used",
+        "this session link was already used (a link works once); if you used it in this "
+        f"browser, go to the front page; otherwise {NEW_LINK}",
+    )
+
+
+def _unknown(sid: str) -> Session:
+    """A stand-in row for a session this host does not hold (never stored)."""
+    return Session(sid, "", "", "", 0, "", "", 0.0, 0.0, 0.0, 0.0)
+
+
+def _to_front() -> web.Response:
+    return web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
+
 
 def _status_json(
     status: int,
@@ -182,6 +309,7 @@ def create_public_app(gate: BrowserGate) -> web.Application:
     r.add_get("/_lovd/ping", site.ping)
     r.add_get("/_lovd/static/{name}", site.static_file)
     r.add_get("/c/{id}", site.entry)
+    r.add_post("/c/{id}", site.switch)
     r.add_route("*", "/{tail:.*}", site.not_found)
     app.on_shutdown.append(lambda _app: gate.drain())
     return app
@@ -191,6 +319,7 @@ def add_browser_entry(app: web.Application, sessions: Sessions) -> None:
     """Register ``GET /c/{id}`` on another app (the API socket), sharing the same logic."""
     site = PublicSite(BrowserGate.from_config(sessions.config, sessions))
     app.router.add_get("/c/{id}", site.entry)
+    app.router.add_post("/c/{id}", site.switch)
 
 
 async def serve_public(

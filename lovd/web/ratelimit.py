@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -64,3 +65,18 @@ def client_address(request: web.Request) -> str:
     if xff:
         return xff.rsplit(",", 1)[-1].strip()
     return request.remote or "local"
+
+
+def client_key(addr: str) -> str:
+    """The key one client's places are counted under: the address itself for IPv4, its
+    /64 for IPv6 (one subscriber's line usually holds a whole /64 and can pick any
+    address in it), an IPv4-mapped IPv6 address as the IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(addr.strip("[]"))
+    except ValueError:
+        return addr
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)

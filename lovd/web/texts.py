@@ -45,6 +45,20 @@ NB: dict[str, str] = {
     "refused_one": "Den eneste plassen er i bruk – prøv igjen om {wait}.",
     "refused_all": "Alle {limit} plassene er i bruk – prøv igjen om {wait}.",
     "too_many_starts": "Du har startet {limit} økter nylig – prøv igjen om {wait}.",
+    "per_client": (
+        "Adressen din har allerede {n} økt(er) i gang, så mange som én adresse kan ha. "
+        "Bruk den du har, eller prøv igjen om {wait}."
+    ),
+    "switch_title": "Bytte økt?",
+    "switch_current": "Denne nettleseren er allerede i økt {current} (startet {started}).",
+    "switch_other": "Lenken du åpnet, gjelder en annen økt: {other}.",
+    "switch_warning": (
+        "Bytter du, forlater nettleseren økt {current}, og du kommer bare tilbake til den "
+        "med en ny lenke. Bytt bare hvis du selv har fått lenken fra noen du stoler på: "
+        "den som har laget lenken, kan lese det du skriver i den økten."
+    ),
+    "switch_button": "Bytt til økt {other}",
+    "switch_stay": "Bli i økt {current}",
     "progress_start_title": "Økten din startes",
     "progress_start_text": (
         "Din private forskningsassistent gjøres klar; det tar noen sekunder."
@@ -90,6 +104,7 @@ NB: dict[str, str] = {
     "error.too-many-sessions": "Alle plassene er i bruk",
     "error.quota-exceeded": "Lagringsplassen er brukt opp",
     "error.rate-limited": "For mange forsøk",
+    "error.link-used": "Lenken er allerede brukt",
     "error.internal": "Intern feil",
     "error.runner-failed": "Økten kunne ikke startes",
     "error.unavailable": "Ikke tilgjengelig akkurat nå",
@@ -105,6 +120,16 @@ NB: dict[str, str] = {
     "text.forbidden": "Dette er ikke tillatt her.",
     "text.expired": "Økten din er utløpt. Start en ny økt.",
     "text.foreign-start": "Økter kan bare startes fra denne sidens egen forside.",
+    "text.foreign-switch": "Du kan bare bytte økt fra denne sidens egen side for det.",
+    "text.link-used": (
+        "Denne lenken er allerede brukt: en øktlenke virker bare én gang. Er det du som "
+        "brukte den i denne nettleseren, går du til forsiden. Ellers: be den som ga deg "
+        "lenken, om en ny."
+    ),
+    "text.paused-unused": (
+        "Økten ble satt på pause fordi den ikke ble brukt. Last inn siden på nytt eller "
+        "send en melding for å vekke den."
+    ),
     "text.not-found": "Det finnes ingenting på {path}.",
     "text.session-not-found": "Økten finnes ikke (lenger). Start en ny økt.",
     "text.method-not-allowed": "Dette er ikke tillatt her.",
@@ -154,6 +179,20 @@ EN: dict[str, str] = {
     "refused_one": "The only place is in use — try again in {wait}.",
     "refused_all": "All {limit} places are in use — try again in {wait}.",
     "too_many_starts": "You have started {limit} sessions recently — try again in {wait}.",
+    "per_client": (
+        "Your address already has {n} session(s) running, the most one address may have. "
+        "Use the one you have, or try again in {wait}."
+    ),
+    "switch_title": "Switch session?",
+    "switch_current": "This browser is already in session {current} (started {started}).",
+    "switch_other": "The link you opened is for another session: {other}.",
+    "switch_warning": (
+        "If you switch, this browser leaves session {current}, and only a new link brings "
+        "it back. Switch only if you were given this link by someone you trust: whoever "
+        "made the link can read what you write in that session."
+    ),
+    "switch_button": "Switch to session {other}",
+    "switch_stay": "Stay in session {current}",
     "progress_start_title": "Starting your session",
     "progress_start_text": (
         "Your private research assistant is being prepared; this takes a few seconds."
@@ -197,6 +236,7 @@ EN: dict[str, str] = {
     "error.too-many-sessions": "All places are in use",
     "error.quota-exceeded": "Storage used up",
     "error.rate-limited": "Too many attempts",
+    "error.link-used": "Link already used",
     "error.internal": "Internal error",
     "error.runner-failed": "The session could not start",
     "error.unavailable": "Not available right now",

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.lovdproc import LovdProc, forward_auth, remove_all
+from tests.lovdproc import LovdProc, cookie_of, forward_auth, remove_all
 
 TEST_IMAGE = "localhost/lovd-test:latest"
 SESSION_IMAGE = "localhost/lovd-session:latest"
@@ -103,7 +103,7 @@ def wake_vs_cold(runs: int) -> None:
                 assert time.monotonic() < deadline, "not idle-stopped"
                 time.sleep(0.2)
             t0 = time.monotonic()
-            status, headers, _ = forward_auth(p, sid, s["token"])
+            status, headers, _ = forward_auth(p, sid, cookie_of(p, s))
             assert status == 204, (status, headers)
             wake.append(time.monotonic() - t0)
             p.api("DELETE", f"/api/sessions/{sid}")

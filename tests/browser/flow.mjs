@@ -11,7 +11,8 @@
 //   mode "link":    open a session link (/c/{id}?token=…) → the chat → ask → answer → reload
 //   mode "return":  open the site again (the session may be stopped: it wakes) → the
 //                   earlier conversation is shown
-//   mode "page":    open a URL (a refusal, the landing page) and check it
+//   mode "page":    open a URL (a refusal, the landing page) and check it; with click,
+//                   press that button on it (a form) and report where it led
 //   mode "survive": open the chat at url (with expect_question), poll an XHR once a
 //                   second, write ready_file, wait for killed_file (the test kills or
 //                   stops the container then), reload once, and wait for the chat with
@@ -239,6 +240,16 @@ try {
     result.http_status = r ? r.status() : 0;
     await page.getByRole("heading", { level: 1 }).waitFor();
     result.page = await checkLovdPage("page");
+    if (spec.click) {
+      // A button on lovd's page (the "switch session?" form): where it leads.
+      const [resp] = await Promise.all([
+        page.waitForNavigation(),
+        page.getByRole("button", { name: spec.click }).click(),
+      ]);
+      await page.waitForLoadState("load");
+      result.after_click = { status: resp ? resp.status() : 0, path: new URL(page.url()).pathname };
+      step(`clicked ${spec.click}`);
+    }
   }
   if (mode !== "page") result.ui_text = (await page.locator("body").innerText()).slice(-400);
 

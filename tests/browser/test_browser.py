@@ -171,8 +171,8 @@ async def test_a_person_asks_in_norwegian_and_in_english(browser_env: None) -> N
             assert texts.text("en", "start") in page["text"]
 
             # 3. A session link (what POST /api/sessions hands out) in an English browser.
-            s, token = await h.sessions.create()
-            link = f"{h.url}/c/{s.id}?token={token}"
+            s, _ = await h.sessions.create()
+            link = f"{h.url}/c/{s.id}?token={await h.sessions.new_link(s.id)}"
             en = await flow(
                 h, artifacts, name="en-link", mode="link", locale="en-US",
                 profile=str(profiles / "en"), url=link, question=QUESTION_EN,
@@ -206,6 +206,23 @@ async def test_a_person_asks_in_norwegian_and_in_english(browser_env: None) -> N
             )  # fmt: skip
             assert refused["http_status"] == 401 and refused["page"]["lang"] == "nb"
             assert "Start en ny økt" in refused["page"]["text"]
+
+            # 7. A link to another session (here the Norwegian one) in the English browser,
+            #    which is in its own session: a page names both and asks; only its own
+            #    button (a same-origin POST from Chromium) switches.
+            other = f"{h.url}/c/{warm.id}?token={await h.sessions.new_link(warm.id)}"
+            button = texts.text("en", "switch_button", other=warm.id)
+            asked = await flow(
+                h, artifacts, name="en-switch", mode="page", locale="en-US",
+                profile=str(profiles / "en"), url=other, click=button,
+            )  # fmt: skip
+            assert asked["http_status"] == 200, asked
+            said = asked["page"]["text"]
+            assert asked["page"]["h1"] == texts.text("en", "switch_title")
+            assert s.id in said and warm.id in said
+            assert asked["after_click"]["status"] == 200, asked["after_click"]
+            assert asked["after_click"]["path"].split("/")[-2] == "session"  # in its chat
+            assert h.sessions.get(warm.id).link_used_at  # the link is spent
 
             # What the model was offered, every time: the legal agent's prompt, the
             # Lovdata tools and sequential-thinking, no coding tool.

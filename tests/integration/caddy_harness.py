@@ -174,6 +174,9 @@ class HostUpstream:
         headers = dict(request.headers)
         self.seen.append(headers)
         body = await request.read()
+        # ?csp=…&referrer=…: answer with those headers, as OpenCode's pages do.
+        sent = {"Content-Security-Policy": request.query.get("csp"),
+                "Referrer-Policy": request.query.get("referrer")}  # fmt: skip
         return web.json_response(
             {
                 "upstream": self.name,
@@ -181,7 +184,8 @@ class HostUpstream:
                 "method": request.method,
                 "headers": headers,
                 "body": body.decode(errors="replace"),
-            }
+            },
+            headers={k: v for k, v in sent.items() if v},
         )
 
     async def sse(self, request: web.Request) -> web.StreamResponse:

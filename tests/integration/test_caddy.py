@@ -137,11 +137,14 @@ async def test_entry_link_sets_cookie_and_proxies_with_container_password(
     caddy_bin: str, test_image: str
 ) -> None:
     async with harness() as h:
-        sid, token = await _container_session(h)
-        status, headers, _ = await _get(h, f"/c/{sid}?token={token}")
+        sid, _ = await _container_session(h)
+        link = await h.sessions.new_link(sid)
+        status, headers, _ = await _get(h, f"/c/{sid}?token={link}")
         assert status == 303 and headers["Location"] == "/"
         set_cookie = headers["Set-Cookie"]
-        assert set_cookie.startswith(f"lovd_session={sid}.{token};")
+        assert set_cookie.startswith(f"lovd_session={sid}.")
+        token = set_cookie.split(";", 1)[0].split(".", 1)[1]  # a fresh secret, not the link's
+        assert token != link
         assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie
         assert "Path=/" in set_cookie and "Secure" not in set_cookie  # plain HTTP here
         # The container demands its own password; the proxy path adds it.
@@ -168,18 +171,20 @@ async def test_entry_link_sets_cookie_and_proxies_with_container_password(
 async def test_secure_cookie_over_https(caddy_bin: str) -> None:
     async with harness() as h:
         up = await h.upstream("a")
-        s, token = await h.fake_session(up)
+        s, _ = await h.fake_session(up)
+        link = await h.sessions.new_link(s.id)
         conn = aiohttp.UnixConnector(path=h.auth_socket)
         async with (
             aiohttp.ClientSession(connector=conn) as direct,
             direct.get(
-                f"http://lovd/c/{s.id}?token={token}",
+                f"http://lovd/c/{s.id}?token={link}",
                 allow_redirects=False,
                 headers={"X-Forwarded-Proto": "https"},
             ) as r,
         ):
             sc = r.headers["Set-Cookie"]
-        assert sc.startswith(f"__Host-lovd_session={s.id}.{token};")
+        assert sc.startswith(f"__Host-lovd_session={s.id}.")
+        token = sc.split(";", 1)[0].split(".", 1)[1]
         assert "Secure" in sc and "HttpOnly" in sc and "Path=/" in sc and "Domain" not in sc
         # The __Host- cookie works through Caddy as well.
         status, _, body = await _get(h, "/x", {"Cookie": f"__Host-lovd_session={s.id}.{token}"})
@@ -190,6 +195,7 @@ async def test_wrong_and_expired_tokens(caddy_bin: str) -> None:
     async with harness() as h:
         up = await h.upstream("a")
         s, token = await h.fake_session(up)
+        link = await h.sessions.new_link(s.id)
         status, _, _ = await _get(h, f"/c/{s.id}?token=wrong")
         assert status == 401
         status, _, _ = await _get(h, "/x", {"Cookie": f"lovd_session={s.id}.wrong"})
@@ -199,7 +205,7 @@ async def test_wrong_and_expired_tokens(caddy_bin: str) -> None:
         await h.store.update(s.id, expires_at=time.time() - 1)
         status, _, body = await _get(h, "/x", cookie(s, token))
         assert status == 403 and "expired" in body
-        status, _, _ = await _get(h, f"/c/{s.id}?token={token}")
+        status, _, _ = await _get(h, f"/c/{s.id}?token={link}")
         assert status == 403
         assert up.seen == []  # nothing reached the upstream
 
@@ -261,7 +267,8 @@ async def test_twenty_bad_tokens_get_429(caddy_bin: str) -> None:
         # and the valid link still work (tests/integration/test_gate_caddy.py).
         status, _, body = await _get(h, "/x", {**NAV, **cookie(s, token)})
         assert status == 200 and json.loads(body)["upstream"] == "a"
-        assert (await _get(h, f"/c/{s.id}?token={token}"))[0] == 303
+        link = await h.sessions.new_link(s.id)
+        assert (await _get(h, f"/c/{s.id}?token={link}"))[0] == 303
 
 
 async def test_delete_revokes(caddy_bin: str, test_image: str) -> None:
@@ -274,14 +281,14 @@ async def test_delete_revokes(caddy_bin: str, test_image: str) -> None:
         assert status == 401 and "does not exist" in body
 
 
-async def test_activity_is_recorded(caddy_bin: str) -> None:
+async def test_a_request_that_is_not_chat_is_no_activity(caddy_bin: str) -> None:
+    """Polls keep no place (tests/unit/test_places.py: prompts do)."""
     async with harness() as h:
         up = await h.upstream("a")
         s, token = await h.fake_session(up)
         h.sessions.activity.clear()
-        t0 = time.time()
         assert (await _get(h, "/x", cookie(s, token)))[0] == 200
-        assert h.sessions.activity[s.id] >= t0
+        assert s.id not in h.sessions.activity
 
 
 # --- landing page and starting from the browser -------------------------------------

@@ -204,7 +204,8 @@ async def test_three_anonymous_starts_then_a_fourth_visitor(
     settings = {
         "unused_timeout": unused,
         "limits": {"max_running": 3},
-        "browser": {"start_limit": 10},
+        # Three starts from one address (127.0.0.1) is the point here.
+        "browser": {"start_limit": 10, "max_running_per_client": 3},
     }
     async with harness(settings=settings) as h:
         cookies = []
@@ -237,3 +238,104 @@ async def test_three_anonymous_starts_then_a_fourth_visitor(
         # The unused sessions kept their cookies: they wake when a place is free again.
         for c in cookies:
             assert (await _req(h, "GET", "/_lovd/status", c))[0] == 200
+
+
+# --- issue 15: planted links, headers, places per address ---------------------------
+
+
+def _form(page: str) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r'name="(\w+)" value="([^"]*)"', page))
+
+
+async def test_a_planted_link_never_replaces_a_live_cookie(caddy_bin: str) -> None:
+    async with harness() as h:
+        mine, theirs = await h.upstream("victim"), await h.upstream("attacker")
+        victim, secret = await h.fake_session(mine)
+        attacker, _ = await h.fake_session(theirs)
+        planted = await h.sessions.new_link(attacker.id)
+        vc = cookie(victim, secret)
+        # The victim follows the attacker's link from another site: a page, no cookie.
+        cross = {**NAV, "Sec-Fetch-Site": "cross-site", **vc}
+        status, headers, page = await _req(h, "GET", f"/c/{attacker.id}?token={planted}", cross)
+        assert status == 200 and "Set-Cookie" not in headers
+        assert victim.id in page and attacker.id in page
+        assert headers["X-Frame-Options"] == "DENY"  # the page cannot be framed either
+        status, _, body = await _req(h, "GET", "/x", {**XHR, **vc})
+        assert status == 200 and json.loads(body)["upstream"] == "victim"
+        # The attacker's site submits the page's form for the victim: refused.
+        form = _form(page)
+        post = {"Content-Type": "application/x-www-form-urlencoded", "Origin": h.url, **vc}
+        async with h.http.post(
+            h.url + f"/c/{attacker.id}", data=form, allow_redirects=False,
+            headers={**post, "Sec-Fetch-Site": "cross-site"},
+        ) as r:  # fmt: skip
+            assert r.status == 403 and "Set-Cookie" not in r.headers
+        status, _, body = await _req(h, "GET", "/x", {**XHR, **vc})
+        assert status == 200 and json.loads(body)["upstream"] == "victim"
+        assert theirs.seen == []
+        # The person asks to switch on the page itself (same-origin): switched.
+        async with h.http.post(
+            h.url + f"/c/{attacker.id}", data=form, allow_redirects=False,
+            headers={**post, "Sec-Fetch-Site": "same-origin"},
+        ) as r:  # fmt: skip
+            assert r.status == 303, await r.text()
+            assert r.headers["Set-Cookie"].startswith(f"lovd_session={attacker.id}.")
+        # The link is spent: a second use (any browser) is refused and says so.
+        status, headers, page = await _req(h, "GET", f"/c/{attacker.id}?token={planted}", NAV)
+        assert status == 410 and "Set-Cookie" not in headers
+        assert "already used" in page and "lovd session link ID" in page
+
+
+async def test_ui_responses_cannot_be_framed_or_leak_a_referer(caddy_bin: str) -> None:
+    """What OpenCode's pages send (a CSP with connect-src *, its own Referrer-Policy)
+    leaves Caddy with frame-ancestors 'none', connect-src 'self', X-Frame-Options: DENY
+    and Referrer-Policy: no-referrer."""
+    from urllib.parse import quote
+
+    async with harness() as h:
+        up = await h.upstream("ui")
+        s, token = await h.fake_session(up)
+        csp = "default-src 'self'; connect-src * data:; img-src 'self' data:"
+        path = f"/x?csp={quote(csp)}&referrer=unsafe-url"
+        async with h.http.get(h.url + path, headers=cookie(s, token)) as r:
+            assert r.status == 200
+            policies = r.headers.getall("Content-Security-Policy")
+            assert r.headers.getall("X-Frame-Options") == ["DENY"]
+            assert r.headers.getall("Referrer-Policy") == ["no-referrer"]
+        assert "frame-ancestors 'none'" in policies
+        [opencode] = [p for p in policies if "default-src" in p]
+        assert "connect-src 'self' data:" in opencode and "connect-src *" not in opencode
+        assert "img-src 'self' data:" in opencode  # the rest of OpenCode's policy stays
+        # lovd's own pages (the landing page) too.
+        async with h.http.get(h.url + "/", headers=NAV) as r:
+            assert r.headers.getall("X-Frame-Options") == ["DENY"]
+            assert r.headers.getall("Referrer-Policy") == ["no-referrer"]
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+
+async def test_a_fourth_start_from_one_address_while_another_gets_a_place(
+    caddy_bin: str, test_image: str
+) -> None:
+    """browser.max_running_per_client through Caddy: the client address is the one
+    Caddy sees (127.0.0.1 and 127.0.0.2 here), whatever X-Forwarded-For a client sends."""
+    settings = {"limits": {"max_running": 4},
+                "browser": {"start_limit": 10, "max_running_per_client": 3}}  # fmt: skip
+    async with harness(settings=settings) as h:
+        for _ in range(3):
+            status, headers, body = await _start(h, {"X-Forwarded-For": "203.0.113.1"})
+            assert status == 303, body
+        status, headers, body = await _start(h, {"X-Forwarded-For": "203.0.113.2"})
+        assert status == 429 and int(headers["Retry-After"]) > 0
+        assert "Your address already has 3 session(s) running" in body
+        assert len(h.sessions.all()) == 3
+        conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(
+            connector=conn, cookie_jar=aiohttp.DummyCookieJar()
+        ) as other, other.post(
+            h.url + "/_lovd/start", allow_redirects=False,
+            headers={"Origin": h.url, "Sec-Fetch-Site": "same-origin"},
+        ) as r:  # fmt: skip
+            assert r.status == 303, await r.text()
+        assert len(h.sessions.all()) == 4

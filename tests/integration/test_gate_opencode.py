@@ -127,3 +127,25 @@ async def test_every_other_opencode_route_is_refused_through_caddy(
     assert refused and passed
     assert set(passed) <= allowed
     print(f"{len(refused)} OpenCode routes refused by the gate, {len(passed)} allowed GETs passed")
+
+
+async def test_opencode_pages_leave_caddy_unframeable_and_same_origin(
+    opencode: tuple[Harness, str, str],
+) -> None:
+    """OpenCode's own page (its CSP allows connect-src *) as the browser gets it: with
+    frame-ancestors 'none', connect-src 'self', X-Frame-Options and no Referer."""
+    h, value, _ = opencode
+    nav = {"Cookie": value, "Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        async with http.get(h.url + "/", headers=nav, allow_redirects=False) as r:
+            assert r.status == 303, await r.text()  # into the latest chat
+            where = r.headers["Location"]
+        async with http.get(h.url + where, headers=nav, allow_redirects=False) as r:
+            assert r.status == 200 and "<html" in (await r.text()).lower()
+            policies = r.headers.getall("Content-Security-Policy", [])
+            assert r.headers.getall("X-Frame-Options") == ["DENY"]
+            assert r.headers.getall("Referrer-Policy") == ["no-referrer"]
+    print(f"\nOpenCode page CSP through Caddy: {policies}")
+    assert "frame-ancestors 'none'" in policies
+    assert not [p for p in policies if re.search(r"connect-src[^;]*\*", p)], policies
+    assert any("connect-src 'self'" in p for p in policies if "default-src" in p), policies

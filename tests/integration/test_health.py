@@ -12,7 +12,7 @@ import pytest
 
 from lovd.caddy import UPSTREAM_HEADER
 from tests.integration.test_podman_daemon import http_get
-from tests.lovdproc import LovdProc, forward_auth, podman, remove_all
+from tests.lovdproc import LovdProc, cookie_of, forward_auth, podman, remove_all
 
 pytestmark = pytest.mark.podman
 
@@ -77,7 +77,7 @@ def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_pat
     assert lovd.api("GET", f"/api/sessions/{sid}")[0] == 200
     # The user comes back: the next request of their browser (Caddy's forward_auth
     # subrequest on lovd's public socket) is held while the session wakes, then allowed.
-    status, headers, _ = forward_auth(lovd, sid, s["token"])
+    status, headers, _ = forward_auth(lovd, sid, cookie_of(lovd, s))
     assert status == 204 and headers[UPSTREAM_HEADER] == f"127.0.0.1:{port}", (status, headers)
     _, _, woken = lovd.api("GET", f"/api/sessions/{sid}")
     assert woken["status"] == "running" and woken["id"] == sid

@@ -373,7 +373,7 @@ async def test_token_cap_shows_its_message_in_the_chat(session_image: str, tmp_p
 async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: Path) -> None:
     """What an OOM kill or a reboot does (podman rm -f): the session stays through cleanup
     passes, the browser's next request wakes it, and OpenCode lists the chat made before."""
-    from tests.lovdproc import forward_auth
+    from tests.lovdproc import cookie_of, forward_auth
 
     p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0,
                  health={"interval": 1.0})
@@ -383,6 +383,7 @@ async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: 
         status, _, s = p.api("POST", "/api/sessions")
         assert status == 201 and s["status"] == "running", s
         name = f"lovd-{s['id']}"
+        cookie = cookie_of(p, s)  # the browser that opened the session's link
 
         async def chats() -> list[dict[str, Any]]:
             password = container_settings(name)["OPENCODE_SERVER_PASSWORD"]
@@ -406,7 +407,7 @@ async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: 
         assert gone["status"] in ("stopped", "failed") and gone["reason"], gone
         for _ in range(3):
             assert s["id"] not in p.api("POST", "/api/cleanup")[2]["removed"]
-        status, _, _ = await asyncio.to_thread(forward_auth, p, s["id"], s["token"])
+        status, _, _ = await asyncio.to_thread(forward_auth, p, s["id"], cookie)
         assert status == 204  # held while it woke, then allowed
         listed = await chats()
         assert chat in [c["id"] for c in listed], listed  # the chat history came back

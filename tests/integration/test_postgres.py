@@ -238,8 +238,10 @@ def test_lovd_restore_by_hand_prints_new_links(lovd: LovdProc, pg: PgCluster) ->
     out = json.loads(r.stdout)
     assert out["restored"] == 1 and set(out["links"]) == {s["id"]}
     lovd.start()
-    status, headers, _ = lovd.api("GET", out["links"][s["id"]].split("localhost", 1)[1])
+    link = out["links"][s["id"]].split("localhost", 1)[1]
+    status, headers, _ = lovd.api("GET", link)
     assert status == 303 and "lovd_session" in headers.get("Set-Cookie", "")
+    assert lovd.api("GET", link)[0] == 410  # a link works once
 
 
 def test_two_hosts_one_postgres(tmp_path: Path, pg: PgCluster, test_image: str) -> None:

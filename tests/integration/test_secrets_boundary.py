@@ -25,7 +25,7 @@ import pytest
 from lovd.demo.serve import serve_llm_stub, serve_lovdata_mcp
 from tests.conftest import image_present, need
 from tests.integration.caddy_harness import CaddyProc, caddy_binary, free_port
-from tests.lovdproc import LovdProc
+from tests.lovdproc import LovdProc, cookie_of
 
 pytestmark = [pytest.mark.caddy, pytest.mark.opencode]
 
@@ -91,7 +91,7 @@ async def test_no_operator_secret_reaches_a_session(podman: str, tmp_path: Path)
         status, _, s = await asyncio.to_thread(p.api, "POST", "/api/sessions")
         assert status == 201 and s["status"] == "running", s
         name = f"lovd-{s['id']}"
-        cookie = {"Cookie": f"lovd_session={s['id']}.{s['token']}"}
+        cookie = {"Cookie": f"lovd_session={s['id']}.{cookie_of(p, s)}"}
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(timeout=timeout, headers=cookie) as http:
             for _ in range(100):  # until lovd's server is in Caddy

@@ -159,11 +159,26 @@ async def test_cleanup_removes_expired_and_stops_idle(api: Api) -> None:
 
 async def test_browser_entry_sets_cookie(api: Api) -> None:
     s = await (await api.client.post("/api/sessions")).json()
+    assert s["url"].endswith(f"/c/{s['id']}?token={s['token']}")
     r = await api.client.get(f"/c/{s['id']}?token={s['token']}", allow_redirects=False)
     assert r.status == 303 and r.headers["Location"] == "/"
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    # The API's token is the link's, never the cookie secret the browser got for it.
+    assert s["token"] not in cookie
     await problem(await api.client.get(f"/c/{s['id']}?token=wrong", allow_redirects=False), 401)
+    # Single-use: the same link again (another browser) is refused; the operator makes
+    # a new one.
+    api.client.session.cookie_jar.clear()
+    used = await api.client.get(f"/c/{s['id']}?token={s['token']}", allow_redirects=False)
+    assert (await problem(used, 410))["code"] == "link-used"
+    r = await api.client.post(f"/api/sessions/{s['id']}/link")
+    fresh = await r.json()
+    assert r.status == 201 and fresh["id"] == s["id"] and fresh["token"] != s["token"]
+    assert fresh["url"] == f"https://chat.example/c/{s['id']}?token={fresh['token']}"
+    r = await api.client.get(f"/c/{s['id']}?token={fresh['token']}", allow_redirects=False)
+    assert r.status == 303 and r.headers["Set-Cookie"]
+    await problem(await api.client.post("/api/sessions/0123456789abcdef/link"), 404)
 
 
 async def test_health_openapi_metrics(api: Api) -> None:

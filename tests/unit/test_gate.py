@@ -232,8 +232,9 @@ async def test_valid_cookie_passes_while_its_address_is_rate_limited(g: Gate) ->
         headers={"Cookie": f"lovd_session={s.id}.{token}", "X-Forwarded-For": nat},
     )
     assert status.status == 200 and (await status.json())["ready"]
+    link = await g.sessions.new_link(s.id)
     entry = await g.client.get(
-        f"/c/{s.id}?token={token}", headers={"X-Forwarded-For": nat}, allow_redirects=False
+        f"/c/{s.id}?token={link}", headers={"X-Forwarded-For": nat}, allow_redirects=False
     )
     assert entry.status == 303
     # Invalid attempts from there are still limited, everywhere.

@@ -51,7 +51,7 @@ async def test_claim_hands_out_the_warm_container_and_refills(
         assert r.status == 201 and s["id"] == wid and s["status"] == "running"
         assert len(a.runner.starts) == 1  # no second container was started
         row = a.store.get(wid)
-        assert row is not None and ids.token_matches(s["token"], row.token_hash)
+        assert row is not None and ids.token_matches(s["token"], row.link_hash)
         r = await a.client.get(f"/c/{wid}?token={s['token']}", allow_redirects=False)
         assert r.status == 303
         metrics = await (await a.client.get("/metrics")).text()

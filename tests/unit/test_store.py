@@ -59,7 +59,9 @@ async def test_state_survives_reopen_and_schema_is_versioned(tmp_path: Path) -> 
     assert again.instance_id == instance
     await again.close()
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        from lovd.store import _MIGRATIONS
+
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert oct(db.stat().st_mode & 0o777) == "0o600"
 
@@ -81,6 +83,8 @@ async def test_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
     got = store.get("0123456789abcdef")
     assert got is not None and got.status == "running"
     assert got.used_at == 0.0 and got.broker_hash == ""
+    # Its cookie still works; its old link (which carried the cookie secret) does not.
+    assert got.token_hash == "h" and got.link_hash == "" and got.link_used_at == 0.0
     await store.close()
 
 
