@@ -477,6 +477,12 @@ class Store:
 
 
 class _Transaction:
+    """One write transaction. Its boundaries (BEGIN, COMMIT, ROLLBACK) always run to their
+    end: aiosqlite runs each statement in its own thread, so a caller cancelled while one
+    is under way would otherwise leave the connection inside a transaction ("cannot start
+    a transaction within a transaction" for every later write) or miss a COMMIT that did
+    happen, leaving the in-memory rows behind the database."""
+
     def __init__(self, db: aiosqlite.Connection, lock: asyncio.Lock) -> None:
         self._db = db
         self._lock = lock
@@ -484,7 +490,10 @@ class _Transaction:
     async def __aenter__(self) -> aiosqlite.Connection:
         await self._lock.acquire()
         try:
-            await self._db.execute("BEGIN IMMEDIATE")
+            cancelled = await _to_the_end(self._db, "BEGIN IMMEDIATE")
+            if cancelled:
+                await _to_the_end(self._db, "ROLLBACK")
+                raise asyncio.CancelledError
         except BaseException:
             self._lock.release()
             raise
@@ -493,11 +502,34 @@ class _Transaction:
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
-                await self._db.execute("COMMIT")
+                if await _to_the_end(self._db, "COMMIT"):
+                    # Committed: let the caller bring its in-memory rows up to date (the
+                    # code right after the block, which does not await), then deliver the
+                    # cancellation at its next await.
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                        asyncio.get_running_loop().call_soon(task.cancel)
             else:
-                await self._db.execute("ROLLBACK")
+                await _to_the_end(self._db, "ROLLBACK")
         finally:
             self._lock.release()
+
+
+async def _to_the_end(db: aiosqlite.Connection, sql: str) -> bool:
+    """Run ``sql`` and wait for it even if the awaiting task is cancelled meanwhile.
+    Returns whether a cancellation arrived (the caller decides what it means)."""
+    fut = asyncio.ensure_future(db.execute(sql))
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(fut)
+            return cancelled
+        except asyncio.CancelledError:
+            cancelled = True
+            if fut.done():
+                fut.result()  # the statement's own error, if it failed
+                return True
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:

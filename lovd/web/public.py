@@ -142,11 +142,20 @@ class PublicSite:
         with the page's form token, which is bound to this browser's cookie."""
         self.gate.on_request()
         sid = request.match_info["id"]
+        try:
+            ids.check(sid)
+        except LovdError as e:
+            return self.gate.refuse(request, e, True)
         if not _same_origin(request, strict=True):
             err = LovdError(
                 "forbidden", "sessions can only be switched from this site's own page"
             )
             log.info("cross-site session switch refused for %s", client_address(request))
+            return self.gate.refuse(request, err, True)
+        if request.content_type != "application/x-www-form-urlencoded":
+            # The page's form sends exactly this; anything else is not that form (and a
+            # multipart body without a boundary would not even parse).
+            err = LovdError("bad-request", "the switch is a form post from this site's page")
             return self.gate.refuse(request, err, True)
         form = await request.post()
         token, proof = str(form.get("token", "")), str(form.get("switch", ""))

@@ -26,7 +26,7 @@ SID = "0123456789abcdef"
         ("DELETE", "/api/health", {"GET", "HEAD"}),
         ("POST", "/api/livez", {"GET", "HEAD"}),
         ("PATCH", "/metrics", {"GET", "HEAD"}),
-        ("POST", f"/c/{SID}", {"GET", "HEAD"}),
+        ("PUT", f"/c/{SID}", {"GET", "HEAD", "POST"}),
     ],
 )
 async def test_every_405_says_what_is_allowed(

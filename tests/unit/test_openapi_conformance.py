@@ -38,6 +38,14 @@ async def test_schemathesis_finds_no_failure(tmp_path: Path, free_ports: list[in
         # The link checks' failure limit would turn most /c/{id} cases into 429.
         "browser": {"auth_failures": 1_000_000, "auth_failure_window": 1},
     }
+    # A session link works once (session/links.py): following the create's link a second
+    # time is a schema-valid request that must be refused, 410 link-used. Every other
+    # expectation of the check stays Schemathesis' own.
+    config_file = tmp_path / "schemathesis.toml"
+    config_file.write_text(
+        "[checks.positive_data_acceptance]\n"
+        'expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "410", "429", "5xx"]\n'
+    )
     reports: list[str] = []
     async with open_api(tmp_path, free_ports, **settings) as api:
         url = str(api.client.make_url("/api/openapi.json"))
@@ -45,7 +53,8 @@ async def test_schemathesis_finds_no_failure(tmp_path: Path, free_ports: list[in
         # POST /api/sessions (a 429 has none to follow).
         for phases, examples in (("stateful", "400"), ("examples,coverage,fuzzing", "450")):
             proc = await asyncio.create_subprocess_exec(
-                str(st), "run", url, "--checks", "all", "--phases", phases,
+                str(st), "--config-file", str(config_file), "run", url,
+                "--checks", "all", "--phases", phases,
                 "--max-examples", examples, "--workers", "1", "--seed", SEED, "--no-color",
                 "--generation-database", "none", "--request-timeout", "30",
                 cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -119,4 +121,37 @@ async def test_wal_and_shm_files_get_the_database_mode(tmp_path: Path) -> None:
     for suffix in ("-wal", "-shm"):
         f = db.with_name(db.name + suffix)
         assert f.exists() and oct(f.stat().st_mode & 0o777) == "0o600", suffix
+    await store.close()
+
+
+async def test_a_write_cancelled_at_any_point_leaves_the_store_usable_and_true(
+    tmp_path: Path,
+) -> None:
+    """A caller cancelled in the middle of a write (shutdown drains, a bounded wait) must
+    neither leave the connection inside a transaction nor leave the rows in memory behind
+    what was committed. Cancel one update after 0, 1, 2, … turns of the event loop, until
+    one runs through uncancelled; after each, the store writes again and memory matches
+    the database file."""
+    store = await Store.open(tmp_path / "lovd.db")
+    s = await store.insert(new_session())
+    turns = 0
+    while True:
+        task = asyncio.create_task(store.update(s.id, reason=f"try {turns}"))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        finished = task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.update(s.id, container_id=f"c{turns}")  # the connection still writes
+        with sqlite3.connect(tmp_path / "lovd.db") as db:
+            reason, version = db.execute(
+                "SELECT reason, version FROM sessions WHERE id = ?", (s.id,)
+            ).fetchone()
+        row = store.get(s.id)
+        assert row is not None and (row.reason, row.version) == (reason, version), turns
+        if finished:
+            break
+        turns += 1
+    assert turns > 3  # the cancellations landed inside the write, not only before it
     await store.close()
