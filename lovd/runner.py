@@ -35,6 +35,7 @@ from typing import Protocol
 from lovd import ids
 from lovd.errors import LovdError
 from lovd.podman import ContainerInfo, ContainerSpec, PodmanClient, communicate, run_argv
+from lovd.procs import Spawner
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,36 @@ class Runner(Protocol):
     async def remove_workspace(self, path: Path) -> None: ...
 
 
-async def _exec(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+async def _exec(
+    spawner: Spawner, *argv: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    try:
+        proc = await spawner.exec(*argv, env=env)
+    except FileNotFoundError as e:
+        raise LovdError("runner-failed", f"{argv[0]} not found (lovd doctor)") from e
     out, err = await communicate(proc, None, " ".join(argv[:2]))
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+class StoragedClient:
+    """The runner's Podman client: its removals take the storage lock (see PodmanRunner)."""
+
+    def __init__(self, client: PodmanClient, storage: asyncio.Lock) -> None:
+        self.inner = client
+        self.storage = storage
+
+    async def list(self, instance_id: str) -> list[ContainerInfo]:
+        return await self.inner.list(instance_id)
+
+    async def remove(self, name: str) -> None:
+        async with self.storage:
+            await self.inner.remove(name)
+
+    async def image_exists(self, image: str) -> bool:
+        return await self.inner.image_exists(image)
+
+    async def logs(self, name: str, tail: int = 20) -> str:
+        return await self.inner.logs(name, tail)
 
 
 def _last_line(text: str) -> str:
@@ -82,22 +103,43 @@ def _last_line(text: str) -> str:
 
 
 class PodmanRunner:
-    """Runs ``podman run -d`` directly; the container's parent is conmon, not lovd."""
+    """Runs ``podman run -d`` directly; the container's parent is conmon, not lovd.
+
+    ``storage`` serialises the commands that change Podman's storage — ``run``, ``rm``,
+    ``unshare rm`` of a workspace: two of them at once can deadlock on Podman 4.3's storage
+    locks (a ``run --replace`` holding layers.lock and waiting for storage.lock while an
+    ``unshare rm`` holds storage.lock and waits for layers.lock). Reads (``ps``, ``logs``,
+    ``image exists``) do not take it."""
 
     name = "podman"
 
-    def __init__(self, client: PodmanClient, podman: str, instance_id: str) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: PodmanClient,
+        podman: str,
+        instance_id: str,
+        *,
+        spawner: Spawner | None = None,
+        storage: asyncio.Lock | None = None,
+    ) -> None:
+        self.storage = storage or asyncio.Lock()
+        self.client: PodmanClient = StoragedClient(client, self.storage)
         self.podman = podman
         self.instance_id = instance_id
+        self.spawner = spawner or Spawner(instance_id)
 
     async def start(self, spec: ContainerSpec) -> str:
         argv = run_argv(self.podman, spec, limits=spec.cgroup_v2)
-        code, out, err = await _exec(*argv)
-        if code != 0:
+        async with self.storage:
+            code, out, err = await _exec(self.spawner, *argv)
+        lines = out.strip().splitlines()
+        if code != 0 or not lines:
             await self.client.remove(spec.name)
-            raise LovdError("runner-failed", f"podman run failed (exit {code}): {_last_line(err)}")
-        return out.strip().splitlines()[-1]
+            # Exit 0 without an id: stopped at a safe point by SIGTERM (lovd's own death
+            # signal, a shutdown of the host), before it started the container.
+            why = _last_line(err) or "ended without starting the container"
+            raise LovdError("runner-failed", f"podman run failed (exit {code}): {why}")
+        return lines[-1]
 
     async def stop(self, session_id: str) -> None:
         await self.client.remove(ids.container_name(session_id))
@@ -112,17 +154,18 @@ class PodmanRunner:
         return ""
 
     async def remove_workspace(self, path: Path) -> None:
-        await _remove_tree(self.podman, path)
-
-
-async def _remove_tree(podman: str, path: Path) -> None:
-    """Workspaces are chowned into the container's subordinate ids (``:U``), so the
-    lovd user removes them from inside its user namespace."""
-    if not path.exists():
-        return
-    code, _, err = await _exec(podman, "unshare", "rm", "-rf", "--", str(path))
-    if code != 0 and path.exists():
-        raise LovdError("runner-failed", f"could not remove workspace {path}: {_last_line(err)}")
+        if not path.exists():
+            return
+        async with self.storage:
+            code, _, err = await _exec(
+                self.spawner, self.podman, "unshare", "rm", "-rf", "--", str(path)
+            )
+        # Workspaces are chowned into the container's subordinate ids (``:U``), so the
+        # lovd user removes them from inside its user namespace.
+        if code != 0 and path.exists():
+            raise LovdError(
+                "runner-failed", f"could not remove workspace {path}: {_last_line(err)}"
+            )
 
 
 _SD_PRIVATE_ENV = frozenset(
@@ -144,8 +187,15 @@ class SystemdRunner:
         *,
         restart_attempts: int = 3,
         ready_timeout: float = 60.0,
+        spawner: Spawner | None = None,
+        storage: asyncio.Lock | None = None,
     ) -> None:
-        self.client = client
+        # One storage lock, as for PodmanRunner: the unit's `podman run` (systemd-run waits
+        # for it), its ExecStopPost `podman rm` (systemctl stop waits for it), removals and
+        # `unshare rm` of workspaces.
+        self.storage = storage or asyncio.Lock()
+        self.client: PodmanClient = StoragedClient(client, self.storage)
+        self.spawner = spawner or Spawner(instance_id)
         self.podman = shutil.which(podman) or podman
         self.instance_id = instance_id
         self.restart_attempts = restart_attempts
@@ -187,7 +237,7 @@ class SystemdRunner:
     async def start(self, spec: ContainerSpec) -> str:
         unit = ids.unit_name(spec.session_id)
         # A previous unit of this session may linger failed; reset it so the name is free.
-        await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
+        await _exec(self.spawner, "systemctl", "--user", "reset-failed", unit, env=self._env())
         argv = [
             "systemd-run",
             "--user",
@@ -199,7 +249,8 @@ class SystemdRunner:
         for prop in self.properties(spec):
             argv += ["-p", prop]
         argv += ["--", *run_argv(self.podman, spec, limits=spec.cgroup_v2)]
-        code, _, err = await _exec(*argv, env=self._env())
+        async with self.storage:
+            code, _, err = await _exec(self.spawner, *argv, env=self._env())
         if code != 0:
             await self.stop(spec.session_id)
             raise LovdError(
@@ -213,10 +264,13 @@ class SystemdRunner:
 
     async def stop(self, session_id: str) -> None:
         unit = ids.unit_name(session_id)
-        code, _, err = await _exec("systemctl", "--user", "stop", unit, env=self._env())
+        async with self.storage:
+            code, _, err = await _exec(
+                self.spawner, "systemctl", "--user", "stop", unit, env=self._env()
+            )
         if code not in (0, 5):  # 5: unit not loaded — already gone
             log.warning("systemctl stop %s: %s", unit, _last_line(err), extra={"UNIT": unit})
-        await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
+        await _exec(self.spawner, "systemctl", "--user", "reset-failed", unit, env=self._env())
         await self.client.remove(ids.container_name(session_id))
 
     async def list(self) -> list[ContainerInfo]:
@@ -232,6 +286,7 @@ class SystemdRunner:
             return {}
         units = {ids.unit_name(sid): sid for sid in session_ids}
         code, out, _ = await _exec(
+            self.spawner,
             "systemctl",
             "--user",
             "show",
@@ -260,7 +315,16 @@ class SystemdRunner:
         if not path.exists():
             return
         # Runs inside the user manager so the hardened daemon itself never execs podman.
-        code, _, err = await _exec(
+        async with self.storage:
+            code, _, err = await self._remove_tree(path)
+        if code != 0 and path.exists():
+            raise LovdError(
+                "runner-failed", f"could not remove workspace {path}: {_last_line(err)}"
+            )
+
+    async def _remove_tree(self, path: Path) -> tuple[int, str, str]:
+        return await _exec(
+            self.spawner,
             "systemd-run",
             "--user",
             "--quiet",
@@ -275,16 +339,14 @@ class SystemdRunner:
             str(path),
             env=self._env(),
         )
-        if code != 0 and path.exists():
-            raise LovdError(
-                "runner-failed", f"could not remove workspace {path}: {_last_line(err)}"
-            )
 
 
-async def user_manager_reachable() -> bool:
+async def user_manager_reachable(spawner: Spawner | None = None) -> bool:
     env = SystemdRunner._env()
     if not Path(env["XDG_RUNTIME_DIR"], "systemd", "private").exists():
         return False
-    code, _, _ = await _exec("systemctl", "--user", "is-system-running", env=env)
+    code, _, _ = await _exec(
+        spawner or Spawner(), "systemctl", "--user", "is-system-running", env=env
+    )
     # is-system-running exits non-zero for "degraded" too; any answer means reachable.
     return code in (0, 1)
