@@ -304,6 +304,10 @@ class PodmanAPI:
                 "enable it with: systemctl --user enable --now podman.socket",
             ) from e
 
+    async def ping(self) -> None:
+        """Is the service there? (``_ping`` answers without touching Podman's storage.)"""
+        await self._req("GET", "/_ping")
+
     async def list(self, instance_id: str) -> list[ContainerInfo]:
         filters = quote(json.dumps({"label": [f"{LABEL_INSTANCE}={instance_id}"]}))
         data = await self._req("GET", f"/containers/json?all=true&filters={filters}")
