@@ -222,12 +222,13 @@ def find_orphans(instance_id: str, proc: Path = _PROC) -> list[Orphan]:
 
 
 async def sweep(
-    instance_id: str, *, grace: float = 1.0, proc: Path = _PROC
+    instance_id: str, *, finish: float = 2.0, grace: float = 1.0, proc: Path = _PROC
 ) -> list[tuple[Orphan, str]]:
     """End what a previous lovd of this instance left running, before this one calls
-    Podman: a moment to finish on their own (the death signal already asked the group
-    leaders), then SIGTERM to each group, then SIGKILL. Returns each orphan with how it
-    ended ("exited", "SIGTERM", "SIGKILL")."""
+    Podman: ``finish`` seconds to end on their own (the death signal already asked each
+    group leader; a ``podman run`` completes the container it is creating first), then
+    SIGTERM to each group and ``grace`` seconds, then SIGKILL. Returns each orphan with how
+    it ended ("exited", "SIGTERM", "SIGKILL")."""
     orphans = find_orphans(instance_id, proc)
     if not orphans:
         return []
@@ -247,7 +248,7 @@ async def sweep(
             for g in groups:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(g, signal.Signals[how])
-        deadline = time.monotonic() + grace
+        deadline = time.monotonic() + (finish if how == "exited" else grace)
         while True:
             alive = {o.pid for o in find_orphans(instance_id, proc)}
             for o in orphans:

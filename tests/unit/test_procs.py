@@ -121,7 +121,7 @@ def test_a_dead_lovds_group_is_swept_its_detached_helpers_spared(tmp_path: Path)
         assert [(o.pid, o.pgid) for o in orphans] == [(grandchild, leader)]
         assert orphans[0].ppid != lovd.pid and orphans[0].argv.startswith("sleep")
 
-        ended = asyncio.run(sweep(iid, grace=0.2))
+        ended = asyncio.run(sweep(iid, finish=0.2, grace=0.2))
         assert [(o.pid, how) for o, how in ended] == [(grandchild, "SIGTERM")]
         assert wait_until(lambda: not alive(grandchild))
         assert alive(detached)  # it left the group: conmon, slirp4netns, the pause process
