@@ -443,13 +443,13 @@ class Daemon:
                 delay = min(delay * 2, RECONCILE_RETRY_MAX)
                 continue
             break
+        took = time.monotonic() - t0
         summary = (
-            f"done in {time.monotonic() - t0:.3f} s: {len(report['adopted'])} adopted, "
-            f"{len(report['lost'])} lost, {len(report['orphans_removed'])} orphans removed "
-            f"(runner {runner})"
+            f"{len(report['adopted'])} adopted, {len(report['lost'])} lost, "
+            f"{len(report['orphans_removed'])} orphans removed (runner {runner})"
         )
-        sessions.ready.finished(summary)
-        log.info("reconciled %s", summary)
+        sessions.ready.finished(f"done in {took:.3f} s: {summary}")
+        log.info("reconciled in %.3f s: %s", took, summary)
         self.notifier.status(f"serving; {len(sessions.all())} sessions; reconciled")
         self._every(c.health_interval, sessions.health_pass)
         self._tasks.append(asyncio.create_task(self._housekeeping(sessions)))

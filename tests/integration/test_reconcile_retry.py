@@ -60,6 +60,6 @@ def test_a_failing_start_up_reconcile_is_retried_while_the_api_answers(
         status, _, s = p.api("POST", "/api/sessions")
         assert status == 201 and s["status"] == "running"
         log = p.log_path.read_text()
-        assert "start-up reconcile failed (attempt 1)" in log and "reconciled done" in log
+        assert "start-up reconcile failed (attempt 1)" in log and "reconciled in" in log
     finally:
         remove_all(p)
