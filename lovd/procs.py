@@ -90,6 +90,7 @@ class Spawner:
         self.start = start_ticks(self.pid, proc) or 0
         self._libc = _libc()
         self.live: set[asyncio.subprocess.Process] = set()
+        self._waiters: set[asyncio.Future[int]] = set()
 
     @property
     def prefix(self) -> str:
@@ -133,7 +134,13 @@ class Spawner:
         )
         self.live.add(proc)
         waiter = asyncio.ensure_future(proc.wait())
-        waiter.add_done_callback(lambda _f: self.live.discard(proc))
+        self._waiters.add(waiter)  # a task nobody references may be collected
+
+        def gone(f: asyncio.Future[int]) -> None:
+            self.live.discard(proc)
+            self._waiters.discard(f)
+
+        waiter.add_done_callback(gone)
         return proc
 
     async def settle(self, timeout: float) -> int:
