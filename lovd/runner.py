@@ -24,10 +24,11 @@ The contract (both runners, tested against real Podman):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -76,10 +77,47 @@ async def _exec(
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
 
+class StorageLock:
+    """``podman run`` alone, or any number of removals (``rm``, ``unshare rm`` of a
+    workspace, ``systemctl stop`` with its ExecStopPost ``rm``) together.
+
+    Podman 4.3 deadlocks a ``run --replace --userns=auto`` against a command that holds
+    storage.lock: the run takes userns.lock, images.lock and layers.lock and then waits
+    for storage.lock, while the other (seen: ``unshare rm``, ``rm -f``, ``exec``) holds
+    storage.lock and waits for layers.lock. Removals take them in one order (storage, then
+    layers) and are not kept from each other: the creates beside a burst of deletes wait
+    for the removals under way, not for all of them in turn. A waiting run goes first.
+    Release never awaits, so a cancelled holder cannot leave it taken."""
+
+    def __init__(self) -> None:
+        self._run = asyncio.Lock()  # held by a run, and briefly by a removal entering
+        self._removals = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._run:
+            await self._idle.wait()
+            yield
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._run:
+            self._removals += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            self._removals -= 1
+            if not self._removals:
+                self._idle.set()
+
+
 class StoragedClient:
     """The runner's Podman client: its removals take the storage lock (see PodmanRunner)."""
 
-    def __init__(self, client: PodmanClient, storage: asyncio.Lock) -> None:
+    def __init__(self, client: PodmanClient, storage: StorageLock) -> None:
         self.inner = client
         self.storage = storage
 
@@ -87,7 +125,7 @@ class StoragedClient:
         return await self.inner.list(instance_id)
 
     async def remove(self, name: str) -> None:
-        async with self.storage:
+        async with self.storage.shared():
             await self.inner.remove(name)
 
     async def image_exists(self, image: str) -> bool:
@@ -105,11 +143,8 @@ def _last_line(text: str) -> str:
 class PodmanRunner:
     """Runs ``podman run -d`` directly; the container's parent is conmon, not lovd.
 
-    ``storage`` serialises the commands that change Podman's storage — ``run``, ``rm``,
-    ``unshare rm`` of a workspace: two of them at once can deadlock on Podman 4.3's storage
-    locks (a ``run --replace`` holding layers.lock and waiting for storage.lock while an
-    ``unshare rm`` holds storage.lock and waits for layers.lock). Reads (``ps``, ``logs``,
-    ``image exists``) do not take it."""
+    ``storage`` keeps ``podman run`` apart from the other commands that change Podman's
+    storage (see StorageLock). Reads (``ps``, ``logs``, ``image exists``) do not take it."""
 
     name = "podman"
 
@@ -120,9 +155,9 @@ class PodmanRunner:
         instance_id: str,
         *,
         spawner: Spawner | None = None,
-        storage: asyncio.Lock | None = None,
+        storage: StorageLock | None = None,
     ) -> None:
-        self.storage = storage or asyncio.Lock()
+        self.storage = storage or StorageLock()
         self.client: PodmanClient = StoragedClient(client, self.storage)
         self.podman = podman
         self.instance_id = instance_id
@@ -130,7 +165,7 @@ class PodmanRunner:
 
     async def start(self, spec: ContainerSpec) -> str:
         argv = run_argv(self.podman, spec, limits=spec.cgroup_v2)
-        async with self.storage:
+        async with self.storage.exclusive():
             code, out, err = await _exec(self.spawner, *argv)
         lines = out.strip().splitlines()
         if code != 0 or not lines:
@@ -156,7 +191,7 @@ class PodmanRunner:
     async def remove_workspace(self, path: Path) -> None:
         if not path.exists():
             return
-        async with self.storage:
+        async with self.storage.shared():
             code, _, err = await _exec(
                 self.spawner, self.podman, "unshare", "rm", "-rf", "--", str(path)
             )
@@ -188,12 +223,12 @@ class SystemdRunner:
         restart_attempts: int = 3,
         ready_timeout: float = 60.0,
         spawner: Spawner | None = None,
-        storage: asyncio.Lock | None = None,
+        storage: StorageLock | None = None,
     ) -> None:
         # One storage lock, as for PodmanRunner: the unit's `podman run` (systemd-run waits
         # for it), its ExecStopPost `podman rm` (systemctl stop waits for it), removals and
         # `unshare rm` of workspaces.
-        self.storage = storage or asyncio.Lock()
+        self.storage = storage or StorageLock()
         self.client: PodmanClient = StoragedClient(client, self.storage)
         self.spawner = spawner or Spawner(instance_id)
         self.podman = shutil.which(podman) or podman
@@ -249,7 +284,7 @@ class SystemdRunner:
         for prop in self.properties(spec):
             argv += ["-p", prop]
         argv += ["--", *run_argv(self.podman, spec, limits=spec.cgroup_v2)]
-        async with self.storage:
+        async with self.storage.exclusive():
             code, _, err = await _exec(self.spawner, *argv, env=self._env())
         if code != 0:
             await self.stop(spec.session_id)
@@ -264,7 +299,7 @@ class SystemdRunner:
 
     async def stop(self, session_id: str) -> None:
         unit = ids.unit_name(session_id)
-        async with self.storage:
+        async with self.storage.shared():
             code, _, err = await _exec(
                 self.spawner, "systemctl", "--user", "stop", unit, env=self._env()
             )
@@ -315,7 +350,7 @@ class SystemdRunner:
         if not path.exists():
             return
         # Runs inside the user manager so the hardened daemon itself never execs podman.
-        async with self.storage:
+        async with self.storage.shared():
             code, _, err = await self._remove_tree(path)
         if code != 0 and path.exists():
             raise LovdError(
