@@ -78,16 +78,17 @@ async def _exec(
 
 
 class StorageLock:
-    """``podman run`` alone, or any number of removals (``rm``, ``unshare rm`` of a
-    workspace, ``systemctl stop`` with its ExecStopPost ``rm``) together.
+    """``podman run`` alone, or any number of other Podman commands (``rm``, ``unshare rm``
+    of a workspace, ``systemctl stop`` with its ExecStopPost ``rm``, ``ps``, ``logs``,
+    ``image exists``) together.
 
     Podman 4.3 deadlocks a ``run --replace --userns=auto`` against a command that holds
     storage.lock: the run takes userns.lock, images.lock and layers.lock and then waits
     for storage.lock, while the other (seen: ``unshare rm``, ``rm -f``, ``exec``) holds
-    storage.lock and waits for layers.lock. Removals take them in one order (storage, then
-    layers) and are not kept from each other: the creates beside a burst of deletes wait
-    for the removals under way, not for all of them in turn. A waiting run goes first.
-    Release never awaits, so a cancelled holder cannot leave it taken."""
+    storage.lock and waits for layers.lock. The others take them in one order (storage,
+    then layers) and are not kept from each other: the creates beside a burst of deletes
+    wait for the commands under way, not for all of them in turn. A waiting run goes
+    first. Release never awaits, so a cancelled holder cannot leave it taken."""
 
     def __init__(self) -> None:
         self._run = asyncio.Lock()  # held by a run, and briefly by a removal entering
@@ -115,24 +116,29 @@ class StorageLock:
 
 
 class StoragedClient:
-    """The runner's Podman client: its removals take the storage lock (see PodmanRunner)."""
+    """The runner's Podman client: every call waits while a ``podman run`` holds the
+    storage lock (any Podman command opens the store, taking storage.lock, and can meet a
+    run half-way through its locks)."""
 
     def __init__(self, client: PodmanClient, storage: StorageLock) -> None:
         self.inner = client
         self.storage = storage
 
     async def list(self, instance_id: str) -> list[ContainerInfo]:
-        return await self.inner.list(instance_id)
+        async with self.storage.shared():
+            return await self.inner.list(instance_id)
 
     async def remove(self, name: str) -> None:
         async with self.storage.shared():
             await self.inner.remove(name)
 
     async def image_exists(self, image: str) -> bool:
-        return await self.inner.image_exists(image)
+        async with self.storage.shared():
+            return await self.inner.image_exists(image)
 
     async def logs(self, name: str, tail: int = 20) -> str:
-        return await self.inner.logs(name, tail)
+        async with self.storage.shared():
+            return await self.inner.logs(name, tail)
 
 
 def _last_line(text: str) -> str:
@@ -143,8 +149,8 @@ def _last_line(text: str) -> str:
 class PodmanRunner:
     """Runs ``podman run -d`` directly; the container's parent is conmon, not lovd.
 
-    ``storage`` keeps ``podman run`` apart from the other commands that change Podman's
-    storage (see StorageLock). Reads (``ps``, ``logs``, ``image exists``) do not take it."""
+    ``storage`` keeps ``podman run`` apart from lovd's other Podman commands (see
+    StorageLock)."""
 
     name = "podman"
 

@@ -140,6 +140,26 @@ def inject_orphan(iid: str) -> None:
     subprocess.run([sys.executable, "-c", ORPHAN_MAKER, iid], check=False, timeout=60)
 
 
+def wedge_report() -> str:
+    """Who holds Podman's storage locks, and the Podman processes of this user that run:
+    the store is shared with every other Podman user of this account."""
+    root = Path.home() / ".local/share/containers/storage"
+    lines = []
+    locks = Path("/proc/locks").read_text().splitlines()
+    for name in ("storage.lock", "overlay-layers/layers.lock", "overlay-images/images.lock",
+                 "overlay-containers/containers.lock", "userns.lock"):
+        try:
+            ino = (root / name).stat().st_ino
+        except OSError:
+            continue
+        held = [ln.split()[4] for ln in locks if f":{ino} " in ln and "->" not in ln]
+        lines.append(f"{name}: held by {held}")
+    ps = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid,ppid,pgid,etimes,args"],
+                        capture_output=True, text=True, check=False).stdout
+    lines += [ln[:200] for ln in ps.splitlines() if "podman" in ln and "conmon" not in ln]
+    return "\n".join(lines)
+
+
 def podman_returns(timeout: float = 20) -> float:
     t0 = time.monotonic()
     subprocess.run(["podman", "ps", "-a", "-q"], capture_output=True, check=True, timeout=timeout)
@@ -180,7 +200,10 @@ def test_kill9_during_creates_and_deletes_never_wedges_podman(
                         t_serve = time.monotonic() - t0
                         break
                     time.sleep(0.05)
-                assert t_answer is not None and t_serve is not None, p.log_path.read_text()[-3000:]
+                assert t_answer is not None and t_serve is not None, (
+                    f"cycle {cycle}: not served within 30 s\n{wedge_report()}\n"
+                    + p.log_path.read_text()[-2000:]
+                )
                 answer.append(t_answer)
                 serve.append(t_serve)
                 left = stray(iid)
