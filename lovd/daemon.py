@@ -1,9 +1,12 @@
 """``lovd serve``: wire the components together and run until told to stop.
 
-Startup order matters for crash safety: open the store, reconcile with the
-containers that really exist (re-adopting sessions that survived a crash), then
-accept requests and tell systemd we are ready. Shutdown never stops session
-containers: they belong to the user's systemd manager (or conmon), not to us.
+Start-up: open the store, accept requests and tell systemd we are ready at once, then,
+in the background, end what a previous lovd of this instance left running (lovd/procs.py)
+and reconcile with the containers that really exist (re-adopting sessions that survived a
+crash), retrying with backoff until it succeeds. Until then requests about sessions wait
+for it (bounded, then 503 with Retry-After) and /api/health reports "reconcile" as not
+done; the periodic loops start once it is. Shutdown never stops session containers: they
+belong to the user's systemd manager (or conmon), not to us.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from lovd import __version__, egress, limits, runtime_events
+from lovd import __version__, egress, limits, procs, runtime_events
 from lovd.broker import server as broker_server
 from lovd.broker.server import Broker
 from lovd.caddy import CaddyManager, auth_socket_path
@@ -35,6 +38,7 @@ from lovd.metrics import Metrics
 from lovd.podman import PodmanAPI, PodmanCLI, PodmanClient, default_api_socket
 from lovd.runner import PodmanRunner, Runner, SystemdRunner, user_manager_reachable
 from lovd.session.lifecycle import Sessions
+from lovd.session.reconcile import Readiness
 from lovd.store import Store
 from lovd.sync.postgres import discard_outbox
 from lovd.sync.restore import restore_if_lost
@@ -51,6 +55,15 @@ log = logging.getLogger(__name__)
 ACTIVITY_FLUSH_SECONDS = 5.0
 # The longest a SIGTERM/SIGINT waits for in-flight work before lovd exits anyway.
 SHUTDOWN_SECONDS = 3.0
+# One start-up reconcile attempt past this is a stall: it is cancelled (its Podman reads
+# are ended) and tried again, after RECONCILE_RETRY doubling up to RECONCILE_RETRY_MAX.
+RECONCILE_ATTEMPT_SECONDS = 30.0
+RECONCILE_RETRY = 1.0
+RECONCILE_RETRY_MAX = 30.0
+# How long a request about sessions waits for the start-up reconcile before its 503.
+RECONCILE_HOLD_SECONDS = 10.0
+# A health check that needs Podman answers within this, or reports that it did not.
+HEALTH_CHECK_SECONDS = 3.0
 
 
 def _exit_now() -> None:
@@ -62,26 +75,32 @@ class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
 
 
-async def make_podman_client(config: Config, http_close: list[Any]) -> PodmanClient:
+async def make_podman_client(
+    config: Config, http_close: list[Any], spawner: procs.Spawner | None = None
+) -> PodmanClient:
     path = config.podman_socket or default_api_socket()
     if path:
         api = PodmanAPI(path)
         http_close.append(api)
         try:
-            await api.list("probe")
+            # _ping: reachable without touching storage, which orphans may still lock.
+            await api.ping()
             log.info("using the Podman API socket %s", path)
             return api
         except LovdError as e:
             log.warning("Podman API socket unusable (%s); falling back to the CLI", e.message)
-    return PodmanCLI(config.podman)
+    return PodmanCLI(config.podman, spawner)
 
 
-async def make_runner(config: Config, client: PodmanClient, instance_id: str) -> Runner:
+async def make_runner(
+    config: Config, client: PodmanClient, instance_id: str, spawner: procs.Spawner | None = None
+) -> Runner:
+    spawner = spawner or procs.Spawner(instance_id)
     kind = config.runner
     if kind == "auto":
-        kind = "systemd" if await user_manager_reachable() else "podman"
+        kind = "systemd" if await user_manager_reachable(spawner) else "podman"
     if kind == "systemd":
-        if not await user_manager_reachable():
+        if not await user_manager_reachable(spawner):
             raise StartupError(
                 "runner: systemd needs the lovd user's systemd manager; enable it with "
                 "'loginctl enable-linger lovd' (or set runner: podman)"
@@ -92,8 +111,9 @@ async def make_runner(config: Config, client: PodmanClient, instance_id: str) ->
             instance_id,
             restart_attempts=config.restart_attempts,
             ready_timeout=config.ready_timeout,
+            spawner=spawner,
         )
-    return PodmanRunner(client, config.podman, instance_id)
+    return PodmanRunner(client, config.podman, instance_id, spawner=spawner)
 
 
 def _process_age() -> float:
@@ -185,6 +205,7 @@ class Daemon:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     app: web.Application | None = None
     sessions: Sessions | None = None
+    spawner: procs.Spawner | None = None
     _closers: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _unlink: list[str] = field(default_factory=list)
@@ -230,8 +251,10 @@ class Daemon:
             auto_decompress=False,
         )
         self._closers.append(http)
-        client = await make_podman_client(c, self._closers)
-        runner = await make_runner(c, client, store.instance_id)
+        # Every Podman child of this lovd: own group, death signal, instance marker.
+        spawner = self.spawner = procs.Spawner(store.instance_id)
+        client = await make_podman_client(c, self._closers, spawner)
+        runner = await make_runner(c, client, store.instance_id, spawner)
         limits.announce(c, runner.enforcement(c.userns))
         metrics = Metrics()
         try:
@@ -249,6 +272,7 @@ class Daemon:
             demo_urls=demo.urls,
         )
         self.sessions = sessions
+        ready = sessions.ready = Readiness(RECONCILE_HOLD_SECONDS)
         broker = await Broker.from_config(
             c,
             store=store,
@@ -259,19 +283,9 @@ class Daemon:
             on_session_call=sessions.touch,
         )
 
-        t0 = time.monotonic()
-        t_setup = t0 - t_entry
-        report = await sessions.reconcile(startup=True)
-        log.info(
-            "reconciled in %.3f s: %d adopted, %d lost, %d orphans removed (runner %s)",
-            time.monotonic() - t0,
-            len(report["adopted"]),
-            len(report["lost"]),
-            len(report["orphans_removed"]),
-            runner.name,
-        )
-
-        checks = _health_checks(c, store, runner)
+        t_setup = time.monotonic() - t_entry
+        checks = _health_checks(c, store, runner, ready)
+        checks["reconcile"] = ready.health
         checks["broker"] = lambda: _broker_health(c, broker)
         checks["floors"] = _floors_health(sessions)
         sync = Sync.create(c, store, host_id, __version__, metrics) if c.postgres_dsn else None
@@ -321,34 +335,25 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
-        self._every(c.health_interval, sessions.health_pass)
-        # A container's death is known when Podman reports it, not at the next pass.
-        events = runtime_events.ContainerEvents(
-            c.podman, store.instance_id, runtime_events.on_death(sessions)
-        )
-        self._tasks.append(asyncio.create_task(events.run(), name="podman-events"))
         self._every(ACTIVITY_FLUSH_SECONDS, sessions.flush_activity)
         self._every(ACTIVITY_FLUSH_SECONDS, broker.flush)
         if sync is not None:
             sync.start()
         else:
             self._every(60.0, lambda: discard_outbox(store))
-        self._tasks.append(asyncio.create_task(self._housekeeping(sessions)))
         wd = self.notifier.watchdog_interval() if c.watchdog else None
         if wd:
             self._tasks.append(asyncio.create_task(self.notifier.watchdog_loop(wd)))
         if c.idle_exit > 0:
             self._tasks.append(asyncio.create_task(self._idle_exit(c.idle_exit)))
-        pool = sessions.pool(c.warm_max_age)
-        pool.kick()
-        self._tasks.append(asyncio.create_task(pool.run()))
+        self._tasks.append(asyncio.create_task(self._bring_up(sessions, spawner, runner.name)))
 
         where = ", ".join(str(s.getsockname()) for s in socks)
-        self.notifier.ready(f"serving on {where}; {len(store.all())} sessions")
+        self.notifier.ready(f"serving on {where}; {len(store.all())} sessions; reconciling")
         t_total = time.monotonic() - t_entry
         log.info(
             "lovd %s serving on %s, %.0f ms after fork (sandbox, interpreter, imports, config "
-            "%.0f ms; store, podman and runner %.0f ms; reconcile and listeners %.0f ms)",
+            "%.0f ms; store, podman and runner %.0f ms; listeners %.0f ms)",
             __version__,
             where,
             (fork_age + t_total) * 1000,
@@ -373,6 +378,9 @@ class Daemon:
                 "the next lovd adopts them)",
                 SHUTDOWN_SECONDS,
             )
+        # What still runs would get lovd's death signal (its group leader only): end the
+        # whole groups now, so nothing of ours outlives lovd holding Podman's locks.
+        spawner.terminate()
         for path in self._unlink:  # only sockets we bound; systemd's stay for re-activation
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -399,6 +407,61 @@ class Daemon:
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
         await sessions.flush_activity()
         await broker.flush()
+        if self.spawner is not None:  # a `podman run` under way finishes: the next lovd adopts
+            await self.spawner.settle(SHUTDOWN_SECONDS)
+
+    async def _bring_up(self, sessions: Sessions, spawner: procs.Spawner, runner: str) -> None:
+        """In the background, while the API answers: end a previous lovd's orphaned Podman
+        children, then reconcile until one attempt succeeds, then start the loops that need
+        a reconciled store. A failed or stalled attempt is retried with backoff."""
+        c = self.config
+        delay = RECONCILE_RETRY
+        t0 = time.monotonic()
+        while True:
+            try:
+                await procs.sweep(spawner.instance_id)  # before this lovd's first Podman call
+                report = await asyncio.wait_for(
+                    sessions.reconcile(startup=True), RECONCILE_ATTEMPT_SECONDS
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure is retried, none is fatal
+                if isinstance(e, LovdError):
+                    why = e.message
+                elif isinstance(e, TimeoutError):
+                    why = f"no answer within {RECONCILE_ATTEMPT_SECONDS:g} s"
+                else:
+                    why = f"{type(e).__name__}: {e}"
+                sessions.ready.failed(why, delay)
+                log.warning(
+                    "start-up reconcile failed (attempt %d): %s; the API answers meanwhile, "
+                    "trying again in %g s",
+                    sessions.ready.attempts,
+                    why,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONCILE_RETRY_MAX)
+                continue
+            break
+        took = time.monotonic() - t0
+        summary = (
+            f"{len(report['adopted'])} adopted, {len(report['lost'])} lost, "
+            f"{len(report['orphans_removed'])} orphans removed (runner {runner})"
+        )
+        sessions.ready.finished(f"done in {took:.3f} s: {summary}")
+        log.info("reconciled in %.3f s: %s", took, summary)
+        self.notifier.status(f"serving; {len(sessions.all())} sessions; reconciled")
+        self._every(c.health_interval, sessions.health_pass)
+        # A container's death is known when Podman reports it, not at the next pass.
+        events = runtime_events.ContainerEvents(
+            c.podman, spawner.instance_id, runtime_events.on_death(sessions), spawn=spawner.exec
+        )
+        self._tasks.append(asyncio.create_task(events.run(), name="podman-events"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(sessions)))
+        pool = sessions.pool(c.warm_max_age)
+        pool.kick()
+        self._tasks.append(asyncio.create_task(pool.run()))
 
     async def _serve_browser_path(
         self,
@@ -475,7 +538,7 @@ async def _broker_health(config: Config, broker: Broker) -> tuple[bool, str]:
 
 
 def _health_checks(
-    config: Config, store: Store, runner: Runner
+    config: Config, store: Store, runner: Runner, ready: Readiness
 ) -> dict[str, Callable[[], Awaitable[tuple[bool, str]]]]:
     cache: dict[str, tuple[float, tuple[bool, str]]] = {}
 
@@ -494,14 +557,26 @@ def _health_checks(
         return True, f"{len(store.all())} sessions"
 
     async def podman() -> tuple[bool, str]:
+        if not ready.done:  # no Podman call before the start-up sweep of orphans
+            return False, "waiting for the start-up reconcile"
         try:
-            n = len(await runner.list())
+            n = len(await asyncio.wait_for(runner.list(), HEALTH_CHECK_SECONDS))
         except LovdError as e:
             return False, e.message
+        except TimeoutError:
+            return False, f"podman ps did not answer within {HEALTH_CHECK_SECONDS:g} s"
         return True, f"{n} containers ({runner.name} runner)"
 
     async def image() -> tuple[bool, str]:
-        if await runner.client.image_exists(config.image):
+        if not ready.done:
+            return False, "waiting for the start-up reconcile"
+        try:
+            there = await asyncio.wait_for(
+                runner.client.image_exists(config.image), HEALTH_CHECK_SECONDS
+            )
+        except (LovdError, TimeoutError):
+            return False, f"podman image exists did not answer within {HEALTH_CHECK_SECONDS:g} s"
+        if there:
             return True, config.image
         return False, f"{config.image} missing: run 'lovd image build'"
 

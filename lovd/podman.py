@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ import aiohttp
 
 from lovd import ids
 from lovd.errors import LovdError
+from lovd.procs import Spawner, kill_group
 
 log = logging.getLogger(__name__)
 
@@ -187,38 +189,52 @@ async def communicate(
     stdin: bytes | None,
     what: str,
     timeout: float = PODMAN_TIMEOUT,
+    *,
+    cancel_kills: bool = False,
 ) -> tuple[bytes, bytes]:
-    """``proc.communicate`` with a deadline: past it the process is killed."""
+    """``proc.communicate`` with a deadline: past it the process's whole group is killed
+    (its descendants may hold the locks). Cancelled, a read-only command
+    (``cancel_kills``) is ended too; a write is left to finish, so a shutdown never cuts a
+    ``podman run`` half-way (lovd's death signal asks it to stop at a safe point)."""
     try:
         return await asyncio.wait_for(proc.communicate(stdin), timeout)
     except TimeoutError as e:
-        proc.kill()
+        kill_group(proc.pid, signal.SIGKILL)
         await proc.wait()
         raise LovdError(
             "runner-failed",
             f"{what} did not finish within {timeout:g} s and was killed (Podman may be "
             "stuck on its storage locks: see 'lovd doctor')",
         ) from e
+    except asyncio.CancelledError:
+        if cancel_kills and proc.returncode is None:
+            kill_group(proc.pid, signal.SIGTERM)
+        raise
+
+
+# Podman commands that only read: safe to end when their caller gives up on them.
+_READ_ONLY = frozenset({"ps", "logs", "inspect", "image", "images", "info", "version"})
 
 
 class PodmanCLI:
-    def __init__(self, binary: str = "podman") -> None:
+    def __init__(self, binary: str = "podman", spawner: Spawner | None = None) -> None:
         self.binary = binary
+        self.spawner = spawner or Spawner()
 
     async def run(self, *args: str, stdin: bytes | None = None, check: bool = True) -> str:
         try:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await self.spawner.exec(
                 self.binary,
                 *args,
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
             )
         except FileNotFoundError as e:
             raise LovdError(
                 "runner-failed", f"{self.binary} not found: install podman (lovd doctor)"
             ) from e
-        out, err = await communicate(proc, stdin, f"podman {args[0]}")
+        out, err = await communicate(
+            proc, stdin, f"podman {args[0]}", cancel_kills=args[0] in _READ_ONLY
+        )
         if check and proc.returncode != 0:
             msg = err.decode(errors="replace").strip().splitlines()
             raise LovdError(
@@ -237,15 +253,19 @@ class PodmanCLI:
         await self.run("rm", "-f", "-i", "-v", "-t", "0", name)
 
     async def image_exists(self, image: str) -> bool:
-        proc = await asyncio.create_subprocess_exec(
-            self.binary,
-            "image",
-            "exists",
-            image,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        return await proc.wait() == 0
+        try:
+            proc = await self.spawner.exec(
+                self.binary,
+                "image",
+                "exists",
+                image,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            return False
+        await communicate(proc, None, "podman image exists", cancel_kills=True)
+        return proc.returncode == 0
 
     async def logs(self, name: str, tail: int = 20) -> str:
         try:
@@ -291,6 +311,10 @@ class PodmanAPI:
                 f"podman API socket {self.socket_path} unreachable ({e}); "
                 "enable it with: systemctl --user enable --now podman.socket",
             ) from e
+
+    async def ping(self) -> None:
+        """Is the service there? (``_ping`` answers without touching Podman's storage.)"""
+        await self._req("GET", "/_ping")
 
     async def list(self, instance_id: str) -> list[ContainerInfo]:
         filters = quote(json.dumps({"label": [f"{LABEL_INSTANCE}={instance_id}"]}))

@@ -24,10 +24,11 @@ The contract (both runners, tested against real Podman):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +36,7 @@ from typing import Protocol
 from lovd import ids, limits
 from lovd.errors import LovdError
 from lovd.podman import ContainerInfo, ContainerSpec, PodmanClient, communicate, run_argv
+from lovd.procs import Spawner
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,79 @@ class Runner(Protocol):
         ...
 
 
-async def _exec(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+async def _exec(
+    spawner: Spawner, *argv: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    try:
+        proc = await spawner.exec(*argv, env=env)
+    except FileNotFoundError as e:
+        raise LovdError("runner-failed", f"{argv[0]} not found (lovd doctor)") from e
     out, err = await communicate(proc, None, " ".join(argv[:2]))
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+class StorageLock:
+    """``podman run`` alone, or any number of other Podman commands (``rm``, ``unshare rm``
+    of a workspace, ``systemctl stop`` with its ExecStopPost ``rm``, ``ps``, ``logs``,
+    ``image exists``) together.
+
+    Podman 4.3 deadlocks a ``run --replace --userns=auto`` against a command that holds
+    storage.lock: the run takes userns.lock, images.lock and layers.lock and then waits
+    for storage.lock, while the other (seen: ``unshare rm``, ``rm -f``, ``exec``) holds
+    storage.lock and waits for layers.lock. The others take them in one order (storage,
+    then layers) and are not kept from each other: the creates beside a burst of deletes
+    wait for the commands under way, not for all of them in turn. A waiting run goes
+    first. Release never awaits, so a cancelled holder cannot leave it taken."""
+
+    def __init__(self) -> None:
+        self._run = asyncio.Lock()  # held by a run, and briefly by a removal entering
+        self._removals = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._run:
+            await self._idle.wait()
+            yield
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._run:
+            self._removals += 1
+            self._idle.clear()
+        try:
+            yield
+        finally:
+            self._removals -= 1
+            if not self._removals:
+                self._idle.set()
+
+
+class StoragedClient:
+    """The runner's Podman client: every call waits while a ``podman run`` holds the
+    storage lock (any Podman command opens the store, taking storage.lock, and can meet a
+    run half-way through its locks)."""
+
+    def __init__(self, client: PodmanClient, storage: StorageLock) -> None:
+        self.inner = client
+        self.storage = storage
+
+    async def list(self, instance_id: str) -> list[ContainerInfo]:
+        async with self.storage.shared():
+            return await self.inner.list(instance_id)
+
+    async def remove(self, name: str) -> None:
+        async with self.storage.shared():
+            await self.inner.remove(name)
+
+    async def image_exists(self, image: str) -> bool:
+        async with self.storage.shared():
+            return await self.inner.image_exists(image)
+
+    async def logs(self, name: str, tail: int = 20) -> str:
+        async with self.storage.shared():
+            return await self.inner.logs(name, tail)
 
 
 def _last_line(text: str) -> str:
@@ -86,22 +151,40 @@ def _last_line(text: str) -> str:
 
 
 class PodmanRunner:
-    """Runs ``podman run -d`` directly; the container's parent is conmon, not lovd."""
+    """Runs ``podman run -d`` directly; the container's parent is conmon, not lovd.
+
+    ``storage`` keeps ``podman run`` apart from lovd's other Podman commands (see
+    StorageLock)."""
 
     name = "podman"
 
-    def __init__(self, client: PodmanClient, podman: str, instance_id: str) -> None:
-        self.client = client
+    def __init__(
+        self,
+        client: PodmanClient,
+        podman: str,
+        instance_id: str,
+        *,
+        spawner: Spawner | None = None,
+        storage: StorageLock | None = None,
+    ) -> None:
+        self.storage = storage or StorageLock()
+        self.client: PodmanClient = StoragedClient(client, self.storage)
         self.podman = podman
         self.instance_id = instance_id
+        self.spawner = spawner or Spawner(instance_id)
 
     async def start(self, spec: ContainerSpec) -> str:
         argv = run_argv(self.podman, spec)
-        code, out, err = await _exec(*argv)
-        if code != 0:
+        async with self.storage.exclusive():
+            code, out, err = await _exec(self.spawner, *argv)
+        lines = out.strip().splitlines()
+        if code != 0 or not lines:
             await self.client.remove(spec.name)
-            raise LovdError("runner-failed", f"podman run failed (exit {code}): {_last_line(err)}")
-        return out.strip().splitlines()[-1]
+            # Exit 0 without an id: stopped at a safe point by SIGTERM (lovd's own death
+            # signal, a shutdown of the host), before it started the container.
+            why = _last_line(err) or "ended without starting the container"
+            raise LovdError("runner-failed", f"podman run failed (exit {code}): {why}")
+        return lines[-1]
 
     async def stop(self, session_id: str) -> None:
         await self.client.remove(ids.container_name(session_id))
@@ -116,21 +199,22 @@ class PodmanRunner:
         return ""
 
     async def remove_workspace(self, path: Path) -> None:
-        await _remove_tree(self.podman, path)
+        if not path.exists():
+            return
+        async with self.storage.shared():
+            code, _, err = await _exec(
+                self.spawner, self.podman, "unshare", "rm", "-rf", "--", str(path)
+            )
+        # Workspaces are chowned into the container's subordinate ids (``:U``), so the
+        # lovd user removes them from inside its user namespace.
+        if code != 0 and path.exists():
+            raise LovdError(
+                "runner-failed", f"could not remove workspace {path}: {_last_line(err)}"
+            )
 
     def enforcement(self, userns: str) -> limits.Enforcement:
         # Read at every start (a few small files): a host fixed at runtime counts.
         return limits.for_runner("podman", userns)
-
-
-async def _remove_tree(podman: str, path: Path) -> None:
-    """Workspaces are chowned into the container's subordinate ids (``:U``), so the
-    lovd user removes them from inside its user namespace."""
-    if not path.exists():
-        return
-    code, _, err = await _exec(podman, "unshare", "rm", "-rf", "--", str(path))
-    if code != 0 and path.exists():
-        raise LovdError("runner-failed", f"could not remove workspace {path}: {_last_line(err)}")
 
 
 _SD_PRIVATE_ENV = frozenset(
@@ -152,8 +236,15 @@ class SystemdRunner:
         *,
         restart_attempts: int = 3,
         ready_timeout: float = 60.0,
+        spawner: Spawner | None = None,
+        storage: StorageLock | None = None,
     ) -> None:
-        self.client = client
+        # One storage lock, as for PodmanRunner: the unit's `podman run` (systemd-run waits
+        # for it), its ExecStopPost `podman rm` (systemctl stop waits for it), removals and
+        # `unshare rm` of workspaces.
+        self.storage = storage or StorageLock()
+        self.client: PodmanClient = StoragedClient(client, self.storage)
+        self.spawner = spawner or Spawner(instance_id)
         self.podman = shutil.which(podman) or podman
         self.instance_id = instance_id
         self.restart_attempts = restart_attempts
@@ -201,7 +292,7 @@ class SystemdRunner:
     async def start(self, spec: ContainerSpec) -> str:
         unit = ids.unit_name(spec.session_id)
         # A previous unit of this session may linger failed; reset it so the name is free.
-        await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
+        await _exec(self.spawner, "systemctl", "--user", "reset-failed", unit, env=self._env())
         argv = [
             "systemd-run",
             "--user",
@@ -213,7 +304,8 @@ class SystemdRunner:
         for prop in self.properties(spec):
             argv += ["-p", prop]
         argv += ["--", *run_argv(self.podman, spec)]
-        code, _, err = await _exec(*argv, env=self._env())
+        async with self.storage.exclusive():
+            code, _, err = await _exec(self.spawner, *argv, env=self._env())
         if code != 0:
             await self.stop(spec.session_id)
             raise LovdError(
@@ -227,10 +319,13 @@ class SystemdRunner:
 
     async def stop(self, session_id: str) -> None:
         unit = ids.unit_name(session_id)
-        code, _, err = await _exec("systemctl", "--user", "stop", unit, env=self._env())
+        async with self.storage.shared():
+            code, _, err = await _exec(
+                self.spawner, "systemctl", "--user", "stop", unit, env=self._env()
+            )
         if code not in (0, 5):  # 5: unit not loaded — already gone
             log.warning("systemctl stop %s: %s", unit, _last_line(err), extra={"UNIT": unit})
-        await _exec("systemctl", "--user", "reset-failed", unit, env=self._env())
+        await _exec(self.spawner, "systemctl", "--user", "reset-failed", unit, env=self._env())
         await self.client.remove(ids.container_name(session_id))
 
     async def list(self) -> list[ContainerInfo]:
@@ -249,6 +344,7 @@ class SystemdRunner:
             return {}
         units = {ids.unit_name(sid): sid for sid in session_ids}
         code, out, _ = await _exec(
+            self.spawner,
             "systemctl",
             "--user",
             "show",
@@ -277,7 +373,16 @@ class SystemdRunner:
         if not path.exists():
             return
         # Runs inside the user manager so the hardened daemon itself never execs podman.
-        code, _, err = await _exec(
+        async with self.storage.shared():
+            code, _, err = await self._remove_tree(path)
+        if code != 0 and path.exists():
+            raise LovdError(
+                "runner-failed", f"could not remove workspace {path}: {_last_line(err)}"
+            )
+
+    async def _remove_tree(self, path: Path) -> tuple[int, str, str]:
+        return await _exec(
+            self.spawner,
             "systemd-run",
             "--user",
             "--quiet",
@@ -292,16 +397,14 @@ class SystemdRunner:
             str(path),
             env=self._env(),
         )
-        if code != 0 and path.exists():
-            raise LovdError(
-                "runner-failed", f"could not remove workspace {path}: {_last_line(err)}"
-            )
 
 
-async def user_manager_reachable() -> bool:
+async def user_manager_reachable(spawner: Spawner | None = None) -> bool:
     env = SystemdRunner._env()
     if not Path(env["XDG_RUNTIME_DIR"], "systemd", "private").exists():
         return False
-    code, _, _ = await _exec("systemctl", "--user", "is-system-running", env=env)
+    code, _, _ = await _exec(
+        spawner or Spawner(), "systemctl", "--user", "is-system-running", env=env
+    )
     # is-system-running exits non-zero for "degraded" too; any answer means reachable.
     return code in (0, 1)

@@ -77,7 +77,9 @@ class LovdProc:
         self.log_path = tmp / "lovd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> LovdProc:
+    def start(self, timeout: float = 60, reconciled: bool = True) -> LovdProc:
+        """Start lovd; return once its API answers and (``reconciled``) its start-up
+        reconcile is done, as the tests written before it ran in the background expect."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lovd", "--config", str(self.config_path), "serve",
@@ -89,8 +91,11 @@ class LovdProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"lovd exited: {self.log_path.read_text()[-2000:]}")
             try:
-                status, _, _ = request(self.sock, "GET", "/api/openapi.json")
-                if status == 200:
+                if reconciled:
+                    _, _, health = request(self.sock, "GET", "/api/health")
+                    if health["checks"]["reconcile"]["ok"]:
+                        return self
+                elif request(self.sock, "GET", "/api/openapi.json")[0] == 200:
                     return self
             except OSError:
                 pass

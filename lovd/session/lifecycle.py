@@ -30,7 +30,7 @@ from lovd.session.launcher import Launcher, SessionEnv
 from lovd.session.links import Links
 from lovd.session.model import Session, SessionState
 from lovd.session.quota import DiskQuota, podman_du
-from lovd.session.reconcile import Reconciler
+from lovd.session.reconcile import Readiness, Reconciler
 from lovd.session.warm import Warm, WarmPool
 from lovd.store import StaleRow, Store
 
@@ -84,6 +84,9 @@ class Sessions:
         self.reconciler = Reconciler(
             config, store, self.launcher, metrics, discard_warm=self.discard_warm
         )
+        # Set by the daemon once its start-up reconcile is done; requests about sessions
+        # wait for it (web/). A facade built without a daemon (tests, tools) is ready.
+        self.ready = Readiness(done=True)
         # Called whenever a place may have freed up or a warm container was used; the
         # warm pool's loop sets it to its refill trigger.
         self.capacity_changed: Callable[[], None] = lambda: None

@@ -12,12 +12,14 @@ list taken before it started, it would look lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from lovd import ids
 from lovd.config import Config
+from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerInfo
 from lovd.session.launcher import Launcher
@@ -149,3 +151,63 @@ class Reconciler:
         for f in secrets.glob("*.env") if secrets.is_dir() else ():
             if f.stem not in known and f.stem not in containers:
                 f.unlink(missing_ok=True)
+
+
+class Readiness:
+    """Whether the start-up reconcile has finished. Until it has, the stored rows may not
+    match what runs (a container that vanished while lovd was down is still ``running``
+    here), so a request about sessions waits for it — at most ``hold`` seconds, then 503
+    with Retry-After — while health, metrics and the OpenAPI description answer at once."""
+
+    def __init__(self, hold: float = 10.0, *, done: bool = False) -> None:
+        self.hold = hold
+        self._done = asyncio.Event()
+        if done:
+            self._done.set()
+        self.attempts = 0
+        self.error = ""
+        self.retry_in = 0.0
+        self.summary = ""
+        self._since = time.monotonic()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def failed(self, error: str, retry_in: float) -> None:
+        self.attempts += 1
+        self.error = error
+        self.retry_in = retry_in
+
+    def finished(self, summary: str) -> None:
+        self.attempts += 1
+        self.summary = summary
+        self._done.set()
+
+    def detail(self) -> str:
+        if self.done:
+            return self.summary
+        waited = time.monotonic() - self._since
+        if not self.error:
+            return f"reconciling with Podman for {waited:.1f} s"
+        return (
+            f"reconciling with Podman for {waited:.1f} s: attempt {self.attempts} failed "
+            f"({self.error}); retrying every {self.retry_in:g} s"
+        )
+
+    async def health(self) -> tuple[bool, str]:
+        return self.done, self.detail()
+
+    async def wait(self) -> None:
+        """Return once reconciled; past ``hold`` raise 503 ``unavailable`` with Retry-After."""
+        if self.done:
+            return
+        try:
+            await asyncio.wait_for(self._done.wait(), self.hold)
+        except TimeoutError:
+            raise LovdError(
+                "unavailable",
+                f"lovd has just started and is still {self.detail()}; the sessions are "
+                "answered once it is done (GET /api/health shows progress)",
+                retry_after=max(1, round(self.retry_in or 2)),
+            ) from None

@@ -60,6 +60,11 @@ _HTTP_CODES = {
 }
 
 
+# What answers only once the start-up reconcile is done (health, metrics and the OpenAPI
+# description answer at once).
+_ABOUT_SESSIONS = ("/api/sessions", "/api/cleanup", "/c/")
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     st = request.app[STATE]
@@ -73,6 +78,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     route_name = route.canonical if route is not None else "unmatched"
     status = 500
     try:
+        if request.path.startswith(_ABOUT_SESSIONS):
+            await st.sessions.ready.wait()  # the start-up reconcile (bounded, then 503)
         if request.content_length is not None and request.content_length > st.max_body:
             raise LovdError(
                 "body-too-large",

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from lovd import ids
 from lovd.caddy import AUTH_PATH
@@ -30,6 +31,7 @@ from lovd.session.model import Session
 from lovd.sync import routing
 from lovd.web.gate import BrowserGate, wants_html
 from lovd.web.pages import STARTING, language
+from lovd.web.problems import problem
 from lovd.web.ratelimit import client_address, client_key
 from lovd.web.texts import text
 
@@ -302,10 +304,29 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(status=500, text="internal error; see lovd's log\n")
 
 
+def _reconciled(gate: BrowserGate) -> Middleware:
+    """Browser requests about a session wait for lovd's start-up reconcile (bounded, then
+    503 with Retry-After): until then a stored "running" may name a container that is gone."""
+
+    @web.middleware
+    async def wait(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in _NO_SESSION and not request.path.startswith("/_lovd/static/"):
+            try:
+                await gate.sessions.ready.wait()
+            except LovdError as e:
+                return problem(e, request.path)
+        return await handler(request)
+
+    return wait
+
+
+_NO_SESSION = frozenset({"/", "/_lovd/", "/_lovd/ping"})
+
+
 def create_public_app(gate: BrowserGate) -> web.Application:
     """The app on ``caddy.auth_socket``: everything Caddy may send to lovd, nothing more."""
     site = PublicSite(gate)
-    app = web.Application(middlewares=[_errors], client_max_size=4096)
+    app = web.Application(middlewares=[_errors, _reconciled(gate)], client_max_size=4096)
     r = app.router
     r.add_get(AUTH_PATH, gate.auth)
     # Reached only as the upstream the gate names for them (see BrowserGate.allow).
