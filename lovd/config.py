@@ -287,6 +287,13 @@ class Config:
         "LLM tokens all sessions of this host may use per UTC day; past it the broker "
         "refuses further LLM calls until midnight UTC. 0: no cap.",
     )
+    max_output_tokens: int = setting(
+        "llm.max_output_tokens",
+        16384,
+        "Output bound the broker sets on an LLM request that names none (max_tokens, "
+        "max_completion_tokens, max_output_tokens, maxOutputTokens). Every call reserves its "
+        "output bound plus an estimate of its input against the token caps before it goes.",
+    )
     permissions_deny: list[str] = setting(
         "llm.deny_tools",
         ["bash", "edit", "webfetch"],
@@ -328,6 +335,42 @@ class Config:
         "providers and the Lovdata MCP server through it (at host_gateway:PORT) with a "
         "per-session credential; the broker adds the real keys, which never enter a "
         "container.",
+    )
+    broker_max_body: str = setting(
+        "broker.max_body",
+        "8M",
+        "Largest request body the broker accepts from a session (checked as it arrives; "
+        "larger ones get 413). A whole conversation with its attachments is one body.",
+    )
+    broker_body_memory: str = setting(
+        "broker.body_memory",
+        "256M",
+        "Request-body bytes the broker holds in memory at once, all sessions together "
+        "(one session: two bodies of broker.max_body); past it requests get 503.",
+    )
+    broker_session_requests: int = setting(
+        "broker.session_requests",
+        16,
+        "Requests one session may have in flight at the broker at once (LLM and MCP); "
+        "more get 429.",
+    )
+    broker_session_concurrency: int = setting(
+        "broker.session_concurrency",
+        2,
+        "LLM calls one session may have running at once; further ones wait their turn, so "
+        "parallel calls cannot overshoot a token cap.",
+    )
+    broker_read_timeout: float = setting(
+        "broker.read_timeout",
+        30.0,
+        "Seconds a connection to the broker has to send a request's head (from opening, or "
+        "from its last answer) and then its body; slower ones are closed.",
+    )
+    broker_max_connections: int = setting(
+        "broker.max_connections",
+        1024,
+        "Connections to the broker open at once, all sessions together; more are answered "
+        "503 and closed.",
     )
     egress_enforce: bool = setting(
         "egress.enforce",
@@ -576,7 +619,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"listen: expected unix:PATH or tcp:HOST:PORT, got {cfg.listen!r}")
     if not cfg.health_path.startswith("/"):
         raise ConfigError(f"health_path: must start with '/', got {cfg.health_path!r}")
-    for floor in ("disk_floor", "memory_floor"):
+    for floor in ("disk_floor", "memory_floor", "broker_max_body", "broker_body_memory"):
         try:
             parse_size(getattr(cfg, floor))
         except ValueError as e:
@@ -589,6 +632,10 @@ def _validate(cfg: Config) -> None:
         "restart_attempts",
         "health_failures",
         "health_history",
+        "max_output_tokens",
+        "broker_session_requests",
+        "broker_session_concurrency",
+        "broker_max_connections",
     ):
         if getattr(cfg, name) < 1:
             key = next(s.key for s in settings() if s.attr == name)
@@ -606,6 +653,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"broker.listen: expected HOST:PORT (e.g. 127.0.0.1:18780), got {cfg.broker_listen!r}"
         )
+    if cfg.broker_read_timeout <= 0:
+        raise ConfigError("broker.read_timeout: must be greater than 0 (seconds)")
+    if parse_size(cfg.broker_body_memory) < parse_size(cfg.broker_max_body):
+        raise ConfigError("broker.body_memory: must be at least broker.max_body")
     if cfg.cpus <= 0:
         raise ConfigError("limits.cpus: must be greater than 0")
     for m in (cfg.model, *cfg.models):
