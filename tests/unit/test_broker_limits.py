@@ -121,9 +121,9 @@ class Provider:
         out = body["generationConfig"]["maxOutputTokens"]
         meta = {"promptTokenCount": 3000, "candidatesTokenCount": out - 30_000,
                 "thoughtsTokenCount": 30_000, "toolUsePromptTokenCount": 40}
-        meta["totalTokenCount"] = sum(meta.values())
-        if ":generateContent" in request.path:
+        if ":generateContent" in request.path:  # without a total: the parts must add up
             return web.json_response({"candidates": [], "usageMetadata": meta})
+        meta["totalTokenCount"] = sum(meta.values())
         partial = {"promptTokenCount": 3000, "candidatesTokenCount": 1}
         return await self.sse(request, [("", {"candidates": [], "usageMetadata": partial}),
                                         ("", {"candidates": [], "usageMetadata": meta})])
@@ -531,6 +531,7 @@ async def test_parallel_big_posts_keep_memory_bounded(tmp_path: Path) -> None:
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
+        print(f"40 parallel 31 MiB POSTs: traced peak {peak / 2**20:.1f} MiB")
         # Without the cap checked as bodies arrive this peaks at 40 x 31 MiB.
         assert peak < 48 << 20, (peak, results)
         statuses = {x for x in results if isinstance(x, int)}
@@ -548,7 +549,7 @@ async def test_a_session_has_a_limited_number_of_requests_in_flight(tmp_path: Pa
                 for _ in range(3)]
         while len(r.provider.seen) < 3:
             await asyncio.sleep(0.01)
-        status, text = await r.call("POST", "/mcp/lovdata", cred, json={})
+        status, text = await asyncio.wait_for(r.call("POST", "/mcp/lovdata", cred, json={}), 5)
         assert status == 429 and b"in flight" in text
         assert len(r.provider.seen) == 3
         other_call = asyncio.create_task(r.call("POST", "/mcp/lovdata", other, json={}))
