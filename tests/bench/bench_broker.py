@@ -11,6 +11,11 @@ this client. One real session (the test image) gives the per-session credential.
    ``--requests`` sequential requests each, interleaved; p50/p99 and the difference.
 2. Throughput: 32 concurrent clients streaming whole completions for ``--seconds``,
    directly vs through the broker: completed streams per second.
+
+Through the broker every request is checked as in production: allowlisted route and
+headers, the model against llm.model, an output bound and include_usage added, the
+reservation against the caps. The one bench session's own concurrency limits are raised
+to 32 (they would otherwise queue its streams two at a time, by design).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import aiohttp
 
 from tests.lovdproc import LovdProc
 
+# As OpenCode sends it: the model's own name (llm.model is "lovd/legal-stub").
 CHAT = {
-    "model": "lovd/legal-stub",
+    "model": "legal-stub",
     "stream": True,
     "messages": [{"role": "user", "content": "Si hei"}],
 }
@@ -92,6 +98,10 @@ async def main(requests: int, seconds: float) -> int:
         llm={"model": "lovd/legal-stub", "base_url": f"http://127.0.0.1:{stub_port}/v1",
              "api_key": api_key},
         egress={"enforce": False},  # the client is on the host, not in a session
+        # One session carries all 32 streams here, so its own limits (2 LLM calls at a
+        # time, 16 requests in flight) are raised; every check still runs on each call.
+        broker={"listen": f"127.0.0.1:{free_port()}", "session_concurrency": 32,
+                "session_requests": 64},
     )
     try:
         p.start()
