@@ -203,6 +203,11 @@ class Broker:
             self.metrics.broker_requests.labels(up.prefix, str(e.status)).inc()
             log.info("broker refused a call to %s: %s", up.prefix, e.message)
             return _error(up, e.status, e.message)
+        except ConnectionError as e:
+            # The caller went away while sending its body: no one to answer, and not an
+            # error of lovd's (a session could otherwise fill the log with tracebacks).
+            log.debug("broker: caller of %s went away: %r", up.prefix, e)
+            return web.Response(status=400)
 
     async def _admitted(
         self, request: web.Request, up: Upstream, route: Route, sid: str
@@ -251,6 +256,7 @@ class Broker:
         reader = UsageReader("")
         resp: web.StreamResponse | None = None
         status = "502"
+        complete = False
         try:
             async with self.http.request(
                 request.method,
@@ -272,6 +278,7 @@ class Broker:
                     await resp.write(chunk)
                     reader.feed(chunk)
                 await resp.write_eof()
+                complete = True
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             if resp is None or not resp.prepared:
                 log.warning(
@@ -287,7 +294,7 @@ class Broker:
                 if not tokens.found and not status.startswith("2"):
                     # Refused or failed upstream before any answer (or never sent): no cost.
                     tokens = Tokens(found=True)
-                counted = self.ledger.settle(held, tokens, self.clock())
+                counted = self.ledger.settle(held, tokens, self.clock(), complete=complete)
                 self.metrics.llm_tokens.labels("input").inc(counted.input)
                 self.metrics.llm_tokens.labels("output").inc(counted.output)
         return resp

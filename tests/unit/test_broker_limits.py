@@ -42,6 +42,7 @@ class Provider:
     report_usage: bool = True
     delay: float = 0.0
     hold: asyncio.Event | None = None
+    pause: asyncio.Event | None = None  # held after a stream's first event
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -133,10 +134,12 @@ class Provider:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        for name, data in events:
+        for i, (name, data) in enumerate(events):
             head = f"event: {name}\n" if name else ""
             text = data if isinstance(data, str) else json.dumps(data)
             await resp.write(f"{head}data: {text}\n\n".encode())
+            if i == 0 and self.pause is not None:
+                await self.pause.wait()
         return resp
 
 
@@ -346,6 +349,25 @@ async def test_a_response_without_readable_usage_costs_its_reservation(tmp_path:
                                  json=chat(max_tokens=500, fail=True))
         assert status == 400 and r.broker.usage(sid)["output_tokens"] == 500
         assert len(r.provider.seen) == 2
+
+
+async def test_a_stream_cut_off_by_its_caller_costs_its_reservation(tmp_path: Path) -> None:
+    """Anthropic names the input in its first event, the output only at the end: a
+    caller that hangs up mid-answer must not get the answer's tokens for free."""
+    async with rig(tmp_path) as r:
+        r.provider.pause = asyncio.Event()
+        sid, cred = await r.credential()
+        body = {"model": "claude-ok", "max_tokens": 4000, "stream": True}
+        async with r.http.post(r.url + "/llm/anthropic/messages", json=body,
+                               headers={"x-api-key": cred}) as resp:
+            assert b"message_start" in await resp.content.readline()
+        r.provider.pause.set()  # the rest comes after the caller has gone
+        for _ in range(100):
+            if r.broker.usage(sid)["llm_requests"]:
+                break
+            await asyncio.sleep(0.02)
+        usage = r.broker.usage(sid)
+        assert usage["input_tokens"] == 150_015 and usage["output_tokens"] == 4000, usage
 
 
 async def test_parallel_calls_stop_at_the_cap(tmp_path: Path) -> None:
