@@ -10,10 +10,8 @@ connections from one session grow lovd's memory and file descriptors without end
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +47,11 @@ class Gates:
     llm: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     llm_users: dict[str, int] = field(default_factory=dict)
 
-    @contextlib.contextmanager
-    def request(self, sid: str) -> Any:
+    # Plain enter/leave pairs rather than context managers: these run on every call.
+
+    def enter(self, sid: str) -> None:
+        """Count a request of ``sid`` in flight (Refusal 429 past session_requests); the
+        caller calls :meth:`leave` when it is done."""
         n = self.requests.get(sid, 0)
         if n >= self.limits.session_requests:
             raise Refusal(
@@ -59,31 +60,29 @@ class Gates:
                 "one session may have); retry when one has finished",
             )
         self.requests[sid] = n + 1
-        try:
-            yield
-        finally:
-            left = self.requests[sid] - 1
-            if left:
-                self.requests[sid] = left
-            else:
-                del self.requests[sid]
 
-    @contextlib.asynccontextmanager
-    async def llm_call(self, sid: str) -> AsyncIterator[None]:
-        """One of the session's LLM slots; a call beyond them waits for one (its request
-        already counts against ``session_requests``, so the queue is bounded)."""
+    def leave(self, sid: str) -> None:
+        left = self.requests[sid] - 1
+        if left:
+            self.requests[sid] = left
+        else:
+            del self.requests[sid]
+
+    def llm_slots(self, sid: str) -> asyncio.Semaphore:
+        """The session's LLM slots (``async with`` one; a call beyond them waits, and its
+        request already counts against ``session_requests``, so the queue is bounded).
+        The caller calls :meth:`llm_done` afterwards."""
         sem = self.llm.get(sid)
         if sem is None:
             sem = self.llm[sid] = asyncio.Semaphore(self.limits.session_llm)
         self.llm_users[sid] = self.llm_users.get(sid, 0) + 1
-        try:
-            async with sem:
-                yield
-        finally:
-            self.llm_users[sid] -= 1
-            if not self.llm_users[sid]:
-                del self.llm_users[sid]
-                del self.llm[sid]
+        return sem
+
+    def llm_done(self, sid: str) -> None:
+        self.llm_users[sid] -= 1
+        if not self.llm_users[sid]:
+            del self.llm_users[sid]
+            del self.llm[sid]
 
     async def read_body(self, request: web.Request, sid: str) -> tuple[bytes, int]:
         """The request's body, read as it arrives against the size cap, the memory budgets
@@ -93,8 +92,21 @@ class Gates:
         cap = self.limits.max_body
         session_budget = 2 * cap
         declared = request.content_length
-        if declared is not None and declared > cap:
-            raise _too_large(declared, cap)
+        if declared is not None:
+            if declared > cap:
+                raise _too_large(declared, cap)
+            # A declared length is taken from the budgets before reading (aiohttp reads
+            # no more than it, and client_max_size is the same cap).
+            self._take(sid, declared, session_budget)
+            try:
+                async with asyncio.timeout(self.limits.read_timeout):
+                    body = await request.read()
+            except BaseException as e:
+                self.release(sid, declared)
+                if isinstance(e, TimeoutError):
+                    raise self._slow() from e
+                raise
+            return body, declared
         chunks: list[bytes] = []
         size = 0
         try:
@@ -104,26 +116,28 @@ class Gates:
                         size += len(chunk)
                         if size > cap:
                             raise _too_large(size, cap)
-                        mine = self.session_bytes.get(sid, 0) + len(chunk)
-                        if mine > session_budget or self.body_bytes + len(chunk) > (
-                            self.limits.body_memory
-                        ):
-                            raise Refusal(
-                                503,
-                                "the broker is holding too many large requests at once; retry "
-                                "in a moment",
-                            )
-                        self.body_bytes += len(chunk)
-                        self.session_bytes[sid] = mine
+                        self._take(sid, len(chunk), session_budget)
                         chunks.append(chunk)
             except TimeoutError as e:
-                raise Refusal(
-                    408, f"the request body did not arrive within {self.limits.read_timeout:g} s"
-                ) from e
+                raise self._slow() from e
         except BaseException:
             self.release(sid, sum(len(c) for c in chunks))
             raise
         return b"".join(chunks), size
+
+    def _take(self, sid: str, n: int, session_budget: int) -> None:
+        mine = self.session_bytes.get(sid, 0) + n
+        if mine > session_budget or self.body_bytes + n > self.limits.body_memory:
+            raise Refusal(
+                503, "the broker is holding too many large requests at once; retry in a moment"
+            )
+        self.body_bytes += n
+        self.session_bytes[sid] = mine
+
+    def _slow(self) -> Refusal:
+        return Refusal(
+            408, f"the request body did not arrive within {self.limits.read_timeout:g} s"
+        )
 
     def release(self, sid: str, taken: int) -> None:
         self.body_bytes -= taken

@@ -196,9 +196,12 @@ class Broker:
             self.metrics.broker_requests.labels("none", str(e.status)).inc()
             return _error(None, e.status, e.message)
         try:
-            session = self.verify(_credential(request))
-            with self.gates.request(session.id):
-                return await self._admitted(request, up, route, session.id)
+            sid = self.verify(_credential(request)).id
+            self.gates.enter(sid)
+            try:
+                return await self._admitted(request, up, route, sid)
+            finally:
+                self.gates.leave(sid)
         except Refusal as e:
             self.metrics.broker_requests.labels(up.prefix, str(e.status)).inc()
             log.info("broker refused a call to %s: %s", up.prefix, e.message)
@@ -222,15 +225,19 @@ class Broker:
             # Only model calls: OpenCode's MCP client talks to the broker on its own (its
             # event stream) and would keep an abandoned session awake forever.
             self.on_session_call(sid)
-            async with self.gates.llm_call(sid):
-                held = self.ledger.reserve(
-                    sid, call.input_estimate, call.max_output, self.clock()
-                )
-                if isinstance(held, str):
-                    self.ledger.count_refused(sid)
-                    log.info("broker: token cap reached", extra={"SESSION_ID": sid})
-                    raise Refusal(403, held)
-                return await self._forward(request, up, route, call.body, sid, held)
+            slots = self.gates.llm_slots(sid)
+            try:
+                async with slots:
+                    held = self.ledger.reserve(
+                        sid, call.input_estimate, call.max_output, self.clock()
+                    )
+                    if isinstance(held, str):
+                        self.ledger.count_refused(sid)
+                        log.info("broker: token cap reached", extra={"SESSION_ID": sid})
+                        raise Refusal(403, held)
+                    return await self._forward(request, up, route, call.body, sid, held)
+            finally:
+                self.gates.llm_done(sid)
         finally:
             self.gates.release(sid, taken)
 
@@ -355,8 +362,9 @@ def limits_from_config(c: Config) -> Limits:
 
 
 def create_broker_app(broker: Broker) -> web.Application:
-    # Bodies are read by Gates.read_body, against broker.max_body as they arrive.
-    app = web.Application(client_max_size=broker.limits.max_body)
+    # Bodies are read by Gates.read_body, against broker.max_body as they arrive (aiohttp
+    # refuses a body of exactly client_max_size bytes, hence the + 1).
+    app = web.Application(client_max_size=broker.limits.max_body + 1)
     app.router.add_route("*", "/{tail:.*}", broker.handle)
     return app
 
