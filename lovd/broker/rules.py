@@ -119,8 +119,9 @@ def prepare(
     models: frozenset[str],
     default_max_output: int,
 ) -> Call:
-    """Check an LLM request body and bound it: a configured model, an output bound (set to
-    ``default_max_output`` when absent), usage asked for in streamed chat completions."""
+    """Check an LLM request body and bound it: a configured model, function tools only,
+    an output bound (set to ``default_max_output`` when absent), usage asked for in
+    streamed chat completions."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -135,6 +136,7 @@ def prepare(
             f"the model {model!r} is not offered by this service (models here: {offered}); "
             "the operator sets them in llm.model and llm.models",
         )
+    _only_function_tools(route, data)
     changed = False
     if route.kind == "generate":
         gen = data.get("generationConfig")
@@ -170,6 +172,34 @@ def prepare(
     if changed:
         body = _ENCODE(data).encode()
     return Call(body, model, len(body) // 3 + 1, bound * choices)
+
+
+def _only_function_tools(route: Route, data: dict[str, Any]) -> None:
+    """Tools the client runs itself (function tools) only: the providers' hosted tools
+    (web search, code execution, remote MCP servers, image generation…) run on the
+    provider's side with the operator's account, reach arbitrary URLs and are billed
+    apart from tokens."""
+    tools = data.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise Refusal(400, "tools must be a JSON array")
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise Refusal(400, "each of tools must be a JSON object")
+        if route.kind == "generate":
+            hosted = sorted(set(tool) - {"functionDeclarations"})
+            kind = hosted[0] if hosted else ""
+        elif route.kind == "messages":
+            kind = "" if tool.get("type") in (None, "custom") else str(tool.get("type"))
+        else:
+            kind = "" if tool.get("type") == "function" else str(tool.get("type"))
+        if kind:
+            raise Refusal(
+                403,
+                f"the tool type {kind!r} runs on the provider's side and is not offered by "
+                "this service; only function tools are passed on",
+            )
 
 
 def _bound(obj: dict[str, Any], name: str) -> int | None:

@@ -255,6 +255,46 @@ async def test_an_unconfigured_model_never_reaches_the_provider(tmp_path: Path) 
         assert len(r.provider.seen) == 5
 
 
+async def test_hosted_tools_never_reach_the_provider(tmp_path: Path) -> None:
+    """Web search, code execution, remote MCP servers… run on the provider's side with
+    the operator's account: only function tools pass."""
+    async with rig(tmp_path) as r:
+        _, cred = await r.credential()
+        fn = {"type": "function", "function": {"name": "lovdata_search", "parameters": {}}}
+        attempts = [
+            ("/llm/openai/responses", {"model": "gpt-ok", "input": "x",
+                                       "tools": [{"type": "web_search"}]}),
+            ("/llm/openai/responses", {"model": "gpt-ok", "input": "x", "tools": [
+                {"type": "mcp", "server_label": "x", "server_url": "https://evil.example"}]}),
+            ("/llm/openai/responses", {"model": "gpt-ok", "input": "x",
+                                       "tools": [{"type": "image_generation"}]}),
+            ("/llm/openai/chat/completions", chat(tools=[fn, {"type": "web_search"}])),
+            ("/llm/anthropic/messages", {"model": "claude-ok", "max_tokens": 5, "tools": [
+                {"type": "web_search_20250305", "name": "web_search"}]}),
+            ("/llm/anthropic/messages", {"model": "claude-ok", "max_tokens": 5, "tools": [
+                {"type": "code_execution_20250522", "name": "code_execution"}]}),
+            ("/llm/google/models/gemini-ok:generateContent",
+             {"contents": [], "tools": [{"googleSearch": {}}]}),
+            ("/llm/google/models/gemini-ok:generateContent",
+             {"contents": [], "tools": [{"functionDeclarations": [], "codeExecution": {}}]}),
+        ]
+        for path, body in attempts:
+            status, text = await r.call("POST", path, cred, json=body)
+            assert status == 403 and b"provider's side" in text, (path, text)
+        assert r.provider.seen == []
+        for path, body in [  # the function tools OpenCode sends pass
+            ("/llm/openai/chat/completions", chat(tools=[fn])),
+            ("/llm/openai/responses", {"model": "gpt-ok", "input": "x", "tools": [
+                {"type": "function", "name": "lovdata_search", "parameters": {}}]}),
+            ("/llm/anthropic/messages", {"model": "claude-ok", "max_tokens": 5, "tools": [
+                {"name": "lovdata_search", "input_schema": {}}]}),
+            ("/llm/google/models/gemini-ok:generateContent", {"contents": [], "tools": [
+                {"functionDeclarations": [{"name": "lovdata_search"}]}]}),
+        ]:
+            status, text = await r.call("POST", path, cred, json=body)
+            assert status == 200, (path, text)
+
+
 def test_demo_mode_allows_its_stub_model(tmp_path: Path) -> None:
     cfg = config.from_mapping({"state_dir": str(tmp_path)})
     table = upstreams.from_config(cfg, {"llm": "http://127.0.0.1:1/v1",
