@@ -107,10 +107,6 @@ class Call:
     input_estimate: int  # tokens, from the body's size
     max_output: int  # tokens the answer may use at most (all choices)
 
-    @property
-    def reserve(self) -> int:
-        return self.input_estimate + self.max_output
-
 
 def prepare(
     upstream_kind: str,
@@ -133,7 +129,8 @@ def prepare(
         offered = ", ".join(sorted(models)) or "none"
         raise Refusal(
             403,
-            f"the model {model!r} is not offered by this service (models here: {offered}); "
+            f"the model {str(model)[:100]!r} is not offered by this service (models here: "
+            f"{offered}); "
             "the operator sets them in llm.model and llm.models",
         )
     _only_function_tools(route, data)
@@ -197,7 +194,7 @@ def _only_function_tools(route: Route, data: dict[str, Any]) -> None:
         if kind:
             raise Refusal(
                 403,
-                f"the tool type {kind!r} runs on the provider's side and is not offered by "
+                f"the tool type {kind[:100]!r} runs on the provider's side and is not offered by "
                 "this service; only function tools are passed on",
             )
 
@@ -207,5 +204,5 @@ def _bound(obj: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise Refusal(400, f"{name} must be a positive whole number, got {value!r}")
+        raise Refusal(400, f"{name} must be a positive whole number, got {str(value)[:40]!r}")
     return value
