@@ -162,7 +162,7 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
             # upstream connections); without the cap all 600 would be open.
             assert fds1 <= fds0 + 300 + 50, fds1
             assert fds2 <= fds0 + 5, (fds0, fds2)
-            assert took < 2.0 + 3.0
+            assert took < 2.0 + 2.0 + 3.0, took  # read_timeout + lingering + slack
             code, _ = await post("/mcp/lovdata", json={"jsonrpc": "2.0"})
             assert code == 200  # and the broker still serves
     finally:

@@ -660,7 +660,8 @@ async def test_half_open_and_slow_connections_are_closed(tmp_path: Path) -> None
         t0 = time.monotonic()
         firsts = await asyncio.gather(*(asyncio.wait_for(rd.read(), 5) for rd, _ in conns))
         took = time.monotonic() - t0
-        assert took < 1.0 + 2.0 + 1.0, took  # read_timeout (+ lingering for the 408s)
+        # read_timeout, + lingering for the 408s, + slack for a loaded test host
+        assert took < 1.0 + 2.0 + 3.0, took
         assert sum(b"503" in f.split(b"\r\n")[0] for f in firsts) >= 120 - 50
         assert any(f.startswith(b"HTTP/1.1 408") for f in firsts), firsts
         for _, w in conns:
