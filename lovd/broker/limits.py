@@ -99,8 +99,11 @@ class Gates:
             # no more than it, and client_max_size is the same cap).
             self._take(sid, declared, session_budget)
             try:
-                async with asyncio.timeout(self.limits.read_timeout):
+                if request.content.is_eof():  # all here already (most calls): no timer
                     body = await request.read()
+                else:
+                    async with asyncio.timeout(self.limits.read_timeout):
+                        body = await request.read()
             except BaseException as e:
                 self.release(sid, declared)
                 if isinstance(e, TimeoutError):
