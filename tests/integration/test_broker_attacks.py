@@ -158,9 +158,10 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
             fds2 = _fds(pid)
             print(f"lovd fds {fds0} before, {fds1} with 600 half-open connections, "
                   f"{fds2} after; all closed by lovd within {took:.1f} s")
-            # broker.max_connections, plus a few in passing (refused ones being closed,
-            # upstream connections); without the cap all 600 would be open.
-            assert fds1 <= fds0 + 300 + 50, fds1
+            # broker.max_connections, plus some in passing (asyncio accepts a batch before
+            # the cap refuses them; upstream connections); without the cap all 600 would
+            # stay open.
+            assert fds1 <= fds0 + 300 + 150, fds1
             assert fds2 <= fds0 + 5, (fds0, fds2)
             assert took < 2.0 + 2.0 + 3.0, took  # read_timeout + lingering + slack
             code, _ = await post("/mcp/lovdata", json={"jsonrpc": "2.0"})
