@@ -336,6 +336,13 @@ class Config:
         "LLM tokens all sessions of this host may use per UTC day; past it the broker "
         "refuses further LLM calls until midnight UTC. 0: no cap.",
     )
+    max_output_tokens: int = setting(
+        "llm.max_output_tokens",
+        16384,
+        "Output bound the broker sets on an LLM request that names none (max_tokens, "
+        "max_completion_tokens, max_output_tokens, maxOutputTokens). Every call reserves its "
+        "output bound plus an estimate of its input against the token caps before it goes.",
+    )
     permissions_deny: list[str] = setting(
         "llm.deny_tools",
         ["bash", "edit", "webfetch"],
@@ -378,6 +385,42 @@ class Config:
         "providers and the Lovdata MCP server through it (at host_gateway:PORT) with a "
         "per-session credential; the broker adds the real keys, which never enter a "
         "container.",
+    )
+    broker_max_body: str = setting(
+        "broker.max_body",
+        "8M",
+        "Largest request body the broker accepts from a session (checked as it arrives; "
+        "larger ones get 413). A whole conversation with its attachments is one body.",
+    )
+    broker_body_memory: str = setting(
+        "broker.body_memory",
+        "256M",
+        "Request-body bytes the broker holds in memory at once, all sessions together "
+        "(one session: two bodies of broker.max_body); past it requests get 503.",
+    )
+    broker_session_requests: int = setting(
+        "broker.session_requests",
+        16,
+        "Requests one session may have in flight at the broker at once (LLM and MCP); "
+        "more get 429.",
+    )
+    broker_session_concurrency: int = setting(
+        "broker.session_concurrency",
+        2,
+        "LLM calls one session may have running at once; further ones wait their turn, so "
+        "parallel calls cannot overshoot a token cap.",
+    )
+    broker_read_timeout: float = setting(
+        "broker.read_timeout",
+        30.0,
+        "Seconds a connection to the broker has to send a request's head (from opening, or "
+        "from its last answer) and then its body; slower ones are closed.",
+    )
+    broker_max_connections: int = setting(
+        "broker.max_connections",
+        1024,
+        "Connections to the broker open at once, all sessions together; more are answered "
+        "503 and closed.",
     )
     egress_enforce: bool = setting(
         "egress.enforce",
@@ -750,6 +793,13 @@ def _rules() -> dict[str, checks.Check]:
         "browser.auth_failures": c.count(1, 1_000_000),
         "browser.auth_failure_window": c.seconds(0, c.YEAR, above=True),
         "browser.max_running_per_client": c.count(1, 10_000, zero="no limit"),
+        "llm.max_output_tokens": c.count(1, 10_000_000),
+        "broker.max_body": c.size(parse_size, 1 << 10, "1K"),
+        "broker.body_memory": c.size(parse_size, 1 << 10, "1K"),
+        "broker.session_requests": c.count(1, 100_000),
+        "broker.session_concurrency": c.count(1, 10_000),
+        "broker.max_connections": c.count(1, 1_000_000),
+        "broker.read_timeout": c.seconds(0, c.HOUR, above=True),
         "postgres.dsn": _dsn,
         "postgres.pool_size": c.count(2, 100),
         "postgres.batch": c.count(1, 100_000),
@@ -825,6 +875,11 @@ def problems(cfg: Config) -> list[str]:
             f"limits.max_running: {cfg.max_running} sessions need as many ports, and "
             f"port_range {cfg.port_range} has {len(cfg.ports)}; allowed: at most "
             f"{len(cfg.ports)}, or a wider port_range"
+        )
+    if not out and parse_size(cfg.broker_body_memory) < parse_size(cfg.broker_max_body):
+        out.append(
+            f"broker.body_memory: {cfg.broker_body_memory} is less than one body; allowed: at "
+            f"least broker.max_body ({cfg.broker_max_body})"
         )
     if not out and cfg.postgres_host_stale_after <= cfg.postgres_heartbeat_interval:
         out.append(

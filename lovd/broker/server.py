@@ -10,17 +10,20 @@ only a per-session credential, ``<session id>.<secret>``, that
 - is new at every start of the session's container (lovd stores only its hash) and
   dies when the session stops, is deleted or expires.
 
-The broker passes request and response bodies through unchanged (streams unbuffered, no
-read timeout), with one exception: a streamed OpenAI-style chat request is asked to
-include usage in its last chunk, so tokens can be counted. Usage per session and per UTC
-day is kept in a :class:`~lovd.broker.usage.Ledger`; the caps
-(``llm.max_tokens_per_session``, ``llm.max_tokens_per_day``) are answered with an error in
-the provider's own format, so the chat shows its message.
+The credential opens the allowlisted routes only (:mod:`lovd.broker.rules`: method +
+exact path per provider and for MCP, the query parameters and headers those need), and
+only for the configured models. Request bodies are read against a size cap, a memory
+budget and a timeout (:mod:`lovd.broker.limits`). An LLM request goes upstream with an
+output bound (the client's, else ``llm.max_output_tokens``) and, when streamed as a chat
+completion, asking for usage in its last chunk; responses pass through unchanged
+(streams unbuffered, no read timeout). What a call may cost is reserved against the caps
+(``llm.max_tokens_per_session``, ``llm.max_tokens_per_day``) before it goes, and replaced
+by the usage the provider reports (:class:`~lovd.broker.usage.Ledger`). Every refusal is
+an error in the provider's own format, so the chat shows its message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -30,12 +33,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from lovd import ids
-from lovd.broker import upstreams
+from lovd.broker import rules, upstreams
+from lovd.broker.limits import CappedSite, Gates, Limits
+from lovd.broker.rules import Refusal, Route
 from lovd.broker.upstreams import Upstream
-from lovd.broker.usage import Ledger, UsageReader
-from lovd.config import Config
+from lovd.broker.usage import Ledger, Reservation, Tokens, UsageReader
+from lovd.config import Config, parse_size
 from lovd.metrics import Metrics
 from lovd.session.model import Session
 from lovd.store import Store
@@ -45,7 +51,6 @@ log = logging.getLogger(__name__)
 # States whose container may hold a valid credential (a warm container's OpenCode
 # connects to the MCP server while it boots).
 LIVE_STATES = frozenset({"warm", "starting", "running"})
-MAX_REQUEST_BODY = 32 * 1024 * 1024  # long conversations with attachments
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 _HOP_BY_HOP = frozenset(
     {
@@ -67,13 +72,6 @@ _HOP_BY_HOP = frozenset(
 _UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30)
 
 
-class Refusal(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class Broker:
     def __init__(
         self,
@@ -83,6 +81,8 @@ class Broker:
         http: aiohttp.ClientSession,
         ledger: Ledger,
         metrics: Metrics,
+        limits: Limits | None = None,
+        max_output_tokens: int = 16384,
         clock: Callable[[], float] = time.time,
         on_request: Callable[[], None] | None = None,
         on_session_call: Callable[[str], None] | None = None,
@@ -92,6 +92,9 @@ class Broker:
         self.http = http
         self.ledger = ledger
         self.metrics = metrics
+        self.limits = limits or Limits.defaults()
+        self.gates = Gates(self.limits)
+        self.max_output_tokens = max_output_tokens
         self.clock = clock
         self.on_request = on_request or (lambda: None)
         # A session calling its model is answering: that is activity (an answer must
@@ -118,6 +121,8 @@ class Broker:
             http=http,
             ledger=Ledger(config.max_tokens_per_session, config.max_tokens_per_day),
             metrics=metrics,
+            limits=limits_from_config(config),
+            max_output_tokens=config.max_output_tokens,
             on_request=on_request,
             on_session_call=on_session_call,
         )
@@ -172,61 +177,93 @@ class Broker:
             raise Refusal(401, "this session has expired")
         return s
 
-    def route(self, path: str) -> tuple[Upstream, str]:
+    def route(self, request: web.Request) -> tuple[Upstream, Route]:
+        """The upstream and allowlisted route a request is for, or Refusal (404)."""
+        path = request.raw_path.partition("?")[0]
         for prefix, up in self.upstreams.items():
             if path == prefix or path.startswith(prefix + "/"):
-                tail = path[len(prefix) :]
-                if any(seg in (".", "..") for seg in tail.split("/")):
-                    break
-                return up, tail
+                route = rules.match(up.kind, request.method, path[len(prefix) :])
+                if route is None:
+                    raise Refusal(404, f"the broker offers no {request.method} {path}")
+                return up, route
         raise Refusal(404, f"the broker offers nothing at {path}")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.on_request()
         try:
-            up, tail = self.route(request.path)
+            up, route = self.route(request)
         except Refusal as e:
+            self.metrics.broker_requests.labels("none", str(e.status)).inc()
             return _error(None, e.status, e.message)
         try:
-            session = self.verify(_credential(request))
+            sid = self.verify(_credential(request)).id
+            self.gates.enter(sid)
+            try:
+                return await self._admitted(request, up, route, sid)
+            finally:
+                self.gates.leave(sid)
         except Refusal as e:
             self.metrics.broker_requests.labels(up.prefix, str(e.status)).inc()
             log.info("broker refused a call to %s: %s", up.prefix, e.message)
             return _error(up, e.status, e.message)
-        sid = session.id
-        if up.llm:
+        except ConnectionError as e:
+            # The caller went away while sending its body: no one to answer, and not an
+            # error of lovd's (a session could otherwise fill the log with tracebacks).
+            log.debug("broker: caller of %s went away: %r", up.prefix, e)
+            return web.Response(status=400)
+
+    async def _admitted(
+        self, request: web.Request, up: Upstream, route: Route, sid: str
+    ) -> web.StreamResponse:
+        body, taken = await self.gates.read_body(request, sid)
+        try:
+            if not up.llm:
+                self.ledger.count_mcp(sid)
+                return await self._forward(request, up, route, body, sid, None)
+            call = rules.prepare(up.kind, route, body, up.models, self.max_output_tokens)
+            del body  # the prepared copy is what goes upstream
             # Only model calls: OpenCode's MCP client talks to the broker on its own (its
             # event stream) and would keep an abandoned session awake forever.
             self.on_session_call(sid)
-            why = self.ledger.refusal(sid, self.clock())
-            if why:
-                self.ledger.count_refused(sid)
-                self.metrics.broker_requests.labels(up.prefix, "403").inc()
-                log.info("broker: token cap reached", extra={"SESSION_ID": sid})
-                return _error(up, 403, why)
-        else:
-            self.ledger.count_mcp(sid)
-        return await self._forward(request, up, tail, sid)
+            slots = self.gates.llm_slots(sid)
+            try:
+                async with slots:
+                    held = self.ledger.reserve(
+                        sid, call.input_estimate, call.max_output, self.clock()
+                    )
+                    if isinstance(held, str):
+                        self.ledger.count_refused(sid)
+                        log.info("broker: token cap reached", extra={"SESSION_ID": sid})
+                        raise Refusal(403, held)
+                    return await self._forward(request, up, route, call.body, sid, held)
+            finally:
+                self.gates.llm_done(sid)
+        finally:
+            self.gates.release(sid, taken)
 
     async def _forward(
-        self, request: web.Request, up: Upstream, tail: str, sid: str
+        self,
+        request: web.Request,
+        up: Upstream,
+        route: Route,
+        body: bytes,
+        sid: str,
+        held: Reservation | None,
     ) -> web.StreamResponse:
-        body = await request.read()
-        if up.llm and body:
-            body = _ask_for_usage(body)
         headers = CIMultiDict(
-            (k, v)
-            for k, v in request.headers.items()
-            if k.lower() not in _HOP_BY_HOP and k.lower() not in _CREDENTIAL_HEADERS
+            (k, v) for k, v in request.headers.items() if k.lower() in rules.FORWARD_HEADERS
         )
         if up.key_value:
             headers[up.key_header] = up.key_value
         headers["Accept-Encoding"] = "identity"  # usage is read from the body as it passes
-        query = [(k, v) for k, v in request.query.items() if k != "key"]
-        url = up.base_url + tail
+        query = rules.query(route, list(request.query.items()))
+        # The tail passed rules.match (no encoding, no dot segments): nothing to normalise.
+        url = URL(up.base_url + request.raw_path.partition("?")[0][len(up.prefix) :],
+                  encoded=True)
         reader = UsageReader("")
         resp: web.StreamResponse | None = None
         status = "502"
+        complete = False
         try:
             async with self.http.request(
                 request.method,
@@ -248,6 +285,7 @@ class Broker:
                     await resp.write(chunk)
                     reader.feed(chunk)
                 await resp.write_eof()
+                complete = True
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             if resp is None or not resp.prepared:
                 log.warning(
@@ -258,11 +296,14 @@ class Broker:
             log.debug("broker: stream from %s ended early: %r", up.prefix, e)
         finally:
             self.metrics.broker_requests.labels(up.prefix, status).inc()
-            if up.llm:
+            if held is not None:
                 tokens = reader.finish()
-                self.ledger.count_llm(sid, tokens, self.clock())
-                self.metrics.llm_tokens.labels("input").inc(tokens.input)
-                self.metrics.llm_tokens.labels("output").inc(tokens.output)
+                if not tokens.found and not status.startswith("2"):
+                    # Refused or failed upstream before any answer (or never sent): no cost.
+                    tokens = Tokens(found=True)
+                counted = self.ledger.settle(held, tokens, self.clock(), complete=complete)
+                self.metrics.llm_tokens.labels("input").inc(counted.input)
+                self.metrics.llm_tokens.labels("output").inc(counted.output)
         return resp
 
 
@@ -274,36 +315,73 @@ def _credential(request: web.Request) -> str:
     return request.query.get("key", "")
 
 
-def _ask_for_usage(body: bytes) -> bytes:
-    """A streamed OpenAI-style chat request reports usage only when asked to."""
-    if b'"stream"' not in body or b"stream_options" in body:
-        return body
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if isinstance(data, dict) and data.get("stream") is True and "messages" in data:
-        data["stream_options"] = {"include_usage": True}
-        return json.dumps(data).encode()
-    return body
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+}
 
 
 def _error(up: Upstream | None, status: int, message: str) -> web.Response:
     """An error in the caller's provider's own format, so its SDK shows ``message``."""
     body: dict[str, Any]
-    if up is not None and up.prefix == "/llm/anthropic":
-        body = {"type": "error", "error": {"type": "permission_error", "message": message}}
-    elif up is not None and up.prefix == "/llm/google":
-        body = {"error": {"code": status, "message": message, "status": "PERMISSION_DENIED"}}
+    kind = up.kind if up is not None else ""
+    if kind == "anthropic":
+        kind_of = _ANTHROPIC_TYPES.get(status, "api_error")
+        body = {"type": "error", "error": {"type": kind_of, "message": message}}
+    elif kind == "google":
+        body = {"error": {"code": status, "message": message,
+                          "status": _GOOGLE_STATUS.get(status, "UNAVAILABLE")}}
     else:
         body = {"error": {"message": message, "type": "lovd_broker", "code": status}}
     return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
 
 
+def limits_from_config(c: Config) -> Limits:
+    return Limits(
+        max_body=parse_size(c.broker_max_body),
+        body_memory=parse_size(c.broker_body_memory),
+        session_requests=c.broker_session_requests,
+        session_llm=c.broker_session_concurrency,
+        read_timeout=c.broker_read_timeout,
+        max_connections=c.broker_max_connections,
+    )
+
+
 def create_broker_app(broker: Broker) -> web.Application:
-    app = web.Application(client_max_size=MAX_REQUEST_BODY)
+    # Bodies are read by Gates.read_body, against broker.max_body as they arrive (aiohttp
+    # refuses a body of exactly client_max_size bytes, hence the + 1).
+    app = web.Application(client_max_size=broker.limits.max_body + 1)
     app.router.add_route("*", "/{tail:.*}", broker.handle)
     return app
+
+
+def make_runner(broker: Broker) -> web.AppRunner:
+    return web.AppRunner(
+        create_broker_app(broker),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1,
+        # A connection must bring a whole request head within read_timeout of opening
+        # (or of its last answer): aiohttp closes it otherwise, so half-open or trickling
+        # connections do not pile up.
+        keepalive_timeout=broker.limits.read_timeout,
+        # A refused request's unread body is drained at most this long, then dropped.
+        lingering_time=2.0,
+    )
 
 
 def bind(config: Config) -> socket.socket:
@@ -319,11 +397,9 @@ def bind(config: Config) -> socket.socket:
 
 
 async def serve_broker(broker: Broker, sock: socket.socket) -> web.AppRunner:
-    runner = web.AppRunner(
-        create_broker_app(broker), access_log=None, handle_signals=False, shutdown_timeout=1
-    )
+    runner = make_runner(broker)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await CappedSite(runner, sock, broker.limits.max_connections).start()
     log.info(
         "credential broker on %s for %s",
         sock.getsockname(),

@@ -20,6 +20,8 @@ class Upstream:
     key_header: str  # the header that carries the real credential upstream
     key_value: str  # its value ("" when the upstream needs none)
     llm: bool  # an LLM provider: usage counted, caps enforced
+    kind: str = ""  # openai, anthropic, google, lovd or mcp: which routes and formats apply
+    models: frozenset[str] = frozenset()  # the model names a session may use here
 
     def __repr__(self) -> str:  # never print the key
         return f"Upstream({self.prefix!r} -> {self.base_url!r})"
@@ -29,12 +31,26 @@ def _bearer(key: str) -> str:
     return f"Bearer {key}" if key else ""
 
 
+def models_by_provider(allowed: frozenset[str]) -> dict[str, frozenset[str]]:
+    """``{"openai": {"gpt-4o-mini"}, ...}`` from ``"provider/model"`` names (a model
+    name may itself hold a slash, as vLLM's do: only the first one splits)."""
+    out: dict[str, set[str]] = {}
+    for m in allowed:
+        provider, _, name = m.partition("/")
+        out.setdefault(provider, set()).add(name)
+    return {p: frozenset(ns) for p, ns in out.items()}
+
+
 def from_config(c: Config, demo_urls: dict[str, str]) -> dict[str, Upstream]:
     """The upstreams lovd's config (and demo mode, when on) provides, by path prefix."""
     table: dict[str, Upstream] = {}
+    models = models_by_provider(c.allowed_models(demo_urls.get("model", "")))
 
     def add(prefix: str, url: str, header: str, value: str, *, llm: bool) -> None:
-        table[prefix] = Upstream(prefix, url.rstrip("/"), header, value, llm)
+        kind = prefix.rpartition("/")[2] if llm else "mcp"
+        table[prefix] = Upstream(
+            prefix, url.rstrip("/"), header, value, llm, kind, models.get(kind, frozenset())
+        )
 
     if c.openai_api_key:
         add("/llm/openai", c.openai_base_url, "Authorization", _bearer(c.openai_api_key), llm=True)

@@ -10,7 +10,13 @@ this client. One real session (the test image) gives the per-session credential.
    the first ``data:`` chunk with content, directly from the stub vs through the broker;
    ``--requests`` sequential requests each, interleaved; p50/p99 and the difference.
 2. Throughput: 32 concurrent clients streaming whole completions for ``--seconds``,
-   directly vs through the broker: completed streams per second.
+   directly vs through the broker: completed streams per second, and lovd's CPU time
+   per brokered stream (steady on a busy host, where the rates are not).
+
+Through the broker every request is checked as in production: allowlisted route and
+headers, the model against llm.model, an output bound and include_usage added, the
+reservation against the caps. The one bench session's own concurrency limits are raised
+to 32 (they would otherwise queue its streams two at a time, by design).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -29,8 +36,9 @@ import aiohttp
 
 from tests.lovdproc import LovdProc
 
+# As OpenCode sends it: the model's own name (llm.model is "lovd/legal-stub").
 CHAT = {
-    "model": "lovd/legal-stub",
+    "model": "legal-stub",
     "stream": True,
     "messages": [{"role": "user", "content": "Si hei"}],
 }
@@ -45,6 +53,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def streams_counted(p: LovdProc, sid: str) -> int:
+    _, _, shown = p.api("GET", f"/api/sessions/{sid}")
+    return int(shown["usage"]["llm_requests"])
 
 
 async def first_token(http: aiohttp.ClientSession, url: str, key: str) -> float:
@@ -92,6 +111,10 @@ async def main(requests: int, seconds: float) -> int:
         llm={"model": "lovd/legal-stub", "base_url": f"http://127.0.0.1:{stub_port}/v1",
              "api_key": api_key},
         egress={"enforce": False},  # the client is on the host, not in a session
+        # One session carries all 32 streams here, so its own limits (2 LLM calls at a
+        # time, 16 requests in flight) are raised; every check still runs on each call.
+        broker={"listen": f"127.0.0.1:{free_port()}", "session_concurrency": 32,
+                "session_requests": 64},
     )
     try:
         p.start()
@@ -115,7 +138,10 @@ async def main(requests: int, seconds: float) -> int:
                 d.append(await first_token(http, direct, api_key))
                 b.append(await first_token(http, brokered, credential))
         tput_direct = await throughput(direct, api_key, seconds)
+        assert p.proc is not None
+        cpu0, n0 = cpu_seconds(p.proc.pid), streams_counted(p, s["id"])
         tput_broker = await throughput(brokered, credential, seconds)
+        cpu1, n1 = cpu_seconds(p.proc.pid), streams_counted(p, s["id"])
         _, _, shown = p.api("GET", f"/api/sessions/{s['id']}")
 
         def ms(x: float) -> str:
@@ -131,6 +157,9 @@ async def main(requests: int, seconds: float) -> int:
         print(f"direct          {tput_direct:8.1f} streams/s")
         print(f"through broker  {tput_broker:8.1f} streams/s  "
               f"({tput_broker / tput_direct:.2f}x direct)")
+        # CPU time barely depends on what else the host runs, unlike the rates above.
+        print(f"lovd CPU per brokered stream: {(cpu1 - cpu0) / max(n1 - n0, 1) * 1e6:.0f} us "
+              f"({n1 - n0} streams)")
         print(f"\nthe broker counted for the session: {json.dumps(shown['usage'])}")
         return 0
     finally:

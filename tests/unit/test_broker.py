@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lovd import config, ids
 from lovd.broker import upstreams
-from lovd.broker.server import Broker, create_broker_app
-from lovd.broker.usage import Ledger, UsageReader
+from lovd.broker.server import Broker, create_broker_app, limits_from_config
+from lovd.broker.usage import Ledger, UsageReader, utc_day
 from lovd.metrics import Metrics
 from lovd.store import Session, Store
 
@@ -125,6 +125,8 @@ async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
                 "anthropic_base_url": base + "/anthropic/v1",
                 "google_api_key": CANARY + "-google",
                 "google_base_url": base + "/google/v1beta",
+                "model": "openai/gpt-x",
+                "models": ["anthropic/claude-x", "google/g"],
                 **settings.pop("llm", {}),
             },
             "mcp": {"lovdata": {"url": base + "/mcp", "token": CANARY + "-mcp"}},
@@ -140,6 +142,8 @@ async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
         http=http,
         ledger=Ledger(cfg.max_tokens_per_session, cfg.max_tokens_per_day),
         metrics=metrics,
+        limits=limits_from_config(cfg),
+        max_output_tokens=cfg.max_output_tokens,
     )
     client = TestClient(TestServer(create_broker_app(broker)))
     await client.start_server()
@@ -157,7 +161,9 @@ def bearer(cred: str) -> dict[str, str]:
 
 
 OPENAI_CHAT = "/llm/openai/chat/completions"
-CHAT = {"model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "Hei"}]}
+CHAT = {"model": "gpt-x", "stream": True, "max_tokens": 10,
+        "messages": [{"role": "user", "content": "Hei"}]}
+CLAUDE = {"model": "claude-x", "max_tokens": 20, "stream": True, "messages": []}
 
 
 async def test_no_wrong_or_dead_credential_reaches_an_upstream(tmp_path: Path) -> None:
@@ -188,7 +194,7 @@ async def test_the_operator_key_replaces_the_session_credential_upstream(tmp_pat
                                    headers=bearer(cred))
         assert resp.status == 200
         await resp.read()
-        resp = await r.client.post("/llm/anthropic/messages", json={"stream": True},
+        resp = await r.client.post("/llm/anthropic/messages", json=CLAUDE,
                                    headers={"x-api-key": cred})
         await resp.read()
         resp = await r.client.post("/llm/google/models/g:generateContent?key=" + cred, json={},
@@ -197,7 +203,8 @@ async def test_the_operator_key_replaces_the_session_credential_upstream(tmp_pat
         resp = await r.client.post("/mcp/lovdata", json={"jsonrpc": "2.0"}, headers=bearer(cred))
         assert resp.status == 200
         openai, anthropic, google, mcp = r.upstream.seen
-        assert openai["path"] == "/openai/v1/chat/completions" and openai["query"] == {"x": "1"}
+        # Query parameters the route does not need are dropped (Google's alt=sse is kept).
+        assert openai["path"] == "/openai/v1/chat/completions" and openai["query"] == {}
         assert openai["headers"]["Authorization"] == f"Bearer {CANARY}"
         assert anthropic["headers"]["x-api-key"] == CANARY + "-anthropic"
         assert "Authorization" not in anthropic["headers"]
@@ -229,7 +236,8 @@ async def test_streams_pass_unbuffered_and_usage_is_counted(tmp_path: Path) -> N
         rest = await resp.read()
         assert b'"prompt_tokens": 30' in rest and rest.endswith(b"data: [DONE]\n\n")
         assert r.upstream.seen[0]["body"]["stream_options"] == {"include_usage": True}
-        resp = await r.client.post("/llm/anthropic/messages", json={}, headers={"x-api-key": cred})
+        resp = await r.client.post("/llm/anthropic/messages", json=CLAUDE,
+                                   headers={"x-api-key": cred})
         await resp.read()
         resp = await r.client.post("/llm/google/models/g:generateContent", json={},
                                    headers={"x-goog-api-key": cred})
@@ -248,17 +256,17 @@ async def test_streams_pass_unbuffered_and_usage_is_counted(tmp_path: Path) -> N
 
 
 async def test_caps_refuse_with_a_message_the_chat_shows(tmp_path: Path) -> None:
-    async with rig(tmp_path, llm={"max_tokens_per_session": 40}) as r:
+    async with rig(tmp_path, llm={"max_tokens_per_session": 80}) as r:
         r.upstream.release.set()
         a, cred_a = await r.session()
         resp = await r.client.post(OPENAI_CHAT, json=CHAT, headers=bearer(cred_a))
-        await resp.read()  # 42 tokens: over the session cap now
+        await resp.read()  # 42 tokens: what is left is less than the next call may use
         resp = await r.client.post(OPENAI_CHAT, json=CHAT, headers=bearer(cred_a))
         assert resp.status == 403
         msg = (await resp.json())["error"]["message"]
-        assert "40 tokens" in msg and "Start en ny økt" in msg
+        assert "80 tokens" in msg and "Start en ny økt" in msg
         resp = await r.client.post(
-            "/llm/anthropic/messages", json={}, headers={"x-api-key": cred_a}
+            "/llm/anthropic/messages", json=CLAUDE, headers={"x-api-key": cred_a}
         )
         assert (await resp.json())["error"]["type"] == "permission_error"  # Anthropic's shape
         # MCP is not an LLM call: still served.
@@ -274,7 +282,7 @@ async def test_caps_refuse_with_a_message_the_chat_shows(tmp_path: Path) -> None
 
 
 async def test_the_day_cap_counts_every_session_of_the_host(tmp_path: Path) -> None:
-    async with rig(tmp_path / "day", llm={"max_tokens_per_day": 80}) as r:
+    async with rig(tmp_path / "day", llm={"max_tokens_per_day": 130}) as r:
         r.upstream.release.set()
         for _ in range(2):  # 42 tokens each, in two sessions
             _, cred = await r.session()
@@ -285,6 +293,7 @@ async def test_the_day_cap_counts_every_session_of_the_host(tmp_path: Path) -> N
         _, cred = await r.session()
         resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=bearer(cred))
         assert resp.status == 403 and "midnatt" in (await resp.json())["error"]["message"]
+        assert r.broker.ledger.days[utc_day(time.time())] == 84
         assert len(r.upstream.seen) == 2
 
 
