@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lovd import config_checks as checks
+from lovd.egress_allow import EgressError, parse_allow
 
 DEFAULT_CONFIG_PATH = "/etc/lovd/lovd.conf"
 # expires_at of a session that never expires (session_ttl 0): 9999-12-31T23:59:59Z, the
@@ -699,8 +700,6 @@ def _userns(v: Any) -> str | None:
 
 
 def _egress_entry(v: Any) -> str | None:
-    from lovd.egress import EgressError, parse_allow  # egress imports this module
-
     try:
         parse_allow(v)
     except EgressError as e:

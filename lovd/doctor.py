@@ -9,24 +9,14 @@ import os
 import pwd
 import shutil
 import sqlite3
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lovd import egress, limits
 from lovd.config import Config
 from lovd.podman import LABEL_INSTANCE, LABEL_SESSION, default_api_socket
+from lovd.report import Check
 from lovd.runner import user_manager_reachable
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str  # ok, warn, fail
-    detail: str
-    fix: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+from lovd.sync.doctor import checks as postgres_checks
 
 
 async def _run(*argv: str, stdin: bytes | None = None) -> tuple[int, str]:
@@ -203,8 +193,6 @@ async def run_checks(config: Config) -> list[Check]:
     out += await egress_checks(config, podman_ok=bool(podman and info))
     out.append(floors_check(config))
     out.append(disk_quota_check(config))
-    from lovd.sync.doctor import checks as postgres_checks  # imports this module
-
     out += await postgres_checks(config)
     return out
 

@@ -27,10 +27,15 @@ import ipaddress
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from lovd.config import Config
+
+# The entry syntax lives in a ground-floor module so config.py can validate it without
+# importing this one (which needs Config): no import circle. Re-exported: callers catch
+# egress.EgressError.
+from lovd.egress_allow import EgressError as EgressError  # noqa: PLC0414
+from lovd.egress_allow import parse_allow as parse_allow  # noqa: PLC0414
 from lovd.errors import LovdError
 
 log = logging.getLogger(__name__)
@@ -46,7 +51,6 @@ HOOK_TIMEOUT = 10  # seconds; a hung nft must not hang the container start forev
 HOOK_STAGE = "createRuntime"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # POSIX sh, run as `/bin/sh hook.sh RULES` (so a noexec runtime dir is fine). It runs on
 # every container start, so: no interpreter start-up, no JSON library, builtins only
@@ -73,62 +77,6 @@ if ! err=$(nsenter --target "$pid" --net nft -f "$rules" 2>&1); then
         "$(printf '%s' "$err" | tr '\n' ' ')"
 fi
 """
-
-
-class EgressError(Exception):
-    """The egress settings cannot be turned into rules (the message names the key)."""
-
-
-@dataclass(frozen=True)
-class Allow:
-    """One ``egress.allow`` entry: a network, optionally one port (TCP and UDP)."""
-
-    network: IPNetwork
-    port: int | None = None
-
-    def rule(self) -> str:
-        family = "ip" if self.network.version == 4 else "ip6"
-        addr = (
-            str(self.network.network_address)
-            if self.network.num_addresses == 1
-            else str(self.network)
-        )
-        if self.port is None:
-            return f"{family} daddr {addr} accept"
-        return f"{family} daddr {addr} meta l4proto {{ tcp, udp }} th dport {self.port} accept"
-
-
-def _network(text: str, entry: str) -> IPNetwork:
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError as e:
-        if "/" in text and "has host bits set" in str(e):
-            hint = ipaddress.ip_network(text, strict=False)
-            raise EgressError(f"egress.allow: {entry!r} has host bits set (meant {hint}?)") from e
-        raise EgressError(
-            f"egress.allow: {entry!r} is not ADDRESS:PORT, ADDRESS or CIDR "
-            "(host names are not resolved: give the address; IPv6 with a port as [ADDR]:PORT)"
-        ) from e
-
-
-def _port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise EgressError(f"egress.allow: {entry!r}: port must be 1-65535")
-    return int(text)
-
-
-def parse_allow(entry: str) -> Allow:
-    """``ADDR``, ``ADDR:PORT``, ``CIDR``, ``CIDR:PORT``; IPv6 with a port as ``[ADDR]:PORT``."""
-    text = entry.strip()
-    if text.startswith("["):
-        addr, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise EgressError(f"egress.allow: {entry!r}: expected [IPV6]:PORT")
-        return Allow(_network(addr, entry), _port(rest[1:], entry) if rest else None)
-    if text.count(":") == 1:  # IPv4 with a port (a bare IPv6 address has several colons)
-        addr, _, port = text.partition(":")
-        return Allow(_network(addr, entry), _port(port, entry))
-    return Allow(_network(text, entry), None)
 
 
 def _gateway(config: Config) -> IPAddress:

@@ -1,6 +1,7 @@
 """Sessions: one OpenCode container per chat, from creation to expiry.
 
-model.py       states and the Session row
+model.py       states and the Session row (ground floor: imports nothing of lovd's, so
+               store and metrics may use it; see README, Layout)
 launcher.py    the container's settings, start, readiness, stop
 admission.py   places, ports, when a place frees up
 warm.py        the warm pool (on top of launcher and admission)

@@ -10,7 +10,7 @@ import time
 import psycopg
 
 from lovd.config import Config
-from lovd.doctor import Check
+from lovd.report import Check
 from lovd.sync import schema
 from lovd.sync.claim import META_EPOCH
 from lovd.sync.pool import connect, describe

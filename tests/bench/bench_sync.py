@@ -87,10 +87,9 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
     from lovd.metrics import Metrics
-    from lovd.session.launcher import SessionEnv, load_host_key
-    from lovd.session.lifecycle import Sessions
     from lovd.sync.service import Sync
     from lovd.web.app import create_app
+    from lovd.wiring import build_sessions
     from tests.fakes import FakeRunner
     from tests.pg import PgCluster
 
@@ -101,8 +100,8 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
     runner = FakeRunner()
     http = aiohttp.ClientSession()
     metrics = Metrics()
-    sessions = Sessions(cfg, store, runner, http, SessionEnv(cfg, load_host_key(cfg.state_path)),
-                        metrics, "bench-api")  # fmt: skip
+    sessions = build_sessions(cfg, store=store, runner=runner, http=http, metrics=metrics,
+                              host_id="bench-api")  # fmt: skip
     sync = Sync.create(cfg, store, "bench-api", "bench", metrics)
     app = create_app(sessions=sessions, metrics_=metrics, public_url="http://x",
                      max_body=cfg.max_body, sync=sync)  # fmt: skip

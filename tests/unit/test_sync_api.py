@@ -18,11 +18,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from lovd import config
 from lovd.metrics import Metrics
-from lovd.session.launcher import SessionEnv, load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Store
 from lovd.sync.service import Sync
 from lovd.web.app import create_app
+from lovd.wiring import build_sessions
 from tests.fakes import FakeRunner
 from tests.pg import PgCluster, cluster
 from tests.unit.test_api import check_schema
@@ -69,8 +69,8 @@ async def open_synced(
     runner = FakeRunner()
     http = aiohttp.ClientSession()
     metrics = Metrics()
-    sessions = Sessions(
-        cfg, store, runner, http, SessionEnv(cfg, load_host_key(cfg.state_path)), metrics, host_id
+    sessions = build_sessions(
+        cfg, store=store, runner=runner, http=http, metrics=metrics, host_id=host_id
     )
     sync = Sync.create(cfg, store, host_id, "test", metrics)
     app = create_app(
