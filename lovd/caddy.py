@@ -96,7 +96,9 @@ def _proxy_to_lovd(dial: str) -> dict[str, Any]:
 
 # Vite's hashed file names never change content: a browser may keep them for a year.
 ASSET_CACHE = "public, max-age=31536000, immutable"
-# The UI's unhashed files at the top (favicons, manifest) may change with an upgrade.
+HASHED = r"^/assets/[^/]+-[A-Za-z0-9_-]{8}\.[a-z0-9]+$"
+# The UI's unhashed files (favicons, manifest, /assets/Inter.ttf) may change with an
+# upgrade: an hour, then the browser revalidates (ETag, Last-Modified).
 TOP_FILE_CACHE = "public, max-age=3600"
 TOP_FILES = r"^/[A-Za-z0-9_][A-Za-z0-9_.-]*\.(png|svg|ico|webmanifest)$"
 # Compressed by Caddy: what lovd and OpenCode answer besides the precompressed UI files.
@@ -133,8 +135,13 @@ def static_routes(site: Site, when: dict[str, Any]) -> list[dict[str, Any]]:
 
     return [
         {
-            "match": [{**when, "path": ["/assets/*"], **exists}],
+            "match": [{**when, "path_regexp": {"pattern": HASHED}, **exists}],
             "handle": [cache(ASSET_CACHE), files],
+            "terminal": True,
+        },
+        {
+            "match": [{**when, "path": ["/assets/*"], **exists}],
+            "handle": [cache(TOP_FILE_CACHE), files],
             "terminal": True,
         },
         {

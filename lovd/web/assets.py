@@ -75,6 +75,7 @@ _ASSET_REF = re.compile(
 )
 _SIBLING_REF = re.compile(r"""["'`(]\./([A-Za-z0-9_][A-Za-z0-9_.~-]*\.[a-z0-9]{1,12})["'`)]""")
 _CSS_URL = re.compile(r"""url\(\s*["']?([^"')\s]+)["']?\s*\)""")
+_SPRITE = re.compile(r"/assets/sprite-[A-Za-z0-9_-]+\.svg")
 MAX_FILES = 5000
 MAX_BYTES = 200 * 1024 * 1024
 FETCH_TIMEOUT = 30.0
@@ -112,12 +113,10 @@ class UiSet:
     files: list[str]
     scripts: list[str] = field(default_factory=list)
     styles: list[str] = field(default_factory=list)
-
-    def prefetch(self) -> list[tuple[str, str]]:
-        """(rel, href) for the landing page: what the UI loads first."""
-        return [("modulepreload", s) for s in self.scripts] + [
-            ("preload-style", s) for s in self.styles
-        ]
+    # What the UI's first paint needs besides its entry files: the text fonts its entry
+    # stylesheet names (not KaTeX's, which load only for a formula) and its icon sprite.
+    fonts: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
 
 
 def _stored(path: str) -> bool:
@@ -162,6 +161,8 @@ class UiAssets:
                 files=[str(f) for f in raw["files"]],
                 scripts=[str(s) for s in raw.get("scripts", [])],
                 styles=[str(s) for s in raw.get("styles", [])],
+                fonts=[str(s) for s in raw.get("fonts", [])],
+                extra=[str(s) for s in raw.get("extra", [])],
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -228,11 +229,19 @@ class UiAssets:
                     raise ValueError("OpenCode's UI is larger than lovd stores")
                 if path.endswith(_TEXT):
                     todo |= _refs(path, body) - seen
+        styles = [s for s in shell.styles if s in got]
+        named = sorted(set().union(*(_refs(s, got[s]) for s in styles))) if styles else []
         ui = UiSet(
             version=version,
             files=sorted(got),
             scripts=[s for s in shell.scripts if s in got],
-            styles=[s for s in shell.styles if s in got],
+            styles=styles,
+            fonts=[
+                p
+                for p in named
+                if p in got and p.endswith((".woff2", ".ttf")) and "/KaTeX_" not in p
+            ],
+            extra=[p for p in sorted(got) if _SPRITE.fullmatch(p)],
         )
         await asyncio.to_thread(self._write, ui, got)
         log.info(
@@ -282,6 +291,8 @@ class UiAssets:
             "files": ui.files,
             "scripts": ui.scripts,
             "styles": ui.styles,
+            "fonts": ui.fonts,
+            "extra": ui.extra,
         }
         _atomic(self.sets / f"{ui.version}.json", json.dumps(meta, indent=1).encode())
 

@@ -80,13 +80,13 @@ class WarmPrep:
         ui = self.assets.get(version) if version else None
         if ui is None:
             return ""
-        tags = [
-            f'<link rel="modulepreload" href="{html.escape(s, quote=True)}">' for s in ui.scripts
-        ]
-        tags += [
-            f'<link rel="prefetch" as="style" href="{html.escape(s, quote=True)}">'
-            for s in ui.styles
-        ]
+        e = html.escape
+        # The UI loads its entry script as a CORS module and its fonts in CORS mode: the
+        # same modes here, or the browser's cache would not match.
+        tags = [f'<link rel="modulepreload" href="{e(p)}">' for p in ui.scripts]
+        tags += [f'<link rel="prefetch" as="style" href="{e(p)}">' for p in ui.styles]
+        tags += [f'<link rel="prefetch" as="font" href="{e(p)}" crossorigin>' for p in ui.fonts]
+        tags += [f'<link rel="prefetch" href="{e(p)}">' for p in ui.extra]
         return "".join(tags)
 
     async def _version(self, base: str, auth: str) -> str:

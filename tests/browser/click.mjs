@@ -41,7 +41,7 @@ try {
   const reqs = new Map();
   let phase = "before";
   cdp.on("Network.requestWillBeSent", (e) => {
-    reqs.set(e.requestId, { url: e.request.url, phase, bytes: 0, cached: false });
+    reqs.set(e.requestId, { url: e.request.url, phase, bytes: 0, cached: false, encoding: "", cache_control: "" });
   });
   cdp.on("Network.requestServedFromCache", (e) => {
     const r = reqs.get(e.requestId); if (r) r.cached = true;
@@ -69,6 +69,7 @@ try {
     throw new Error("no chat prompt within " + ms + " ms at " + page.url());
   };
   let t0;
+  if (spec.clear_cookies) await ctx.clearCookies(); // a returning visitor's new session
   if (spec.mode === "lovd") {
     await page.goto(spec.base + "/", { waitUntil: "load" });
     await page.waitForTimeout(spec.read_ms ?? 2000);
@@ -95,12 +96,15 @@ try {
   result.assets = assets.length;
   result.assets_cached = assets.filter((r) => r.cached).length;
   result.assets_immutable = assets.filter((r) => r.cache_control.includes("immutable")).length;
+  result.unhashed_assets = assets.map(path).filter((p) => !/-[A-Za-z0-9_-]{8}\.[a-z0-9]+$/.test(p));
   result.assets_compressed = assets.filter((r) => r.encoding).length;
   result.main_bundle = assets.filter((r) => /\/assets\/index-[^/]*\.js$/.test(path(r)))
     .map((r) => ({ path: path(r), cached: r.cached, bytes: r.bytes, encoding: r.encoding }));
   result.prefetched = before.filter((r) => path(r).startsWith("/assets/"))
     .map((r) => ({ path: path(r), bytes: r.bytes, encoding: r.encoding,
                    immutable: r.cache_control.includes("immutable") }));
+  result.biggest_before_click = before.sort((a, b) => b.bytes - a.bytes).slice(0, 8)
+    .map((r) => [path(r), r.bytes, r.encoding, r.cached]);
   result.biggest = list.sort((a, b) => b.bytes - a.bytes).slice(0, 5)
     .map((r) => [path(r), r.bytes, r.encoding, r.cached]);
   if (spec.reload) {

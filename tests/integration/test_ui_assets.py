@@ -27,9 +27,14 @@ BUNDLE = b"export const x = '" + b"lovd ui bundle " * 400 + b"';\n"
 
 def _store(www_root: Path) -> None:
     """A stored UI as assets.py writes it (the file and its compressed siblings)."""
-    ui = UiSet(version="9.9.9", files=["/assets/index-AbC123.js", "/favicon-v3.svg"])
+    files = {
+        "/assets/index-AbC12_-3.js": BUNDLE,
+        "/assets/Inter.ttf": b"\0" * 300,
+        "/favicon-v3.svg": b"<svg/>" * 100,
+    }
+    ui = UiSet(version="9.9.9", files=sorted(files))
     assets = UiAssets(www_root, http=None)  # type: ignore[arg-type]  # no fetching here
-    assets._write(ui, {"/assets/index-AbC123.js": BUNDLE, "/favicon-v3.svg": b"<svg/>" * 100})
+    assets._write(ui, files)
 
 
 async def test_ui_files_come_from_caddy_without_the_gate() -> None:
@@ -39,7 +44,7 @@ async def test_ui_files_come_from_caddy_without_the_gate() -> None:
         # No cookie at all: Caddy answers from disk, lovd's gate is never asked.
         for enc, want in (("zstd, gzip", "zstd"), ("gzip", "gzip"), ("identity", None)):
             async with h.http.get(
-                h.url + "/assets/index-AbC123.js", headers={"Accept-Encoding": enc}
+                h.url + "/assets/index-AbC12_-3.js", headers={"Accept-Encoding": enc}
             ) as r:
                 body = await r.read()
                 assert r.status == 200, body[:200]
@@ -51,9 +56,11 @@ async def test_ui_files_come_from_caddy_without_the_gate() -> None:
                     assert body == BUNDLE
                 else:
                     assert len(body) < len(BUNDLE) / 5
-        async with h.http.get(h.url + "/favicon-v3.svg") as r:
-            assert r.status == 200
-            assert "immutable" not in r.headers["Cache-Control"]
+        # Unhashed names may change with an upgrade: cached for an hour only.
+        for path in ("/favicon-v3.svg", "/assets/Inter.ttf"):
+            async with h.http.get(h.url + path) as r:
+                assert r.status == 200, path
+                assert r.headers["Cache-Control"] == "public, max-age=3600", path
         # What is not stored stays behind the gate: no cookie, no answer.
         for path in ("/assets/missing-Zz9.js", "/assets/", "/", "/session", "/config"):
             async with h.http.get(
@@ -64,7 +71,7 @@ async def test_ui_files_come_from_caddy_without_the_gate() -> None:
         for path in ("/sets/9.9.9.json", "/assets/../sets/9.9.9.json", "/ui/sets/9.9.9.json"):
             async with h.http.get(h.url + path, headers={"Cookie": "lovd_session=x"}) as r:
                 assert r.status in (400, 401, 404), (path, r.status)
-                assert b"index-AbC123" not in await r.read()
+                assert b"index-AbC12_-3" not in await r.read()
 
 
 async def test_answers_are_compressed_but_events_arrive_one_by_one() -> None:

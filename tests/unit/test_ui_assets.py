@@ -71,6 +71,7 @@ async def test_extract_follows_the_ui_and_stores_only_its_files(tmp_path: Path) 
     assert set(ui.files) == set(_files("1"))
     assert ui.scripts == ["/assets/index-AAA.js"]
     assert ui.styles == ["/assets/index-BBB.css"]
+    assert ui.fonts == ["/assets/inter-EEE.woff2"]
     for path, body in _files("1").items():
         assert (www / path.lstrip("/")).read_bytes() == body
     main = www / "assets" / "index-AAA.js"
