@@ -75,7 +75,6 @@ _ASSET_REF = re.compile(
 )
 _SIBLING_REF = re.compile(r"""["'`(]\./([A-Za-z0-9_][A-Za-z0-9_.~-]*\.[a-z0-9]{1,12})["'`)]""")
 _CSS_URL = re.compile(r"""url\(\s*["']?([^"')\s]+)["']?\s*\)""")
-_SPRITE = re.compile(r"/assets/sprite-[A-Za-z0-9_-]+\.svg")
 MAX_FILES = 5000
 MAX_BYTES = 200 * 1024 * 1024
 FETCH_TIMEOUT = 30.0
@@ -113,10 +112,9 @@ class UiSet:
     files: list[str]
     scripts: list[str] = field(default_factory=list)
     styles: list[str] = field(default_factory=list)
-    # What the UI's first paint needs besides its entry files: the text fonts its entry
-    # stylesheet names (not KaTeX's, which load only for a formula) and its icon sprite.
+    # What the UI's first paint needs besides its entry files: the first font its entry
+    # stylesheet names (the text font; the code font and KaTeX's load later, if at all).
     fonts: list[str] = field(default_factory=list)
-    extra: list[str] = field(default_factory=list)
 
 
 def _stored(path: str) -> bool:
@@ -141,6 +139,16 @@ def _refs(path: str, body: bytes) -> set[str]:
     return {p for p in found if _stored(p)}
 
 
+def _body_font(styles: list[str], got: dict[str, bytes]) -> list[str]:
+    """The first font (not KaTeX's) the entry stylesheets name, in their order."""
+    for css in styles:
+        for ref in _CSS_URL.findall(got[css].decode("utf-8", errors="replace")):
+            path = urlsplit(urljoin(css, ref)).path
+            if path in got and path.endswith((".woff2", ".woff", ".ttf")) and "KaTeX" not in path:
+                return [path]
+    return []
+
+
 class UiAssets:
     """The host's copy of the OpenCode UI's static files (see the module docstring)."""
 
@@ -162,7 +170,6 @@ class UiAssets:
                 scripts=[str(s) for s in raw.get("scripts", [])],
                 styles=[str(s) for s in raw.get("styles", [])],
                 fonts=[str(s) for s in raw.get("fonts", [])],
-                extra=[str(s) for s in raw.get("extra", [])],
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -230,18 +237,12 @@ class UiAssets:
                 if path.endswith(_TEXT):
                     todo |= _refs(path, body) - seen
         styles = [s for s in shell.styles if s in got]
-        named = sorted(set().union(*(_refs(s, got[s]) for s in styles))) if styles else []
         ui = UiSet(
             version=version,
             files=sorted(got),
             scripts=[s for s in shell.scripts if s in got],
             styles=styles,
-            fonts=[
-                p
-                for p in named
-                if p in got and p.endswith((".woff2", ".ttf")) and "/KaTeX_" not in p
-            ],
-            extra=[p for p in sorted(got) if _SPRITE.fullmatch(p)],
+            fonts=_body_font(styles, got),
         )
         await asyncio.to_thread(self._write, ui, got)
         log.info(
@@ -292,7 +293,6 @@ class UiAssets:
             "scripts": ui.scripts,
             "styles": ui.styles,
             "fonts": ui.fonts,
-            "extra": ui.extra,
         }
         _atomic(self.sets / f"{ui.version}.json", json.dumps(meta, indent=1).encode())
 

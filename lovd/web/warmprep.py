@@ -86,7 +86,6 @@ class WarmPrep:
         tags = [f'<link rel="modulepreload" href="{e(p)}">' for p in ui.scripts]
         tags += [f'<link rel="prefetch" as="style" href="{e(p)}">' for p in ui.styles]
         tags += [f'<link rel="prefetch" as="font" href="{e(p)}" crossorigin>' for p in ui.fonts]
-        tags += [f'<link rel="prefetch" href="{e(p)}">' for p in ui.extra]
         return "".join(tags)
 
     async def _version(self, base: str, auth: str) -> str:
