@@ -36,7 +36,9 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -329,9 +331,12 @@ def _check(status: int, body: Any, method: str, path: str) -> None:
         raise CaddyError(f"Caddy refused {method} {path}: HTTP {status}: {detail}")
 
 
-def ui_root(config: Config) -> Path:
-    """Where lovd keeps OpenCode's UI files for Caddy (lovd/web/assets.py)."""
-    return config.state_path / "ui"
+def ui_root(config: Config, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where lovd keeps OpenCode's UI files for Caddy (lovd/web/assets.py): systemd's
+    cache directory (units/lovd.service: 0755, readable by Caddy's user, unlike the 0750
+    state directory), else ``<state_dir>/ui``."""
+    cache = environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return Path(cache) / "ui" if cache else config.state_path / "ui"
 
 
 def auth_socket_path(config: Config, listen: str) -> str:

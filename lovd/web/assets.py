@@ -10,9 +10,10 @@ them uncompressed and uncachable (issue 17).
 So the first time lovd sees a session image's OpenCode version (a warm-pool container
 is ready, web/gate.py), it fetches the UI's files once from that container's own HTTP
 server, with the container's password, and stores them under
-``<state_dir>/ui/www`` with ``.zst`` and ``.gz`` siblings; ``<state_dir>/ui/sets/
-<version>.json`` lists which files belong to which version. Caddy serves ``www``
-(lovd/caddy.py: ``file_server``, precompressed, ``immutable`` on ``/assets/*``) without
+``<ui>/www`` with ``.zst`` and ``.gz`` siblings (``<ui>``: systemd's cache directory,
+readable by Caddy, else ``<state_dir>/ui``; lovd/caddy.py ``ui_root``);
+``<ui>/sets/<version>.json`` lists which files belong to which version. Caddy serves
+``www`` (lovd/caddy.py: ``file_server``, precompressed, ``immutable`` on hashed names) without
 forward_auth; a file not there yet goes through the gate to the container as before.
 
 What is fetched is found by following the UI itself: the HTML shell's ``src``/``href``,
