@@ -128,7 +128,13 @@ async def main(profiles: int, returning: int) -> None:
     async with (
         harness(
             image=SESSION_IMAGE,
-            settings={"warm_pool": 1, "ready_timeout": 90, "limits": {"max_running": 6}},
+            settings={
+            "warm_pool": 1,
+            "ready_timeout": 90,
+            "limits": {"max_running": 6},
+            # Every click comes from 127.0.0.1: no per-client start limit here.
+            "browser": {"start_limit": 10000},
+        },
             allowlist=Allowlist(),
         ) as h,
         aiohttp.ClientSession() as http,
