@@ -113,8 +113,8 @@ class UiSet:
     files: list[str]
     scripts: list[str] = field(default_factory=list)
     styles: list[str] = field(default_factory=list)
-    # What the UI's first paint needs besides its entry files: the first font its entry
-    # stylesheet names (the text font; the code font and KaTeX's load later, if at all).
+    # What the UI's first paint needs besides its entry files: its text font (the code
+    # font and KaTeX's load later, if at all).
     fonts: list[str] = field(default_factory=list)
 
 
@@ -140,14 +140,26 @@ def _refs(path: str, body: bytes) -> set[str]:
     return {p for p in found if _stored(p)}
 
 
+_FONT_FACE = re.compile(r"@font-face\s*\{([^}]*)\}")
+_FAMILY = re.compile(r"font-family\s*:\s*([^;]+)")
+
+
 def _body_font(styles: list[str], got: dict[str, bytes]) -> list[str]:
-    """The first font (not KaTeX's) the entry stylesheets name, in their order."""
+    """The text fonts the entry stylesheets declare: every ``@font-face`` that is
+    neither KaTeX's (loaded for a formula only) nor a monospace one (code blocks);
+    for OpenCode 1.18.33 that is Inter, which its first paint uses."""
+    fonts: list[str] = []
     for css in styles:
-        for ref in _CSS_URL.findall(got[css].decode("utf-8", errors="replace")):
-            path = urlsplit(urljoin(css, ref)).path
-            if path in got and path.endswith((".woff2", ".woff", ".ttf")) and "KaTeX" not in path:
-                return [path]
-    return []
+        for face in _FONT_FACE.findall(got[css].decode("utf-8", errors="replace")):
+            family = _FAMILY.search(face)
+            name = family.group(1) if family else ""
+            if not name or "katex" in name.lower() or "mono" in name.lower():
+                continue
+            for ref in _CSS_URL.findall(face):
+                path = urlsplit(urljoin(css, ref)).path
+                if path in got and path not in fonts:
+                    fonts.append(path)
+    return fonts
 
 
 class UiAssets:

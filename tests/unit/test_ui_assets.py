@@ -31,7 +31,11 @@ def _files(version: str) -> dict[str, bytes]:
         "/assets/index-AAA.js": (
             b'const m={"assets/lazy-CCC.js":1}; import("./chunk-DDD.js");' + b";" * 600
         ),
-        "/assets/index-BBB.css": b"@font-face{src:url(./inter-EEE.woff2)} body{}" + b" " * 600,
+        "/assets/index-BBB.css": (
+            b"@font-face{font-family:Mono Code;src:url(./mono-FFF.woff2)format('woff2')}"
+            b"@font-face{font-family:Inter;src:url(./inter-EEE.woff2)} body{}" + b" " * 600
+        ),
+        "/assets/mono-FFF.woff2": b"wOF2" + b"\2" * 40,
         "/assets/lazy-CCC.js": b"export default 1;" + version.encode(),
         "/assets/chunk-DDD.js": b"export const d = 2; /* assets/../../etc/passwd */",
         "/assets/inter-EEE.woff2": b"wOF2" + b"\1" * 40,
