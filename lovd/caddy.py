@@ -50,7 +50,9 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,8 @@ class Site:
     auth_socket: str
     public_url: str = ""
     gate_key: str = GATE_KEY_PLACEHOLDER
+    # OpenCode's UI files on the host (lovd/web/assets.py); "" = every file via the gate.
+    assets_dir: str = ""
 
     @property
     def hosts(self) -> list[str]:
@@ -118,6 +122,81 @@ CONNECT_SRC = "connect-src 'self' data:"
 
 def _proxy_to_lovd(dial: str) -> dict[str, Any]:
     return {"handler": "reverse_proxy", "upstreams": [{"dial": dial}]}
+
+
+# Vite's hashed file names never change content: a browser may keep them for a year.
+ASSET_CACHE = "public, max-age=31536000, immutable"
+HASHED = r"^/assets/[^/]+-[A-Za-z0-9_-]{8}\.[a-z0-9]+$"
+# The UI's unhashed files (favicons, manifest, /assets/Inter.ttf) may change with an
+# upgrade: an hour, then the browser revalidates (ETag, Last-Modified).
+TOP_FILE_CACHE = "public, max-age=3600"
+TOP_FILES = r"^/[A-Za-z0-9_][A-Za-z0-9_.-]*\.(png|svg|ico|webmanifest)$"
+# Compressed by Caddy: what lovd and OpenCode answer besides the precompressed UI files.
+# Not text/event-stream: a streamed answer must reach the browser event by event.
+COMPRESSIBLE = [
+    "text/html*",
+    "text/css*",
+    "text/plain*",
+    "text/javascript*",
+    "application/javascript*",
+    "application/json*",
+    "application/problem+json*",
+    "application/manifest+json*",
+    "image/svg+xml*",
+]
+
+
+def static_routes(site: Site, when: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenCode's UI files straight from disk, without forward_auth (lovd/web/assets.py):
+    only names that exist there; anything else (the HTML shell, every API route) falls
+    through to the gate."""
+    if not site.assets_dir:
+        return []
+    exists = {"file": {"root": site.assets_dir, "try_files": ["{http.request.uri.path}"]}}
+    files = {
+        "handler": "file_server",
+        "root": site.assets_dir,
+        "precompressed": {"zstd": {}, "gzip": {}},
+        "precompressed_order": ["zstd", "gzip"],
+    }
+
+    def cache(value: str) -> dict[str, Any]:
+        return {"handler": "headers", "response": {"set": {"Cache-Control": [value]}}}
+
+    return [
+        {
+            "match": [{**when, "path_regexp": {"pattern": HASHED}, **exists}],
+            "handle": [cache(ASSET_CACHE), files],
+            "terminal": True,
+        },
+        {
+            "match": [{**when, "path": ["/assets/*"], **exists}],
+            "handle": [cache(TOP_FILE_CACHE), files],
+            "terminal": True,
+        },
+        {
+            "match": [{**when, "path_regexp": {"pattern": TOP_FILES}, **exists}],
+            "handle": [cache(TOP_FILE_CACHE), files],
+            "terminal": True,
+        },
+    ]
+
+
+def encode_route(when: dict[str, Any]) -> dict[str, Any]:
+    """zstd/gzip for every later route (a non-terminal route's handler wraps the rest)."""
+    route: dict[str, Any] = {
+        "handle": [
+            {
+                "handler": "encode",
+                "encodings": {"zstd": {}, "gzip": {}},
+                "prefer": ["zstd", "gzip"],
+                "match": {"headers": {"Content-Type": COMPRESSIBLE}},
+            }
+        ]
+    }
+    if when:
+        route["match"] = [when]
+    return route
 
 
 def render_server(site: Site) -> dict[str, Any]:
@@ -215,6 +294,8 @@ def render_server(site: Site) -> dict[str, Any]:
             ],
             "terminal": True,
         },
+        *static_routes(site, {"host": site.hosts} if site.hosts else {}),
+        encode_route({"host": site.hosts} if site.hosts else {}),
         {
             **match({"path": ["/c/*", "/_lovd/*"]}),
             "handle": [_proxy_to_lovd(lovd)],
@@ -334,6 +415,14 @@ def _check(status: int, body: Any, method: str, path: str) -> None:
         raise CaddyError(f"Caddy refused {method} {path}: HTTP {status}: {detail}")
 
 
+def ui_root(config: Config, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where lovd keeps OpenCode's UI files for Caddy (lovd/web/assets.py): systemd's
+    cache directory (units/lovd.service: 0755, readable by Caddy's user, unlike the 0750
+    state directory), else ``<state_dir>/ui``."""
+    cache = environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return Path(cache) / "ui" if cache else config.state_path / "ui"
+
+
 def auth_socket_path(config: Config, listen: str) -> str:
     """``caddy.auth_socket``, else ``auth.sock`` beside the API's unix socket."""
     if config.caddy_auth_socket:
@@ -363,6 +452,7 @@ class CaddyManager:
             auth_socket=auth_socket,
             public_url=config.public_url,
             gate_key=gate_key(host_key),
+            assets_dir=str(ui_root(config) / "www"),
         )
         return cls(CaddyAdmin(config.caddy_admin), site, config.caddy_check_interval)
 

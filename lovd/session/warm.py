@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from lovd.config import Config
@@ -49,6 +49,9 @@ class Warm:
         self.admission = admission
         self.spawn = spawn
         self.clock = clock
+        # Called with each warm container once it answers, before anyone claims it: the
+        # web layer makes its first chat and stores its UI files (web/warmprep.py).
+        self.on_ready: Callable[[Session], Awaitable[None]] | None = None
 
     def rows(self) -> list[Session]:
         """Unclaimed warm-pool rows, oldest first."""
@@ -75,7 +78,13 @@ class Warm:
                 return None
             self.launcher.check_limits()  # refused before a row exists (lovd/limits.py)
             row = await self.admission.insert(SessionState.WARM, "", self.clock(), event="warm")
-        return await self.launcher.start(row.id, warm=True)
+        s = await self.launcher.start(row.id, warm=True)
+        if self.on_ready is not None and s.status == SessionState.WARM and s.container_id:
+            try:
+                await self.on_ready(s)
+            except Exception:  # the container stays usable: a claim then looks it up
+                log.exception("preparing a warm container failed", extra={"SESSION_ID": s.id})
+        return s
 
     async def claim(self, sid: str) -> Session:
         """Hand a claimed warm container to its new owner: wait for it if it is still

@@ -54,7 +54,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from lovd import ids
-from lovd.caddy import COOKIE_NAME, FAILED_HEADER, GATE_HEADER, UPSTREAM_HEADER, gate_key
+from lovd.caddy import (
+    COOKIE_NAME,
+    FAILED_HEADER,
+    GATE_HEADER,
+    UPSTREAM_HEADER,
+    gate_key,
+    ui_root,
+)
 from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.session.housekeeping import UNUSED_REASON
@@ -62,11 +69,13 @@ from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session
 from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
+from lovd.web.assets import UiAssets
 from lovd.web.bodycheck import BodyCheck, Rules
 from lovd.web.chat_landing import ChatLanding
 from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import problem
 from lovd.web.ratelimit import RateLimiter, client_address, client_key
+from lovd.web.warmprep import WarmPrep
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +172,17 @@ class BrowserGate:
         self.chat_landing = ChatLanding(
             http=sessions.http, password_header=sessions.container_auth
         )
+        # Warm containers get their first chat and store their UI files before a claim
+        # (web/warmprep.py); from_config gives it the UI files' directory.
+        self.prep = WarmPrep(
+            http=sessions.http,
+            password_header=sessions.container_auth,
+            landing=self.chat_landing,
+            assets=None,
+            alive=lambda sid: sessions.find(sid) is not None,
+        )
+        sessions.warm_pool.on_ready = self.prep.ready
+        self.pages.prefetch = self.prep.prefetch_html
 
     @classmethod
     def from_config(
@@ -172,7 +192,7 @@ class BrowserGate:
         on_request: Callable[[], None] | None = None,
         allowlist: Allowlist | None = None,
     ) -> BrowserGate:
-        return cls(
+        gate = cls(
             sessions,
             failures=RateLimiter(config.browser_auth_failures, config.browser_auth_failure_window),
             starts=RateLimiter(config.browser_start_limit, config.browser_start_window),
@@ -182,6 +202,8 @@ class BrowserGate:
             on_request=on_request,
             secure_only=config.public_url.startswith("https:"),
         )
+        gate.prep.assets = UiAssets(ui_root(config), sessions.http)
+        return gate
 
     def cookie_value(self, request: web.Request) -> str | None:
         if self.secure_only:

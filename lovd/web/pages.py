@@ -88,6 +88,9 @@ class Pages:
         self.running = running
         self.retry_after = retry_after
         self.static = static_files()
+        # Extra <head> tags of the landing and waking pages: the UI bundle the next
+        # session runs, fetched ahead of the click (web/warmprep.py).
+        self.prefetch: Callable[[], str] = lambda: ""
         self._template = Template(self.static["page.html"].decode())
 
     def render(self, page: Page) -> web.Response:
@@ -101,7 +104,7 @@ class Pages:
             skip=_e(text(lang, "skip")),
             footer=_e(text(lang, "footer", lovdata="\0")).replace("\0", lovdata),
             main=page.main,
-            head=page.head,
+            head=page.head + (self.prefetch() if page.status == 200 else ""),
         )
         resp = web.Response(status=page.status, text=body, content_type="text/html")
         resp.headers.update(PAGE_HEADERS)

@@ -71,7 +71,9 @@ class PublicSite:
             msg = self.pages.refusal_text(e, lang)
             return self.pages.render(self.pages.landing_page(msg, e.status, e.retry_after, lang))
         log.info("session started from the browser by %s", addr, extra={"SESSION_ID": s.id})
-        resp = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
+        # A claimed warm container already has its first chat: go straight there.
+        where = self.gate.prep.first_chat(s.id) or "/"
+        resp = web.Response(status=303, headers={"Location": where, "Cache-Control": "no-store"})
         self.gate.set_cookie(request, resp, s, token)
         return resp
 

@@ -335,7 +335,9 @@ async def harness(
     http = aiohttp.ClientSession(
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        headers={"Accept-Language": "en"},
+        # Raw bodies (auto_decompress=False): ask for them uncompressed unless a test
+        # asks for an encoding itself (test_ui_assets.py checks Caddy's compression).
+        headers={"Accept-Language": "en", "Accept-Encoding": "identity"},
     )
     pool = aiohttp.ClientSession()
     runner = PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, store.instance_id)

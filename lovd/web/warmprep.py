@@ -1,0 +1,121 @@
+"""What lovd does with a warm-pool container before anyone claims it (issue 17).
+
+A person's click on "start" should cost only the start itself. So while a warm
+container waits (session/warm.py calls :meth:`WarmPrep.ready`):
+
+- its first chat is made in ``/work`` (web/chat_landing.py), and ``POST /_lovd/start``
+  that claims it redirects straight to that chat instead of to ``/`` and a lookup in
+  the container (web/public.py);
+- its OpenCode version is read (``GET /global/health``) and, the first time lovd sees
+  that version, the UI's static files are stored for Caddy (web/assets.py); the landing
+  and waking pages then tell the browser to fetch the UI's entry files ahead of the
+  click (:meth:`WarmPrep.prefetch_html`).
+
+All of it is memory only: after a lovd restart a claim falls back to ``/`` and the
+lookup, as before, and the UI files stay on disk.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Callable
+
+import aiohttp
+
+from lovd.session.model import Session
+from lovd.web.assets import VERSION, UiAssets
+from lovd.web.chat_landing import ChatLanding
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT = 3.0
+MAX_REMEMBERED = 4096
+
+
+class WarmPrep:
+    def __init__(
+        self,
+        *,
+        http: aiohttp.ClientSession,
+        password_header: Callable[[str], str],
+        landing: ChatLanding,
+        assets: UiAssets | None,
+        alive: Callable[[str], bool],
+    ) -> None:
+        self.http = http
+        self.password_header = password_header
+        self.landing = landing
+        self.assets = assets
+        self.alive = alive
+        self._first: dict[str, str] = {}
+        self._versions: dict[str, str] = {}
+        self.next_version = ""
+
+    async def ready(self, s: Session) -> None:
+        """A warm container answers: learn its version, store its UI, make its chat."""
+        base = f"http://127.0.0.1:{s.port}"
+        auth = self.password_header(s.id)
+        version = await self._version(base, auth)
+        if version:
+            self._remember(self._versions, s.id, version)
+            self.next_version = version
+            if self.assets is not None:
+                task = self.assets.ensure(version, base, auth)
+                if task is not None:
+                    task.add_done_callback(lambda _t: self._prune())
+        where = await self.landing.location(s.id, s.port)
+        if where is not None:
+            self._remember(self._first, s.id, where)
+
+    def first_chat(self, sid: str) -> str | None:
+        """The chat made for this (just claimed) warm container, if lovd made one."""
+        return self._first.pop(sid, None)
+
+    def prefetch_html(self) -> str:
+        """``<link>`` tags for the UI the next session will run (none until stored)."""
+        if self.assets is None:
+            return ""
+        version = self.next_version or next(iter(self.assets.versions()), "")
+        ui = self.assets.get(version) if version else None
+        if ui is None:
+            return ""
+        e = html.escape
+        # The UI loads its entry script as a CORS module and its fonts in CORS mode: the
+        # same modes here, or the browser's cache would not match.
+        tags = [f'<link rel="modulepreload" href="{e(p)}">' for p in ui.scripts]
+        tags += [f'<link rel="prefetch" as="style" href="{e(p)}">' for p in ui.styles]
+        tags += [f'<link rel="prefetch" as="font" href="{e(p)}" crossorigin>' for p in ui.fonts]
+        return "".join(tags)
+
+    async def _version(self, base: str, auth: str) -> str:
+        try:
+            async with self.http.get(
+                base + "/global/health",
+                headers={"Authorization": auth},
+                timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT),
+            ) as r:
+                body = await r.json() if r.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.info("cannot read the warm container's OpenCode version: %r", e)
+            return ""
+        version = body.get("version") if isinstance(body, dict) else None
+        return version if isinstance(version, str) and VERSION.fullmatch(version) else ""
+
+    def _prune(self) -> None:
+        """Keep the UI files of every version a live container runs (and the newest)."""
+        if self.assets is None:
+            return
+        for sid in [sid for sid in self._versions if not self.alive(sid)]:
+            del self._versions[sid]
+        live = set(self._versions.values()) | {self.next_version}
+        try:
+            self.assets.prune(live)
+        except OSError as e:
+            log.warning("could not prune old UI files: %r", e)
+
+    @staticmethod
+    def _remember(d: dict[str, str], key: str, value: str) -> None:
+        if len(d) >= MAX_REMEMBERED:
+            d.pop(next(iter(d)))
+        d[key] = value

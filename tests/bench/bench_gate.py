@@ -1,0 +1,121 @@
+"""The gate's cost under the UI's burst: lovd's forward_auth answer vs a bare aiohttp one.
+
+    (as lovd) python -m tests.bench.bench_gate [--bursts 30]
+
+Real Caddy, two servers rendered by lovd/caddy.py: one whose forward_auth asks lovd's
+gate (web/gate.py: cookie, allowlist, activity), one whose forward_auth asks a bare
+aiohttp handler on its own unix socket that answers 204 with the same upstream (the
+floor: what any forward_auth costs). Both proxy to the same host-side upstream; the
+third column is that upstream directly. A burst is what the chat UI sends when it
+opens: 44 GETs, 6 at a time (a browser's connections per host over HTTP/1.1). Reports
+time to first byte p50/p95 per request and each burst's wall time. Issue 17's target:
+lovd's gate at most 1.2 times the bare handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import time
+
+import aiohttp
+from aiohttp import web
+
+from lovd.caddy import UPSTREAM_HEADER, CaddyManager, Site
+from tests.integration.caddy_harness import cookie, free_port, harness
+
+BURST = 44
+CONCURRENCY = 6
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+async def bare_gate(path: str, upstream: str) -> web.AppRunner:
+    async def auth(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={UPSTREAM_HEADER: upstream})
+
+    app = web.Application()
+    app.router.add_get("/_lovd/auth", auth)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(256)
+    await web.SockSite(runner, sock).start()
+    return runner
+
+
+async def burst(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str]
+) -> tuple[list[float], float]:
+    sem = asyncio.Semaphore(CONCURRENCY)
+    ttfb: list[float] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            async with http.get(f"{url}/cgi-bin/echo?n={i}", headers=headers) as r:
+                await r.content.read(1)
+                ttfb.append(time.perf_counter() - t0)
+                assert r.status == 200, r.status
+                await r.read()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(BURST)))
+    return ttfb, time.perf_counter() - t0
+
+
+async def main(bursts: int) -> None:
+    async with harness() as h:
+        up = await h.upstream("bench")
+        s, token = await h.fake_session(up)
+        bare_sock = str(h.dir / "bare.sock")
+        runner = await bare_gate(bare_sock, f"127.0.0.1:{up.port}")
+        port = free_port()
+        bare = CaddyManager(
+            h.manager.admin,
+            Site(name="lovd-bare", listen=(f"127.0.0.1:{port}",), auth_socket=bare_sock),
+        )
+        await bare.apply()
+        paths = {
+            "lovd gate": (h.url, cookie(s, token)),
+            "bare forward_auth": (f"http://127.0.0.1:{port}", {"Cookie": "x=1"}),
+            "direct": (f"http://127.0.0.1:{up.port}", {}),
+        }
+        results: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in paths}
+        conn = aiohttp.TCPConnector(limit=0, force_close=False)
+        async with aiohttp.ClientSession(connector=conn) as http:
+            for url, hdr in paths.values():  # warm-up
+                await burst(http, url, hdr)
+            for _ in range(bursts):
+                for name, (url, hdr) in paths.items():  # interleaved
+                    ttfb, wall = await burst(http, url, hdr)
+                    results[name][0].extend(ttfb)
+                    results[name][1].append(wall)
+        await bare.remove()
+        await runner.cleanup()
+    load = os.getloadavg()
+    print(
+        f"\nbench_gate: {bursts} bursts of {BURST} GETs ({CONCURRENCY} at a time) per path, "
+        f"load average {load[0]:.1f} on {os.cpu_count()} cores\n"
+    )
+    print("| path | TTFB p50 | TTFB p95 | burst p50 | vs bare |")
+    print("|---|---|---|---|---|")
+    bare_p50 = pct(results["bare forward_auth"][0], 50)
+    for name, (ttfb, walls) in results.items():
+        print(
+            f"| {name} | {pct(ttfb, 50) * 1000:.1f} ms | {pct(ttfb, 95) * 1000:.1f} ms | "
+            f"{statistics.median(walls) * 1000:.0f} ms | {pct(ttfb, 50) / bare_p50:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bursts", type=int, default=30)
+    asyncio.run(main(ap.parse_args().bursts))

@@ -1,0 +1,105 @@
+"""The first minute in a real Chromium through real Caddy, lovd and a warm OpenCode
+container (issue 17): the UI's files are compressed and immutable, the landing page's
+prefetch is what the chat then uses (its bundle comes from the browser's cache), the
+click lands in the chat, and a reload shows the same chat. click.mjs drives Chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lovd.web.allowlist import Allowlist
+from tests.conftest import image_present, need
+from tests.integration.caddy_harness import Harness, caddy_binary, harness
+
+pytestmark = [pytest.mark.browser, pytest.mark.caddy, pytest.mark.opencode]
+
+HERE = Path(__file__).resolve().parent
+SESSION_IMAGE = os.environ.get("LOVD_SESSION_IMAGE", "localhost/lovd-session:latest")
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+HASHED = re.compile(r"-[A-Za-z0-9_-]{8}\.[a-z0-9]+$")  # Vite's name-<hash>.ext
+
+
+def browser_ready() -> None:
+    need(caddy_binary() is not None, "caddy is not installed (apt-get install caddy)")
+    need(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} missing: apt-get install -y chromium")
+    need(shutil.which("node") is not None, "node missing: apt-get install -y nodejs npm")
+    need((HERE / "node_modules" / "playwright-core").is_dir(), "run tests/browser/setup.sh")
+    need(image_present(SESSION_IMAGE), f"{SESSION_IMAGE} missing: run 'lovd image build'")
+
+
+async def click(**spec: Any) -> dict[str, Any]:
+    """Run click.mjs once with a fresh profile unless one is given; its JSON report."""
+    own = "profile" not in spec
+    profile = spec.pop("profile", None) or tempfile.mkdtemp(prefix="lovd-click-")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "node",
+            str(HERE / "click.mjs"),
+            json.dumps({"profile": profile, **spec}),
+            cwd=HERE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "CHROMIUM": CHROMIUM},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 300)
+    finally:
+        if own:
+            shutil.rmtree(profile, ignore_errors=True)
+    lines = out.decode().strip().splitlines()
+    assert lines, f"click.mjs printed nothing; stderr: {err.decode()[-2000:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+async def warm_ready(h: Harness, timeout: float = 180.0) -> str:
+    """Wait until a warm container is prepared (first chat made, UI stored); its id."""
+    t0 = time.monotonic()
+    prep = h.gate.prep
+    while time.monotonic() - t0 < timeout:
+        warm = [s for s in h.sessions.warm() if not h.sessions.lock(s.id).locked()]
+        ready = warm and warm[0].id in prep._first and prep.next_version
+        if ready and prep.assets is not None and prep.assets.get(prep.next_version):
+            return warm[0].id
+        await asyncio.sleep(0.2)
+    raise TimeoutError("no prepared warm container in time")
+
+
+async def test_first_minute_prefetch_cache_compression_reload() -> None:
+    browser_ready()
+    async with harness(
+        image=SESSION_IMAGE,
+        settings={"warm_pool": 1, "ready_timeout": 60},
+        allowlist=Allowlist(),
+    ) as h:
+        task = asyncio.create_task(h.sessions.pool(max_age=3600).run())
+        try:
+            await warm_ready(h)
+            r = await click(mode="lovd", base=h.url, read_ms=3000, reload=True)
+        finally:
+            task.cancel()
+    print(json.dumps(r))
+    assert r["ok"], r.get("error")
+    # The landing page fetched the UI bundle ahead of the click: compressed, immutable.
+    assert r["prefetched"], r
+    assert all(p["encoding"] in ("zstd", "gzip") for p in r["prefetched"]), r
+    hashed_prefetch = [p for p in r["prefetched"] if HASHED.search(p["path"])]
+    assert hashed_prefetch and all(p["immutable"] for p in hashed_prefetch), r
+    # After the click the bundle came from the browser's cache, not the network.
+    assert r["main_bundle"] and all(b["cached"] for b in r["main_bundle"]), r["main_bundle"]
+    # Every hashed UI file the chat loaded is immutable; the text ones came compressed.
+    hashed = r["assets"] - len(r["unhashed_assets"])
+    assert hashed > 0 and r["assets_immutable"] == hashed, r
+    assert r["assets_compressed"] > 0, r
+    assert r["chat_path"].split("/")[-2] == "session", r
+    assert r["reload_same_chat"], r
