@@ -199,23 +199,39 @@ def encode_route(when: dict[str, Any]) -> dict[str, Any]:
     return route
 
 
+def _ask_lovd(
+    lovd: str,
+    key: str,
+    extra: dict[str, list[str]] | None = None,
+    *,
+    delete: list[str] | None = None,
+) -> dict[str, Any]:
+    """A GET of lovd's gate (``/_lovd/auth``) about the request at hand, as forward_auth and
+    the error route both ask it: the original method and URI, and the gate key."""
+    request: dict[str, Any] = {
+        "set": {
+            "X-Forwarded-Method": ["{http.request.method}"],
+            "X-Forwarded-Uri": ["{http.request.uri}"],
+            GATE_HEADER: [key],
+            **(extra or {}),
+        }
+    }
+    if delete:
+        request["delete"] = delete
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": lovd}],
+        "rewrite": {"method": "GET", "uri": AUTH_PATH},
+        "headers": {"request": request},
+    }
+
+
 def render_server(site: Site) -> dict[str, Any]:
     """The JSON of lovd's Caddy server (the same as ``caddy adapt`` makes of caddy/Caddyfile)."""
     lovd = f"unix/{site.auth_socket}"
     forward_auth: dict[str, Any] = {
         # What Caddyfile's `forward_auth <lovd> { uri /_lovd/auth; copy_headers … }` adapts to.
-        "handler": "reverse_proxy",
-        "upstreams": [{"dial": lovd}],
-        "rewrite": {"method": "GET", "uri": AUTH_PATH},
-        "headers": {
-            "request": {
-                "set": {
-                    "X-Forwarded-Method": ["{http.request.method}"],
-                    "X-Forwarded-Uri": ["{http.request.uri}"],
-                    GATE_HEADER: [site.gate_key],
-                }
-            }
-        },
+        **_ask_lovd(lovd, site.gate_key),
         "handle_response": [
             {
                 "match": {"status_code": [2]},
@@ -327,22 +343,12 @@ def render_server(site: Site) -> dict[str, Any]:
             }
         ],
         "handle": [
-            {
-                "handler": "reverse_proxy",
-                "upstreams": [{"dial": lovd}],
-                "rewrite": {"method": "GET", "uri": AUTH_PATH},
-                "headers": {
-                    "request": {
-                        "set": {
-                            "X-Forwarded-Method": ["{http.request.method}"],
-                            "X-Forwarded-Uri": ["{http.request.uri}"],
-                            GATE_HEADER: [site.gate_key],
-                            FAILED_HEADER: ["{http.error.status_code}"],
-                        },
-                        "delete": ["Authorization", UPSTREAM_HEADER, "Content-Length"],
-                    }
-                },
-            }
+            _ask_lovd(
+                lovd,
+                site.gate_key,
+                {FAILED_HEADER: ["{http.error.status_code}"]},
+                delete=["Authorization", UPSTREAM_HEADER, "Content-Length"],
+            )
         ],
     }
     server: dict[str, Any] = {

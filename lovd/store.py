@@ -230,13 +230,7 @@ class Store:
             current = self._sessions.get(session_id)
             if current is None:
                 return
-            gone = dataclasses.replace(
-                current,
-                status="deleted",
-                reason=reason,
-                updated_at=time.time(),
-                version=current.version + 1,
-            )
+            gone = _deleted(current, reason)
             await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
@@ -253,13 +247,7 @@ class Store:
             current = self._sessions.get(session_id)
             if current is None:
                 return False
-            gone = dataclasses.replace(
-                current,
-                status="deleted",
-                reason=reason,
-                updated_at=time.time(),
-                version=current.version + 1,
-            )
+            gone = _deleted(current, reason)
             # port = -rowid: unique and never a real port, so a new session may take it.
             await db.execute(
                 "UPDATE sessions SET status = 'deleted', reason = ?, updated_at = ?, "
@@ -474,6 +462,17 @@ class Store:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
+
+
+def _deleted(current: Session, reason: str) -> Session:
+    """The row as its deletion is recorded (outbox, tombstone)."""
+    return dataclasses.replace(
+        current,
+        status="deleted",
+        reason=reason,
+        updated_at=time.time(),
+        version=current.version + 1,
+    )
 
 
 class _Transaction:
