@@ -106,10 +106,11 @@ async def test_the_chat_survives_a_removed_and_a_hung_container(browser_env: Non
             try:
                 # A warm container (warmed up once it listens), as test_browser.py's start.
                 assert await h.sessions.pool(h.config.warm_max_age).fill()
-                s, token = await h.sessions.create()
+                s, _ = await h.sessions.create()
+                link = await h.sessions.new_link(s.id)  # a person's single-use link
                 first = await flow(
                     h, artifacts, name="dead-link", mode="link", locale="en-US",
-                    profile=str(profiles / "p"), url=f"{h.url}/c/{s.id}?token={token}",
+                    profile=str(profiles / "p"), url=f"{h.url}/c/{s.id}?token={link}",
                     question=QUESTION_EN,
                 )  # fmt: skip
                 chatted(first, QUESTION_EN)
