@@ -35,7 +35,7 @@ from lovd.demo.serve import serve_llm_stub, serve_lovdata_mcp
 from lovd.session.quota import walk_size
 from tests.conftest import image_present, need
 from tests.integration.caddy_harness import CaddyProc, caddy_binary, free_port
-from tests.lovdproc import LovdProc
+from tests.lovdproc import LovdProc, cookie_of
 
 pytestmark = [pytest.mark.caddy, pytest.mark.opencode]
 
@@ -120,7 +120,8 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
         assert status == 201 and s["status"] == "running", s
         names.append(f"lovd-{s['id']}")
         workspace = tmp_path / "lovd" / "state" / "sessions" / s["id"]
-        cookie = {"Cookie": f"lovd_session={s['id']}.{s['token']}"}
+        secret = await asyncio.to_thread(cookie_of, p, s)  # the link, used as a browser does
+        cookie = {"Cookie": f"lovd_session={s['id']}.{secret}"}
         env = run("podman", "exec", names[0], "cat", "/run/secrets/lovd.env").stdout
         secrets = dict(x.split("=", 1) for x in env.splitlines())
         password = secrets["OPENCODE_SERVER_PASSWORD"]
@@ -257,7 +258,8 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
             status, _, s2 = await asyncio.to_thread(p.api, "POST", "/api/sessions")
             assert status == 201, s2
             names.append(f"lovd-{s2['id']}")
-            other = {"Cookie": f"lovd_session={s2['id']}.{s2['token']}"}
+            secret2 = await asyncio.to_thread(cookie_of, p, s2)
+            other = {"Cookie": f"lovd_session={s2['id']}.{secret2}"}
             async with aiohttp.ClientSession(timeout=timeout, headers=other) as http2:
                 for _ in range(100):
                     ok = await http2.get(base + "/global/health")
