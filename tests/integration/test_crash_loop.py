@@ -69,6 +69,9 @@ class Load:
         self.sock = sock
         self.created: set[str] = set()
         self.deleted: set[str] = set()
+        # Every session a DELETE was sent for: one cut by a kill may still be carried out
+        # (its tombstone is finished by the next lovd), and its retry then gets 404.
+        self.asked: set[str] = set()
         self.errors = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -103,6 +106,8 @@ class Load:
                         mine.append(rnd.choice(data["sessions"])["id"])
             else:
                 sid = mine.pop(rnd.randrange(len(mine)))
+                with self.lock:
+                    self.asked.add(sid)
                 status, _ = self.call("DELETE", f"/api/sessions/{sid}")
                 if status == 204:
                     with self.lock:
@@ -218,9 +223,10 @@ def test_kill9_during_creates_and_deletes_never_wedges_podman(
         assert stray(iid) == []
         with sqlite3.connect(db) as con:
             assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            rows = {r[0] for r in con.execute("SELECT id FROM sessions")}
+            # Live rows: a tombstone (status 'deleted') is a delete under way.
+            rows = {r[0] for r in con.execute("SELECT id FROM sessions WHERE status != 'deleted'")}
         # Every 2xx honoured.
-        assert load.created - load.deleted <= rows, "a 201 session vanished without a delete"
+        assert load.created - load.asked <= rows, "a 201 session vanished without a delete"
         assert not (load.deleted & rows), "a 204 session is still there"
         names = containers(f"lovd.instance={iid}")
         for sid in load.deleted:
