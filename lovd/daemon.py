@@ -547,8 +547,10 @@ def _health_checks(
             hit = cache.get(name)
             if hit and time.monotonic() - hit[0] < ttl:
                 return hit[1]
+            asked_ready = ready.done  # "waiting for the reconcile" is no answer to keep
             result = await fn()
-            cache[name] = (time.monotonic(), result)
+            if asked_ready:
+                cache[name] = (time.monotonic(), result)
             return result
 
         return check
