@@ -100,6 +100,12 @@ as_lovd() { runuser -u "$LOVD_USER" -- env -C "$LOVD_HOME" HOME="$LOVD_HOME" XDG
 if [ -n "$PODMAN_CONFIG_CHANGED" ]; then
   # Only after a change: migrate stops every running container of the user (lib.sh).
   log "Podman configuration changed: podman system migrate"
+  # Migrate restarts Podman's pause process: a running API service (podman.socket's)
+  # would stay in the old namespaces and no longer see new containers' network
+  # namespaces, so it is stopped first; the socket starts it again on demand.
+  if [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; then
+    systemctl --user --machine="$LOVD_USER@" stop podman.service >/dev/null 2>&1 || true
+  fi
   as_lovd podman system migrate >/dev/null 2>&1 || true
 fi
 

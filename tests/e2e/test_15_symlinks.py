@@ -108,7 +108,7 @@ def test_install_replaces_planted_config_links(m: Machine, canary: cn.Canary) ->
         # The links were replaced by lovd's own files, not written through.
         for name in ("containers.conf", "storage.conf"):
             assert regular_file_of(m, f"{cfg}/{name}") == "regular file lovd 644"
-            assert "Written by lovd's packaging/install.sh" in m.out("cat", f"{cfg}/{name}")
+            assert "Written by lovd's packaging scripts" in m.out("cat", f"{cfg}/{name}")
     finally:
         for path in planted:
             restore(m, "lovd", path)
@@ -181,7 +181,7 @@ def test_setup_host_replaces_planted_config_links(
     assert cn.snapshot(m, canary) == before
     for name in ("containers.conf", "storage.conf"):
         assert regular_file_of(m, f"{cfg}/{name}") == f"regular file {trap_user} 644"
-        assert "Written by lovd's setup-host.sh" in m.out("cat", f"{cfg}/{name}")
+        assert "Written by lovd's packaging scripts" in m.out("cat", f"{cfg}/{name}")
 
 
 def test_setup_host_refuses_linked_config_dir(
