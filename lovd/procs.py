@@ -158,15 +158,37 @@ class Spawner:
                 kill_group(p.pid, signal.SIGTERM)
 
 
-def kill_group(pid: int, sig: signal.Signals) -> None:
-    """Signal the process group ``pid`` leads, or the process alone if it leads none."""
+# Podman's long-lived helpers, which a child of lovd may start and which outlive that
+# command on purpose, in its process group: the rootless pause process (catatonit) holds
+# the user and network namespaces every running container lives in — signalling it makes
+# every container's network namespace unreachable for Podman ("unknown FS magic") — and
+# conmon, slirp4netns and rootlessport serve running containers. They are never signalled.
+KEEP = frozenset(
+    {"catatonit", "conmon", "slirp4netns", "rootlessport", "rootlessport-ch", "pasta", "passt"}
+)
+
+
+def kept(pid: int, proc: Path = _PROC) -> bool:
+    """Is ``pid`` one of Podman's long-lived helpers (:data:`KEEP`)?"""
     try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        return (proc / str(pid) / "comm").read_text().strip() in KEEP
+    except OSError:
+        return False
+
+
+def kill_group(pid: int, sig: signal.Signals, proc: Path = _PROC) -> None:
+    """Signal every member of the process group ``pid`` (its leader may be gone) but
+    Podman's long-lived helpers (so not ``killpg``); the process alone if it leads none."""
+    members = [
+        m
+        for m in (int(e.name) for e in proc.iterdir() if e.name.isdigit())
+        if (st := _stat(m, proc)) is not None and st[1] == pid and not kept(m, proc)
+    ]
+    if not members and not kept(pid, proc):
+        members = [pid]
+    for m in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(m, sig)
 
 
 @dataclass(frozen=True)
@@ -213,8 +235,8 @@ def find_orphans(instance_id: str, proc: Path = _PROC) -> list[Orphan]:
         if start_ticks(mark.lovd_pid, proc) == mark.lovd_start:
             continue  # its lovd is alive (this one, or another on this state dir)
         st = _stat(pid, proc)
-        if st is None or st[1] != mark.group:
-            continue  # left the group on purpose: conmon, slirp4netns, the pause process
+        if st is None or st[1] != mark.group or kept(pid, proc):
+            continue  # left the group, or one of Podman's helpers that must live on
         try:
             argv = (
                 (proc / str(pid) / "cmdline")
@@ -253,8 +275,7 @@ async def sweep(
     for how in ("exited", "SIGTERM", "SIGKILL"):
         if how != "exited":
             for g in groups:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(g, signal.Signals[how])
+                kill_group(g, signal.Signals[how], proc)
         deadline = time.monotonic() + (finish if how == "exited" else grace)
         while True:
             alive = {o.pid for o in find_orphans(instance_id, proc)}

@@ -5,6 +5,7 @@ sparing what a child detached on purpose (as Podman detaches conmon and slirp4ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -132,3 +133,46 @@ def test_a_dead_lovds_group_is_swept_its_detached_helpers_spared(tmp_path: Path)
         for pid in (locals().get("grandchild"), locals().get("detached")):
             if isinstance(pid, int) and alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_podmans_pause_process_in_a_childs_group_is_never_signalled(tmp_path: Path) -> None:
+    """Rootless Podman's pause process (catatonit) can be born in the group of the lovd
+    child whose Podman call started it, and must outlive it: a signal to it makes every
+    running container's network namespace unreachable. Neither a group kill (deadline,
+    shutdown) nor the start-up sweep may touch it; the rest of the group still ends."""
+    from lovd.procs import kill_group
+
+    pause = tmp_path / "catatonit"  # the helper's name is what marks it (its comm)
+    pause.symlink_to("/bin/sleep")
+    leader = subprocess.Popen(
+        ["/bin/sh", "-c", f"'{pause}' 60 & sleep 60 & wait"],
+        process_group=0,
+        env={**os.environ, MARK: f"i:{os.getpid()}:1:0"},
+    )
+    try:
+        deadline = time.monotonic() + 5
+        members: dict[str, int] = {}
+        while time.monotonic() < deadline and len(members) < 2:
+            for e in Path("/proc").iterdir():
+                if not e.name.isdigit():
+                    continue
+                try:
+                    comm = (e / "comm").read_text().strip()
+                    pgid = int((e / "stat").read_text().rsplit(")", 1)[1].split()[2])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if pgid == leader.pid and comm in ("catatonit", "sleep"):
+                    members[comm] = int(e.name)
+            time.sleep(0.05)
+        assert set(members) == {"catatonit", "sleep"}, members
+        kill_group(leader.pid, signal.SIGTERM)
+        leader.wait(5)
+        time.sleep(0.2)
+        assert not Path(f"/proc/{members['sleep']}").exists() or "Z" in Path(
+            f"/proc/{members['sleep']}/stat"
+        ).read_text().rsplit(")", 1)[1].split()[0]
+        assert Path(f"/proc/{members['catatonit']}").exists()  # the pause process lives on
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(5)
