@@ -346,7 +346,16 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.notifier.watchdog_loop(wd)))
         if c.idle_exit > 0:
             self._tasks.append(asyncio.create_task(self._idle_exit(c.idle_exit)))
-        self._tasks.append(asyncio.create_task(self._bring_up(sessions, spawner, runner.name)))
+        # Podman events through its CLI only where lovd runs Podman's CLI anyway. With the
+        # API socket (a systemd host) lovd never execs podman: a podman started from the
+        # hardened lovd.service (NoNewPrivileges: no setuid newuidmap) that finds no pause
+        # process makes one inside lovd's sandbox, and every other Podman command then
+        # joins namespaces in which no container's network namespace can be reached.
+        # There, deaths are found by Caddy's error route and the gate's checks.
+        watch_events = isinstance(client, PodmanCLI)
+        self._tasks.append(
+            asyncio.create_task(self._bring_up(sessions, spawner, runner.name, watch_events))
+        )
 
         where = ", ".join(str(s.getsockname()) for s in socks)
         self.notifier.ready(f"serving on {where}; {len(store.all())} sessions; reconciling")
@@ -410,7 +419,9 @@ class Daemon:
         if self.spawner is not None:  # a `podman run` under way finishes: the next lovd adopts
             await self.spawner.settle(SHUTDOWN_SECONDS)
 
-    async def _bring_up(self, sessions: Sessions, spawner: procs.Spawner, runner: str) -> None:
+    async def _bring_up(
+        self, sessions: Sessions, spawner: procs.Spawner, runner: str, watch_events: bool
+    ) -> None:
         """In the background, while the API answers: end a previous lovd's orphaned Podman
         children, then reconcile until one attempt succeeds, then start the loops that need
         a reconciled store. A failed or stalled attempt is retried with backoff."""
@@ -453,11 +464,12 @@ class Daemon:
         log.info("reconciled in %.3f s: %s", took, summary)
         self.notifier.status(f"serving; {len(sessions.all())} sessions; reconciled")
         self._every(c.health_interval, sessions.health_pass)
-        # A container's death is known when Podman reports it, not at the next pass.
-        events = runtime_events.ContainerEvents(
-            c.podman, spawner.instance_id, runtime_events.on_death(sessions), spawn=spawner.exec
-        )
-        self._tasks.append(asyncio.create_task(events.run(), name="podman-events"))
+        if watch_events:
+            # A container's death is known when Podman reports it, not at the next pass.
+            events = runtime_events.ContainerEvents(
+                c.podman, spawner.instance_id, runtime_events.on_death(sessions), spawn=spawner.exec
+            )
+            self._tasks.append(asyncio.create_task(events.run(), name="podman-events"))
         self._tasks.append(asyncio.create_task(self._housekeeping(sessions)))
         pool = sessions.pool(c.warm_max_age)
         pool.kick()
