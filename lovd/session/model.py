@@ -50,6 +50,54 @@ EXPECT_CONTAINER = frozenset(
         SessionState.STOPPING,
     }
 )
+# Every state change lovd may make: from (None: a new row) to. A write outside this table
+# is a bug, refused by the one writer (session/machine.py). A row may also be written
+# without a state change (its fields), which is no transition. "deleted" is final.
+_W, _C, _S, _R = (
+    SessionState.WARM,
+    SessionState.CREATING,
+    SessionState.STARTING,
+    SessionState.RUNNING,
+)
+_I, _X, _O, _F, _D = (
+    SessionState.IDLE_STOPPED,
+    SessionState.STOPPING,
+    SessionState.STOPPED,
+    SessionState.FAILED,
+    SessionState.DELETED,
+)
+TRANSITIONS: dict[SessionState | None, frozenset[SessionState]] = {
+    # the warm pool boots a row no one owns; an API create makes a row to start
+    None: frozenset({_W, _C}),
+    # claimed (starting until the claim checked it answers); discarded; its boot failed
+    _W: frozenset({_S, _X, _D}),
+    # the launcher takes it; it failed; lovd restarted (resumed or failed); deleted
+    _C: frozenset({_S, _X, _F, _D}),
+    # ready; failed; stopped by request; vanished; started again (resume, restart); deleted
+    _S: frozenset({_S, _R, _X, _O, _F, _D}),
+    # stop (via stopping); health restart (starting) or gave up (failed); vanished; deleted
+    _R: frozenset({_S, _X, _O, _F, _D}),
+    # woken; re-adopted after a restart; stopped again; deleted
+    _I: frozenset({_S, _R, _X, _D}),
+    # done (stopped, idle-stopped or failed); re-adopted; resumed; vanished; deleted
+    _X: frozenset({_S, _R, _I, _O, _F, _D}),
+    # woken; stopped again; deleted
+    _O: frozenset({_S, _X, _D}),
+    _F: frozenset({_S, _X, _D}),
+    _D: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    """A state change outside TRANSITIONS: a bug in lovd, never a user's error."""
+
+
+def allowed(frm: SessionState | str | None, to: SessionState | str) -> bool:
+    """Whether TRANSITIONS allows ``frm`` → ``to`` (None: a new row)."""
+    key = None if frm is None else SessionState(frm)
+    return SessionState(to) in TRANSITIONS[key]
+
+
 # Unit states in which systemd, not lovd, decides what happens next.
 UNIT_BUSY = frozenset({"activating", "active", "deactivating", "reloading"})
 
