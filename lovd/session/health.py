@@ -231,9 +231,9 @@ class Health:
                 if current is None or current.status != SessionState.RUNNING:
                     return "failed"
                 await self.launcher.stop_container(s.id)
-                await self.store.update(
+                await self.launcher.machine.transition(
                     s.id,
-                    status=SessionState.FAILED,
+                    SessionState.FAILED,
                     reason=reason,
                     container_id="",
                     broker_hash="",
@@ -249,9 +249,9 @@ class Health:
             if current is None or current.status != SessionState.RUNNING:
                 return "restarted"  # it changed meanwhile (a stop, a delete): nothing to do
             await self.launcher.stop_container(s.id)
-            await self.store.update(
+            await self.launcher.machine.transition(
                 s.id,
-                status=SessionState.STARTING,
+                SessionState.STARTING,
                 reason=f"restarting: {why}",
                 restarts=current.restarts + 1,
                 container_id="",

@@ -23,7 +23,7 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerInfo
 from lovd.session.launcher import Launcher
-from lovd.session.model import ADOPTABLE, EXPECT_CONTAINER, UNIT_BUSY, SessionState
+from lovd.session.model import UNIT_BUSY, SessionState
 from lovd.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Reconciler:
         self.config = config
         self.store = store
         self.launcher = launcher
+        self.machine = launcher.machine
         self.runner = launcher.runner
         self.metrics = metrics
         self.discard_warm = discard_warm
@@ -77,14 +78,16 @@ class Reconciler:
                 elif not alive and (unit is None or unit.active not in UNIT_BUSY):
                     await self.discard_warm(sid, "warm container stopped")
                 continue
-            if s.status in ADOPTABLE and alive:
+            if s.adoptable and alive:
                 assert c is not None
-                if s.status != SessionState.RUNNING or s.container_id != c.id:
-                    await self.store.update(
-                        sid, status=SessionState.RUNNING, reason="re-adopted", container_id=c.id
+                if not s.serving:
+                    await self.machine.transition(
+                        sid, SessionState.RUNNING, reason="re-adopted", container_id=c.id
                     )
+                elif s.container_id != c.id:
+                    await self.store.update(sid, reason="re-adopted", container_id=c.id)
                 report["adopted"].append(sid)
-            elif s.status in EXPECT_CONTAINER and not alive:
+            elif s.expects_container and not alive:
                 if unit is not None and unit.active in UNIT_BUSY:
                     # systemd is still acting on it: stopping it now would cancel the
                     # restart policy (ExecStopPost keeps a crashed unit "deactivating").
@@ -94,38 +97,38 @@ class Reconciler:
                         f"unit failed ({unit.result}); gave up after "
                         f"{max(0, unit.restarts - 1)} restarts"
                     )
-                    status = SessionState.FAILED
+                    to = SessionState.FAILED
                 elif c is not None and c.exit_code == SIGTERM_EXIT:
                     # `podman stop`: a clean stop, not a failure.
                     reason = "container was stopped (SIGTERM)"
-                    status = SessionState.STOPPED
+                    to = SessionState.STOPPED
                 elif c is not None and c.exit_code:
                     reason = f"container exited with code {c.exit_code}"
-                    status = SessionState.FAILED
-                elif startup and s.status in (SessionState.CREATING, SessionState.STARTING):
+                    to = SessionState.FAILED
+                elif startup and s.starting_up:
                     # A start the previous lovd did not finish (a shutdown, a crash): the
                     # caller starts it again rather than failing a session nobody failed.
-                    await self.store.update(
-                        sid, status=SessionState.STARTING, reason="resumed after lovd restarted"
+                    await self.machine.transition(
+                        sid, SessionState.STARTING, reason="resumed after lovd restarted"
                     )
                     report["resume"].append(sid)
                     continue
                 elif s.status == SessionState.CREATING:
                     reason = "interrupted: lovd stopped while the session was being created"
-                    status = SessionState.FAILED
+                    to = SessionState.FAILED
                 else:
                     reason = (
                         "container vanished while lovd was down"
                         if startup
                         else "container stopped unexpectedly"
                     )
-                    status = SessionState.STOPPED
+                    to = SessionState.STOPPED
                 await self.launcher.stop_container(sid)
-                await self.store.update(
-                    sid, status=status, reason=reason, container_id="", broker_hash=""
+                await self.machine.transition(
+                    sid, to, reason=reason, container_id="", broker_hash=""
                 )
                 report["lost"].append(sid)
-                log.warning("session %s: %s", status, reason, extra={"SESSION_ID": sid})
+                log.warning("session %s: %s", to, reason, extra={"SESSION_ID": sid})
         await self._orphans(containers, report)
         return report
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lovd import ids
 from lovd.config import Config
+from lovd.session.machine import restored
 from lovd.session.model import Session
 from lovd.store import Store
 from lovd.sync.claim import META_EPOCH
@@ -66,14 +67,16 @@ async def _host_rows(conn: Conn, host_id: str) -> tuple[str, list[Session]]:
     for r in await cur.fetchall():
         (sid, status, reason, port, cid, created, updated, expires, activity, started,
          restarts, version, used) = r  # fmt: skip
+        # The row as PostgreSQL recorded it (a copy, no transition; machine.py checks
+        # that its state is one lovd knows).
         sessions.append(
-            Session(
-                id=str(sid), status=str(status), reason=str(reason), token_hash="",
-                port=int(port), container_id=str(cid), host_id=host_id,
-                created_at=created, updated_at=updated, expires_at=expires,
-                last_activity=activity, started_at=started, restarts=int(restarts),
-                version=int(version), used_at=used, broker_hash="", link_hash="",
-            )
+            restored({
+                "id": str(sid), "status": str(status), "reason": str(reason), "token_hash": "",
+                "port": int(port), "container_id": str(cid), "host_id": host_id,
+                "created_at": created, "updated_at": updated, "expires_at": expires,
+                "last_activity": activity, "started_at": started, "restarts": int(restarts),
+                "version": int(version), "used_at": used, "broker_hash": "", "link_hash": "",
+            })
         )  # fmt: skip
     return str(host[0]), sessions
 
@@ -97,7 +100,7 @@ async def restore(
         return out
     if new_links:
         for i, s in enumerate(sessions):
-            if s.status == "warm":
+            if not s.visible:  # a warm row: nobody's, no link
                 continue
             # A single-use link (session/links.py); the cookie secret is made when the
             # link is used (this random one only marks the row as owned, not warm).
