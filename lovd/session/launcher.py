@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -194,7 +195,20 @@ class Launcher:
             return ["--network", self.config.session_network]
         return []
 
-    async def start(self, sid: str, warm: bool = False) -> Session:
+    async def begin(self, sid: str, reason: str, **fields: Any) -> str:
+        """Make ``sid`` starting (a wake, a health restart), with the broker credential
+        of its next container in the same write; :meth:`start` with the returned secret
+        then writes only its outcome. Call with the session's lock held."""
+        secret = ids.new_token()
+        await self.machine.transition(
+            sid, SessionState.STARTING, reason=reason, broker_hash=ids.hash_token(secret), **fields
+        )
+        return secret
+
+    async def start(self, sid: str, warm: bool = False, secret: str = "") -> Session:
+        """Start ``sid``'s container and wait until it answers. Its state is written at
+        most twice (starting, then running or failed); with ``secret`` from :meth:`begin`
+        (or for a warm row) only the outcome."""
         async with self.lock(sid):
             session = self.store.get(sid)
             if session is None:
@@ -202,17 +216,23 @@ class Launcher:
             if session.serving:
                 return session
             t0 = time.monotonic()
-            # A new broker credential for every start: the previous container's dies.
-            secret = ids.new_token()
-            broker_hash = ids.hash_token(secret)
-            if warm or session.status == SessionState.STARTING:
-                # Its state is written already (warm; a wake, claim, resume or restart
-                # made it starting): one start writes its state at most twice.
-                session = await self.store.update(sid, broker_hash=broker_hash)
-            else:
-                session = await self.machine.transition(
-                    sid, SessionState.STARTING, broker_hash=broker_hash
-                )
+            begun = (
+                secret
+                and session.status == SessionState.STARTING
+                and ids.token_matches(secret, session.broker_hash)
+            )
+            if not begun:
+                # A new broker credential for every start: the previous container's dies.
+                secret = ids.new_token()
+                broker_hash = ids.hash_token(secret)
+                if warm or session.status == SessionState.STARTING:
+                    # Its state is written already (warm; a claim or a resume made it
+                    # starting): only the credential.
+                    session = await self.store.update(sid, broker_hash=broker_hash)
+                else:
+                    session = await self.machine.transition(
+                        sid, SessionState.STARTING, broker_hash=broker_hash
+                    )
             workspace = self.config.sessions_path / sid
             workspace.mkdir(parents=True, exist_ok=True)
             try:

@@ -311,6 +311,7 @@ class Sessions:
         session = self.get(sid)
         if session.serving:
             return session
+        secret = ""
         if session.status != SessionState.STARTING:
             self.check_limits()
             async with self.admission.lock:
@@ -320,9 +321,9 @@ class Sessions:
                     session = self.get(sid)  # a delete may have won the lock: 404, not 500
                     if session.serving:
                         return session
-                    await self.machine.transition(sid, SessionState.STARTING, reason="waking")
+                    secret = await self.launcher.begin(sid, "waking")
                 self.warm_pool.make_room()
-        return await self.launcher.start(sid)
+        return await self.launcher.start(sid, secret=secret)
 
     def ensure_waking(self, sid: str, client: str = "") -> asyncio.Task[None]:
         """The one wake of ``sid`` (wakes.py), whichever socket's request asked."""

@@ -128,3 +128,12 @@ def restored(fields: dict[str, Any]) -> Session:
     if state == SessionState.DELETED:
         raise ValueError(f"session {fields.get('id')} is deleted; there is nothing to restore")
     return Session(**{**fields, "status": state})
+
+
+async def restore(store: Store, rows: list[Session], instance_id: str, detail: str) -> None:
+    """Fill an empty store with rows rebuilt by :func:`restored` (store.py ``restore``):
+    each keeps the state it was recorded in, so reconcile re-adopts or records it."""
+    for s in rows:
+        if s.status == SessionState.DELETED:
+            raise ValueError(f"session {s.id} is deleted; there is nothing to restore")
+    await store.restore(rows, instance_id, detail)

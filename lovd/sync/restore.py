@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from lovd import ids
 from lovd.config import Config
+from lovd.session import machine
 from lovd.session.machine import restored
 from lovd.session.model import Session
 from lovd.store import Store
@@ -112,7 +113,8 @@ async def restore(
                 link_hash=ids.hash_token(token),
                 link_used_at=0.0,
             )
-    await store.restore(sessions, instance, f"restored from PostgreSQL (host_id {host_id})")
+    detail = f"restored from PostgreSQL (host_id {host_id})"
+    await machine.restore(store, sessions, instance, detail)
     out.count = len(sessions)
     log.info(
         "restored %d session(s) of host_id %s from PostgreSQL (instance %s)",
