@@ -79,8 +79,9 @@ TRANSITIONS: dict[SessionState | None, frozenset[SessionState]] = {
     _R: frozenset({_S, _X, _O, _F, _D}),
     # woken; re-adopted after a restart; stopped again; deleted
     _I: frozenset({_S, _R, _X, _D}),
-    # done (stopped, idle-stopped or failed); re-adopted; resumed; vanished; deleted
-    _X: frozenset({_S, _R, _I, _O, _F, _D}),
+    # done (stopped, idle-stopped or failed); re-adopted; resumed; vanished; deleted;
+    # stopped again (a stop whose container stop failed half-way is retried: stop())
+    _X: frozenset({_S, _R, _I, _X, _O, _F, _D}),
     # woken; stopped again; deleted
     _O: frozenset({_S, _X, _D}),
     _F: frozenset({_S, _X, _D}),

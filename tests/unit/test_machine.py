@@ -223,3 +223,24 @@ async def test_one_start_and_one_wake_write_the_state_twice(
         row = a.store.get(s.id)
         # The wake's container got a credential of its own, written with "starting".
         assert row is not None and row.serving and row.broker_hash not in ("", first_hash)
+
+
+async def test_a_stop_is_retried_after_its_container_stop_failed(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    """The row stays stopping when Podman fails the stop; the retry is a transition the
+    table allows (stopping -> stopping), not a 500."""
+    async with open_api(tmp_path, free_ports, warm_pool=0) as a:
+        s, _ = await a.sessions.create(wait=True)
+        real_stop = a.runner.stop
+
+        async def broken(sid: str) -> None:
+            raise LovdError("runner-failed", "podman stop did not finish")
+
+        a.runner.stop = broken  # type: ignore[method-assign]
+        with pytest.raises(LovdError):
+            await a.sessions.stop(s.id)
+        assert a.store.get(s.id).status == S.STOPPING  # type: ignore[union-attr]
+        a.runner.stop = real_stop  # type: ignore[method-assign]
+        row = await a.sessions.stop(s.id)
+        assert row.status == S.STOPPED and row.container_id == ""
