@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from lovd import ids
 from lovd.config import Config
@@ -23,8 +24,8 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerInfo
 from lovd.session.launcher import Launcher
-from lovd.session.model import UNIT_BUSY, SessionState
-from lovd.store import Store
+from lovd.session.model import UNIT_BUSY, Session, SessionState
+from lovd.store import StaleRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,10 @@ class Reconciler:
             if s.adoptable and alive:
                 assert c is not None
                 if not s.serving:
-                    await self.machine.transition(
-                        sid, SessionState.RUNNING, reason="re-adopted", container_id=c.id
-                    )
+                    if not await self._move(
+                        s, SessionState.RUNNING, reason="re-adopted", container_id=c.id
+                    ):
+                        continue
                 elif s.container_id != c.id:
                     await self.store.update(sid, reason="re-adopted", container_id=c.id)
                 report["adopted"].append(sid)
@@ -108,10 +110,10 @@ class Reconciler:
                 elif startup and s.starting_up:
                     # A start the previous lovd did not finish (a shutdown, a crash): the
                     # caller starts it again rather than failing a session nobody failed.
-                    await self.machine.transition(
-                        sid, SessionState.STARTING, reason="resumed after lovd restarted"
-                    )
-                    report["resume"].append(sid)
+                    if await self._move(
+                        s, SessionState.STARTING, reason="resumed after lovd restarted"
+                    ):
+                        report["resume"].append(sid)
                     continue
                 elif s.status == SessionState.CREATING:
                     reason = "interrupted: lovd stopped while the session was being created"
@@ -124,13 +126,21 @@ class Reconciler:
                     )
                     to = SessionState.STOPPED
                 await self.launcher.stop_container(sid)
-                await self.machine.transition(
-                    sid, to, reason=reason, container_id="", broker_hash=""
-                )
+                if not await self._move(s, to, reason=reason, container_id="", broker_hash=""):
+                    continue
                 report["lost"].append(sid)
                 log.warning("session %s: %s", to, reason, extra={"SESSION_ID": sid})
         await self._orphans(containers, report)
         return report
+
+    async def _move(self, s: Session, to: SessionState, **fields: Any) -> bool:
+        """A compare-and-set from the state this pass decided on: a stop, a wake or a
+        delete that came in meanwhile wins (False), and the next pass looks again."""
+        try:
+            await self.machine.transition(s.id, to, expect=(s.status,), **fields)
+        except (StaleRow, KeyError):
+            return False
+        return True
 
     async def _orphans(
         self, containers: dict[str, ContainerInfo], report: dict[str, list[str]]

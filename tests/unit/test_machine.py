@@ -244,3 +244,25 @@ async def test_a_stop_is_retried_after_its_container_stop_failed(
         a.runner.stop = real_stop  # type: ignore[method-assign]
         row = await a.sessions.stop(s.id)
         assert row.status == S.STOPPED and row.container_id == ""
+
+
+async def test_reconcile_loses_to_a_stop_that_came_in_meanwhile(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    """Reconcile decides from a snapshot; a stop landing while it removes the container
+    wins (its compare-and-set fails), rather than being overwritten, or raising."""
+    async with open_api(tmp_path, free_ports, warm_pool=0) as a:
+        s, _ = await a.sessions.create(wait=True)
+        await a.runner.stop(s.id)  # the container vanished
+        real_stop = a.runner.stop
+
+        async def stop_while_a_person_stops_it(sid: str) -> None:
+            a.runner.stop = real_stop  # type: ignore[method-assign]
+            await a.sessions.stop(sid, S.IDLE_STOPPED, "idle")
+            await real_stop(sid)
+
+        a.runner.stop = stop_while_a_person_stops_it  # type: ignore[method-assign]
+        report = await a.sessions.reconcile()
+        row = a.store.get(s.id)
+        assert row is not None and (row.status, row.reason) == (S.IDLE_STOPPED, "idle")
+        assert s.id not in report["lost"]
