@@ -70,15 +70,22 @@ async def _host_rows(conn: Conn, host_id: str) -> tuple[str, list[Session]]:
          restarts, version, used) = r  # fmt: skip
         # The row as PostgreSQL recorded it (a copy, no transition; machine.py checks
         # that its state is one lovd knows).
-        sessions.append(
-            restored({
-                "id": str(sid), "status": str(status), "reason": str(reason), "token_hash": "",
-                "port": int(port), "container_id": str(cid), "host_id": host_id,
-                "created_at": created, "updated_at": updated, "expires_at": expires,
-                "last_activity": activity, "started_at": started, "restarts": int(restarts),
-                "version": int(version), "used_at": used, "broker_hash": "", "link_hash": "",
-            })
-        )  # fmt: skip
+        try:
+            sessions.append(
+                restored({
+                    "id": str(sid), "status": str(status), "reason": str(reason),
+                    "token_hash": "", "port": int(port), "container_id": str(cid),
+                    "host_id": host_id, "created_at": created, "updated_at": updated,
+                    "expires_at": expires, "last_activity": activity, "started_at": started,
+                    "restarts": int(restarts), "version": int(version), "used_at": used,
+                    "broker_hash": "", "link_hash": "",
+                })
+            )  # fmt: skip
+        except ValueError as e:
+            raise RestoreError(
+                f"PostgreSQL holds session {sid} in state {status!r}, which this lovd does "
+                "not know: upgrade lovd to the version that wrote it, then restore again"
+            ) from e
     return str(host[0]), sessions
 
 

@@ -360,6 +360,22 @@ async def test_restore_rebuilds_an_empty_store_without_tokens(host: Host, pg: Pg
     await fresh2.close()
 
 
+async def test_restore_refuses_a_state_this_lovd_does_not_know(
+    host: Host, pg: PgCluster
+) -> None:
+    """A row PostgreSQL holds in a state lovd has no name for (a newer lovd wrote it) is
+    refused with what to do, and the store stays empty."""
+    s = await host.store.insert(new_session("h1", 20000))
+    await until(host.synced)
+    await pg_query(pg.dsn, "UPDATE lovd_sessions SET status = 'hibernating' WHERE id = %s", s.id)
+    cfg = make_config(host.cfg.state_path.parent / "fresh", pg.dsn)
+    fresh = await Store.open(cfg.db_path)
+    with pytest.raises(RestoreError, match="'hibernating'"):
+        await restore(fresh, cfg, "h1", new_links=False)
+    assert fresh.all() == []
+    await fresh.close()
+
+
 async def test_restore_when_postgres_is_down_starts_empty(tmp_path: Path, pg: PgCluster) -> None:
     await asyncio.to_thread(pg.stop)
     cfg = make_config(tmp_path, pg.dsn)
