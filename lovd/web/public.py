@@ -104,9 +104,8 @@ class PublicSite:
             return _status_json(e.status, False, msg, e.retry_after, error=True)
         if s.serving:
             return _status_json(200, True, text(lang, "status_ready"))
-        wakes = self.gate.sessions.wakes
-        err = wakes.error(s.id)
-        if err is not None and not wakes.waking(s.id):
+        err = self.gate.sessions.wake_error(s.id)
+        if err is not None:
             msg = self.pages.refusal_text(err, lang)
             return _status_json(200, False, msg, err.retry_after, error=True)
         msg = text(lang, "status_starting" if s.starting_up else "status_waking")

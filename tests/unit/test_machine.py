@@ -19,7 +19,7 @@ from lovd.session.machine import StateMachine
 from lovd.session.model import TRANSITIONS, IllegalTransition, Session, SessionState, allowed
 from lovd.session.wakes import Wakes
 from lovd.store import StaleRow, Store
-from tests.fakes import force_state
+from tests.fakes import FakeRunner, force_state
 from tests.unit.conftest import open_api
 
 S = SessionState
@@ -266,3 +266,41 @@ async def test_reconcile_loses_to_a_stop_that_came_in_meanwhile(
         row = a.store.get(s.id)
         assert row is not None and (row.status, row.reason) == (S.IDLE_STOPPED, "idle")
         assert s.id not in report["lost"]
+
+
+async def test_requests_on_two_sockets_share_one_wake_and_its_failure(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    """Two held requests (and the API socket's gate) wake a stopped session once; a wake
+    that fails is what the progress page's status poll reports."""
+    from lovd.web.gate import BrowserGate
+    from tests.unit.test_gate import NAV, XHR, open_gate
+
+    async with open_gate(tmp_path, free_ports) as g:
+        runner = g.sessions.launcher.runner
+        assert isinstance(runner, FakeRunner)
+        s, token = await g.session("idle-stopped")
+        runner.start_delay = 0.3
+        other = BrowserGate.from_config(g.sessions.config, g.sessions)  # the API's /c/{id}
+        held = asyncio.gather(
+            g.auth(s, token, "GET", "/session", XHR), g.auth(s, token, "GET", "/session", XHR)
+        )
+        await g.sessions.wait(s.id, lambda row: row.status == S.STARTING, 5)
+        # The API socket's gate finds the same wake under way, not a second one.
+        assert other.sessions.ensure_waking(s.id) is g.gate.sessions.ensure_waking(s.id)
+        first, second = await held
+        assert (first.status, second.status) == (204, 204)
+        assert len(runner.starts) == 1
+        assert not g.sessions.wakes.waking(s.id)
+        # Stopped again; now the container cannot start.
+        await g.sessions.stop(s.id, S.IDLE_STOPPED, "idle")
+        runner.fail_start = LovdError("runner-failed", "podman run failed (test)")
+        r = await g.auth(s, token, "GET", "/", NAV)
+        assert r.status == 503  # the progress page
+        await g.sessions.wait(s.id, lambda row: row.status == S.FAILED, 5)
+        poll = await g.client.get(
+            "/_lovd/status",
+            headers={"Cookie": f"lovd_session={s.id}.{token}", "Accept-Language": "en"},
+        )
+        body = await poll.json()
+        assert body["error"] and "run failed (test)" in body["message"], body
