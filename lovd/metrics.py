@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lovd.session.model import STATES
+from lovd.session.model import STATES, SessionState
 
 
 class _SessionsByState(Collector):
@@ -19,7 +19,7 @@ class _SessionsByState(Collector):
         g = GaugeMetricFamily("lovd_sessions", "Sessions by state", labels=["state"])
         counts = self._counts()
         for state in STATES:
-            if state != "deleted":
+            if state != SessionState.DELETED:
                 g.add_metric([state], counts.get(state, 0))
         return [g]
 
@@ -59,6 +59,12 @@ class Metrics:
         )
         self.sessions_created = Counter(
             "lovd_sessions_created", "Sessions created", registry=self.registry
+        )
+        self.transitions = Counter(
+            "lovd_session_transitions",
+            "Session state changes (from: 'new' for a new row), by lovd/session/machine.py",
+            ["from", "to"],
+            registry=self.registry,
         )
         self.warm_claims = Counter(
             "lovd_warm_claims",

@@ -34,7 +34,6 @@ from collections.abc import Awaitable, Callable
 from lovd import ids
 from lovd.podman import LABEL_INSTANCE, LABEL_SESSION
 from lovd.session.lifecycle import Sessions
-from lovd.session.model import SessionState
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def on_death(sessions: Sessions) -> Callable[[str, str], None]:
 
     def died(sid: str, status: str) -> None:
         s = sessions.find(sid)
-        if s is None or s.status != SessionState.RUNNING:
+        if s is None or not s.serving:
             return  # lovd stopped or removed it itself, or it is not a session we serve
         log.info("Podman reports the container %s", status, extra={"SESSION_ID": sid})
         sessions.check_container(sid, f"Podman reported it {status}")

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from lovd.session.model import Session, iso
+from lovd.session.model import Session, SessionState, iso
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Store:
     async def _load(self) -> None:
         # Tombstones (a delete not finished yet, see tombstone()) are no live session.
         async with self._db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE status <> 'deleted'"
+            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE status <> ?", (SessionState.DELETED,)
         ) as cur:
             rows = await cur.fetchall()
         self._sessions = {r[0]: Session(*r) for r in rows}
@@ -175,9 +175,8 @@ class Store:
     def all(self) -> list[Session]:
         return sorted(self._sessions.values(), key=lambda s: s.created_at)
 
-    def count(self, states: Iterable[str]) -> int:
-        wanted = set(states)
-        return sum(1 for s in self._sessions.values() if s.status in wanted)
+    def count(self, which: Callable[[Session], bool]) -> int:
+        return sum(1 for s in self._sessions.values() if which(s))
 
     def used_ports(self) -> set[int]:
         return {s.port for s in self._sessions.values()}
@@ -204,15 +203,41 @@ class Store:
         expect: Iterable[str] | None = None,
         **changes: Any,
     ) -> Session:
-        """Apply ``changes`` to one session; bumps version and updated_at. With ``expect``,
-        only while the row's status is one of those, decided inside the write transaction
-        (a compare-and-set: two racing writers cannot both win); else ``StaleRow``."""
+        """Apply field ``changes`` to one session (a link, first use, a re-adopted container
+        id); bumps version and updated_at. Never its state: that is a transition, written
+        by lovd/session/machine.py only (through :meth:`write`). With ``expect``, only while
+        the row's status is one of those, else ``StaleRow``."""
+        if "status" in changes:
+            raise ValueError("a session's state changes only through lovd/session/machine.py")
+        check = None
+        if expect is not None:
+            wanted = set(expect)
+
+            def check(current: Session) -> None:
+                if current.status not in wanted:
+                    raise StaleRow(f"session {session_id} is {current.status} now")
+
+        return await self.write(session_id, changes, check=check, event=event)
+
+    async def write(
+        self,
+        session_id: str,
+        changes: dict[str, Any],
+        *,
+        check: Callable[[Session], None] | None = None,
+        event: str = "",
+    ) -> Session:
+        """The one write of a row: ``check`` (which may raise to refuse, e.g. a lost
+        compare-and-set) sees the row inside the write transaction, then ``changes`` are
+        applied with the event row and the outbox row, all in that one transaction. The
+        state machine (lovd/session/machine.py) is the only caller that changes
+        ``status``; a refusal changes nothing."""
         async with self._tx() as db:
             current = self._sessions.get(session_id)
             if current is None:
                 raise KeyError(session_id)
-            if expect is not None and current.status not in set(expect):
-                raise StaleRow(f"session {session_id} is {current.status} now")
+            if check is not None:
+                check(current)
             changes = {"updated_at": time.time(), **changes}  # a caller may set it (restore)
             new = dataclasses.replace(current, version=current.version + 1, **changes)
             sets = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
@@ -225,11 +250,20 @@ class Store:
         self.on_outbox()
         return new
 
-    async def delete(self, session_id: str, reason: str = "") -> None:
+    async def delete(
+        self,
+        session_id: str,
+        reason: str = "",
+        *,
+        check: Callable[[Session], None] | None = None,
+    ) -> None:
+        """Drop a row at once (a warm row nobody owns; machine.py decides)."""
         async with self._tx() as db:
             current = self._sessions.get(session_id)
             if current is None:
                 return
+            if check is not None:
+                check(current)
             gone = _deleted(current, reason)
             await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
@@ -237,7 +271,13 @@ class Store:
         del self._sessions[session_id]
         self.on_outbox()
 
-    async def tombstone(self, session_id: str, reason: str = "") -> bool:
+    async def tombstone(
+        self,
+        session_id: str,
+        reason: str = "",
+        *,
+        check: Callable[[Session], None] | None = None,
+    ) -> bool:
         """The first step of a crash-safe delete. The row leaves the live sessions (API,
         gate, broker, admission, its port) and the outbox carries its one deletion to
         PostgreSQL, but it stays in SQLite as status 'deleted' until the container and the
@@ -247,12 +287,14 @@ class Store:
             current = self._sessions.get(session_id)
             if current is None:
                 return False
+            if check is not None:
+                check(current)
             gone = _deleted(current, reason)
             # port = -rowid: unique and never a real port, so a new session may take it.
             await db.execute(
-                "UPDATE sessions SET status = 'deleted', reason = ?, updated_at = ?, "
+                "UPDATE sessions SET status = ?, reason = ?, updated_at = ?, "
                 "version = ?, port = -rowid, token_hash = '', broker_hash = '' WHERE id = ?",
-                (reason, gone.updated_at, gone.version, session_id),
+                (gone.status, reason, gone.updated_at, gone.version, session_id),
             )
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
@@ -262,7 +304,9 @@ class Store:
 
     async def tombstones(self) -> list[str]:
         """Sessions whose delete has not finished (:meth:`tombstone`)."""
-        async with self._db.execute("SELECT id FROM sessions WHERE status = 'deleted'") as cur:
+        async with self._db.execute(
+            "SELECT id FROM sessions WHERE status = ?", (SessionState.DELETED,)
+        ) as cur:
             return [str(r[0]) for r in await cur.fetchall()]
 
     async def purge(self, session_id: str) -> None:
@@ -270,7 +314,8 @@ class Store:
         deletion when the tombstone was written)."""
         async with self._tx() as db:
             await db.execute(
-                "DELETE FROM sessions WHERE id = ? AND status = 'deleted'", (session_id,)
+                "DELETE FROM sessions WHERE id = ? AND status = ?",
+                (session_id, SessionState.DELETED),
             )
 
     async def touch(self, activity: dict[str, float]) -> None:
@@ -468,7 +513,7 @@ def _deleted(current: Session, reason: str) -> Session:
     """The row as its deletion is recorded (outbox, tombstone)."""
     return dataclasses.replace(
         current,
-        status="deleted",
+        status=SessionState.DELETED,  # the tombstone primitive machine.delete calls
         reason=reason,
         updated_at=time.time(),
         version=current.version + 1,

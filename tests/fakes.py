@@ -17,6 +17,8 @@ from lovd import ids, limits
 from lovd.errors import LovdError
 from lovd.podman import ContainerInfo, ContainerSpec
 from lovd.runner import UnitState
+from lovd.session.model import Session, SessionState
+from lovd.store import Store
 
 
 class _Client:
@@ -123,3 +125,10 @@ class FakeRunner:
     async def close(self) -> None:
         for sid in list(self.servers):
             await self.stop(sid)
+
+
+async def force_state(store: Store, sid: str, status: str, **fields: object) -> Session:
+    """Put a row in ``status`` through the store's write primitive, outside the transition
+    table (lovd itself changes states only through lovd/session/machine.py): for tests of
+    the store and the sync relay that need rows in given states."""
+    return await store.write(sid, {"status": SessionState(status), **fields})

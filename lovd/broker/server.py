@@ -48,9 +48,6 @@ from lovd.store import Store
 
 log = logging.getLogger(__name__)
 
-# States whose container may hold a valid credential (a warm container's OpenCode
-# connects to the MCP server while it boots).
-LIVE_STATES = frozenset({"warm", "starting", "running"})
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 _HOP_BY_HOP = frozenset(
     {
@@ -168,7 +165,7 @@ class Broker:
         """The live session a credential belongs to, or Refusal (401)."""
         sid, _, secret = credential.partition(".")
         s = self.store.get(sid) if ids.is_valid(sid) else None
-        if s is None or not s.broker_hash or s.status not in LIVE_STATES:
+        if s is None or not s.broker_hash or not s.broker_live:
             ids.token_matches(secret, "0" * 64)  # the same work either way
             raise Refusal(401, "no valid lovd session credential")
         if not ids.token_matches(secret, s.broker_hash):

@@ -24,7 +24,8 @@ from pathlib import Path
 from lovd import ids
 from lovd.config import Config, parse_size
 from lovd.errors import LovdError
-from lovd.session.model import ACTIVE, Session
+from lovd.session.machine import StateMachine
+from lovd.session.model import Session, SessionState
 from lovd.store import Store
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,11 @@ class Admission:
         frees_at: Callable[[Session], float | None],
         clock: Callable[[], float],
         host_id: str,
+        machine: StateMachine,
     ) -> None:
         self.config = config
         self.store = store
+        self.machine = machine
         self.host_id = host_id
         self.frees_at = frees_at
         self.clock = clock
@@ -131,14 +134,14 @@ class Admission:
         self.owners: dict[str, str] = {}
 
     def running_count(self) -> int:
-        return self.store.count(ACTIVE)
+        return self.store.count(lambda s: s.holds_place)
 
     def retry_after(self) -> int:
         """Seconds until a place may free up, counting unused and idle sessions."""
         ends = [
             t
             for s in self.store.all()
-            if s.status in ACTIVE and (t := self.frees_at(s)) is not None
+            if s.holds_place and (t := self.frees_at(s)) is not None
         ]
         if not ends:
             return RETRY_AFTER_DEFAULT
@@ -191,7 +194,7 @@ class Admission:
             s = self.store.get(sid)
             if s is None:
                 del self.owners[sid]
-            elif owner == client and s.status in ACTIVE:
+            elif owner == client and s.holds_place:
                 out.append(s)
         return out
 
@@ -217,22 +220,20 @@ class Admission:
         )
 
     async def insert(
-        self, status: str, token_hash: str, now: float, event: str = "created"
+        self, state: SessionState, token_hash: str, now: float, event: str = "created"
     ) -> Session:
         """A new row with a fresh id and port (call with ``lock`` held)."""
-        return await self.store.insert(
-            Session(
-                id=ids.new_session_id(),
-                status=status,
-                reason="",
-                token_hash=token_hash,
-                port=self.pick_port(),
-                container_id="",
-                host_id=self.host_id,
-                created_at=now,
-                updated_at=now,
-                expires_at=self.config.expires_at(now),
-                last_activity=now,
-            ),
+        return await self.machine.create(
+            state,
             event=event,
+            id=ids.new_session_id(),
+            reason="",
+            token_hash=token_hash,
+            port=self.pick_port(),
+            container_id="",
+            host_id=self.host_id,
+            created_at=now,
+            updated_at=now,
+            expires_at=self.config.expires_at(now),
+            last_activity=now,
         )

@@ -231,9 +231,9 @@ class Health:
                 if current is None or current.status != SessionState.RUNNING:
                     return "failed"
                 await self.launcher.stop_container(s.id)
-                await self.store.update(
+                await self.launcher.machine.transition(
                     s.id,
-                    status=SessionState.FAILED,
+                    SessionState.FAILED,
                     reason=reason,
                     container_id="",
                     broker_hash="",
@@ -249,18 +249,14 @@ class Health:
             if current is None or current.status != SessionState.RUNNING:
                 return "restarted"  # it changed meanwhile (a stop, a delete): nothing to do
             await self.launcher.stop_container(s.id)
-            await self.store.update(
-                s.id,
-                status=SessionState.STARTING,
-                reason=f"restarting: {why}",
-                restarts=current.restarts + 1,
-                container_id="",
+            secret = await self.launcher.begin(
+                s.id, f"restarting: {why}", restarts=current.restarts + 1, container_id=""
             )
         await self.store.add_health(
             [(s.id, now, False, f"restart {len(rec.restarts)}: {why}")], c.health_history
         )
         try:
-            await self.launcher.start(s.id)
+            await self.launcher.start(s.id, secret=secret)
         except LovdError as e:
             log.warning("restart failed: %s", e.message, extra={"SESSION_ID": s.id})
             return "failed"

@@ -75,7 +75,7 @@ class Housekeeping:
         store: Store,
         activity: Activity,
         *,
-        stop: Callable[[str, str, str], Awaitable[Session]],
+        stop: Callable[[str, SessionState, str], Awaitable[Session]],
         delete: Callable[[str, str], Awaitable[None]],
         busy: Callable[[Session], Awaitable[bool]],
         clock: Callable[[], float],

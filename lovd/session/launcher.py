@@ -27,6 +27,7 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerSpec, cgroup_v2
 from lovd.runner import Runner
+from lovd.session.machine import StateMachine
 from lovd.session.model import Session, SessionState
 from lovd.store import Store
 
@@ -122,10 +123,12 @@ class Launcher:
         http: aiohttp.ClientSession,
         env: SessionEnv,
         metrics: Metrics,
+        machine: StateMachine,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
+        self.machine = machine
         self.runner = runner
         self.http = http
         self.env = env
@@ -192,20 +195,44 @@ class Launcher:
             return ["--network", self.config.session_network]
         return []
 
-    async def start(self, sid: str, warm: bool = False) -> Session:
+    async def begin(self, sid: str, reason: str, **fields: Any) -> str:
+        """Make ``sid`` starting (a wake, a health restart), with the broker credential
+        of its next container in the same write; :meth:`start` with the returned secret
+        then writes only its outcome. Call with the session's lock held."""
+        secret = ids.new_token()
+        await self.machine.transition(
+            sid, SessionState.STARTING, reason=reason, broker_hash=ids.hash_token(secret), **fields
+        )
+        return secret
+
+    async def start(self, sid: str, warm: bool = False, secret: str = "") -> Session:
+        """Start ``sid``'s container and wait until it answers. Its state is written at
+        most twice (starting, then running or failed); with ``secret`` from :meth:`begin`
+        (or for a warm row) only the outcome."""
         async with self.lock(sid):
             session = self.store.get(sid)
             if session is None:
                 raise LovdError("session-not-found", f"no session {sid}")
-            if session.status == "running":
+            if session.serving:
                 return session
             t0 = time.monotonic()
-            # A new broker credential for every start: the previous container's dies.
-            secret = ids.new_token()
-            changes: dict[str, Any] = {"broker_hash": ids.hash_token(secret)}
-            if not warm:
-                changes.update(status="starting", reason="")
-            session = await self.store.update(sid, **changes)
+            begun = (
+                secret
+                and session.status == SessionState.STARTING
+                and ids.token_matches(secret, session.broker_hash)
+            )
+            if not begun:
+                # A new broker credential for every start: the previous container's dies.
+                secret = ids.new_token()
+                broker_hash = ids.hash_token(secret)
+                if warm or session.status == SessionState.STARTING:
+                    # Its state is written already (warm; a claim or a resume made it
+                    # starting): only the credential.
+                    session = await self.store.update(sid, broker_hash=broker_hash)
+                else:
+                    session = await self.machine.transition(
+                        sid, SessionState.STARTING, broker_hash=broker_hash
+                    )
             workspace = self.config.sessions_path / sid
             workspace.mkdir(parents=True, exist_ok=True)
             try:
@@ -246,10 +273,9 @@ class Launcher:
             return await self.running(sid, cid, t0)
 
     async def running(self, sid: str, cid: str, t0: float) -> Session:
-        session = await self.store.update(
+        session = await self.machine.transition(
             sid,
-            status="running",
-            reason="",
+            SessionState.RUNNING,
             container_id=cid,
             started_at=self.clock(),
             last_activity=self.clock(),
@@ -284,10 +310,12 @@ class Launcher:
             # Nobody owns it: drop the row (the pool retries later) rather than show a
             # failed session no one asked for.
             await self.runner.remove_workspace(self.config.sessions_path / sid)
-            await self.store.delete(sid, f"warm start failed: {err.message}")
+            await self.machine.drop(sid, f"warm start failed: {err.message}")
             log.warning("warm container failed: %s", err.message, extra={"SESSION_ID": sid})
             raise err
-        await self.store.update(sid, status="failed", reason=err.message, broker_hash="")
+        await self.machine.transition(
+            sid, SessionState.FAILED, reason=err.message, broker_hash=""
+        )
         log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
         raise err
 

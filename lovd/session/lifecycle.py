@@ -1,6 +1,8 @@
 """The facade the web layer and the daemon use: create, get, wake, stop, delete, touch.
 
-All state changes go through the store (and so the outbox). Each session has its own
+Every state change is a transition of the one writer (machine.py: the table, the
+compare-and-set, the outbox, the waiters); waiting for a session (a wake) is a wait on
+those transitions (wakes.py), one wake per session whichever socket asked. Each session has its own
 lock (launcher.py), so concurrent requests for one session serialize while different
 sessions proceed in parallel; the admission lock is always taken before a session's.
 """
@@ -28,9 +30,11 @@ from lovd.session.health import VOUCH_SECONDS, Health
 from lovd.session.housekeeping import Activity, Housekeeping
 from lovd.session.launcher import Launcher, SessionEnv
 from lovd.session.links import Links
+from lovd.session.machine import StateMachine
 from lovd.session.model import Session, SessionState
 from lovd.session.quota import DiskQuota, podman_du
 from lovd.session.reconcile import Readiness, Reconciler
+from lovd.session.wakes import Wakes
 from lovd.session.warm import Warm, WarmPool
 from lovd.store import StaleRow, Store
 
@@ -60,7 +64,8 @@ class Sessions:
         now = self._now  # every part reads the clock through here (tests move it)
         self._tasks: set[asyncio.Task[None]] = set()
         self._activity = Activity(store, now)
-        self.launcher = Launcher(config, store, runner, http, env, metrics, now)
+        self.machine = StateMachine(store, metrics)
+        self.launcher = Launcher(config, store, runner, http, env, metrics, self.machine, now)
         self.housekeeping = Housekeeping(
             config,
             store,
@@ -70,10 +75,21 @@ class Sessions:
             busy=self.launcher.busy,
             clock=now,
         )
-        self.admission = Admission(config, store, self.housekeeping.frees_at, now, host_id)
-        self.warm_pool = Warm(
-            config, store, self.launcher, self.admission, spawn=self._spawn, clock=now
+        self.admission = Admission(
+            config, store, self.housekeeping.frees_at, now, host_id, self.machine
         )
+        self.warm_pool = Warm(
+            config,
+            store,
+            self.launcher,
+            self.admission,
+            machine=self.machine,
+            spawn=self._spawn,
+            clock=now,
+        )
+        # One wake per session, whichever socket asked; it waits out a row someone else
+        # is moving for as long as the gate holds a request (web/gate.py).
+        self.wakes = Wakes(self.machine, self.wake, config.ready_timeout + 5.0)
         self.health = Health(config, store, self.launcher, clock=now, lost=self._lost)
         self.disk = DiskQuota(
             config.disk_quota,
@@ -114,12 +130,12 @@ class Sessions:
 
     def get(self, session_id: str) -> Session:
         s = self.store.get(ids.check(session_id))
-        if s is None or s.status == SessionState.WARM:
+        if s is None or not s.visible:
             raise LovdError("session-not-found", f"no session {session_id}")
         return s
 
     def all(self) -> list[Session]:
-        return [s for s in self.store.all() if s.status != SessionState.WARM]
+        return [s for s in self.store.all() if s.visible]
 
     def warm(self) -> list[Session]:
         return self.warm_pool.rows()
@@ -274,10 +290,10 @@ class Sessions:
         while (warm := self.warm_pool.pick()) is not None:
             try:
                 # "starting" until the claim has confirmed the container still answers.
-                return await self.store.update(
+                return await self.machine.transition(
                     warm.id,
+                    SessionState.STARTING,
                     expect=(SessionState.WARM,),
-                    status=SessionState.STARTING,
                     reason="from the warm pool",
                     event="claimed",
                     token_hash=token_hash,
@@ -293,8 +309,9 @@ class Sessions:
         """Start a stopped session again (same workspace), subject to admission (and to
         browser.max_running_per_client for the ``client`` that woke it)."""
         session = self.get(sid)
-        if session.status == SessionState.RUNNING:
+        if session.serving:
             return session
+        secret = ""
         if session.status != SessionState.STARTING:
             self.check_limits()
             async with self.admission.lock:
@@ -302,11 +319,29 @@ class Sessions:
                 self.admission.hold(sid, client)
                 async with self.lock(sid):
                     session = self.get(sid)  # a delete may have won the lock: 404, not 500
-                    if session.status == SessionState.RUNNING:
+                    if session.serving:
                         return session
-                    await self.store.update(sid, status=SessionState.STARTING, reason="waking")
+                    secret = await self.launcher.begin(sid, "waking")
                 self.warm_pool.make_room()
-        return await self.launcher.start(sid)
+        return await self.launcher.start(sid, secret=secret)
+
+    def ensure_waking(self, sid: str, client: str = "") -> asyncio.Task[None]:
+        """The one wake of ``sid`` (wakes.py), whichever socket's request asked."""
+        return self.wakes.ensure(sid, client)
+
+    def wake_error(self, sid: str) -> LovdError | None:
+        """Why the last wake of ``sid`` failed, while no other is under way."""
+        return None if self.wakes.waking(sid) else self.wakes.error(sid)
+
+    async def wait(
+        self, sid: str, until: Callable[[Session], bool], timeout: float
+    ) -> Session | None:
+        """``sid``'s row once ``until`` holds (None: it is gone); woken by its state
+        changes, ``TimeoutError`` after ``timeout``."""
+        return await self.machine.wait(sid, until, timeout)
+
+    async def drain_wakes(self) -> None:
+        await self.wakes.drain()
 
     # --- links (session/links.py) ---
 
@@ -324,14 +359,14 @@ class Sessions:
     # --- stop / delete ---
 
     async def stop(
-        self, sid: str, status: str = SessionState.STOPPED, reason: str = ""
+        self, sid: str, to: SessionState = SessionState.STOPPED, reason: str = ""
     ) -> Session:
         async with self.lock(sid):
             self.get(sid)
-            await self.store.update(sid, status=SessionState.STOPPING, reason=reason)
+            await self.machine.transition(sid, SessionState.STOPPING, reason=reason)
             await self.launcher.stop_container(sid)
-            session = await self.store.update(
-                sid, status=status, reason=reason, container_id="", broker_hash=""
+            session = await self.machine.transition(
+                sid, to, reason=reason, container_id="", broker_hash=""
             )
         self.capacity_changed()
         return session
@@ -342,7 +377,7 @@ class Sessions:
         tombstone. Cut anywhere, the next reconcile finishes it (finish_deletes)."""
         async with self.lock(sid):
             self.get(sid)
-            await self.store.tombstone(sid, reason)
+            await self.machine.delete(sid, reason)
             self._forget(sid)
             await self._remove(sid)
         self.launcher.forget(sid)
@@ -405,6 +440,7 @@ class Sessions:
             log.warning("session start failed: %s", e.message, extra={"SESSION_ID": sid})
 
     async def drain(self) -> None:
+        await self.wakes.drain()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -79,8 +79,9 @@ TRANSITIONS: dict[SessionState | None, frozenset[SessionState]] = {
     _R: frozenset({_S, _X, _O, _F, _D}),
     # woken; re-adopted after a restart; stopped again; deleted
     _I: frozenset({_S, _R, _X, _D}),
-    # done (stopped, idle-stopped or failed); re-adopted; resumed; vanished; deleted
-    _X: frozenset({_S, _R, _I, _O, _F, _D}),
+    # done (stopped, idle-stopped or failed); re-adopted; resumed; vanished; deleted;
+    # stopped again (a stop whose container stop failed half-way is retried: stop())
+    _X: frozenset({_S, _R, _I, _X, _O, _F, _D}),
     # woken; stopped again; deleted
     _O: frozenset({_S, _X, _D}),
     _F: frozenset({_S, _X, _D}),
@@ -98,6 +99,13 @@ def allowed(frm: SessionState | str | None, to: SessionState | str) -> bool:
     return SessionState(to) in TRANSITIONS[key]
 
 
+# Rows a person's browser waits on while someone else moves them: a creator is about to
+# start it (creating), a stop is finishing (stopping). A wake waits for the next state.
+SETTLING = frozenset({SessionState.CREATING, SessionState.STOPPING})
+# A first start (the progress page says "starting", not "waking").
+STARTING_UP = frozenset({SessionState.CREATING, SessionState.STARTING})
+
+
 # Unit states in which systemd, not lovd, decides what happens next.
 UNIT_BUSY = frozenset({"activating", "active", "deactivating", "reloading"})
 
@@ -109,7 +117,7 @@ def iso(ts: float) -> str:
 @dataclass(frozen=True)
 class Session:
     id: str
-    status: str
+    status: SessionState
     reason: str
     token_hash: str
     port: int
@@ -129,11 +137,64 @@ class Session:
     link_hash: str = ""
     link_used_at: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Rows come from SQLite, PostgreSQL and tests as plain strings: one type from here
+        # on (a name outside SessionState is refused here, not compared later).
+        if type(self.status) is not SessionState:
+            object.__setattr__(self, "status", SessionState(self.status))
+
+    # --- named questions about the row (no caller outside session/ compares states) ---
+
+    @property
+    def serving(self) -> bool:
+        """Its container runs and answers: requests may go to it."""
+        return self.status == SessionState.RUNNING
+
+    @property
+    def holds_place(self) -> bool:
+        """It holds one of the limits.max_running places."""
+        return self.status in ACTIVE
+
+    @property
+    def broker_live(self) -> bool:
+        """Its container may hold a valid broker credential."""
+        return self.status in BROKER_LIVE
+
+    @property
+    def adoptable(self) -> bool:
+        """Reconcile may adopt it as running when its container lives."""
+        return self.status in ADOPTABLE
+
+    @property
+    def expects_container(self) -> bool:
+        """It should have a live container (without one, reconcile records why)."""
+        return self.status in EXPECT_CONTAINER
+
+    @property
+    def visible(self) -> bool:
+        """The API, the gate and PostgreSQL readers see it (a warm row is nobody's yet)."""
+        return self.status != SessionState.WARM
+
+    @property
+    def settling(self) -> bool:
+        """Someone else is moving it (SETTLING): a wake waits for the next state."""
+        return self.status in SETTLING
+
+    @property
+    def starting_up(self) -> bool:
+        """On its way to its first answer (created or starting), rather than woken."""
+        return self.status in STARTING_UP
+
+    @property
+    def paused(self) -> bool:
+        """Stopped for idleness or disuse; a request may wake it."""
+        return self.status == SessionState.IDLE_STOPPED
+
     def public(self, public_url: str) -> dict[str, Any]:
         """The API representation (never the token hash)."""
         return {
             "id": self.id,
-            "status": self.status,
+            "status": self.status.value,
             "reason": self.reason,
             "url": f"{public_url.rstrip('/')}/c/{self.id}",
             "container_id": self.container_id,

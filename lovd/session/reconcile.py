@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from lovd import ids
 from lovd.config import Config
@@ -23,8 +24,8 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerInfo
 from lovd.session.launcher import Launcher
-from lovd.session.model import ADOPTABLE, EXPECT_CONTAINER, UNIT_BUSY, SessionState
-from lovd.store import Store
+from lovd.session.model import UNIT_BUSY, Session, SessionState
+from lovd.store import StaleRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Reconciler:
         self.config = config
         self.store = store
         self.launcher = launcher
+        self.machine = launcher.machine
         self.runner = launcher.runner
         self.metrics = metrics
         self.discard_warm = discard_warm
@@ -77,14 +79,17 @@ class Reconciler:
                 elif not alive and (unit is None or unit.active not in UNIT_BUSY):
                     await self.discard_warm(sid, "warm container stopped")
                 continue
-            if s.status in ADOPTABLE and alive:
+            if s.adoptable and alive:
                 assert c is not None
-                if s.status != SessionState.RUNNING or s.container_id != c.id:
-                    await self.store.update(
-                        sid, status=SessionState.RUNNING, reason="re-adopted", container_id=c.id
-                    )
+                if not s.serving:
+                    if not await self._move(
+                        s, SessionState.RUNNING, reason="re-adopted", container_id=c.id
+                    ):
+                        continue
+                elif s.container_id != c.id:
+                    await self.store.update(sid, reason="re-adopted", container_id=c.id)
                 report["adopted"].append(sid)
-            elif s.status in EXPECT_CONTAINER and not alive:
+            elif s.expects_container and not alive:
                 if unit is not None and unit.active in UNIT_BUSY:
                     # systemd is still acting on it: stopping it now would cancel the
                     # restart policy (ExecStopPost keeps a crashed unit "deactivating").
@@ -94,40 +99,48 @@ class Reconciler:
                         f"unit failed ({unit.result}); gave up after "
                         f"{max(0, unit.restarts - 1)} restarts"
                     )
-                    status = SessionState.FAILED
+                    to = SessionState.FAILED
                 elif c is not None and c.exit_code == SIGTERM_EXIT:
                     # `podman stop`: a clean stop, not a failure.
                     reason = "container was stopped (SIGTERM)"
-                    status = SessionState.STOPPED
+                    to = SessionState.STOPPED
                 elif c is not None and c.exit_code:
                     reason = f"container exited with code {c.exit_code}"
-                    status = SessionState.FAILED
-                elif startup and s.status in (SessionState.CREATING, SessionState.STARTING):
+                    to = SessionState.FAILED
+                elif startup and s.starting_up:
                     # A start the previous lovd did not finish (a shutdown, a crash): the
                     # caller starts it again rather than failing a session nobody failed.
-                    await self.store.update(
-                        sid, status=SessionState.STARTING, reason="resumed after lovd restarted"
-                    )
-                    report["resume"].append(sid)
+                    if await self._move(
+                        s, SessionState.STARTING, reason="resumed after lovd restarted"
+                    ):
+                        report["resume"].append(sid)
                     continue
                 elif s.status == SessionState.CREATING:
                     reason = "interrupted: lovd stopped while the session was being created"
-                    status = SessionState.FAILED
+                    to = SessionState.FAILED
                 else:
                     reason = (
                         "container vanished while lovd was down"
                         if startup
                         else "container stopped unexpectedly"
                     )
-                    status = SessionState.STOPPED
+                    to = SessionState.STOPPED
                 await self.launcher.stop_container(sid)
-                await self.store.update(
-                    sid, status=status, reason=reason, container_id="", broker_hash=""
-                )
+                if not await self._move(s, to, reason=reason, container_id="", broker_hash=""):
+                    continue
                 report["lost"].append(sid)
-                log.warning("session %s: %s", status, reason, extra={"SESSION_ID": sid})
+                log.warning("session %s: %s", to, reason, extra={"SESSION_ID": sid})
         await self._orphans(containers, report)
         return report
+
+    async def _move(self, s: Session, to: SessionState, **fields: Any) -> bool:
+        """A compare-and-set from the state this pass decided on: a stop, a wake or a
+        delete that came in meanwhile wins (False), and the next pass looks again."""
+        try:
+            await self.machine.transition(s.id, to, expect=(s.status,), **fields)
+        except (StaleRow, KeyError):
+            return False
+        return True
 
     async def _orphans(
         self, containers: dict[str, ContainerInfo], report: dict[str, list[str]]

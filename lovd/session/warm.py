@@ -23,6 +23,7 @@ from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.session.admission import Admission
 from lovd.session.launcher import Launcher
+from lovd.session.machine import StateMachine
 from lovd.session.model import Session, SessionState
 from lovd.store import StaleRow, Store
 
@@ -40,6 +41,7 @@ class Warm:
         launcher: Launcher,
         admission: Admission,
         *,
+        machine: StateMachine,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         clock: Callable[[], float],
     ) -> None:
@@ -47,6 +49,7 @@ class Warm:
         self.store = store
         self.launcher = launcher
         self.admission = admission
+        self.machine = machine
         self.spawn = spawn
         self.clock = clock
         # Called with each warm container once it answers, before anyone claims it: the
@@ -91,7 +94,7 @@ class Warm:
         booting, check it still answers, and fall back to a fresh start if not."""
         async with self.launcher.lock(sid):
             s = self.store.get(sid)
-            if s is not None and s.status == SessionState.RUNNING:
+            if s is not None and s.serving:
                 return s  # its warm start finished after the claim
             if s is not None and s.status == SessionState.STARTING and s.container_id:
                 ok, why = await self.launcher.probe(s, timeout=1.0)
@@ -109,14 +112,14 @@ class Warm:
         async with self.launcher.lock(sid):
             try:
                 # A compare-and-set: a claim that got there first keeps the container.
-                await self.store.update(
-                    sid, expect=(SessionState.WARM,), status=SessionState.STOPPING, reason=reason
+                await self.machine.transition(
+                    sid, SessionState.STOPPING, expect=(SessionState.WARM,), reason=reason
                 )
             except (StaleRow, KeyError):
                 return
             await self.launcher.stop_container(sid)
             await self.launcher.runner.remove_workspace(self.config.sessions_path / sid)
-            await self.store.delete(sid, reason)
+            await self.machine.drop(sid, reason)
         self.launcher.forget(sid)
         log.info("warm container removed: %s", reason, extra={"SESSION_ID": sid})
 

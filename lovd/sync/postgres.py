@@ -35,6 +35,7 @@ from typing import Any
 import psycopg
 
 from lovd.config import Config
+from lovd.session.model import SessionState
 from lovd.store import OutboxRow, Store
 from lovd.sync import schema
 from lovd.sync.claim import SyncRefused, claim
@@ -276,7 +277,7 @@ class Relay:
             p = json.loads(r.payload)
             p["version"] = r.version
             if r.op == "delete":
-                p["status"] = "deleted"
+                p["status"] = SessionState.DELETED.value
             latest[r.key] = p
             events.append(
                 (self.host_id, epoch, r.seq, r.key, r.created_at,

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from lovd import ids
 from lovd.config import Config
+from lovd.session import machine
+from lovd.session.machine import restored
 from lovd.session.model import Session
 from lovd.store import Store
 from lovd.sync.claim import META_EPOCH
@@ -66,15 +68,24 @@ async def _host_rows(conn: Conn, host_id: str) -> tuple[str, list[Session]]:
     for r in await cur.fetchall():
         (sid, status, reason, port, cid, created, updated, expires, activity, started,
          restarts, version, used) = r  # fmt: skip
-        sessions.append(
-            Session(
-                id=str(sid), status=str(status), reason=str(reason), token_hash="",
-                port=int(port), container_id=str(cid), host_id=host_id,
-                created_at=created, updated_at=updated, expires_at=expires,
-                last_activity=activity, started_at=started, restarts=int(restarts),
-                version=int(version), used_at=used, broker_hash="", link_hash="",
-            )
-        )  # fmt: skip
+        # The row as PostgreSQL recorded it (a copy, no transition; machine.py checks
+        # that its state is one lovd knows).
+        try:
+            sessions.append(
+                restored({
+                    "id": str(sid), "status": str(status), "reason": str(reason),
+                    "token_hash": "", "port": int(port), "container_id": str(cid),
+                    "host_id": host_id, "created_at": created, "updated_at": updated,
+                    "expires_at": expires, "last_activity": activity, "started_at": started,
+                    "restarts": int(restarts), "version": int(version), "used_at": used,
+                    "broker_hash": "", "link_hash": "",
+                })
+            )  # fmt: skip
+        except ValueError as e:
+            raise RestoreError(
+                f"PostgreSQL holds session {sid} in state {status!r}, which this lovd does "
+                "not know: upgrade lovd to the version that wrote it, then restore again"
+            ) from e
     return str(host[0]), sessions
 
 
@@ -97,7 +108,7 @@ async def restore(
         return out
     if new_links:
         for i, s in enumerate(sessions):
-            if s.status == "warm":
+            if not s.visible:  # a warm row: nobody's, no link
                 continue
             # A single-use link (session/links.py); the cookie secret is made when the
             # link is used (this random one only marks the row as owned, not warm).
@@ -109,7 +120,8 @@ async def restore(
                 link_hash=ids.hash_token(token),
                 link_used_at=0.0,
             )
-    await store.restore(sessions, instance, f"restored from PostgreSQL (host_id {host_id})")
+    detail = f"restored from PostgreSQL (host_id {host_id})"
+    await machine.restore(store, sessions, instance, detail)
     out.count = len(sessions)
     log.info(
         "restored %d session(s) of host_id %s from PostgreSQL (instance %s)",

@@ -261,7 +261,7 @@ class BodyCheck:
         """``session_of`` authenticates the cookie again: this socket is reachable by
         anything that can reach the landing page, not only through forward_auth."""
         s = self.session_of(request)
-        if s.status != "running":
+        if not s.serving:
             raise LovdError("unavailable", "the session is not running; reload the page")
         kind = "prompt" if request.path.endswith("/prompt_async") else "session"
         raw = await _read(request)

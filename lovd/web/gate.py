@@ -66,7 +66,7 @@ from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.session.housekeeping import UNUSED_REASON
 from lovd.session.lifecycle import Sessions
-from lovd.session.model import Session
+from lovd.session.model import Session, SessionState
 from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
 from lovd.web.assets import UiAssets
@@ -153,8 +153,6 @@ class BrowserGate:
             running=sessions.running_count,
             retry_after=sessions.retry_after,
         )
-        self._wakes: dict[str, asyncio.Task[None]] = {}
-        self.wake_errors: dict[str, LovdError] = {}
         # Caddy's dial address of this app's own socket (set by serve_public), for the
         # requests whose body lovd checks before they reach the container.
         self.self_upstream = ""
@@ -370,7 +368,7 @@ class BrowserGate:
             # Only chat activity keeps a place (a poll every 30 s must not hold one).
             self.sessions.mark_used(s.id)
             self.sessions.touch(s.id)
-        if s.status == "running":
+        if s.serving:
             if not self.sessions.vouched(s):
                 # Nothing has heard from the container lately: look now, in the background
                 # (a hung one is restarted in seconds rather than health.interval * failures).
@@ -378,7 +376,7 @@ class BrowserGate:
             if nav and decision.path == "/":
                 return await self.land(s)
             return self.allow(s, via_lovd=decision.body)
-        if s.reason == UNUSED_REASON and s.status == "idle-stopped" and not (nav or decision.chat):
+        if s.reason == UNUSED_REASON and s.paused and not (nav or decision.chat):
             # Nobody chatted in it: a page load or a prompt wakes it, a poll does not.
             err = LovdError(
                 "unavailable",
@@ -387,13 +385,13 @@ class BrowserGate:
                 retry_after=30,
             )
             return self.refuse(request, err, nav)
-        task = self.ensure_waking(s.id, client_key(addr))
-        if nav and s.status == "starting":
+        task = self.sessions.ensure_waking(s.id, client_key(addr))
+        if nav and s.status == SessionState.STARTING:
             # Still starting, or failed: the progress page says which.
             with contextlib.suppress(TimeoutError, LovdError):
                 await asyncio.wait_for(asyncio.shield(task), NAV_HOLD)
             s2 = self.sessions.find(s.id)
-            if s2 is not None and s2.status == "running":
+            if s2 is not None and s2.serving:
                 if decision.path == "/":
                     return await self.land(s2)
                 return self.allow(s2, via_lovd=decision.body)
@@ -407,8 +405,8 @@ class BrowserGate:
         except LovdError as e:
             return self.refuse(request, e, nav)
         s2 = self.sessions.find(s.id)
-        if s2 is None or s2.status != "running":
-            err = self.wake_errors.get(s.id) or LovdError(
+        if s2 is None or not s2.serving:
+            err = self.sessions.wake_error(s.id) or LovdError(
                 "unavailable", "the session could not be started; start a new one"
             )
             return self.refuse(request, err, nav)
@@ -449,8 +447,8 @@ class BrowserGate:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(check), FAILED_CHECK_HOLD)
         s2 = self.sessions.find(s.id) or s
-        if s2.status != "running":
-            self.ensure_waking(s.id)
+        if not s2.serving:
+            self.sessions.ensure_waking(s.id)
         if nav:
             return self.pages.render(self.pages.progress_page(s2, language(request)))
         err = LovdError(
@@ -487,50 +485,10 @@ class BrowserGate:
             },
         )
 
-    def waking(self, sid: str) -> bool:
-        return sid in self._wakes
-
-    def ensure_waking(self, sid: str, client: str = "") -> asyncio.Task[None]:
-        """One wake-up per session, however many requests wait for it."""
-        task = self._wakes.get(sid)
-        if task is None or task.done():
-            self.wake_errors.pop(sid, None)
-            task = asyncio.create_task(self._wake(sid, client), name=f"wake-{sid}")
-            self._wakes[sid] = task
-            task.add_done_callback(lambda t: self._wake_done(sid, t))
-        return task
-
-    def _wake_done(self, sid: str, task: asyncio.Task[None]) -> None:
-        if self._wakes.get(sid) is task:
-            del self._wakes[sid]
-        if not task.cancelled() and isinstance(task.exception(), LovdError):
-            err = task.exception()
-            assert isinstance(err, LovdError)
-            self.wake_errors[sid] = err
-
-    async def _wake(self, sid: str, client: str) -> None:
-        deadline = time.monotonic() + self.hold_timeout
-        while True:
-            s = self.sessions.find(sid)
-            if s is None:
-                raise LovdError("unauthorized", "this session was deleted")
-            if s.status == "running":
-                return
-            if s.status not in ("creating", "stopping"):
-                break
-            # creating: the creator is about to start it; stopping: let the stop finish.
-            if time.monotonic() > deadline:
-                raise LovdError("start-timeout", f"session stuck in state {s.status}")
-            await asyncio.sleep(0.05)
-        if s.status != "starting":
-            log.info("waking session on request", extra={"SESSION_ID": sid})
-        await self.sessions.wake(sid, client)
-
     async def drain(self) -> None:
-        tasks = list(self._wakes.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """The wakes under way end with lovd (they live in session/wakes.py: one per
+        session, whichever socket asked)."""
+        await self.sessions.drain_wakes()
 
     def refuse(
         self, request: web.Request, err: LovdError, nav: bool, *, clear: bool = False

@@ -35,7 +35,6 @@ PAGE_HEADERS = {
     # The page's language follows Accept-Language: caches must keep them apart.
     "Vary": "Accept-Language",
 }
-STARTING = ("creating", "starting")
 
 
 def human_seconds(seconds: int, lang: str = "en") -> str:
@@ -203,7 +202,7 @@ class Pages:
         return Page(200, title, main, lang=lang)
 
     def progress_page(self, s: Session, lang: str = DEFAULT) -> Page:
-        kind = "wake" if s.status not in STARTING else "start"
+        kind = "start" if s.starting_up else "wake"
         title = text(lang, f"progress_{kind}_title")
         # progress.js reads its texts from data-* attributes (the CSP allows no inline
         # script), so the live region speaks the page's language.

@@ -27,10 +27,10 @@ from lovd.caddy import AUTH_PATH
 from lovd.errors import LovdError
 from lovd.session.lifecycle import Sessions
 from lovd.session.links import NEW_LINK, LinkState, link_state
-from lovd.session.model import Session
+from lovd.session.model import Session, SessionState
 from lovd.sync import routing
 from lovd.web.gate import BrowserGate, wants_html
-from lovd.web.pages import STARTING, language
+from lovd.web.pages import language
 from lovd.web.problems import problem
 from lovd.web.ratelimit import client_address, client_key
 from lovd.web.texts import text
@@ -102,13 +102,13 @@ class PublicSite:
         except LovdError as e:
             msg = self.pages.refusal_text(e, lang)
             return _status_json(e.status, False, msg, e.retry_after, error=True)
-        if s.status == "running":
+        if s.serving:
             return _status_json(200, True, text(lang, "status_ready"))
-        err = self.gate.wake_errors.get(s.id)
-        if err is not None and not self.gate.waking(s.id):
+        err = self.gate.sessions.wake_error(s.id)
+        if err is not None:
             msg = self.pages.refusal_text(err, lang)
             return _status_json(200, False, msg, err.retry_after, error=True)
-        msg = text(lang, "status_starting" if s.status in STARTING else "status_waking")
+        msg = text(lang, "status_starting" if s.starting_up else "status_waking")
         return _status_json(200, False, msg)
 
     async def entry(self, request: web.Request) -> web.StreamResponse:
@@ -273,7 +273,7 @@ def link_used() -> LovdError:
 
 def _unknown(sid: str) -> Session:
     """A stand-in row for a session this host does not hold (never stored)."""
-    return Session(sid, "", "", "", 0, "", "", 0.0, 0.0, 0.0, 0.0)
+    return Session(sid, SessionState.DELETED, "", "", 0, "", "", 0.0, 0.0, 0.0, 0.0)
 
 
 def _to_front() -> web.Response:

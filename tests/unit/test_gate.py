@@ -198,7 +198,7 @@ async def test_refused_route_does_not_wake_a_stopped_session(g: Gate) -> None:
     s, token = await g.session("idle-stopped")
     r = await g.auth(s, token, "POST", "/pty", XHR)
     assert r.status == 403
-    assert s.id not in g.gate._wakes
+    assert not g.sessions.wakes.waking(s.id)
     assert g.store.get(s.id).status == "idle-stopped"  # type: ignore[union-attr]
 
 

@@ -5,7 +5,6 @@ fake runner, a clock the test moves; each test tries the attack."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -45,12 +44,13 @@ async def test_a_poll_every_30_s_neither_keeps_nor_wakes_an_unused_session(
             r = await g.auth(s, secret, "GET", uri, XHR)
             assert r.status == 503 and "Authorization" not in r.headers, uri
             assert "nobody used it" in json.loads(await r.text())["detail"]
-        assert s.id not in g.gate._wakes
+        assert not g.sessions.wakes.waking(s.id)
         assert g.store.get(s.id).status == "idle-stopped"  # type: ignore[union-attr]
         # A person reloading the page wakes it (the progress page, then the chat).
         r = await g.auth(s, secret, "GET", "/", NAV)
         assert r.status == 503 and "Waking up your session" in await r.text()
-        await asyncio.wait_for(g.gate._wakes[s.id], 5)
+        assert g.sessions.wakes.waking(s.id)
+        await g.sessions.wait(s.id, lambda row: row.serving, 5)
         assert g.store.get(s.id).status == "running"  # type: ignore[union-attr]
 
 

@@ -23,12 +23,12 @@ async def test_a_start_finishing_during_reconcile_is_not_taken_for_lost(
     between looked like a running row without a container and was stopped."""
     async with open_api(tmp_path, free_ports, warm_pool=0) as a:
         s, _ = await a.sessions.create(wait=True)
-        await a.store.update(s.id, status=SessionState.STARTING)  # as if its start ran
+        await a.sessions.machine.transition(s.id, SessionState.STARTING)  # as if its start ran
         real_list = a.runner.list
 
         async def list_then_finish_the_start() -> list[ContainerInfo]:
             listed = [c for c in await real_list() if c.session_id != s.id]
-            await a.store.update(s.id, status=SessionState.RUNNING)  # the start finishes
+            await a.sessions.machine.transition(s.id, SessionState.RUNNING)  # the start finishes
             return listed
 
         a.runner.list = list_then_finish_the_start  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ import pytest
 
 from lovd import ids
 from lovd.store import Session, Store
+from tests.fakes import force_state
 
 
 def new_session(port: int = 20000) -> Session:
@@ -24,8 +25,8 @@ def new_session(port: int = 20000) -> Session:
 async def test_every_change_writes_one_outbox_row_in_order(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "lovd.db")
     s = await store.insert(new_session())
-    await store.update(s.id, status="starting")
-    await store.update(s.id, status="running", container_id="c1")
+    await force_state(store, s.id, "starting")
+    await force_state(store, s.id, "running", container_id="c1")
     await store.delete(s.id, "bye")
     rows = await store.outbox_batch()
     assert [(r[2], r[3], r[4]) for r in rows] == [
@@ -52,7 +53,7 @@ async def test_state_survives_reopen_and_schema_is_versioned(tmp_path: Path) -> 
     db = tmp_path / "lovd.db"
     store = await Store.open(db)
     s = await store.insert(new_session())
-    await store.update(s.id, status="running")
+    await force_state(store, s.id, "running")
     instance = store.instance_id
     await store.close()
     again = await Store.open(db)

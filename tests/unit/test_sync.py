@@ -28,6 +28,7 @@ from lovd.sync import schema
 from lovd.sync.hosts import Hosts
 from lovd.sync.postgres import Relay, discard_outbox
 from lovd.sync.restore import RestoreError, restore, restore_if_lost
+from tests.fakes import force_state
 from tests.pg import PgCluster, cluster
 
 
@@ -139,7 +140,7 @@ async def test_two_hosts_migrating_at_once_both_succeed_and_agree(pg: PgCluster)
 
 async def test_no_secret_columns_in_postgres(host: Host, pg: PgCluster) -> None:
     s = await host.store.insert(new_session("h1", 20000))
-    await host.store.update(s.id, status="running", broker_hash=ids.hash_token("b"))
+    await force_state(host.store, s.id, "running", broker_hash=ids.hash_token("b"))
     await until(host.synced)
     cols = {r[0] for r in await pg_query(
         pg.dsn, "SELECT column_name FROM information_schema.columns "
@@ -160,7 +161,7 @@ async def test_changes_reach_postgres_with_events_and_the_outbox_is_pruned(
     host: Host, pg: PgCluster
 ) -> None:
     s = await host.store.insert(new_session("h1", 20000))
-    await host.store.update(s.id, status="running", container_id="c1")
+    await force_state(host.store, s.id, "running", container_id="c1")
     gone = await host.store.insert(new_session("h1", 20001))
     await host.store.delete(gone.id, "bye")
     await until(host.synced)
@@ -191,8 +192,8 @@ async def test_200_changes_postgres_stopped_halfway_then_equal_and_nothing_lost(
             await host.store.delete(live.pop(rnd.randrange(len(live))), "gone")
         else:
             sid = rnd.choice(live)
-            await host.store.update(sid, status=rnd.choice(["starting", "running", "stopped"]),
-                                    reason=f"change {i}")  # fmt: skip
+            st = rnd.choice(["starting", "running", "stopped"])
+            await force_state(host.store, sid, st, reason=f"change {i}")
         write_times.append(time.perf_counter() - t0)
         await asyncio.sleep(0.005)
     # PostgreSQL is down: the changes since are queued, the store kept answering.
@@ -221,7 +222,7 @@ async def test_a_replayed_batch_changes_nothing(tmp_path: Path, pg: PgCluster) -
 
     relay.after_commit = die
     s = await store.insert(new_session("h1", 20000))
-    await store.update(s.id, status="running")
+    await force_state(store, s.id, "running")
     with pytest.raises(OSError):
         await relay.step()
     assert await store.outbox_size() == 2  # not acknowledged
@@ -239,7 +240,7 @@ async def test_a_replayed_batch_changes_nothing(tmp_path: Path, pg: PgCluster) -
 async def test_an_older_row_never_wins(host: Host, pg: PgCluster) -> None:
     s = await host.store.insert(new_session("h1", 20000))
     for st in ("starting", "running", "stopped"):
-        await host.store.update(s.id, status=st)
+        await force_state(host.store, s.id, st)
     await until(host.synced)
     conn = await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True)
     from lovd.sync.postgres import UPSERT, _upsert_params
@@ -312,7 +313,7 @@ async def test_a_second_copy_of_a_host_is_refused_and_a_superseded_one_fenced(
     r_new = Relay.from_config(new_cfg, new, "h1", "t")
     await r_new.step()
     assert r_new.status.epoch == r_old.status.epoch + 1
-    await old.update(old.all()[0].id, status="failed", reason="stale writer")
+    await force_state(old, old.all()[0].id, "failed", reason="stale writer")
     with pytest.raises(SyncRefused, match="claimed by another lovd"):
         await r_old.step()
     assert await pg_query(pg.dsn, "SELECT status FROM lovd_sessions") == [("creating",)]
@@ -329,7 +330,7 @@ async def test_restore_rebuilds_an_empty_store_without_tokens(host: Host, pg: Pg
     made = []
     for i in range(5):
         s = await host.store.insert(new_session("h1", 20000 + i))
-        made.append(await host.store.update(s.id, status="running", container_id=f"c{i}"))
+        made.append(await force_state(host.store, s.id, "running", container_id=f"c{i}"))
     await host.store.delete(made[0].id)
     await until(host.synced)
     cfg = make_config(host.cfg.state_path.parent / "fresh", pg.dsn)
@@ -357,6 +358,22 @@ async def test_restore_rebuilds_an_empty_store_without_tokens(host: Host, pg: Pg
         assert got is not None and ids.token_matches(token, got.link_hash)
         assert got.token_hash and not ids.token_matches(token, got.token_hash)
     await fresh2.close()
+
+
+async def test_restore_refuses_a_state_this_lovd_does_not_know(
+    host: Host, pg: PgCluster
+) -> None:
+    """A row PostgreSQL holds in a state lovd has no name for (a newer lovd wrote it) is
+    refused with what to do, and the store stays empty."""
+    s = await host.store.insert(new_session("h1", 20000))
+    await until(host.synced)
+    await pg_query(pg.dsn, "UPDATE lovd_sessions SET status = 'hibernating' WHERE id = %s", s.id)
+    cfg = make_config(host.cfg.state_path.parent / "fresh", pg.dsn)
+    fresh = await Store.open(cfg.db_path)
+    with pytest.raises(RestoreError, match="'hibernating'"):
+        await restore(fresh, cfg, "h1", new_links=False)
+    assert fresh.all() == []
+    await fresh.close()
 
 
 async def test_restore_when_postgres_is_down_starts_empty(tmp_path: Path, pg: PgCluster) -> None:
@@ -438,7 +455,7 @@ async def test_sync_turned_on_later_takes_a_snapshot(tmp_path: Path, pg: PgClust
     a = await store.insert(new_session("h1", 20000))
     await store.insert(new_session("h1", 20001))
     await discard_outbox(store)  # sync was off
-    await store.update(a.id, status="running")
+    await force_state(store, a.id, "running")
     relay = Relay.from_config(cfg, store, "h1", "t")
     await relay.step()
     assert await pg_checksum(pg.dsn) == sqlite_checksum(cfg.db_path)
