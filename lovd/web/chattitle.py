@@ -25,6 +25,7 @@ question goes on untouched.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PLACEHOLDER = "Ny samtale"
 REQUEST_TIMEOUT = 2.0
 MAX_SEEN = 65536
+_CHAT_ID = re.compile(r"ses_[A-Za-z0-9]{1,124}")
 
 
 def default_title(created_ms: float) -> str:
@@ -72,9 +74,8 @@ class ChatTitles:
 
     async def before_prompt(self, sid: str, port: int, chat_id: str) -> None:
         key = f"{sid}/{chat_id}"
-        if key in self._seen:
-            return
-        # chat_id comes from a path the allowlist matched (an OpenCode id's characters).
+        if key in self._seen or not _CHAT_ID.fullmatch(chat_id):
+            return  # not an OpenCode chat id (lovd's socket is reachable without the gate)
         url = URL(f"http://127.0.0.1:{port}/session/{chat_id}", encoded=True)
         headers = {"Authorization": self.password_header(sid)}
         try:

@@ -228,3 +228,14 @@ async def test_a_container_that_does_not_answer_leaves_the_question_alone(
     assert fake.chats["ses_a"]["title"] == default_title(1)
     assert [m for m, _, _ in fake.log] == ["GET", "GET", "PATCH"]
 
+
+async def test_only_chat_ids_are_looked_at(oc: tuple[FakeOpenCode, int]) -> None:
+    """lovd's socket is reachable without the gate: a path segment that is not a chat id
+    ("..", a URL-encoded slash decoded) never becomes a request to the container."""
+    fake, port = oc
+    async with aiohttp.ClientSession() as http:
+        titles = ChatTitles(http=http, password_header=lambda sid: "Basic x")
+        for odd in ("..", ".", "ses_a/../../config", "x", "ses_", "ses_a?x=1"):
+            await titles.before_prompt("s1", port, odd)
+    assert fake.log == []
+
