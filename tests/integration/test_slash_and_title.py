@@ -111,10 +111,50 @@ async def _title_after(h: Harness, browser: dict[str, str], chat: str) -> str:
     raise AssertionError(f"the chat was never titled from its question (still {title!r})")
 
 
-async def test_the_slash_menu_lists_only_commands_that_work(
+async def test_the_slash_menu_and_a_new_chat_title(
     claimed: tuple[Harness, dict[str, str], str, str],
 ) -> None:
+    """One warm container for both (the host is shared): the titles before any question,
+    the "/" menu, then a question in each chat and the titles after it."""
     h, browser, chat, llm_url = claimed
+    made = await _titles_before_the_first_question(h, browser, chat)
+    await _slash_menu_lists_only_commands_that_work(h, browser, chat)
+    # After the first question OpenCode titles each chat from the question (the stub
+    # model answers the title request with the question's first words).
+    for c in (chat, made):
+        title = await _title_after(h, browser, c)
+        assert title.startswith("Kan arbeidsgiveren"), title
+        print(f"\n{c}: {PLACEHOLDER!r} before the first question, {title!r} after it")
+    # The legal skill is not a command but how the agent works: its text is in the
+    # system prompt the model gets.
+    async with aiohttp.ClientSession() as http, http.get(llm_url + "/requests") as r:
+        seen = await r.json()
+    skill_line = next(ln for ln in SKILL.read_text().splitlines() if ln.startswith("# "))
+    assert any(skill_line in s["system"] for s in seen if s["tools"]), skill_line
+
+
+async def _titles_before_the_first_question(
+    h: Harness, browser: dict[str, str], chat: str
+) -> str:
+    """The chat lovd made before the claim and one the UI makes read "Ny samtale"; the
+    id of the UI's."""
+    async with aiohttp.ClientSession(headers=browser) as http:
+        # The chat lovd made before the claim, as the chat list and the chat show it.
+        async with http.get(f"{h.url}/session/{chat}") as r:
+            assert (await r.json())["title"] == PLACEHOLDER
+        async with http.get(f"{h.url}/session?roots=true") as r:
+            assert [c["title"] for c in await r.json() if c["id"] == chat] == [PLACEHOLDER]
+        # A chat the UI makes ("/new", then a question), with an empty body as it sends.
+        async with http.post(f"{h.url}/session", json={}) as r:
+            assert r.status == 200, await r.text()
+            made = await r.json()
+        assert made["title"] == PLACEHOLDER
+    return str(made["id"])
+
+
+async def _slash_menu_lists_only_commands_that_work(
+    h: Harness, browser: dict[str, str], chat: str
+) -> None:
     # What OpenCode itself would put in the menu: commands that cannot run here.
     offered = {c["name"]: c["source"] for c in await _direct(h, "GET", "/command")}
     assert {"init", "review", "customize-opencode", "norwegian-legal-queries"} <= set(offered)
@@ -128,7 +168,8 @@ async def test_the_slash_menu_lists_only_commands_that_work(
                              json={"command": "init", "arguments": ""}) as r:
             assert r.status == 403, await r.text()
 
-        # The UI's own slash commands, by the requests each one makes.
+        # The UI's own slash commands, by the requests each one makes (the 1.18.33 UI
+        # speaks the v1 API; the v2 routes of the same actions are tried too).
         works = {
             "/new": ("GET", f"/{dir_}/session"),
             "/export": ("GET", f"/session/{chat}/message"),
@@ -136,10 +177,10 @@ async def test_the_slash_menu_lists_only_commands_that_work(
             "/mcp (the list)": ("GET", "/mcp"),
         }
         refused = {
-            "/undo": ("POST", f"/api/session/{chat}/revert/stage"),
-            "/undo (v1)": ("POST", f"/session/{chat}/revert"),
-            "/compact": ("POST", f"/api/session/{chat}/compact"),
-            "/compact (v1)": ("POST", f"/session/{chat}/summarize"),
+            "/undo": ("POST", f"/session/{chat}/revert"),
+            "/undo (v2)": ("POST", f"/api/session/{chat}/revert/stage"),
+            "/compact": ("POST", f"/session/{chat}/summarize"),
+            "/compact (v2)": ("POST", f"/api/session/{chat}/compact"),
             "/fork": ("POST", f"/session/{chat}/fork"),
             "/terminal": ("POST", "/pty"),
             "/open": ("GET", "/find/file?query=a"),
@@ -153,34 +194,3 @@ async def test_the_slash_menu_lists_only_commands_that_work(
             async with http.request(method, h.url + path, json={}) as r:
                 assert r.status == 403, (name, r.status)
                 assert "not available in this service" in await r.text(), name
-
-    # The legal skill is not a command but how the agent works: its text is in the
-    # system prompt the model gets.
-    await _title_after(h, browser, chat)
-    async with aiohttp.ClientSession() as http, http.get(llm_url + "/requests") as r:
-        seen = await r.json()
-    skill_line = next(ln for ln in SKILL.read_text().splitlines() if ln.startswith("# "))
-    assert any(skill_line in s["system"] for s in seen if s["tools"]), skill_line
-
-
-async def test_a_new_chat_is_norwegian_until_its_first_question(
-    claimed: tuple[Harness, dict[str, str], str, str],
-) -> None:
-    h, browser, chat, _ = claimed
-    async with aiohttp.ClientSession(headers=browser) as http:
-        # The chat lovd made before the claim, as the chat list and the chat show it.
-        async with http.get(f"{h.url}/session/{chat}") as r:
-            assert (await r.json())["title"] == PLACEHOLDER
-        async with http.get(f"{h.url}/session?roots=true") as r:
-            assert [c["title"] for c in await r.json() if c["id"] == chat] == [PLACEHOLDER]
-        # A chat the UI makes ("/new", then a question), with an empty body as it sends.
-        async with http.post(f"{h.url}/session", json={}) as r:
-            assert r.status == 200, await r.text()
-            made = await r.json()
-        assert made["title"] == PLACEHOLDER
-    # After the first question OpenCode titles each from the question (the stub model
-    # answers the title request with the question's first words).
-    for c in (chat, made["id"]):
-        title = await _title_after(h, browser, c)
-        assert title.startswith("Kan arbeidsgiveren"), title
-        print(f"\n{c}: {PLACEHOLDER!r} before the first question, {title!r} after it")
