@@ -13,7 +13,7 @@ makes through Caddy during a chat in Chromium (landing → start → OpenCode UI
 click but a user will (stop a reply, answer a permission or question prompt). What the
 UI can do besides chatting stays refused: terminal (``/pty``), shell, file browser and
 search (``/file``, ``/find``), review diffs (``/vcs/diff``), config/provider/auth/MCP
-writes, sharing, commands, forks and reverts, ``/tui``, ``/experimental`` (except the
+writes, sharing, running commands, forks and reverts, ``/tui``, ``/experimental`` (except the
 MCP resource list the chat reads), ``/doc``, and every WebSocket (only the terminal
 uses one).
 
@@ -71,6 +71,7 @@ class Route:
     api: bool = True  # an OpenCode API route (checked against /doc), else a UI page/asset
     chat: bool = False  # sends a prompt: the session is in use (Sessions.mark_used)
     body: bool = False  # its body can change the agent's rules: lovd checks it (bodycheck.py)
+    lovd: bool = False  # lovd answers it itself (commands.py); the container is not asked
     websocket: bool = False  # may be a WebSocket upgrade
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
@@ -137,7 +138,8 @@ OPENCODE_ROUTES: tuple[Route, ...] = (
     _r("GET", "/config", "project config: models, agents (must hold no secrets)"),
     _r("GET", "/provider", "models to pick from (must hold no secrets)"),
     _r("GET", "/agent", "agents to pick from"),
-    _r("GET", "/command", "the slash-command list (running one is refused)"),
+    # lovd answers it ([]: running a command is refused, so none is offered in "/").
+    _r("GET", "/command", "the slash-command list, answered by lovd", lovd=True),
     _r("GET", "/path", "the working directory"),
     _r("GET", "/project", "projects"),
     _r("GET", "/project/current", "the current project"),
@@ -183,6 +185,11 @@ class Decision:
     @property
     def body(self) -> bool:
         return self.route is not None and self.route.body
+
+    @property
+    def via_lovd(self) -> bool:
+        """Caddy sends it to lovd's own socket: a body to check, or lovd's own answer."""
+        return self.route is not None and (self.route.body or self.route.lovd)
 
 
 class Allowlist:

@@ -20,7 +20,8 @@ forward_auth never sees a body. So for these two routes the gate answers Caddy w
 lovd's own public socket as the upstream, and this module receives the request, keeps
 only what the chat UI sends -- every field and every value checked, default deny --
 and forwards it to the session's container with the container's password. Everything
-else streams from the browser to the container as before.
+else streams from the browser to the container as before. The one thing lovd adds: a
+new chat's title, "Ny samtale" until its first question (chattitle.py).
 
 What the 1.18.33 web UI sends (read from its bundle): text parts ``{id, type, text}``;
 an attached file (image, PDF, or text) as ``{id, type: "file", mime, url:
@@ -46,6 +47,7 @@ from yarl import URL
 
 from lovd.errors import LovdError
 from lovd.session.model import Session
+from lovd.web.chattitle import ChatTitles, titled
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +258,8 @@ class BodyCheck:
         # ("" when it may go), and how much a forwarded prompt may have added.
         self.disk_refusal = disk_refusal
         self.disk_grew = disk_grew
+        # A new chat is "Ny samtale" until its first question (chattitle.py).
+        self.titles = ChatTitles(http=http, password_header=password_header)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``session_of`` authenticates the cookie again: this socket is reachable by
@@ -282,6 +286,11 @@ class BodyCheck:
             if why:
                 log.info("refused a prompt: disk quota reached", extra={"SESSION_ID": s.id})
                 raise LovdError("quota-exceeded", why, extra={"data": {"message": why}})
+        if kind == "session":
+            body = titled(body)  # what lovd adds is its own title, never a setting
+        else:
+            # /session/{id}/prompt_async: the id's characters were checked by the gate.
+            await self.titles.before_prompt(s.id, s.port, request.path.split("/")[2])
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
         headers = {k: v for k, v in headers.items() if not k.lower().startswith("x-lovd-")}
         headers["Authorization"] = self.password_header(s.id)

@@ -11,11 +11,12 @@ is) with a redirect to the chat itself:
 - the workspace is the container's working directory (``GET /path``, ``/work``);
 - the chat is the session's latest conversation (``GET /session?roots=true``), so a
   returning browser sees its earlier questions and answers; when there is none yet,
-  lovd creates an empty one (``POST /session``), so the prompt is ready to type in.
+  lovd creates an empty one (``POST /session``, titled "Ny samtale" until its first
+  question: web/chattitle.py), so the prompt is ready to type in.
 
 lovd asks the container itself, with the container's password, on the host's loopback:
-these requests never pass the gate or bodycheck (lovd creates the chat with an empty
-body, nothing a browser chose). Anything else the UI offers — a new conversation, the
+these requests never pass the gate or bodycheck (lovd creates the chat with only a
+title, nothing a browser chose). Anything else the UI offers — a new conversation, the
 list of earlier ones — stays OpenCode's own.
 
 **Made for OpenCode 1.18.33** (``allowlist.OPENCODE_VERSION``). What this relies on, and
@@ -46,6 +47,7 @@ from typing import Any
 import aiohttp
 
 from lovd.errors import LovdError
+from lovd.web.chattitle import PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ class ChatLanding:
             if chat_id is None:
                 async with self.http.post(
                     base + "/session",
-                    json={},
+                    json={"title": PLACEHOLDER},
                     headers={"Authorization": auth},
                     timeout=self.timeout,
                 ) as r:

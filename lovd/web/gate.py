@@ -375,7 +375,7 @@ class BrowserGate:
                 self.sessions.check_container(s.id, "a request while no probe vouched for it")
             if nav and decision.path == "/":
                 return await self.land(s)
-            return self.allow(s, via_lovd=decision.body)
+            return self.allow(s, via_lovd=decision.via_lovd)
         if s.reason == UNUSED_REASON and s.paused and not (nav or decision.chat):
             # Nobody chatted in it: a page load or a prompt wakes it, a poll does not.
             err = LovdError(
@@ -394,7 +394,7 @@ class BrowserGate:
             if s2 is not None and s2.serving:
                 if decision.path == "/":
                     return await self.land(s2)
-                return self.allow(s2, via_lovd=decision.body)
+                return self.allow(s2, via_lovd=decision.via_lovd)
         if nav:
             return self.pages.render(self.pages.progress_page(s, language(request)))
         try:
@@ -410,7 +410,7 @@ class BrowserGate:
                 "unavailable", "the session could not be started; start a new one"
             )
             return self.refuse(request, err, nav)
-        return self.allow(s2, via_lovd=decision.body)
+        return self.allow(s2, via_lovd=decision.via_lovd)
 
     async def upstream_failed(self, request: web.Request) -> web.Response:
         """Caddy could not reach the container this gate named for the request (its error
@@ -469,7 +469,8 @@ class BrowserGate:
 
     def allow(self, s: Session, *, via_lovd: bool = False) -> web.Response:
         """Let Caddy proxy the request to the session's container, or, for a request whose
-        body lovd must check first (bodycheck.py), to lovd's own public socket."""
+        body lovd must check first (bodycheck.py) or that lovd answers itself
+        (commands.py), to lovd's own public socket."""
         upstream = f"127.0.0.1:{s.port}"
         if via_lovd:
             if not self.self_upstream:

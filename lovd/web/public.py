@@ -29,6 +29,7 @@ from lovd.session.lifecycle import Sessions
 from lovd.session.links import NEW_LINK, LinkState, link_state
 from lovd.session.model import Session, SessionState
 from lovd.sync import routing
+from lovd.web.commands import SlashCommands
 from lovd.web.gate import BrowserGate, wants_html
 from lovd.web.pages import language
 from lovd.web.problems import problem
@@ -334,6 +335,7 @@ def create_public_app(gate: BrowserGate) -> web.Application:
     # Reached only as the upstream the gate names for them (see BrowserGate.allow).
     r.add_post("/session", gate.checked_chat)
     r.add_post("/session/{oc}/prompt_async", gate.checked_chat)
+    r.add_get("/command", SlashCommands(session_of=gate.bodycheck.session_of).handle)
     r.add_get("/", site.landing)
     r.add_get("/_lovd/", site.landing)
     r.add_post("/_lovd/start", site.start)

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from lovd.web.allowlist import Allowlist
 from lovd.web.chat_landing import ChatLanding, chat_path, latest_chat
+from lovd.web.chattitle import PLACEHOLDER
 from tests.unit.test_gate import NAV, XHR, open_gate
 
 WORK = "/work"
@@ -58,7 +59,8 @@ class FakeOpenCode:
 
     async def create(self, request: web.Request) -> web.Response:
         self._check(request)
-        assert await request.json() == {}  # lovd asks for nothing but a chat
+        # lovd asks for nothing but a chat, titled in Norwegian until its first question
+        assert await request.json() == {"title": PLACEHOLDER}
         await asyncio.sleep(0.05)  # long enough for a second landing to overlap
         self.created += 1
         chat = chat_row(f"ses_new{self.created}", 100.0 + self.created)
