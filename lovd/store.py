@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,9 +130,10 @@ class Store:
         self._lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self.instance_id = instance_id
-        # Called after every commit that wrote outbox rows (the PostgreSQL relay wakes
-        # on it instead of polling). Must not block: it runs on the writer's path.
-        self.on_outbox: Callable[[], None] = lambda: None
+        # Set after every commit that wrote outbox rows: the PostgreSQL relay waits on it
+        # (and clears it) instead of polling. Made here, with the store, so the relay is
+        # given it rather than hooking itself into the store.
+        self.outbox_written = asyncio.Event()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -193,7 +194,7 @@ class Store:
             )
             await self._record(db, session, "upsert", event, session.reason)
         self._sessions[session.id] = session
-        self.on_outbox()
+        self.outbox_written.set()
         return session
 
     async def update(
@@ -222,7 +223,7 @@ class Store:
             )
             await self._record(db, new, "upsert", event or f"status:{new.status}", new.reason)
         self._sessions[session_id] = new
-        self.on_outbox()
+        self.outbox_written.set()
         return new
 
     async def delete(self, session_id: str, reason: str = "") -> None:
@@ -235,7 +236,7 @@ class Store:
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
-        self.on_outbox()
+        self.outbox_written.set()
 
     async def tombstone(self, session_id: str, reason: str = "") -> bool:
         """The first step of a crash-safe delete. The row leaves the live sessions (API,
@@ -257,7 +258,7 @@ class Store:
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
-        self.on_outbox()
+        self.outbox_written.set()
         return True
 
     async def tombstones(self) -> list[str]:

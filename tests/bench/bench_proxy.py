@@ -188,7 +188,7 @@ async def main(requests: int, seconds: float) -> None:
         s, token = await h.sessions.create(wait=True)
         direct = f"http://127.0.0.1:{s.port}/global/health"
         proxied = h.url + "/global/health"
-        basic = {"Authorization": h.sessions.env.basic_auth(s.id)}
+        basic = {"Authorization": h.env.basic_auth(s.id)}
         hdr = cookie(s, token)
         # Warm up both paths (connections, caches), then measure interleaved blocks.
         await sequential(h.http, direct, basic, 100)

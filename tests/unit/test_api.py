@@ -234,11 +234,11 @@ async def test_nothing_a_user_may_come_back_to_is_deleted_before_delete_after(
         assert (await (await api.client.post("/api/cleanup")).json())["removed"] == []
     for sid in kept:
         assert api.store.get(sid) is not None
-        assert (api.sessions.config.sessions_path / sid).is_dir()
+        assert (api.config.sessions_path / sid).is_dir()
     woken = await api.sessions.wake(kept[1])  # a failed one wakes like a stopped one
     assert woken.status == "running"
     await api.sessions.stop(kept[1], "failed", "again")
-    day = api.sessions.config.delete_after
+    day = api.config.delete_after
     for sid in kept:
         await api.store.update(sid, updated_at=time.time() - day - 1)
     body = await (await api.client.post("/api/cleanup")).json()

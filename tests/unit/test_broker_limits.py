@@ -26,10 +26,10 @@ from yarl import URL
 from lovd import config, ids
 from lovd.broker import upstreams
 from lovd.broker.limits import CappedSite
-from lovd.broker.server import Broker, limits_from_config, make_runner
-from lovd.broker.usage import Ledger
-from lovd.metrics import Metrics
+from lovd.broker.server import Broker, make_runner
 from lovd.store import Session, Store
+from tests.fakes import FakeRunner
+from tests.stack import open_stack
 
 KEY = "sk-CANARY-operator-key"
 
@@ -183,30 +183,28 @@ async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
            "google_api_key": KEY, "google_base_url": base + "/google/v1beta",
            "base_url": base + "/lovd/v1", "api_key": KEY,
            "model": MODELS[0], "models": MODELS[1:], **settings.pop("llm", {})}
-    cfg = config.from_mapping({"state_dir": str(tmp_path), "llm": llm,
-                               "mcp": {"lovdata": {"url": base + "/mcp", "token": KEY}},
-                               **settings})
-    store = await Store.open(tmp_path / "lovd.db")
-    upstream_http = aiohttp.ClientSession(auto_decompress=False)
-    broker = Broker(store=store, upstreams=upstreams.from_config(cfg, {}), http=upstream_http,
-                    ledger=Ledger(cfg.max_tokens_per_session, cfg.max_tokens_per_day),
-                    metrics=Metrics(), limits=limits_from_config(cfg),
-                    max_output_tokens=cfg.max_output_tokens)
-    sock = socket.create_server(("127.0.0.1", 0))
-    runner = make_runner(broker)
-    await runner.setup()
-    site = CappedSite(runner, sock, broker.limits.max_connections)
-    await site.start()
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    conf = {"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "run"),
+            "caddy": {"admin": ""}, "llm": llm,
+            "mcp": {"lovdata": {"url": base + "/mcp", "token": KEY}}, **settings}
+    fake = FakeRunner()
     try:
-        yield Rig(f"http://127.0.0.1:{sock.getsockname()[1]}", store, broker, provider,
-                  runner, site, http)
+        async with open_stack(conf, runner=lambda _: fake) as host:
+            broker = host.broker
+            sock = socket.create_server(("127.0.0.1", 0))
+            runner = make_runner(broker)
+            await runner.setup()
+            site = CappedSite(runner, sock, broker.limits.max_connections)
+            await site.start()
+            http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            try:
+                yield Rig(f"http://127.0.0.1:{sock.getsockname()[1]}", host.store, broker,
+                          provider, runner, site, http)
+            finally:
+                await http.close()
+                await runner.cleanup()
     finally:
-        await http.close()
-        await runner.cleanup()
-        await upstream_http.close()
+        await fake.close()
         await up.close()
-        await store.close()
 
 
 def chat(model: str = "gpt-ok", **extra: Any) -> dict[str, Any]:

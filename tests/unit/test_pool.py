@@ -17,7 +17,7 @@ WARM = SessionState.WARM
 
 
 def pool_of(a: Api) -> WarmPool:
-    return a.sessions.pool(a.sessions.config.warm_max_age, retry_delay=0.1)
+    return a.sessions.pool(a.config.warm_max_age, retry_delay=0.1)
 
 
 def warm_ids(a: Api) -> list[str]:
@@ -106,7 +106,7 @@ async def test_dead_warm_container_is_replaced_and_a_dead_claim_restarts(
         await a.runner.stop(wid)  # the container died while nobody owned it
         await a.sessions.reconcile()
         assert a.store.get(wid) is None
-        assert not (a.sessions.config.sessions_path / wid).exists()
+        assert not (a.config.sessions_path / wid).exists()
         await pool.fill()
         [wid2] = warm_ids(a)
         # Dies again, and this time a user claims it before reconcile notices:
@@ -140,7 +140,7 @@ async def test_failed_warm_start_leaves_nothing_and_backs_off(
         pool = pool_of(a)
         a.runner.fail_start = LovdError("runner-failed", "podman said no")
         assert await pool.fill() is False
-        assert a.store.all() == [] and list(a.sessions.config.sessions_path.iterdir()) == []
+        assert a.store.all() == [] and list(a.config.sessions_path.iterdir()) == []
         a.runner.fail_start = None
         assert await pool.fill() is True and len(warm_ids(a)) == 1
 
@@ -158,7 +158,7 @@ async def test_old_or_surplus_warm_containers_are_replaced(
         assert old not in now and young in now and len(now) == 2
         assert old not in a.runner.servers
         # An operator lowered warm_pool to 0: the next pass empties the pool.
-        object.__setattr__(a.sessions.config, "warm_pool", 0)
+        object.__setattr__(a.config, "warm_pool", 0)
         await pool.fill()
         assert warm_ids(a) == [] and a.runner.servers == {}
 

@@ -45,7 +45,7 @@ async def test_a_warm_claim_racing_a_discard_never_hands_out_a_deleted_session(
     """Before: a discard checked 'warm', then stopped the container while a create claimed
     the same row; the discard then deleted the row the user had just been given."""
     async with open_api(tmp_path, free_ports, warm_pool=1) as a:
-        await a.sessions.pool(a.sessions.config.warm_max_age).fill()
+        await a.sessions.pool(a.config.warm_max_age).fill()
         [warm] = a.sessions.warm()
         discard = asyncio.create_task(a.sessions.discard_warm(warm.id, "recycled"))
         await asyncio.sleep(0)  # the discard holds the row's lock and is stopping it
