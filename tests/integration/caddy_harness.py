@@ -49,6 +49,7 @@ from lovd.web.gate import BrowserGate
 from lovd.web.public import serve_public
 from lovd.wiring import Host
 from tests.stack import open_stack, settings_merged
+from tests.waiting import until
 
 _ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 STAND_IN_ROUTES = (
@@ -274,16 +275,16 @@ class Harness:
 
     async def routable(self, timeout: float = 10.0) -> float:
         """Wait until Caddy routes to lovd (the landing page answers); seconds taken."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+
+        async def answers() -> bool:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with self.http.get(
                     self.url + "/_lovd/ping", timeout=aiohttp.ClientTimeout(total=1)
                 ) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            await asyncio.sleep(0.02)
-        raise TimeoutError(f"Caddy did not route to lovd within {timeout} s")
+                    return r.status == 200
+            return False
+
+        return await until(answers, timeout, "Caddy routing to lovd")
 
 
 def cookie(s: Session, token: str) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from lovd import ids
@@ -12,6 +11,7 @@ from lovd.errors import LovdError
 from lovd.session.model import SessionState
 from lovd.session.warm import WarmPool
 from tests.unit.conftest import Api, open_api
+from tests.waiting import until
 
 WARM = SessionState.WARM
 
@@ -22,13 +22,6 @@ def pool_of(a: Api) -> WarmPool:
 
 def warm_ids(a: Api) -> list[str]:
     return [s.id for s in a.sessions.warm()]
-
-
-async def until(ok: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait for background work (the pool's tasks); the caller asserts the outcome."""
-    deadline = time.monotonic() + timeout
-    while not ok() and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
 
 
 async def test_claim_hands_out_the_warm_container_and_refills(
@@ -125,7 +118,7 @@ async def test_claim_while_the_warm_container_is_still_booting(
         pool = pool_of(a)
         a.runner.start_delay = 0.3
         filling = asyncio.create_task(pool.fill())
-        await asyncio.sleep(0.05)
+        await until(lambda: bool(warm_ids(a)), 2, "the warm row")
         [wid] = warm_ids(a)
         s = await (await a.client.post("/api/sessions")).json()
         assert s["id"] == wid and s["status"] == "running"

@@ -14,6 +14,7 @@ from lovd.errors import LovdError
 from lovd.podman import ContainerInfo
 from lovd.session.model import SessionState
 from tests.unit.conftest import open_api
+from tests.waiting import until
 
 
 async def test_a_start_finishing_during_reconcile_is_not_taken_for_lost(
@@ -83,10 +84,7 @@ async def test_a_start_interrupted_by_shutdown_is_left_for_the_next_lovd(
     async with open_api(tmp_path, free_ports, warm_pool=0) as a:
         a.runner.never_ready = True
         s, _ = await a.sessions.create(wait=False)
-        for _ in range(100):
-            if s.id in a.runner.servers:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: s.id in a.runner.servers, 1, "the container started")
         await a.sessions.drain()  # what shutdown does
         row = a.store.get(s.id)
         assert row is not None and row.status == SessionState.STARTING, row

@@ -24,7 +24,8 @@ from tests.pg import PgCluster, cluster
 from tests.stack import open_stack, settings_merged
 from tests.unit.conftest import unit_settings
 from tests.unit.test_api import check_schema
-from tests.unit.test_sync import pg_checksum, pg_query, sqlite_checksum, until
+from tests.unit.test_sync import pg_checksum, pg_query, sqlite_checksum
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -148,8 +149,8 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
     ):  # fmt: skip
         sa = (await (await a.client.post("/api/sessions")).json())["id"]
         sb = (await (await b.client.post("/api/sessions")).json())["id"]
-        await until(lambda: _synced(a))
-        await until(lambda: _synced(b))
+        await until(lambda: _synced(a), 15)
+        await until(lambda: _synced(b), 15)
         for x, mine in ((a, "a"), (b, "b")):
             r = await x.client.get("/api/sessions?scope=all")
             assert r.status == 200
@@ -175,7 +176,12 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
         assert r.status == 400
         # b stops heartbeating: a shows it as such.
         await b.sync.relay.close()
-        await asyncio.sleep(1.3)
+
+        async def b_stale() -> bool:
+            body = await (await a.client.get("/api/sessions?scope=all")).json()
+            return not {h["host_id"]: h["alive"] for h in body["hosts"]}["b"]
+
+        await until(b_stale, 10, "b shown as not heartbeating")
         body = await (await a.client.get("/api/sessions?scope=all")).json()
         row = next(s for s in body["sessions"] if s["id"] == sb)
         assert row["host_alive"] is False
@@ -214,7 +220,7 @@ async def test_a_hung_postgres_never_holds_the_api(
             "dsn": pg.dsn, "timeout": 1.0, "read_timeout": 0.5, "max_backoff": 0.5,
             "heartbeat_interval": 0.2}) as a:  # fmt: skip
         first = (await (await a.client.post("/api/sessions")).json())["id"]
-        await until(lambda: _synced(a))
+        await until(lambda: _synced(a), 15)
         await asyncio.to_thread(pg.freeze)
         try:
             t0 = time.monotonic()
@@ -272,7 +278,7 @@ async def test_a_delete_cut_by_a_crash_reaches_postgresql_once(
                 return False
             return rows == [("deleted",)]
 
-        await until(deleted_in_pg)  # at once, from the tombstone
+        await until(deleted_in_pg, 15)  # at once, from the tombstone
     async with open_synced(tmp_path, free_ports[0], pg.dsn, "h1") as b:
         report = await b.sessions.reconcile(startup=True)
         assert report["deletes_finished"] == [sid]
@@ -282,7 +288,7 @@ async def test_a_delete_cut_by_a_crash_reaches_postgresql_once(
         async def drained() -> bool:
             return await b.store.outbox_size() == 0
 
-        await until(drained)
+        await until(drained, 15)
         assert await deleted_in_pg()
         events = await pg_query(
             pg.dsn,
