@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import aiohttp
 import pytest
@@ -19,6 +18,7 @@ from lovd.web.allowlist import Allowlist
 from lovd.web.pages import human_seconds
 from tests.integration.caddy_harness import Harness, cookie, harness
 from tests.unit.test_allowlist import ATTACKS, SES
+from tests.waiting import until
 
 pytestmark = [pytest.mark.caddy]
 
@@ -213,10 +213,8 @@ async def test_three_anonymous_starts_then_a_fourth_visitor(
             status, headers, _ = await _start(h)
             assert status == 303, headers
             cookies.append({"Cookie": headers["Set-Cookie"].split(";", 1)[0]})
-        deadline = time.monotonic() + 30
-        while any(s.status != "running" for s in h.sessions.all()):
-            assert time.monotonic() < deadline, [s.status for s in h.sessions.all()]
-            await asyncio.sleep(0.1)
+        await until(lambda: all(s.status == "running" for s in h.sessions.all()), 30,
+                    "the three sessions running", step=0.1)
         # The fourth visitor: the landing page and the refused start tell the same wait.
         status, headers, body = await _req(h, "GET", "/", NAV)
         assert status == 200 and "All 3 places are in use right now" in body
