@@ -81,7 +81,8 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from lovd import log
-    from lovd.daemon import Daemon, StartupError
+    from lovd.daemon import Daemon
+    from lovd.wiring import StartupError
 
     cfg: Config = args.cfg
     log.setup(cfg.log_level)

@@ -130,9 +130,10 @@ class Store:
         self._lock = asyncio.Lock()
         self._sessions: dict[str, Session] = {}
         self.instance_id = instance_id
-        # Called after every commit that wrote outbox rows (the PostgreSQL relay wakes
-        # on it instead of polling). Must not block: it runs on the writer's path.
-        self.on_outbox: Callable[[], None] = lambda: None
+        # Set after every commit that wrote outbox rows: the PostgreSQL relay waits on it
+        # (and clears it) instead of polling. Made here, with the store, so the relay is
+        # given it rather than hooking itself into the store.
+        self.outbox_written = asyncio.Event()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -192,7 +193,7 @@ class Store:
             )
             await self._record(db, session, "upsert", event, session.reason)
         self._sessions[session.id] = session
-        self.on_outbox()
+        self.outbox_written.set()
         return session
 
     async def update(
@@ -247,7 +248,7 @@ class Store:
             )
             await self._record(db, new, "upsert", event or f"status:{new.status}", new.reason)
         self._sessions[session_id] = new
-        self.on_outbox()
+        self.outbox_written.set()
         return new
 
     async def delete(
@@ -269,7 +270,7 @@ class Store:
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
-        self.on_outbox()
+        self.outbox_written.set()
 
     async def tombstone(
         self,
@@ -299,7 +300,7 @@ class Store:
             await db.execute("DELETE FROM usage WHERE session_id = ?", (session_id,))
             await self._record(db, gone, "delete", "deleted", reason)
         del self._sessions[session_id]
-        self.on_outbox()
+        self.outbox_written.set()
         return True
 
     async def tombstones(self) -> list[str]:

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,11 +147,3 @@ def pg() -> Iterator[PgCluster]:
         yield c
 
 
-def wait_for(pred: object, timeout: float = 10.0, step: float = 0.02) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from lovd import ids
 from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
-from lovd.podman import ContainerSpec
 from lovd.runner import Runner
 from lovd.session.admission import Admission
 from lovd.session.health import VOUCH_SECONDS, Health
@@ -52,16 +51,22 @@ class Sessions:
         metrics: Metrics,
         host_id: str,
         clock: Callable[[], float] = time.time,
+        *,
+        ready: Readiness | None = None,
+        on_warm_ready: Callable[[Session], Awaitable[None]] | None = None,
     ) -> None:
-        self.config = config
-        self.store = store
-        self.runner = runner
-        self.http = http
-        self.env = env
-        self.metrics = metrics
+        """Built by lovd/wiring.py. ``ready``: the start-up reconcile's progress (the
+        daemon reports into it; requests about sessions wait for it); none given, the
+        facade is ready at once. ``on_warm_ready``: called with each warm container once it
+        answers (web/warmprep.py)."""
+        self._config = config
+        self._store = store
+        self._runner = runner
+        self._env = env
+        self._metrics = metrics
         self.host_id = host_id
-        self.clock = clock
-        now = self._now  # every part reads the clock through here (tests move it)
+        self._clock = clock
+        now = self._now  # every part reads the clock through here
         self._tasks: set[asyncio.Task[None]] = set()
         self._activity = Activity(store, now)
         self.machine = StateMachine(store, metrics)
@@ -86,6 +91,7 @@ class Sessions:
             machine=self.machine,
             spawn=self._spawn,
             clock=now,
+            on_ready=on_warm_ready,
         )
         # One wake per session, whichever socket asked; it waits out a row someone else
         # is moving for as long as the gate holds a request (web/gate.py).
@@ -100,28 +106,34 @@ class Sessions:
         self.reconciler = Reconciler(
             config, store, self.launcher, metrics, discard_warm=self.discard_warm
         )
-        # Set by the daemon once its start-up reconcile is done; requests about sessions
-        # wait for it (web/). A facade built without a daemon (tests, tools) is ready.
-        self.ready = Readiness(done=True)
-        # Called whenever a place may have freed up or a warm container was used; the
-        # warm pool's loop sets it to its refill trigger.
-        self.capacity_changed: Callable[[], None] = lambda: None
+        self._ready = ready or Readiness(done=True)
+        # Set whenever a place may have freed up or a warm container was used; the warm
+        # pool's refill loop (:meth:`pool`) waits on it.
+        self._refill = asyncio.Event()
         metrics.track_sessions(self.count_by_state)
 
     def _now(self) -> float:
-        return self.clock()
+        return self._clock()
 
     def pool(self, max_age: float, retry_delay: float = 30.0) -> WarmPool:
         """The warm pool's refill loop, kicked whenever capacity changes."""
-        pool = WarmPool(self.warm_pool, max_age, self._now, retry_delay=retry_delay)
-        self.capacity_changed = pool.kick
-        return pool
+        return WarmPool(
+            self.warm_pool, max_age, self._now, retry_delay=retry_delay, kick=self._refill
+        )
+
+    def capacity_changed(self) -> None:
+        """A place may have freed up or a warm container was used: the pool refills."""
+        self._refill.set()
+
+    async def wait_ready(self) -> None:
+        """Until the start-up reconcile is done (bounded: then LovdError 503)."""
+        await self._ready.wait()
 
     # --- queries ---
 
     def count_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for s in self.store.all():
+        for s in self._store.all():
             counts[s.status] = counts.get(s.status, 0) + 1
         return counts
 
@@ -129,13 +141,13 @@ class Sessions:
         return self.launcher.lock(session_id)
 
     def get(self, session_id: str) -> Session:
-        s = self.store.get(ids.check(session_id))
+        s = self._store.get(ids.check(session_id))
         if s is None or not s.visible:
             raise LovdError("session-not-found", f"no session {session_id}")
         return s
 
     def all(self) -> list[Session]:
-        return [s for s in self.store.all() if s.visible]
+        return [s for s in self._store.all() if s.visible]
 
     def warm(self) -> list[Session]:
         return self.warm_pool.rows()
@@ -147,30 +159,30 @@ class Sessions:
 
     def find(self, session_id: str) -> Session | None:
         """The row of ``session_id`` whatever its state (a warm one too), or None."""
-        return self.store.get(session_id)
+        return self._store.get(session_id)
 
     def container_auth(self, session_id: str) -> str:
         """The ``Authorization`` header of the session's own OpenCode server."""
-        return self.env.basic_auth(session_id)
+        return self._env.basic_auth(session_id)
 
     def now(self) -> float:
-        return self.clock()
+        return self._clock()
 
     def allowed_models(self) -> frozenset[str]:
         """The models ("provider/model") a session may use."""
-        return self.config.allowed_models(self.env.demo_urls.get("model", ""))
+        return self._config.allowed_models(self._env.demo_urls.get("model", ""))
 
     @property
     def limit(self) -> int:
         """limits.max_running: the places."""
-        return self.config.max_running
+        return self._config.max_running
 
     @property
     def host_key(self) -> bytes:
-        return self.env.host_key
+        return self._env.host_key
 
     async def history(self, session_id: str) -> dict[str, list[dict[str, Any]]]:
-        return await self.store.history(session_id)
+        return await self._store.history(session_id)
 
     def retry_after(self) -> int:
         return self.admission.retry_after()
@@ -184,12 +196,6 @@ class Sessions:
     @property
     def secrets_dir(self) -> Path:
         return self.launcher.secrets_dir
-
-    def spec(self, session: Session) -> ContainerSpec:
-        return self.launcher.spec(session)
-
-    async def probe(self, session: Session, timeout: float = 0.3) -> tuple[bool, str]:
-        return await self.launcher.probe(session, timeout)
 
     # --- activity ---
 
@@ -245,7 +251,7 @@ class Sessions:
         """GET /api/sessions/{id}/health: the probe history, restarts, failure class."""
         s = self.get(sid)
         report: dict[str, Any] = {"id": s.id, **self.health.view(s)}
-        report["history"] = (await self.store.history(s.id, self.config.health_history))["health"]
+        report["history"] = (await self._store.history(s.id, self._config.health_history))["health"]
         return report
 
     # --- create / wake ---
@@ -260,7 +266,7 @@ class Sessions:
         async with self.admission.lock:
             self.admission.admit(client)
             self.admission.check_floors()
-            now = self.clock()
+            now = self._clock()
             session = await self._claim_warm(token_hash, now)
             warm = session is not None
             if session is None:
@@ -268,8 +274,8 @@ class Sessions:
             self.admission.hold(session.id, client)
         sid = session.id
         log.info("session created%s", " (warm pool)" if warm else "", extra={"SESSION_ID": sid})
-        self.metrics.sessions_created.inc()
-        self.metrics.warm_claims.labels("hit" if warm else "miss").inc()
+        self._metrics.sessions_created.inc()
+        self._metrics.warm_claims.labels("hit" if warm else "miss").inc()
         start = self.warm_pool.claim(sid) if warm else self.launcher.start(sid)
         if warm:
             self.capacity_changed()
@@ -298,7 +304,7 @@ class Sessions:
                     event="claimed",
                     token_hash=token_hash,
                     created_at=now,
-                    expires_at=self.config.expires_at(now),
+                    expires_at=self._config.expires_at(now),
                     last_activity=now,
                 )
             except (StaleRow, KeyError):
@@ -390,14 +396,14 @@ class Sessions:
 
     async def _remove(self, sid: str) -> None:
         await self.launcher.stop_container(sid)
-        await self.runner.remove_workspace(self.config.sessions_path / sid)
-        await self.store.purge(sid)
+        await self._runner.remove_workspace(self._config.sessions_path / sid)
+        await self._store.purge(sid)
 
     async def finish_deletes(self) -> list[str]:
         """Finish deletes a crash (or a failed container or workspace removal) cut short:
         each tombstone's container and workspace go, then the tombstone."""
         done = []
-        for sid in await self.store.tombstones():
+        for sid in await self._store.tombstones():
             lock = self.lock(sid)
             if lock.locked():
                 continue  # its delete is still running
@@ -419,9 +425,6 @@ class Sessions:
         return done
 
     # --- the warm pool ---
-
-    async def start_warm(self) -> Session | None:
-        return await self.warm_pool.start_one()
 
     async def discard_warm(self, sid: str, reason: str) -> None:
         await self.warm_pool.discard(sid, reason)

@@ -44,6 +44,7 @@ class Warm:
         machine: StateMachine,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         clock: Callable[[], float],
+        on_ready: Callable[[Session], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -54,7 +55,7 @@ class Warm:
         self.clock = clock
         # Called with each warm container once it answers, before anyone claims it: the
         # web layer makes its first chat and stores its UI files (web/warmprep.py).
-        self.on_ready: Callable[[Session], Awaitable[None]] | None = None
+        self.on_ready = on_ready
 
     def rows(self) -> list[Session]:
         """Unclaimed warm-pool rows, oldest first."""
@@ -139,12 +140,15 @@ class WarmPool:
         max_age: float,
         clock: Callable[[], float],
         retry_delay: float = 30.0,
+        kick: asyncio.Event | None = None,
     ) -> None:
         self.warm = warm
         self.max_age = max_age
         self.clock = clock
         self.retry_delay = retry_delay
-        self._kick = asyncio.Event()
+        # Set whenever capacity changes (a claim, a freed place): given by the sessions
+        # facade, which sets it, so neither side is patched after construction.
+        self._kick = kick or asyncio.Event()
 
     def kick(self) -> None:
         self._kick.set()

@@ -108,7 +108,7 @@ class Relay:
         self.version = version
         self.clock = clock
         self.status = SyncStatus(configured=True, target=describe(pool.dsn))
-        self._kick = asyncio.Event()
+        self._kick = store.outbox_written  # set by the store after each outbox write
         self._task: asyncio.Task[None] | None = None
         self._claimed = False
         self._last_prune = float("-inf")
@@ -124,11 +124,9 @@ class Relay:
     # --- lifetime ---
 
     def start(self) -> None:
-        self.store.on_outbox = self._kick.set
         self._task = asyncio.create_task(self.run(), name="lovd-sync")
 
     async def close(self) -> None:
-        self.store.on_outbox = lambda: None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -19,7 +19,7 @@ request whose session the front host does not have, its gate asks
 
 Hooks (in lovd/web/, not here): in ``BrowserGate.auth`` and ``Public.entry``, when the
 cookie's or link's session id is not in the local store and
-``gate.route_elsewhere`` (set by the daemon to ``sync.hosts.upstream_for``) returns an
+``gate.route_elsewhere`` (lovd/wiring.py gives it ``sync.hosts.upstream_for``) returns an
 upstream, answer with :func:`elsewhere` / :func:`forward_entry` before the token is
 checked (a session of another host is not a failed login here).
 

@@ -23,6 +23,7 @@ from lovd.log import request_id
 from lovd.metrics import Metrics
 from lovd.session.lifecycle import Sessions
 from lovd.sync.service import Sync
+from lovd.web.gate import BrowserGate
 from lovd.web.problems import problem
 from lovd.web.public import add_browser_entry
 
@@ -33,6 +34,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HealthCheck = Callable[[], Awaitable[tuple[bool, str]]]
 
 
+class Requests:
+    """When lovd last answered a request (the API, the browser path, the broker): what
+    ``idle_exit`` measures. Made by the build and given to everything that serves."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def seen(self) -> None:
+        self.last = time.monotonic()
+
+
 @dataclass
 class AppState:
     sessions: Sessions
@@ -40,7 +52,7 @@ class AppState:
     public_url: str
     max_body: int
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
-    last_request: float = field(default_factory=time.monotonic)
+    requests: Requests = field(default_factory=Requests)
     version: str = "0"
     usage: Callable[[str], dict[str, int]] | None = None
     sync: Sync | None = None  # PostgreSQL sync (postgres.dsn); None when off
@@ -69,7 +81,7 @@ _ABOUT_SESSIONS = ("/api/sessions", "/api/cleanup", "/c/")
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     st = request.app[STATE]
     if request.path != LIVEZ:  # a liveness probe is no reason to stay up (idle_exit)
-        st.last_request = time.monotonic()
+        st.requests.seen()
     rid = request.headers.get("X-Request-Id", "")
     if not (0 < len(rid) <= 64 and rid.isascii() and rid.replace("-", "").isalnum()):
         rid = secrets.token_hex(8)
@@ -79,7 +91,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     status = 500
     try:
         if request.path.startswith(_ABOUT_SESSIONS):
-            await st.sessions.ready.wait()  # the start-up reconcile (bounded, then 503)
+            await st.sessions.wait_ready()  # the start-up reconcile (bounded, then 503)
         if request.content_length is not None and request.content_length > st.max_body:
             raise LovdError(
                 "body-too-large",
@@ -323,6 +335,7 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(
     *,
     sessions: Sessions,
+    gate: BrowserGate,
     metrics_: Metrics,
     public_url: str,
     max_body: int,
@@ -330,6 +343,7 @@ def create_app(
     version: str = "0",
     usage: Callable[[str], dict[str, int]] | None = None,
     sync: Sync | None = None,
+    requests: Requests | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[middleware], client_max_size=max_body)
     app[STATE] = AppState(
@@ -341,6 +355,7 @@ def create_app(
         version=version,
         usage=usage,
         sync=sync,
+        requests=requests or Requests(),
     )
     app[OPENAPI] = {}  # filled by the first GET /api/openapi.json
     app.router.add_post("/api/sessions", create_session)
@@ -355,5 +370,5 @@ def create_app(
     app.router.add_get(LIVEZ, livez)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/metrics", metrics)
-    add_browser_entry(app, sessions)  # /c/{id}: shared with the public socket (web/public.py)
+    add_browser_entry(app, gate)  # /c/{id}: the public socket's gate (web/public.py)
     return app

@@ -51,6 +51,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from lovd import ids
@@ -60,7 +61,6 @@ from lovd.caddy import (
     GATE_HEADER,
     UPSTREAM_HEADER,
     gate_key,
-    ui_root,
 )
 from lovd.config import Config
 from lovd.errors import LovdError
@@ -69,9 +69,7 @@ from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session, SessionState
 from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
-from lovd.web.assets import UiAssets
 from lovd.web.bodycheck import BodyCheck, Rules
-from lovd.web.chat_landing import ChatLanding
 from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import problem
 from lovd.web.ratelimit import RateLimiter, client_address, client_key
@@ -128,10 +126,14 @@ class BrowserGate:
         self,
         sessions: Sessions,
         *,
+        http: aiohttp.ClientSession,
+        prep: WarmPrep,
         failures: RateLimiter,
         starts: RateLimiter,
         hold_timeout: float,
         gate_key: str,
+        self_upstream: str = "",
+        route_elsewhere: Callable[[str], Awaitable[str | None]] | None = None,
         allowlist: Allowlist | None = None,
         on_request: Callable[[], None] | None = None,
         secure_only: bool = False,
@@ -148,60 +150,58 @@ class BrowserGate:
         self.gate_key = gate_key
         self.allowlist = allowlist or Allowlist()
         self.on_request = on_request or (lambda: None)
+        # Warm containers get their first chat and store their UI files before a claim
+        # (web/warmprep.py); the sessions facade calls it, so it is built before both.
+        self.prep = prep
+        self.chat_landing = prep.landing
         self.pages = Pages(
             max_running=sessions.limit,
             running=sessions.running_count,
             retry_after=sessions.retry_after,
+            prefetch=prep.prefetch_html,
         )
         # Caddy's dial address of this app's own socket (set by serve_public), for the
         # requests whose body lovd checks before they reach the container.
-        self.self_upstream = ""
-        # Browser routing across hosts (lovd/sync/routing.py): set by the daemon when
-        # PostgreSQL sync is on; answers the owning host's upstream for a foreign session.
-        self.route_elsewhere: Callable[[str], Awaitable[str | None]] | None = None
+        self.self_upstream = self_upstream
+        # Browser routing across hosts (lovd/sync/routing.py): given when PostgreSQL sync
+        # is on; answers the owning host's upstream for a foreign session.
+        self.route_elsewhere = route_elsewhere
         self.bodycheck = BodyCheck(
             session_of=self._session_of,
             password_header=sessions.container_auth,
-            http=sessions.http,
+            http=http,
             rules=Rules(models=sessions.allowed_models()),
             disk_refusal=sessions.disk.refusal,
             disk_grew=sessions.disk.grew,
         )
-        self.chat_landing = ChatLanding(
-            http=sessions.http, password_header=sessions.container_auth
-        )
-        # Warm containers get their first chat and store their UI files before a claim
-        # (web/warmprep.py); from_config gives it the UI files' directory.
-        self.prep = WarmPrep(
-            http=sessions.http,
-            password_header=sessions.container_auth,
-            landing=self.chat_landing,
-            assets=None,
-            alive=lambda sid: sessions.find(sid) is not None,
-        )
-        sessions.warm_pool.on_ready = self.prep.ready
-        self.pages.prefetch = self.prep.prefetch_html
 
     @classmethod
     def from_config(
         cls,
         config: Config,
         sessions: Sessions,
+        *,
+        http: aiohttp.ClientSession,
+        prep: WarmPrep,
+        self_upstream: str = "",
+        route_elsewhere: Callable[[str], Awaitable[str | None]] | None = None,
         on_request: Callable[[], None] | None = None,
         allowlist: Allowlist | None = None,
     ) -> BrowserGate:
-        gate = cls(
+        return cls(
             sessions,
+            http=http,
+            prep=prep,
             failures=RateLimiter(config.browser_auth_failures, config.browser_auth_failure_window),
             starts=RateLimiter(config.browser_start_limit, config.browser_start_window),
             hold_timeout=config.ready_timeout + 5.0,
             gate_key=gate_key(sessions.host_key),
+            self_upstream=self_upstream,
+            route_elsewhere=route_elsewhere,
             allowlist=allowlist,
             on_request=on_request,
             secure_only=config.public_url.startswith("https:"),
         )
-        gate.prep.assets = UiAssets(ui_root(config), sessions.http)
-        return gate
 
     def cookie_value(self, request: web.Request) -> str | None:
         if self.secure_only:

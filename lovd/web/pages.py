@@ -82,6 +82,7 @@ class Pages:
         max_running: int,
         running: Callable[[], int],
         retry_after: Callable[[], int],
+        prefetch: Callable[[], str] | None = None,
     ) -> None:
         self.max_running = max_running
         self.running = running
@@ -89,7 +90,7 @@ class Pages:
         self.static = static_files()
         # Extra <head> tags of the landing and waking pages: the UI bundle the next
         # session runs, fetched ahead of the click (web/warmprep.py).
-        self.prefetch: Callable[[], str] = lambda: ""
+        self.prefetch = prefetch or (lambda: "")
         self._template = Template(self.static["page.html"].decode())
 
     def render(self, page: Page) -> web.Response:

@@ -25,7 +25,6 @@ from aiohttp.typedefs import Middleware
 from lovd import ids
 from lovd.caddy import AUTH_PATH
 from lovd.errors import LovdError
-from lovd.session.lifecycle import Sessions
 from lovd.session.links import NEW_LINK, LinkState, link_state
 from lovd.session.model import Session, SessionState
 from lovd.sync import routing
@@ -315,7 +314,7 @@ def _reconciled(gate: BrowserGate) -> Middleware:
     async def wait(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _NO_SESSION and not request.path.startswith("/_lovd/static/"):
             try:
-                await gate.sessions.ready.wait()
+                await gate.sessions.wait_ready()
             except LovdError as e:
                 return problem(e, request.path)
         return await handler(request)
@@ -349,17 +348,17 @@ def create_public_app(gate: BrowserGate) -> web.Application:
     return app
 
 
-def add_browser_entry(app: web.Application, sessions: Sessions) -> None:
-    """Register ``GET /c/{id}`` on another app (the API socket), sharing the same logic."""
-    site = PublicSite(BrowserGate.from_config(sessions.config, sessions))
+def add_browser_entry(app: web.Application, gate: BrowserGate) -> None:
+    """Register ``GET /c/{id}`` on another app (the API socket), with the same gate."""
+    site = PublicSite(gate)
     app.router.add_get("/c/{id}", site.entry)
     app.router.add_post("/c/{id}", site.switch)
 
 
 async def serve_public(
-    gate: BrowserGate, sock: socket.socket, *, ours: bool = True
+    app: web.Application, sock: socket.socket, *, ours: bool = True
 ) -> web.AppRunner:
-    """Serve the public app on ``sock`` (``caddy.auth_socket``).
+    """Serve the public app (:func:`create_public_app`) on ``sock`` (``caddy.auth_socket``).
 
     A socket lovd bound itself (``ours``) is made world-connectable (0666): it offers
     exactly what the public site offers anyway, and Caddy runs as its own user. One passed
@@ -369,11 +368,7 @@ async def serve_public(
     name = sock.getsockname()
     if ours and isinstance(name, str) and name:
         os.chmod(name, 0o666)  # noqa: S103 - the public surface, see above
-    if isinstance(name, str) and name.startswith("/"):
-        gate.self_upstream = f"unix/{name}"  # Caddy's dial syntax: unix//path
-    runner = web.AppRunner(
-        create_public_app(gate), access_log=None, handle_signals=False, shutdown_timeout=2
-    )
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     log.info("browser path (forward_auth, landing page) on %s", name)

@@ -25,7 +25,6 @@ import asyncio
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -33,6 +32,7 @@ import aiohttp
 from lovd import ids
 from lovd.caddy import CaddyAdmin
 from tests.integration.caddy_harness import Harness, HostUpstream, cookie, free_port, harness
+from tests.waiting import until
 
 LIVE = 200
 DISCONNECTS = [0]
@@ -74,13 +74,6 @@ async def throughput(url: str, headers: dict[str, str], seconds: float, conc: in
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(conc)])
         return done / (time.perf_counter() - t0)
-
-
-async def until(pred: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
-    end = time.perf_counter() + timeout
-    while not await pred():
-        if time.perf_counter() > end:
-            raise TimeoutError("condition not reached")
 
 
 async def status_of(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> int:
@@ -188,7 +181,7 @@ async def main(requests: int, seconds: float) -> None:
         s, token = await h.sessions.create(wait=True)
         direct = f"http://127.0.0.1:{s.port}/global/health"
         proxied = h.url + "/global/health"
-        basic = {"Authorization": h.sessions.env.basic_auth(s.id)}
+        basic = {"Authorization": h.env.basic_auth(s.id)}
         hdr = cookie(s, token)
         # Warm up both paths (connections, caches), then measure interleaved blocks.
         await sequential(h.http, direct, basic, 100)

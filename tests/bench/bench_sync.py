@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -28,7 +29,10 @@ from lovd import config, ids
 from lovd.session.model import Session
 from lovd.store import Store
 from lovd.sync.postgres import Relay
-from tests.pg import cluster
+from tests.pg import PgCluster, cluster
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestClient
 
 BASE = random.randrange(20000, 55000, 5000)
 
@@ -39,18 +43,21 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def cfg_for(tmp: Path, dsn: str) -> config.Config:
-    return config.from_mapping(
-        {
-            "state_dir": str(tmp),
-            "runtime_dir": str(tmp / "run"),
-            # The fake runner binds these; every create/delete cycle leaves its port in
-            # TIME_WAIT for a minute, so the range must outnumber the cycles of a run.
-            "port_range": f"{BASE}-{BASE + 4999}",
-            "warm_pool": 0,
-            "limits": {"max_running": 50},
-            "postgres": {"dsn": dsn, "max_backoff": 1.0},
-        }
-    )
+    return config.from_mapping(settings_for(tmp, dsn))
+
+
+def settings_for(tmp: Path, dsn: str) -> dict[str, object]:
+    return {
+        "state_dir": str(tmp),
+        "runtime_dir": str(tmp / "run"),
+        # The fake runner binds these; every create/delete cycle leaves its port in
+        # TIME_WAIT for a minute, so the range must outnumber the cycles of a run.
+        "port_range": f"{BASE}-{BASE + 4999}",
+        "warm_pool": 0,
+        "limits": {"max_running": 50},
+        "postgres": {"dsn": dsn, "max_backoff": 1.0},
+        "caddy": {"admin": ""},
+    }
 
 
 def row(port: int) -> Session:
@@ -83,32 +90,26 @@ async def lag(dsn: str, tmp: Path, seconds: float, rate: float) -> None:
 
 
 async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
-    import aiohttp
     from aiohttp.test_utils import TestClient, TestServer
 
-    from lovd.metrics import Metrics
-    from lovd.sync.service import Sync
-    from lovd.web.app import create_app
-    from lovd.wiring import build_sessions
     from tests.fakes import FakeRunner
     from tests.pg import PgCluster
+    from tests.stack import open_stack
 
     assert isinstance(pg, PgCluster)
-    cfg = cfg_for(tmp, pg.dsn)
-    cfg.sessions_path.mkdir(parents=True, exist_ok=True)
-    store = await Store.open(cfg.db_path)
     runner = FakeRunner()
-    http = aiohttp.ClientSession()
-    metrics = Metrics()
-    sessions = build_sessions(cfg, store=store, runner=runner, http=http, metrics=metrics,
-                              host_id="bench-api")  # fmt: skip
-    sync = Sync.create(cfg, store, "bench-api", "bench", metrics)
-    app = create_app(sessions=sessions, metrics_=metrics, public_url="http://x",
-                     max_body=cfg.max_body, sync=sync)  # fmt: skip
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    sync.start()
+    async with open_stack(settings_for(tmp, pg.dsn), runner=lambda _: runner,
+                          host_id="bench-api") as host:  # fmt: skip
+        assert host.sync is not None
+        async with TestClient(TestServer(host.app)) as client:
+            host.sync.start()
+            await _api_phases(pg, host.store, client, cycles)
+    await runner.close()
 
+
+async def _api_phases(
+    pg: PgCluster, store: Store, client: TestClient, cycles: int  # type: ignore[type-arg]
+) -> None:
     kinds = ("create", "get", "list", "delete")
 
     async def phase(into: dict[str, list[float]]) -> None:
@@ -145,12 +146,6 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
     finally:
         if not pg.running():
             await asyncio.to_thread(pg.start)
-        await sync.close()
-        await sessions.drain()
-        await client.close()
-        await runner.close()
-        await http.close()
-        await store.close()
     print(f"2. API latency, PostgreSQL down vs up ({len(up['get'])} cycles per side; "
           f"up to {backlog} changes queued while down):")
     for k in kinds:

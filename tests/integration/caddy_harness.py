@@ -38,17 +38,18 @@ from aiohttp import web
 from lovd import config as config_mod
 from lovd import ids
 from lovd.broker import server as broker_server
-from lovd.broker.server import Broker
 from lovd.caddy import CaddyAdmin, CaddyManager
-from lovd.metrics import Metrics
 from lovd.podman import PodmanCLI
 from lovd.runner import PodmanRunner
+from lovd.session.launcher import SessionEnv
 from lovd.session.lifecycle import Sessions
 from lovd.store import Session, Store
 from lovd.web.allowlist import OPENCODE_ROUTES, Allowlist, Route
 from lovd.web.gate import BrowserGate
 from lovd.web.public import serve_public
-from lovd.wiring import build_sessions
+from lovd.wiring import Host
+from tests.stack import open_stack, settings_merged
+from tests.waiting import until
 
 _ANY = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 STAND_IN_ROUTES = (
@@ -229,6 +230,8 @@ class Harness:
     manager: CaddyManager
     port: int
     http: aiohttp.ClientSession
+    env: SessionEnv
+    host: Host
     public: web.AppRunner | None = None
     upstreams: list[HostUpstream] = field(default_factory=list)
 
@@ -272,16 +275,16 @@ class Harness:
 
     async def routable(self, timeout: float = 10.0) -> float:
         """Wait until Caddy routes to lovd (the landing page answers); seconds taken."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+
+        async def answers() -> bool:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with self.http.get(
                     self.url + "/_lovd/ping", timeout=aiohttp.ClientTimeout(total=1)
                 ) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            await asyncio.sleep(0.02)
-        raise TimeoutError(f"Caddy did not route to lovd within {timeout} s")
+                    return r.status == 200
+            return False
+
+        return await until(answers, timeout, "Caddy routing to lovd")
 
 
 def cookie(s: Session, token: str) -> dict[str, str]:
@@ -321,15 +324,9 @@ async def harness(
             "check_interval": 0.5,
         },
     }
-    for k, v in (settings or {}).items():
-        if isinstance(v, dict) and isinstance(conf.get(k), dict):
-            conf[k] = {**conf[k], **v}
-        else:
-            conf[k] = v
-    cfg = config_mod.from_mapping(conf)
-    cfg.sessions_path.mkdir(parents=True, exist_ok=True)
+    conf = settings_merged(conf, settings or {})
+    cfg = config_mod.from_mapping(conf)  # the Podman settings the runner is made with
     await caddy.start()
-    store = await Store.open(cfg.db_path)
     # The tests read lovd's English texts; Norwegian, the default, is tested in
     # tests/unit/test_pages_i18n.py and with a Norwegian browser in tests/browser.
     http = aiohttp.ClientSession(
@@ -339,50 +336,44 @@ async def harness(
         # asks for an encoding itself (test_ui_assets.py checks Caddy's compression).
         headers={"Accept-Language": "en", "Accept-Encoding": "identity"},
     )
-    pool = aiohttp.ClientSession()
-    runner = PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, store.instance_id)
-    metrics = Metrics()
-    sessions = build_sessions(
-        cfg, store=store, runner=runner, http=pool, metrics=metrics, host_id="test"
-    )
-    # Sessions reach LLMs and MCP servers only through the broker (lovd/broker/).
-    # Its own pool, as in the daemon: it passes bodies through without decompressing.
-    broker_http = aiohttp.ClientSession(auto_decompress=False)
-    broker = await Broker.from_config(
-        cfg, store=store, http=broker_http, metrics=metrics, demo_urls={}
-    )
-    broker_runner = await broker_server.serve_broker(broker, broker_server.bind(cfg))
-    gate = BrowserGate.from_config(
-        cfg, sessions, allowlist=allowlist or Allowlist(OPENCODE_ROUTES + STAND_IN_ROUTES)
-    )
-    manager = CaddyManager.from_config(cfg, cfg.caddy_auth_socket)
-    assert manager is not None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(cfg.caddy_auth_socket)
-    sock.listen(256)
-    h = Harness(workdir, cfg, caddy, store, sessions, gate, manager, port, http)
+    h: Harness | None = None
     try:
-        h.public = await serve_public(gate, sock)
-        if run_manager:
-            manager.start()
-            await h.routable()
-        yield h
+        async with open_stack(
+            conf,
+            host_id="test",
+            runner=lambda iid: PodmanRunner(PodmanCLI(cfg.podman), cfg.podman, iid),
+            allowlist=allowlist or Allowlist(OPENCODE_ROUTES + STAND_IN_ROUTES),
+        ) as host:
+            # Sessions reach LLMs and MCP servers only through the broker (lovd/broker/).
+            broker_runner = await broker_server.serve_broker(
+                host.broker, broker_server.bind(host.config)
+            )
+            manager = host.caddy
+            assert manager is not None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(host.auth_socket)
+            sock.listen(256)
+            h = Harness(workdir, host.config, caddy, host.store, host.sessions, host.gate,
+                        manager, port, http, host.env, host)
+            try:
+                h.public = await serve_public(host.public_app, sock)
+                if run_manager:
+                    manager.start()
+                    await h.routable()
+                yield h
+            finally:
+                await manager.close()
+                for s in host.store.all():
+                    with contextlib.suppress(Exception):
+                        await host.sessions.discard_warm(s.id, "test teardown")  # unless warm
+                        await host.sessions.delete(s.id, "test teardown")
+                await host.drain()
+                await broker_runner.cleanup()
+                if h.public is not None:
+                    await h.public.cleanup()
     finally:
-        await manager.close()
-        for s in store.all():
-            with contextlib.suppress(Exception):
-                await sessions.discard_warm(s.id, "test teardown")  # no-op unless warm
-                await sessions.delete(s.id, "test teardown")
-        await gate.drain()
-        await sessions.drain()
-        await broker_runner.cleanup()
-        await broker_http.close()
-        if h.public is not None:
-            await h.public.cleanup()
-        for u in h.upstreams:
+        for u in h.upstreams if h is not None else []:
             await u.stop()
         await http.close()
-        await pool.close()
-        await store.close()
         await caddy.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -18,6 +18,7 @@ import pytest
 from lovd.caddy import GATE_KEY_PLACEHOLDER, CaddyAdmin, Site, render_server
 from tests.conftest import ROOT
 from tests.integration.caddy_harness import Harness, cookie, free_port, harness
+from tests.waiting import until
 
 pytestmark = [pytest.mark.caddy]
 
@@ -97,20 +98,20 @@ async def test_caddy_kill9_restart_routes_again_within_5s(caddy_bin: str, test_i
         assert status == 200 and json.loads(body)["session_id"] == sid
         await h.caddy.kill9()
         await h.caddy.start()  # fresh Caddy: admin only, lovd's server is gone
-        t0 = time.monotonic()
-        while True:
+        answered: list[str] = []
+
+        async def routed() -> bool:
             try:
                 status, _, body = await _get(
                     h, "/cgi-bin/echo", c, timeout=aiohttp.ClientTimeout(total=1)
                 )
-                if status == 200:
-                    break
             except (aiohttp.ClientError, TimeoutError):
-                pass
-            assert time.monotonic() - t0 < 5, "routing did not come back within 5 s"
-            await asyncio.sleep(0.05)
-        elapsed = time.monotonic() - t0
-        assert json.loads(body)["session_id"] == sid
+                return False
+            answered[:] = [body]
+            return status == 200
+
+        elapsed = await until(routed, 5, "routing back after Caddy's restart", step=0.05)
+        assert json.loads(answered[0])["session_id"] == sid
         print(f"routing back {elapsed:.2f} s after Caddy restart")
 
 
@@ -318,14 +319,12 @@ async def test_start_from_browser_progress_then_session(caddy_bin: str, test_ima
             assert "Starting your session" in body and headers["Retry-After"] == "2"
             assert "/_lovd/static/progress.js" in body
         # The progress page polls /_lovd/status until ready.
-        deadline = time.monotonic() + 30
-        while True:
+        async def ready() -> bool:
             status, _, body = await _get(h, "/_lovd/status", c)
             assert status == 200
-            if json.loads(body)["ready"]:
-                break
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.2)
+            return bool(json.loads(body)["ready"])
+
+        await until(ready, 30, "/_lovd/status ready", step=0.2)
         status, _, body = await _get(h, "/", {**NAV, **c})
         assert status == 200 and "lovd test session" in body
         # Starting again with a live session just goes back to it.
@@ -345,13 +344,15 @@ async def test_start_from_browser_claims_a_warm_container(
         value = headers["Set-Cookie"].split(";", 1)[0]
         assert value.startswith(f"lovd_session={warm.id}.")
         # Already booted: the very first navigation reaches the container.
-        deadline = time.monotonic() + 10
-        while True:
+        pages: list[str] = []
+
+        async def served() -> bool:
             status, _, body = await _get(h, "/", {**NAV, "Cookie": value})
-            if status == 200 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        assert status == 200 and "lovd test session" in body
+            pages[:] = [body]
+            return status == 200
+
+        await until(served, 10, "the chat page", step=0.1)
+        assert "lovd test session" in pages[0]
         assert h.sessions.get(warm.id).status == "running"
 
 
@@ -425,7 +426,12 @@ async def test_wake_refused_when_full_says_why(caddy_bin: str, test_image: str) 
         assert json.loads(body)["code"] == "too-many-sessions"
         status, _, body = await _get(h, "/", {**NAV, **c})
         assert status == 503  # the page, which then reports the refusal:
-        await asyncio.sleep(0.2)
+
+        async def refused() -> bool:
+            _, _, body = await _get(h, "/_lovd/status", c)
+            return bool(json.loads(body)["error"])
+
+        await until(refused, 5, "/_lovd/status reporting the refusal")
         status, _, body = await _get(h, "/_lovd/status", c)
         data = json.loads(body)
         assert data["error"] and "The only place is in use — try again in" in data["message"]

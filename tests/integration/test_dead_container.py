@@ -29,6 +29,7 @@ from lovd import ids, runtime_events
 from lovd.caddy import FAILED_HEADER
 from tests.integration.caddy_harness import Harness, cookie, harness
 from tests.lovdproc import LovdProc, podman, remove_all
+from tests.waiting import until_sync
 
 pytestmark = [pytest.mark.caddy, pytest.mark.podman]
 
@@ -182,15 +183,6 @@ async def test_hung_container_is_restarted_without_a_502(caddy_bin: str, test_im
         assert poll.back_after(t_kill) < h.config.health_interval, poll.seen
 
 
-def _wait(check: object, timeout: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if check():  # type: ignore[operator]
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
-
-
 def test_lovd_serve_learns_of_a_death_from_podman_events(tmp_path: Path, test_image: str) -> None:
     # health.interval of 10 minutes: only the events can explain a quick change.
     p = LovdProc(tmp_path, health={"interval": 600})
@@ -201,7 +193,9 @@ def test_lovd_serve_learns_of_a_death_from_podman_events(tmp_path: Path, test_im
         time.sleep(0.5)  # the events stream is followed from lovd's start; let it open
         t0 = time.monotonic()
         podman("rm", "-f", "-t", "0", f"lovd-{sid}")
-        took = _wait(lambda: p.api("GET", f"/api/sessions/{sid}")[2]["status"] != "running", 10)
+        took = until_sync(
+            lambda: p.api("GET", f"/api/sessions/{sid}")[2]["status"] != "running", 10
+        )
         _, _, after = p.api("GET", f"/api/sessions/{sid}")
         assert after["status"] in ("stopped", "failed") and after["reason"], after
         print(f"lovd serve: the row left 'running' {took:.2f} s after podman rm -f "

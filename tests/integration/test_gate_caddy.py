@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import aiohttp
 import pytest
@@ -19,6 +18,7 @@ from lovd.web.allowlist import Allowlist
 from lovd.web.pages import human_seconds
 from tests.integration.caddy_harness import Harness, cookie, harness
 from tests.unit.test_allowlist import ATTACKS, SES
+from tests.waiting import until
 
 pytestmark = [pytest.mark.caddy]
 
@@ -48,7 +48,7 @@ async def test_auth_answer_never_reaches_a_browser(caddy_bin: str) -> None:
     async with harness() as h:
         up = await h.upstream("a")
         s, token = await h.fake_session(up)
-        password = h.sessions.env.password(s.id)
+        password = h.env.password(s.id)
         c = cookie(s, token)
         tries = [
             "/_lovd/auth",
@@ -85,7 +85,7 @@ async def test_lovd_answers_auth_only_with_caddys_gate_key(caddy_bin: str) -> No
         server = await h.manager.current()
         forward_auth = server["routes"][-1]["handle"][0]
         [pushed] = forward_auth["headers"]["request"]["set"][GATE_HEADER]
-        assert pushed == gate_key(h.sessions.env.host_key)
+        assert pushed == gate_key(h.env.host_key)
         conn = aiohttp.UnixConnector(path=h.auth_socket)
         headers = {**cookie(s, token), "X-Forwarded-Method": "GET", "X-Forwarded-Uri": "/x"}
         async with aiohttp.ClientSession(connector=conn) as direct:
@@ -159,7 +159,7 @@ async def test_allowed_routes_reach_opencode_with_their_query(caddy_bin: str) ->
         assert status == 200 and echoed["method"] == "POST", echoed
         assert echoed["path"] == f"/session/{SES}/prompt_async?directory=%2Fwork"
         assert json.loads(echoed["body"]) == prompt
-        assert echoed["headers"]["Authorization"] == h.sessions.env.basic_auth(s.id)
+        assert echoed["headers"]["Authorization"] == h.env.basic_auth(s.id)
         assert "Cookie" not in echoed["headers"]
         async with h.http.post(url, json={**prompt, "tools": {"bash": True}}, headers=c) as r:
             assert r.status == 403 and "tools" in (await r.json())["detail"]
@@ -213,10 +213,8 @@ async def test_three_anonymous_starts_then_a_fourth_visitor(
             status, headers, _ = await _start(h)
             assert status == 303, headers
             cookies.append({"Cookie": headers["Set-Cookie"].split(";", 1)[0]})
-        deadline = time.monotonic() + 30
-        while any(s.status != "running" for s in h.sessions.all()):
-            assert time.monotonic() < deadline, [s.status for s in h.sessions.all()]
-            await asyncio.sleep(0.1)
+        await until(lambda: all(s.status == "running" for s in h.sessions.all()), 30,
+                    "the three sessions running", step=0.1)
         # The fourth visitor: the landing page and the refused start tell the same wait.
         status, headers, body = await _req(h, "GET", "/", NAV)
         assert status == 200 and "All 3 places are in use right now" in body

@@ -58,7 +58,7 @@ async def opencode(podman: str, caddy_bin: str) -> AsyncIterator[tuple[Harness, 
 async def _direct(h: Harness, path: str) -> Any:
     """GET from the container itself (the password lovd gives Caddy), not via the gate."""
     [s] = h.sessions.all()
-    auth = {"Authorization": h.sessions.env.basic_auth(s.id)}
+    auth = {"Authorization": h.env.basic_auth(s.id)}
     async with (
         aiohttp.ClientSession() as http,  # the harness's own does not decompress
         http.get(f"http://127.0.0.1:{s.port}{path}", headers=auth) as r,

@@ -4,7 +4,6 @@ session that still exists after many cleanup passes and wakes with its workspace
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from lovd.caddy import UPSTREAM_HEADER
 from tests.integration.test_podman_daemon import http_get
 from tests.lovdproc import LovdProc, cookie_of, forward_auth, podman, remove_all
+from tests.waiting import until_sync
 
 pytestmark = pytest.mark.podman
 
@@ -30,15 +30,6 @@ def lovd(tmp_path: Path, test_image: str) -> Iterator[LovdProc]:
     remove_all(p)
 
 
-def wait_for(check: object, timeout: float) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if check():  # type: ignore[operator]
-            return time.monotonic() - t0
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s")
-
-
 def test_a_hung_server_is_restarted_as_the_same_session(lovd: LovdProc) -> None:
     _, _, s = lovd.api("POST", "/api/sessions")
     sid, port = s["id"], s["port"]
@@ -46,7 +37,7 @@ def test_a_hung_server_is_restarted_as_the_same_session(lovd: LovdProc) -> None:
     # Stop every process of the session but its init: the server hangs, the container
     # still runs (what Podman reports does not change).
     podman("exec", f"lovd-{sid}", "/bin/busybox", "kill", "-STOP", "-1")
-    took = wait_for(
+    took = until_sync(
         lambda: lovd.api("GET", f"/api/sessions/{sid}")[2]["restarts"] == 1
         and lovd.api("GET", f"/api/sessions/{sid}")[2]["status"] == "running",
         INTERVAL * FAILURES + 15,
@@ -68,7 +59,7 @@ def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_pat
     sid, port = s["id"], s["port"]
     podman("exec", f"lovd-{sid}", "sh", "-c", "echo kept > /work/note.txt")
     podman("rm", "-f", "-t", "0", f"lovd-{sid}")  # what an OOM kill or a reboot does
-    wait_for(lambda: lovd.api("GET", f"/api/sessions/{sid}")[2]["status"] != "running", 15)
+    until_sync(lambda: lovd.api("GET", f"/api/sessions/{sid}")[2]["status"] != "running", 15)
     _, _, gone = lovd.api("GET", f"/api/sessions/{sid}")
     assert gone["status"] in ("stopped", "failed") and gone["reason"], gone
     for _ in range(5):
@@ -88,7 +79,7 @@ def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_pat
 
 def test_session_show_prints_the_probe_history(lovd: LovdProc) -> None:
     _, _, s = lovd.api("POST", "/api/sessions")
-    wait_for(
+    until_sync(
         lambda: lovd.api("GET", f"/api/sessions/{s['id']}/health")[2]["history"], 10
     )
     out = lovd.cli("session", "show", s["id"])

@@ -31,6 +31,7 @@ import yaml
 from lovd.demo.serve import StandIn, serve_llm_stub, serve_lovdata_mcp
 from tests.conftest import ROOT, image_present, need
 from tests.lovdproc import LovdProc
+from tests.waiting import until
 
 pytestmark = [pytest.mark.opencode, pytest.mark.podman]
 
@@ -110,15 +111,15 @@ async def wait_ready(url: str, auth: dict[str, str], deadline: float) -> None:
     # OpenCode can hang a request made just after its port opens: short timeouts, retry.
     timeout = aiohttp.ClientTimeout(total=0.3)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        while time.monotonic() < deadline:
+
+        async def healthy() -> bool:
             try:
                 async with http.get(url + "/global/health", headers=auth) as resp:
-                    if resp.status == 200 and (await resp.json()).get("healthy"):
-                        return
+                    return resp.status == 200 and bool((await resp.json()).get("healthy"))
             except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.05)
-    raise TimeoutError(f"{url} not ready")
+                return False
+
+        await until(healthy, deadline - time.monotonic(), f"{url} ready", step=0.05)
 
 
 @pytest.fixture
@@ -166,7 +167,7 @@ async def session(session_image: str, tmp_path: Path) -> AsyncIterator[Session]:
         auth = basic_auth(password)
         try:
             await wait_ready(f"http://127.0.0.1:{port}", auth, time.monotonic() + 30)
-        except TimeoutError:
+        except AssertionError:  # tests/waiting.py: not ready in time
             logs = run("podman", "logs", name)
             pytest.fail(f"OpenCode did not become ready:\n{logs.stdout}\n{logs.stderr}")
         ready = time.monotonic() - started

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.lovdproc import LovdProc, containers, podman, remove_all
+from tests.waiting import until_sync
 
 pytestmark = pytest.mark.podman
 
@@ -168,13 +169,15 @@ def test_parallel_creates_all_succeed(lovd: LovdProc) -> None:
 
 
 def wait_for_containers(iid: str, n: int, timeout: float = 60) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = containers(f"lovd.instance={iid}")
-        if len(found) == n:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"expected {n} containers, have {containers(f'lovd.instance={iid}')}")
+    found: dict[str, str] = {}
+
+    def counted() -> bool:
+        found.clear()
+        found.update(containers(f"lovd.instance={iid}"))
+        return len(found) == n
+
+    until_sync(counted, timeout, f"{n} containers of instance {iid}", step=0.2)
+    return found
 
 
 def test_warm_pool_hands_out_a_started_container(tmp_path: Path, test_image: str) -> None:

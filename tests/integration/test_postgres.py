@@ -12,7 +12,7 @@ import json
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 
 from tests.lovdproc import LovdProc, containers, podman
 from tests.pg import PgCluster, cluster
+from tests.waiting import until_sync
 
 pytestmark = pytest.mark.podman
 
@@ -37,14 +38,9 @@ def q(pg: PgCluster, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return list(cur.fetchall()) if cur.description else []
 
 
-def wait(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> float:
-    """Seconds until ``pred()`` held; AssertionError after ``timeout``."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(step)
-    raise AssertionError(f"not within {timeout} s")
+# The relay waits for a row lock on lovd_hosts (another connection holds it).
+LOCKED_ON_HOSTS = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE '%%lovd_hosts%%'")
 
 
 def lovd_with_pg(tmp: Path, pg: PgCluster, host_id: str = "h1", **extra: Any) -> LovdProc:
@@ -94,7 +90,7 @@ def test_sessions_reach_postgres_within_a_second_and_outages_never_stop_the_api(
 ) -> None:
     status, _, s = lovd.api("POST", "/api/sessions", {})
     assert status == 201, s
-    took = wait(lambda: (s["id"], "running") in {(r[0], r[1]) for r in pg_rows(pg)}, 1.0)
+    took = until_sync(lambda: (s["id"], "running") in {(r[0], r[1]) for r in pg_rows(pg)}, 1.0)
     print(f"\nrunning session in lovd_sessions {took * 1000:.0f} ms after the 201")
     assert took < 1.0  # within a second
 
@@ -115,7 +111,7 @@ def test_sessions_reach_postgres_within_a_second_and_outages_never_stop_the_api(
     t0 = time.monotonic()
     pg.start()
     up = time.monotonic() - t0
-    took = wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 10.0, step=0.05)
+    took = until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 10.0, step=0.05)
     print(f"in sync again {took:.2f} s after PostgreSQL accepted connections "
           f"({up + took:.2f} s after it was started)")
     assert took < 5.0
@@ -137,7 +133,7 @@ def test_kill9_between_commit_and_ack_applies_the_batch_once(
 ) -> None:
     status, _, s = lovd.api("POST", "/api/sessions", {})
     assert status == 201
-    wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
+    until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
     before = q(pg, "SELECT count(*) FROM lovd_events")[0][0]
     assert before >= 3
     # Hold this host's row in PostgreSQL (NO KEY UPDATE: foreign-key checks still pass):
@@ -147,13 +143,12 @@ def test_kill9_between_commit_and_ack_applies_the_batch_once(
         blocker.execute("SELECT 1 FROM lovd_hosts WHERE host_id = 'h1' FOR NO KEY UPDATE")
         status, _, _ = lovd.api("DELETE", f"/api/sessions/{s['id']}")
         assert status == 204
-        wait(lambda: bool(q(pg, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                               "AND query LIKE '%%lovd_hosts%%'")), 5.0)  # fmt: skip
+        until_sync(lambda: bool(q(pg, LOCKED_ON_HOSTS)), 5.0, "the relay blocked on lovd_hosts")
         # Hold SQLite's write lock too, so the ack after COMMIT cannot happen.
         db = sqlite3.connect(lovd.tmp / "state" / "lovd.db", timeout=10, isolation_level=None)
         db.execute("BEGIN IMMEDIATE")
         blocker.rollback()  # the relay commits now ...
-    wait(lambda: q(pg, "SELECT count(*) FROM lovd_events")[0][0] > before, 5.0)
+    until_sync(lambda: q(pg, "SELECT count(*) FROM lovd_events")[0][0] > before, 5.0)
     committed = q(pg, "SELECT max(seq) FROM lovd_events")[0][0]
     unacked = db.execute("SELECT min(seq) FROM outbox").fetchone()[0]
     assert unacked is not None and unacked <= committed  # ... and is stuck before its ack
@@ -162,7 +157,7 @@ def test_kill9_between_commit_and_ack_applies_the_batch_once(
     db.close()
     applied = q(pg, "SELECT count(*) FROM lovd_events")[0][0]
     lovd.start()
-    wait(lambda: lovd.api("GET", "/api/health")[2].get("sync", {}).get("backlog") == 0, 10.0)
+    until_sync(lambda: lovd.api("GET", "/api/health")[2].get("sync", {}).get("backlog") == 0, 10.0)
     # The replayed batch changed nothing (no event twice); the change after it arrived.
     assert q(pg, "SELECT count(*) FROM lovd_events WHERE seq <= %s", committed)[0][0] == applied
     n, distinct = q(pg, "SELECT count(*), count(DISTINCT (epoch, seq)) FROM lovd_events")[0]
@@ -172,18 +167,17 @@ def test_kill9_between_commit_and_ack_applies_the_batch_once(
 
 
 def test_kill9_before_commit_leaves_nothing_half_applied(lovd: LovdProc, pg: PgCluster) -> None:
-    wait(lambda: lovd.api("GET", "/api/health")[2]["sync"]["connected"], 5.0)
+    until_sync(lambda: lovd.api("GET", "/api/health")[2]["sync"]["connected"], 5.0)
     with psycopg.connect(pg.dsn) as blocker:
         blocker.execute("SELECT 1 FROM lovd_hosts WHERE host_id = 'h1' FOR NO KEY UPDATE")
         status, _, s = lovd.api("POST", "/api/sessions", {})
         assert status == 201
-        wait(lambda: bool(q(pg, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                               "AND query LIKE '%%lovd_hosts%%'")), 5.0)  # fmt: skip
+        until_sync(lambda: bool(q(pg, LOCKED_ON_HOSTS)), 5.0, "the relay blocked on lovd_hosts")
         lovd.kill9()  # mid-batch: upserts written, not committed
         blocker.rollback()
     assert q(pg, "SELECT count(*) FROM lovd_sessions WHERE id = %s", s["id"]) == [(0,)]
     lovd.start()
-    wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 10.0)
+    until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 10.0)
     n, distinct = q(pg, "SELECT count(*), count(DISTINCT (epoch, seq)) FROM lovd_events")[0]
     assert n == distinct == sqlite_events(lovd)
 
@@ -196,7 +190,7 @@ def test_lost_sqlite_with_5_live_sessions_is_restored_and_readopted(
         status, _, s = lovd.api("POST", "/api/sessions", {})
         assert status == 201 and s["status"] == "running", s
         made.append(s)
-    wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
+    until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
     instance = lovd.instance_id()
     running_before = containers(f"lovd.instance={instance}")
     assert len(running_before) == 5
@@ -219,13 +213,13 @@ def test_lost_sqlite_with_5_live_sessions_is_restored_and_readopted(
     token = made[0]["token"]
     status, _, _ = lovd.api("GET", f"/c/{made[0]['id']}?token={token}")
     assert status in (401, 403)
-    wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
+    until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
 
 
 def test_lovd_restore_by_hand_prints_new_links(lovd: LovdProc, pg: PgCluster) -> None:
     status, _, s = lovd.api("POST", "/api/sessions", {})
     assert status == 201
-    wait(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
+    until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
     r = lovd.cli("restore")
     assert r.returncode == 1 and "lovd is running; stop it first" in r.stderr
     lovd.stop()
@@ -252,7 +246,7 @@ def test_two_hosts_one_postgres(tmp_path: Path, pg: PgCluster, test_image: str) 
         sb = b.api("POST", "/api/sessions", {})[2]
         both = {(sa["id"], "host-a"), (sb["id"], "host-b")}
         for p, mine in ((a, "host-a"), (b, "host-b")):
-            wait(lambda p=p: {(s["id"], s["host_id"]) for s in
+            until_sync(lambda p=p: {(s["id"], s["host_id"]) for s in
                               p.api("GET", "/api/sessions?scope=all")[2]["sessions"]} == both,
                  5.0)  # fmt: skip
             body = p.api("GET", "/api/sessions?scope=all")[2]

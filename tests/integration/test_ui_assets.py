@@ -19,6 +19,7 @@ from lovd.caddy import ASSET_CACHE, ui_root
 from lovd.web.assets import UiAssets, UiSet
 from tests.conftest import need
 from tests.integration.caddy_harness import Harness, caddy_binary, cookie, harness
+from tests.waiting import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -158,20 +159,18 @@ async def test_warm_container_stores_its_ui_and_the_click_goes_straight_to_its_c
 
 
 async def _wait_for_prep(h: Harness, timeout: float = 180.0) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    def prepared() -> bool:
         prep = h.gate.prep
         warm = h.sessions.warm()
-        if (
+        return bool(
             warm
             and warm[0].id in prep._first
             and prep.next_version
             and prep.assets is not None
             and prep.assets.get(prep.next_version) is not None
-        ):
-            return
-        await asyncio.sleep(0.5)
-    raise TimeoutError("the warm container was not prepared in time")
+        )
+
+    await until(prepared, timeout, "the warm container prepared", step=0.5)
 
 
 def _secrets_of(h: Harness, sid: str) -> list[bytes]:

@@ -1,22 +1,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lovd import config
-from lovd.metrics import Metrics
+from lovd.config import Config
+from lovd.session.launcher import SessionEnv
 from lovd.session.lifecycle import Sessions
 from lovd.store import Store
-from lovd.web.app import create_app
-from lovd.wiring import build_sessions
+from lovd.web.app import HealthCheck
+from lovd.wiring import Host
 from tests.fakes import FakeRunner
+from tests.stack import Clock, open_stack, settings_merged
 
 
 @dataclass
@@ -25,39 +25,54 @@ class Api:
     sessions: Sessions
     runner: FakeRunner
     store: Store
+    config: Config
+    env: SessionEnv
+    clock: Clock
+    host: Host
 
 
-@contextlib.asynccontextmanager
-async def open_api(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncIterator[Api]:
-    cfg = config.from_mapping(
+def unit_settings(tmp_path: Path, ports: list[int], **settings: Any) -> dict[str, Any]:
+    """A unit harness's lovd: in tmp_path, on free ports, without Caddy."""
+    return settings_merged(
         {
             "state_dir": str(tmp_path / "state"),
             "runtime_dir": str(tmp_path / "run"),  # secrets and the egress hook stay in the test
             "port_range": f"{min(ports)}-{min(ports) + 200}",
             "ready_timeout": 3,
-            **settings,
-        }
+            "public_url": "https://chat.example",
+            "caddy": {"admin": ""},
+        },
+        settings,
     )
-    cfg.sessions_path.mkdir(parents=True, exist_ok=True)  # exists when a test "restarts"
-    store = await Store.open(cfg.db_path)
+
+
+@contextlib.asynccontextmanager
+async def open_api(
+    tmp_path: Path,
+    ports: list[int],
+    *,
+    reconcile_hold: float | None = None,
+    health_checks: Mapping[str, HealthCheck] | None = None,
+    version: str = "test",
+    **settings: Any,
+) -> AsyncIterator[Api]:
+    """The API app on a test server; ``reconcile_hold``: as for the daemon, requests about
+    sessions wait for a start-up reconcile the test reports into (``host.ready``)."""
     runner = FakeRunner()
-    http = aiohttp.ClientSession()
-    metrics = Metrics()
-    sessions = build_sessions(
-        cfg, store=store, runner=runner, http=http, metrics=metrics, host_id="h1"
-    )
-    app = create_app(sessions=sessions, metrics_=metrics, public_url="https://chat.example",
-                     max_body=cfg.max_body)
-    client = TestClient(TestServer(app))
-    await client.start_server()
+    clock = Clock()
     try:
-        yield Api(client, sessions, runner, store)
+        async with open_stack(
+            unit_settings(tmp_path, ports, **settings),
+            runner=lambda _: runner,
+            clock=clock,
+            reconcile_hold=reconcile_hold,
+            health_checks=health_checks,
+            version=version,
+        ) as host, TestClient(TestServer(host.app)) as client:
+            yield Api(client, host.sessions, runner, host.store, host.config, host.env,
+                      clock, host)
     finally:
-        await sessions.drain()
-        await client.close()
         await runner.close()
-        await http.close()
-        await store.close()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from referencing import Registry, Resource
 from lovd.errors import LovdError
 from lovd.web.app import load_openapi
 from tests.unit.conftest import Api
+from tests.waiting import until
 
 PROBLEM = "application/problem+json"
 BAD_IDS = ["..%2fx", "%2e%2e%2f", "a" * 300, "abc%0d%0adef", "abc%00def", "ABCDEF0123456789"]
@@ -133,11 +134,8 @@ async def test_no_wait_returns_starting(api: Api) -> None:
     r = await api.client.post("/api/sessions", json={"wait": False})
     s = await r.json()
     assert r.status == 201 and s["status"] in ("creating", "starting")
-    for _ in range(50):
-        if api.store.get(s["id"]).status == "running":  # type: ignore[union-attr]
-            break
-        await __import__("asyncio").sleep(0.05)
-    assert api.store.get(s["id"]).status == "running"  # type: ignore[union-attr]
+    await until(lambda: api.store.get(s["id"]).status == "running", 2.5,  # type: ignore[union-attr]
+                "the session running")
 
 
 async def test_cleanup_removes_expired_and_stops_idle(api: Api) -> None:
@@ -234,11 +232,11 @@ async def test_nothing_a_user_may_come_back_to_is_deleted_before_delete_after(
         assert (await (await api.client.post("/api/cleanup")).json())["removed"] == []
     for sid in kept:
         assert api.store.get(sid) is not None
-        assert (api.sessions.config.sessions_path / sid).is_dir()
+        assert (api.config.sessions_path / sid).is_dir()
     woken = await api.sessions.wake(kept[1])  # a failed one wakes like a stopped one
     assert woken.status == "running"
     await api.sessions.stop(kept[1], "failed", "again")
-    day = api.sessions.config.delete_after
+    day = api.config.delete_after
     for sid in kept:
         await api.store.update(sid, updated_at=time.time() - day - 1)
     body = await (await api.client.post("/api/cleanup")).json()

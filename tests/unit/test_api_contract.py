@@ -3,14 +3,13 @@ each, so each stays fixed even where the fuzzer's seed would not reach it again.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from lovd.metrics import Metrics
-from lovd.web.app import create_app, load_openapi
-from tests.unit.conftest import Api
+from lovd.web.app import load_openapi
+from tests.unit.conftest import Api, open_api
 from tests.unit.test_api import check_schema, problem
 
 SID = "0123456789abcdef"
@@ -102,16 +101,16 @@ async def test_no_wait_answers_a_state_the_description_names(
     assert f"`{s['status']}`" in described
 
 
-async def test_livez_answers_while_readiness_fails(api: Api) -> None:
+async def test_livez_answers_while_readiness_fails(tmp_path: Path, free_ports: list[int]) -> None:
     """A floor crossed or PostgreSQL down is 503 on readiness (/api/health, /api/readyz),
     never on liveness: a restart wired to /api/livez does not kill a working daemon."""
 
     async def floor_crossed() -> tuple[bool, str]:
         return False, "disk free 0.2G < floors.disk_free 1G"
 
-    app = create_app(sessions=api.sessions, metrics_=Metrics(), public_url="https://x",
-                     max_body=65536, health_checks={"floors": floor_crossed}, version="9")
-    async with TestClient(TestServer(app)) as client:
+    checks = {"floors": floor_crossed}
+    async with open_api(tmp_path, free_ports, health_checks=checks, version="9") as api:
+        client = api.client
         for path in ("/api/health", "/api/readyz"):
             r = await client.get(path)
             body = await r.json()
@@ -131,8 +130,8 @@ async def test_livez_is_not_activity_for_idle_exit(api: Api) -> None:
     from lovd.web.app import STATE
 
     st = api.client.app[STATE]  # type: ignore[index]
-    st.last_request = 0.0
+    st.requests.last = 0.0
     assert (await api.client.get("/api/livez")).status == 200
-    assert st.last_request == 0.0
+    assert st.requests.last == 0.0
     await api.client.get("/api/sessions")
-    assert st.last_request > 0.0
+    assert st.requests.last > 0.0

@@ -13,17 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from lovd import config, ids
 from lovd.broker import upstreams
-from lovd.broker.server import Broker, create_broker_app, limits_from_config
-from lovd.broker.usage import Ledger, UsageReader, utc_day
+from lovd.broker.server import Broker, create_broker_app
+from lovd.broker.usage import UsageReader, utc_day
 from lovd.metrics import Metrics
 from lovd.store import Session, Store
+from tests.fakes import FakeRunner
+from tests.stack import open_stack
 
 CANARY = "sk-CANARY-operator-key-never-in-a-container"
 
@@ -95,6 +96,7 @@ class Rig:
     broker: Broker
     upstream: Upstream
     metrics: Metrics
+    settings: dict[str, Any]
 
     async def session(
         self, status: str = "running", expires_in: float = 3600
@@ -115,45 +117,34 @@ async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
     up_server = TestServer(up_app)
     await up_server.start_server()
     base = f"http://127.0.0.1:{up_server.port}"
-    cfg = config.from_mapping(
-        {
-            "state_dir": str(tmp_path),
-            "llm": {
-                "openai_api_key": CANARY,
-                "openai_base_url": base + "/openai/v1",
-                "anthropic_api_key": CANARY + "-anthropic",
-                "anthropic_base_url": base + "/anthropic/v1",
-                "google_api_key": CANARY + "-google",
-                "google_base_url": base + "/google/v1beta",
-                "model": "openai/gpt-x",
-                "models": ["anthropic/claude-x", "google/g"],
-                **settings.pop("llm", {}),
-            },
-            "mcp": {"lovdata": {"url": base + "/mcp", "token": CANARY + "-mcp"}},
-            **settings,
-        }
-    )
-    store = await Store.open(tmp_path / "lovd.db")
-    http = aiohttp.ClientSession(auto_decompress=False)
-    metrics = Metrics()
-    broker = Broker(
-        store=store,
-        upstreams=upstreams.from_config(cfg, {}),
-        http=http,
-        ledger=Ledger(cfg.max_tokens_per_session, cfg.max_tokens_per_day),
-        metrics=metrics,
-        limits=limits_from_config(cfg),
-        max_output_tokens=cfg.max_output_tokens,
-    )
-    client = TestClient(TestServer(create_broker_app(broker)))
-    await client.start_server()
+    conf = {
+        "state_dir": str(tmp_path),
+        "runtime_dir": str(tmp_path / "run"),
+        "caddy": {"admin": ""},
+        "llm": {
+            "openai_api_key": CANARY,
+            "openai_base_url": base + "/openai/v1",
+            "anthropic_api_key": CANARY + "-anthropic",
+            "anthropic_base_url": base + "/anthropic/v1",
+            "google_api_key": CANARY + "-google",
+            "google_base_url": base + "/google/v1beta",
+            "model": "openai/gpt-x",
+            "models": ["anthropic/claude-x", "google/g"],
+            **settings.pop("llm", {}),
+        },
+        "mcp": {"lovdata": {"url": base + "/mcp", "token": CANARY + "-mcp"}},
+        **settings,
+    }
+    runner = FakeRunner()
     try:
-        yield Rig(client, store, broker, up, metrics)
+        async with (
+            open_stack(conf, runner=lambda _: runner) as host,
+            TestClient(TestServer(create_broker_app(host.broker))) as client,
+        ):
+            yield Rig(client, host.store, host.broker, up, host.metrics, conf)
     finally:
-        await client.close()
-        await http.close()
+        await runner.close()
         await up_server.close()
-        await store.close()
 
 
 def bearer(cred: str) -> dict[str, str]:
@@ -304,10 +295,9 @@ async def test_usage_survives_a_restart_of_the_broker(tmp_path: Path) -> None:
         resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=bearer(cred))
         await resp.read()
         await r.broker.flush()
-        fresh = Broker(store=r.store, upstreams={}, http=r.broker.http, ledger=Ledger(),
-                       metrics=Metrics())
-        await fresh.load()
-        assert fresh.usage(s.id)["input_tokens"] == 30
+        runner = FakeRunner()
+        async with open_stack(r.settings, runner=lambda _: runner) as again:  # lovd restarted
+            assert again.broker.usage(s.id)["input_tokens"] == 30
 
 
 @pytest.mark.parametrize(

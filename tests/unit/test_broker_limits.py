@@ -26,10 +26,11 @@ from yarl import URL
 from lovd import config, ids
 from lovd.broker import upstreams
 from lovd.broker.limits import CappedSite
-from lovd.broker.server import Broker, limits_from_config, make_runner
-from lovd.broker.usage import Ledger
-from lovd.metrics import Metrics
+from lovd.broker.server import Broker, make_runner
 from lovd.store import Session, Store
+from tests.fakes import FakeRunner
+from tests.stack import open_stack
+from tests.waiting import until
 
 KEY = "sk-CANARY-operator-key"
 
@@ -183,30 +184,28 @@ async def rig(tmp_path: Path, **settings: Any) -> AsyncIterator[Rig]:
            "google_api_key": KEY, "google_base_url": base + "/google/v1beta",
            "base_url": base + "/lovd/v1", "api_key": KEY,
            "model": MODELS[0], "models": MODELS[1:], **settings.pop("llm", {})}
-    cfg = config.from_mapping({"state_dir": str(tmp_path), "llm": llm,
-                               "mcp": {"lovdata": {"url": base + "/mcp", "token": KEY}},
-                               **settings})
-    store = await Store.open(tmp_path / "lovd.db")
-    upstream_http = aiohttp.ClientSession(auto_decompress=False)
-    broker = Broker(store=store, upstreams=upstreams.from_config(cfg, {}), http=upstream_http,
-                    ledger=Ledger(cfg.max_tokens_per_session, cfg.max_tokens_per_day),
-                    metrics=Metrics(), limits=limits_from_config(cfg),
-                    max_output_tokens=cfg.max_output_tokens)
-    sock = socket.create_server(("127.0.0.1", 0))
-    runner = make_runner(broker)
-    await runner.setup()
-    site = CappedSite(runner, sock, broker.limits.max_connections)
-    await site.start()
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    conf = {"state_dir": str(tmp_path), "runtime_dir": str(tmp_path / "run"),
+            "caddy": {"admin": ""}, "llm": llm,
+            "mcp": {"lovdata": {"url": base + "/mcp", "token": KEY}}, **settings}
+    fake = FakeRunner()
     try:
-        yield Rig(f"http://127.0.0.1:{sock.getsockname()[1]}", store, broker, provider,
-                  runner, site, http)
+        async with open_stack(conf, runner=lambda _: fake) as host:
+            broker = host.broker
+            sock = socket.create_server(("127.0.0.1", 0))
+            runner = make_runner(broker)
+            await runner.setup()
+            site = CappedSite(runner, sock, broker.limits.max_connections)
+            await site.start()
+            http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            try:
+                yield Rig(f"http://127.0.0.1:{sock.getsockname()[1]}", host.store, broker,
+                          provider, runner, site, http)
+            finally:
+                await http.close()
+                await runner.cleanup()
     finally:
-        await http.close()
-        await runner.cleanup()
-        await upstream_http.close()
+        await fake.close()
         await up.close()
-        await store.close()
 
 
 def chat(model: str = "gpt-ok", **extra: Any) -> dict[str, Any]:
@@ -402,10 +401,7 @@ async def test_a_stream_cut_off_by_its_caller_costs_its_reservation(tmp_path: Pa
                                headers={"x-api-key": cred}) as resp:
             assert b"message_start" in await resp.content.readline()
         r.provider.pause.set()  # the rest comes after the caller has gone
-        for _ in range(100):
-            if r.broker.usage(sid)["llm_requests"]:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: r.broker.usage(sid)["llm_requests"] > 0, 2, "the usage recorded")
         usage = r.broker.usage(sid)
         assert usage["input_tokens"] == 150_015 and usage["output_tokens"] == 4000, usage
 
@@ -609,14 +605,13 @@ async def test_a_session_has_a_limited_number_of_requests_in_flight(tmp_path: Pa
         _, other = await r.credential()
         held = [asyncio.create_task(r.call("POST", "/mcp/lovdata", cred, json={}))
                 for _ in range(3)]
-        while len(r.provider.seen) < 3:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(r.provider.seen) >= 3, 5, "3 calls at the provider")
         status, text = await asyncio.wait_for(r.call("POST", "/mcp/lovdata", cred, json={}), 5)
         assert status == 429 and b"in flight" in text
         assert len(r.provider.seen) == 3
         other_call = asyncio.create_task(r.call("POST", "/mcp/lovdata", other, json={}))
-        while len(r.provider.seen) < 4:  # another session is not held back
-            await asyncio.sleep(0.01)
+        # another session is not held back
+        await until(lambda: len(r.provider.seen) >= 4, 5, "the other session's call")
         r.provider.hold.set()
         assert [s for s, _ in await asyncio.gather(*held, other_call)] == [200] * 4
         assert r.broker.gates.requests == {}
@@ -628,9 +623,8 @@ async def test_llm_calls_of_a_session_run_two_at_a_time(tmp_path: Path) -> None:
         _, cred = await r.credential()
         calls = [asyncio.create_task(r.call("POST", "/llm/openai/chat/completions", cred,
                                             json=chat(max_tokens=5))) for _ in range(5)]
-        while len(r.provider.seen) < 2:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+        await until(lambda: len(r.provider.seen) >= 2, 5, "2 calls at the provider")
+        await asyncio.sleep(0.2)  # time for a third to arrive, were it let through
         assert len(r.provider.seen) == 2  # the other three wait their turn
         r.provider.hold.set()
         assert [s for s, _ in await asyncio.gather(*calls)] == [200] * 5
@@ -666,8 +660,11 @@ async def test_half_open_and_slow_connections_are_closed(tmp_path: Path) -> None
         assert any(f.startswith(b"HTTP/1.1 408") for f in firsts), firsts
         for _, w in conns:
             w.close()
-        await asyncio.sleep(0.1)
-        assert len(r.runner.server.connections) == 0  # type: ignore[union-attr]
+        server = r.runner.server
+        assert server is not None
+        await until(lambda: not server.connections and _fds() <= base_fds + 2, 2,
+                    "every connection and its file descriptor closed")
+        assert len(server.connections) == 0
         assert _fds() <= base_fds + 2
         assert r.provider.seen == []
         # And the broker still answers.

@@ -197,7 +197,7 @@ async def test_gate_redirects_a_page_load_of_the_site_into_the_chat(
         assert r.status == 303 and r.headers["Location"] == chat_path(WORK, "ses_new1")
         assert r.headers["Cache-Control"] == "no-store"
         assert "X-Lovd-Upstream" not in r.headers and "Authorization" not in r.headers
-        assert fake.auth_seen[-1] == g.sessions.env.basic_auth(s.id)  # its own password
+        assert fake.auth_seen[-1] == g.env.basic_auth(s.id)  # its own password
         # Only a page load of the site itself: the UI's own requests pass as before.
         for method, uri, headers in (
             ("GET", "/", XHR),

@@ -340,7 +340,7 @@ async def test_zero_delete_after_and_session_ttl_keep_sessions(
         await api.store.update(s["id"], updated_at=time.time() - 365 * 86400)
         assert (await (await api.client.post("/api/cleanup")).json())["removed"] == []
         assert api.store.get(s["id"]) is not None
-        assert (api.sessions.config.sessions_path / s["id"]).is_dir()
+        assert (api.config.sessions_path / s["id"]).is_dir()
         r = await api.client.get(f"/c/{s['id']}", params={"token": s["token"]},
                                  allow_redirects=False)
         assert r.status == 303  # never expired: its link still works

@@ -19,6 +19,7 @@ from lovd.caddy import FAILED_HEADER
 from lovd.session.model import SessionState
 from tests.unit.conftest import open_api
 from tests.unit.test_gate import NAV, XHR, open_gate
+from tests.waiting import until
 
 FAST = {"health": {"failures": 2, "probe_timeout": 0.3}}
 
@@ -128,10 +129,7 @@ async def test_the_events_stream_is_followed_again_when_it_ends(tmp_path: Path) 
     )
     w.start()
     try:
-        for _ in range(200):
-            if w.streams >= 3:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: w.streams >= 3, 4, "3 event streams")
     finally:
         await w.close()
     assert w.streams >= 3 and seen[:2] == [(sid, "died"), (sid, "died")]
@@ -145,10 +143,7 @@ async def test_closing_the_follower_ends_its_podman_child(tmp_path: Path) -> Non
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     w = runtime_events.ContainerEvents(str(fake), "inst", lambda *e: None)
     w.start()
-    for _ in range(200):
-        if pidfile.exists() and pidfile.read_text().strip():
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: pidfile.exists() and pidfile.read_text().strip(), 4, "podman events")
     pid = int(pidfile.read_text())
     await w.close()
     try:
@@ -177,10 +172,7 @@ async def test_the_podman_events_child_dies_with_lovd(tmp_path: Path) -> None:
         sys.executable, "-c", script, cwd=Path(__file__).resolve().parents[2]
     )
     try:
-        for _ in range(300):
-            if pidfile.exists() and pidfile.read_text().strip():
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: pidfile.exists() and pidfile.read_text().strip(), 6, "podman events")
         pid = int(pidfile.read_text())
     finally:
         lovd.kill()

@@ -37,7 +37,7 @@ async def test_a_delete_cut_at_each_step_is_finished_at_the_next_start(
     async with open_api(tmp_path, free_ports, warm_pool=0) as a:
         s, _ = await a.sessions.create(wait=True)
         keep, _ = await a.sessions.create(wait=True)  # another session, left alone
-        workspace = a.sessions.config.sessions_path / s.id
+        workspace = a.config.sessions_path / s.id
         assert workspace.is_dir()
         if step == "container":
             a.sessions.launcher.stop_container = _crash  # type: ignore[method-assign]
@@ -79,7 +79,7 @@ async def test_a_delete_cut_at_each_step_is_finished_at_the_next_start(
         # outlive the first lovd, so reconcile records it stopped).
         row = b.store.get(keep.id)
         assert row is not None and row.status == SessionState.STOPPED
-        assert (b.sessions.config.sessions_path / keep.id).is_dir()
+        assert (b.config.sessions_path / keep.id).is_dir()
         assert (await b.sessions.reconcile())["deletes_finished"] == []
 
 
@@ -104,7 +104,7 @@ async def test_a_failed_workspace_removal_is_retried_by_the_next_reconcile(
         assert (await a.sessions.reconcile())["deletes_finished"] == []  # still failing
         a.runner.remove_workspace = real  # type: ignore[method-assign]
         assert (await a.sessions.reconcile())["deletes_finished"] == [s.id]
-        assert not (a.sessions.config.sessions_path / s.id).exists()
+        assert not (a.config.sessions_path / s.id).exists()
 
 
 async def test_a_tombstone_gives_its_port_back(tmp_path: Path, free_ports: list[int]) -> None:

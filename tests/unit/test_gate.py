@@ -17,22 +17,23 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lovd import config, ids
+from lovd import ids
 from lovd.caddy import GATE_HEADER, gate_key
-from lovd.metrics import Metrics
-from lovd.session.launcher import load_host_key
+from lovd.session.launcher import SessionEnv, load_host_key
 from lovd.session.lifecycle import Sessions
 from lovd.store import Session, Store
 from lovd.web.gate import BrowserGate
-from lovd.web.public import create_public_app
-from lovd.wiring import build_sessions
+from lovd.wiring import Host
 from tests.fakes import FakeRunner
+from tests.stack import Clock, open_stack, settings_merged
+from tests.unit.conftest import unit_settings
 from tests.unit.test_allowlist import ATTACKS, SES
 
 # These tests read lovd's English texts; Norwegian, the default, is in test_pages_i18n.py.
 NAV = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Accept-Language": "en"}
 XHR = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
 START = {"Sec-Fetch-Site": "same-origin", "Accept-Language": "en"}
+AUTH_SOCKET = "/run/lovd-test/auth.sock"  # never bound: the test server serves the app
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Gate:
     sessions: Sessions
     store: Store
     key: str
+    env: SessionEnv
+    clock: Clock
+    host: Host
     ports: int = 40000
 
     async def session(self, status: str = "running", **changes: Any) -> tuple[Session, str]:
@@ -92,38 +96,30 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def open_gate(tmp_path: Path, ports: list[int], **settings: Any) -> AsyncIterator[Gate]:
-    cfg = config.from_mapping(
-        {
-            "state_dir": str(tmp_path / "state"),
-            "port_range": f"{min(ports)}-{min(ports) + 200}",
-            "ready_timeout": 3,
-            "caddy": {"admin": ""},
-            **settings,
-        }
-    )
-    cfg.sessions_path.mkdir(parents=True)
-    store = await Store.open(cfg.db_path)
+async def open_gate(
+    tmp_path: Path, ports: list[int], *, reconcile_hold: float | None = None, **settings: Any
+) -> AsyncIterator[Gate]:
     runner = FakeRunner()
-    http = aiohttp.ClientSession()
-    sessions = build_sessions(
-        cfg, store=store, runner=runner, http=http, metrics=Metrics(), host_id="h1"
-    )
-    env = sessions.env
-    gate = BrowserGate.from_config(cfg, sessions)
-    gate.self_upstream = "unix//run/lovd-test/auth.sock"  # serve_public sets it from its socket
-    # No cookie jar: each request carries exactly the cookie the test gives it.
-    client = TestClient(TestServer(create_public_app(gate)), cookie_jar=aiohttp.DummyCookieJar())
-    await client.start_server()
+    clock = Clock()
     try:
-        yield Gate(client, gate, sessions, store, gate_key(env.host_key))
+        # The address Caddy dials for the chat requests lovd checks.
+        where = {"public_url": "http://localhost", "caddy": {"auth_socket": AUTH_SOCKET}}
+        async with (
+            open_stack(
+                unit_settings(tmp_path, ports, **settings_merged(where, settings)),
+                runner=lambda _: runner,
+                clock=clock,
+                reconcile_hold=reconcile_hold,
+            ) as host,
+            # No cookie jar: each request carries exactly the cookie the test gives it.
+            TestClient(
+                TestServer(host.public_app), cookie_jar=aiohttp.DummyCookieJar()
+            ) as client,
+        ):
+            yield Gate(client, host.gate, host.sessions, host.store,
+                       gate_key(host.env.host_key), host.env, clock, host)
     finally:
-        await gate.drain()
-        await sessions.drain()
-        await client.close()
         await runner.close()
-        await http.close()
-        await store.close()
 
 
 @pytest.fixture
@@ -141,11 +137,11 @@ async def test_auth_answer_needs_the_gate_key(g: Gate) -> None:
         r = await g.auth(s, token, key=key)
         assert r.status == 404, key
         assert "Authorization" not in r.headers and "X-Lovd-Upstream" not in r.headers
-        assert g.sessions.env.password(s.id) not in await r.text()
+        assert g.env.password(s.id) not in await r.text()
     r = await g.auth(s, token)
     assert r.status == 204
     assert r.headers["X-Lovd-Upstream"] == f"127.0.0.1:{s.port}"
-    assert r.headers["Authorization"] == g.sessions.env.basic_auth(s.id)
+    assert r.headers["Authorization"] == g.env.basic_auth(s.id)
 
 
 def test_gate_key_comes_from_the_host_key_only(tmp_path: Path) -> None:
@@ -285,7 +281,7 @@ async def test_full_landing_page_tells_the_real_wait(tmp_path: Path, free_ports:
         tmp_path, free_ports, unused_timeout=300, idle_timeout=3600, limits={"max_running": 2}
     ) as g:
         now = time.time()
-        g.sessions.clock = lambda: now
+        g.clock.use(lambda: now)
         await g.session(created_at=now - 100, started_at=now - 100)  # unused: frees in 200 s
         used, _ = await g.session(started_at=now - 250)
         g.sessions.mark_used(used.id)  # used: its idle hour counts, not unused_timeout

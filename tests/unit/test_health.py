@@ -60,7 +60,7 @@ async def test_too_many_restarts_fail_the_session_but_keep_it(
         row = a.store.get(s.id)
         assert row is not None and row.status == SessionState.FAILED
         assert failure_class(row.reason) == "unhealthy"
-        assert (a.sessions.config.sessions_path / s.id).is_dir()  # the chat stays
+        assert (a.config.sessions_path / s.id).is_dir()  # the chat stays
         assert not (a.sessions.secrets_dir / f"{s.id}.env").exists()
         report = await (await a.client.get(f"/api/sessions/{s.id}/health")).json()
         assert report["failure_class"] == "unhealthy" and report["restarts_in_window"] == 2

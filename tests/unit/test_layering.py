@@ -1,5 +1,5 @@
 """lovd's import layering (README, "Layout"): no import circle inside lovd/, no import from
-a lower floor to a higher one, and the sessions service built in one place only.
+a lower floor to a higher one, and the service built in one place only (lovd/wiring.py).
 
 Read from the source with ``ast``, so nothing is imported. Every ``import`` counts, at
 module level or inside a function: a deferred import is still a dependency, and a circle
@@ -54,11 +54,18 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("assembly", ["lovd.wiring", "lovd.doctor", "lovd.daemon", "lovd.cli", "lovd.__main__"]),
 ]
 
-# Where the sessions service (``Sessions``) is built: ``Sessions(...)`` only in wiring.py,
-# everyone else calls ``build_sessions(...)``. The total is a ceiling: lower it as
-# harnesses share one stack-building fixture (issue 18), never raise it.
-SESSIONS_BUILT_IN = {"lovd/wiring.py"}
-MAX_ASSEMBLY_SITES = 7
+# What makes up the service, by the module that defines it: built by lovd/wiring.py's
+# ``build`` only. The daemon and every test and bench harness call ``build`` (the
+# harnesses through tests/stack.py), so a harness tests what ``lovd serve`` runs.
+ASSEMBLED = {
+    "Sessions": "lovd.session.lifecycle",
+    "BrowserGate": "lovd.web.gate",
+    "Broker": "lovd.broker.server",
+    "create_app": "lovd.web.app",
+    "create_public_app": "lovd.web.public",
+}
+BUILT_IN = {"lovd/wiring.py"}
+MAX_ASSEMBLY_SITES = 1
 
 
 def _modules() -> dict[str, Path]:
@@ -220,27 +227,61 @@ def test_a_package_init_pulls_in_nothing_above_its_lowest_module() -> None:
     assert not wrong, wrong
 
 
-def _assembly_sites() -> list[tuple[str, int, str]]:
-    sites = []
+def _builds_in(source: str, module: str = "") -> list[tuple[int, str]]:
+    """Where ``source`` (the text of ``module``) builds a part of the service directly:
+    calls ``Sessions(...)``, ``Broker.from_config(...)``, ``create_app(...)``, … by a name
+    imported from (or defined in) the module that defines it, or as ``module.name(...)``."""
+    tree = ast.parse(source)
+    names: dict[str, str] = {n: n for n, where in ASSEMBLED.items() if where == module}
+    modules: dict[str, str] = {}  # local name of a defining module -> its module name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                if ASSEMBLED.get(a.name) == node.module:
+                    names[a.asname or a.name] = a.name
+                full = f"{node.module}.{a.name}"
+                if full in ASSEMBLED.values():
+                    modules[a.asname or a.name] = full
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in ASSEMBLED.values():
+                    modules[a.asname or a.name] = a.name
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in names:
+            out.append((node.lineno, names[f.id]))
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            owner = f.value.id
+            if owner in names:  # Broker.from_config(...), BrowserGate.from_config(...)
+                out.append((node.lineno, f"{names[owner]}.{f.attr}"))
+            elif owner in modules and ASSEMBLED.get(f.attr) == modules[owner]:
+                out.append((node.lineno, f.attr))
+    return sorted(out)
+
+
+def _assembly_sites() -> dict[str, list[tuple[int, str]]]:
+    """File -> where it builds a part of the service directly."""
+    sites = {}
     for top in ("lovd", "tests"):
         for path in sorted((ROOT / top).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if not isinstance(node, ast.Call):
-                    continue
-                f = node.func
-                name = getattr(f, "id", None) or getattr(f, "attr", "")
-                if name in ("Sessions", "build_sessions"):
-                    sites.append((str(path.relative_to(ROOT)), node.lineno, name))
+            rel = path.relative_to(ROOT)
+            module = ".".join(rel.with_suffix("").parts) if top == "lovd" else ""
+            found = _builds_in(path.read_text(), module)
+            if found:
+                sites[str(rel)] = found
     return sites
 
 
-def test_sessions_service_is_assembled_in_few_places() -> None:
+def test_the_service_is_assembled_in_one_place() -> None:
     sites = _assembly_sites()
-    print(f"\n{len(sites)} places build the sessions service:")
-    for path, line, name in sites:
-        print(f"  {path}:{line} {name}(...)")
-    direct = {path for path, _, name in sites if name == "Sessions"}
-    assert direct <= SESSIONS_BUILT_IN, f"build it with lovd.wiring.build_sessions: {direct}"
+    print(f"\n{len(sites)} place(s) build the service:")
+    for path, calls in sites.items():
+        print(f"  {path}: " + ", ".join(f"{name}(...) at {line}" for line, name in calls))
+    elsewhere = set(sites) - BUILT_IN
+    assert not elsewhere, f"build it with lovd.wiring.build (tests: tests/stack.py): {sites}"
     assert len(sites) <= MAX_ASSEMBLY_SITES, sites
 
 
@@ -255,3 +296,18 @@ def test_the_checks_catch_what_they_are_for() -> None:
     assert _floor("lovd.web.gate") == 3
     assert _floor("lovd.daemon") == 4
     assert _floor("lovd.nonexistent") is None
+    harness = (
+        "from lovd.broker.server import Broker\n"
+        "from lovd.web import app as api\n"
+        "from lovd.web.gate import BrowserGate as G\n"
+        "b = Broker(store=s)\nc = Broker.from_config(cfg)\na = api.create_app()\n"
+        "g = G.from_config(cfg, s)\nd = other.create_app()\n"
+    )
+    assert _builds_in(harness) == [
+        (4, "Broker"), (5, "Broker.from_config"), (6, "create_app"),
+        (7, "BrowserGate.from_config"),
+    ]  # fmt: skip
+    # The module that defines a part builds it only where it calls it by name.
+    assert _builds_in("def create_app(): ...\nx = create_app()\n", "lovd.web.app") == [
+        (2, "create_app")
+    ]

@@ -27,7 +27,7 @@ async def test_a_poll_every_30_s_neither_keeps_nor_wakes_an_unused_session(
 ) -> None:
     async with open_gate(tmp_path, free_ports, unused_timeout=300, idle_timeout=600) as g:
         now = [time.time()]
-        g.sessions.clock = lambda: now[0]
+        g.clock.use(lambda: now[0])
         s, secret = await g.session()
         # The reproduction: GET /global/health every 30 s, for longer than unused_timeout.
         for _ in range(11):
@@ -59,7 +59,7 @@ async def test_a_prompt_wakes_an_unused_session_and_keeps_a_session_alive(
 ) -> None:
     async with open_gate(tmp_path, free_ports, unused_timeout=300, idle_timeout=600) as g:
         now = [time.time()]
-        g.sessions.clock = lambda: now[0]
+        g.clock.use(lambda: now[0])
         s, secret = await g.session("idle-stopped", reason=UNUSED_REASON)
         r = await g.auth(s, secret, "POST", f"/session/{SES}/prompt_async", XHR)
         assert r.status == 204  # held while it woke, then allowed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from lovd import ids
@@ -12,23 +11,17 @@ from lovd.errors import LovdError
 from lovd.session.model import SessionState
 from lovd.session.warm import WarmPool
 from tests.unit.conftest import Api, open_api
+from tests.waiting import until
 
 WARM = SessionState.WARM
 
 
 def pool_of(a: Api) -> WarmPool:
-    return a.sessions.pool(a.sessions.config.warm_max_age, retry_delay=0.1)
+    return a.sessions.pool(a.config.warm_max_age, retry_delay=0.1)
 
 
 def warm_ids(a: Api) -> list[str]:
     return [s.id for s in a.sessions.warm()]
-
-
-async def until(ok: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait for background work (the pool's tasks); the caller asserts the outcome."""
-    deadline = time.monotonic() + timeout
-    while not ok() and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
 
 
 async def test_claim_hands_out_the_warm_container_and_refills(
@@ -106,7 +99,7 @@ async def test_dead_warm_container_is_replaced_and_a_dead_claim_restarts(
         await a.runner.stop(wid)  # the container died while nobody owned it
         await a.sessions.reconcile()
         assert a.store.get(wid) is None
-        assert not (a.sessions.config.sessions_path / wid).exists()
+        assert not (a.config.sessions_path / wid).exists()
         await pool.fill()
         [wid2] = warm_ids(a)
         # Dies again, and this time a user claims it before reconcile notices:
@@ -125,7 +118,7 @@ async def test_claim_while_the_warm_container_is_still_booting(
         pool = pool_of(a)
         a.runner.start_delay = 0.3
         filling = asyncio.create_task(pool.fill())
-        await asyncio.sleep(0.05)
+        await until(lambda: bool(warm_ids(a)), 2, "the warm row")
         [wid] = warm_ids(a)
         s = await (await a.client.post("/api/sessions")).json()
         assert s["id"] == wid and s["status"] == "running"
@@ -140,7 +133,7 @@ async def test_failed_warm_start_leaves_nothing_and_backs_off(
         pool = pool_of(a)
         a.runner.fail_start = LovdError("runner-failed", "podman said no")
         assert await pool.fill() is False
-        assert a.store.all() == [] and list(a.sessions.config.sessions_path.iterdir()) == []
+        assert a.store.all() == [] and list(a.config.sessions_path.iterdir()) == []
         a.runner.fail_start = None
         assert await pool.fill() is True and len(warm_ids(a)) == 1
 
@@ -158,7 +151,7 @@ async def test_old_or_surplus_warm_containers_are_replaced(
         assert old not in now and young in now and len(now) == 2
         assert old not in a.runner.servers
         # An operator lowered warm_pool to 0: the next pass empties the pool.
-        object.__setattr__(a.sessions.config, "warm_pool", 0)
+        object.__setattr__(a.config, "warm_pool", 0)
         await pool.fill()
         assert warm_ids(a) == [] and a.runner.servers == {}
 

@@ -19,6 +19,7 @@ import pytest
 from lovd.errors import LovdError
 from lovd.podman import communicate
 from lovd.procs import MARK, Mark, Spawner, find_orphans, start_ticks, sweep
+from tests.waiting import until_sync
 
 
 def alive(pid: int) -> bool:
@@ -27,15 +28,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_until(cond: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(cond) and cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 async def test_a_child_leads_its_own_group_and_carries_the_marker() -> None:
@@ -60,7 +52,7 @@ async def test_a_deadline_kills_the_whole_group() -> None:
     grandchild = int((await proc.stdout.readline()).decode())
     with pytest.raises(LovdError, match="did not finish"):
         await communicate(proc, None, "podman unshare", timeout=0.3)
-    assert wait_until(lambda: not alive(grandchild))
+    until_sync(lambda: not alive(grandchild), 5.0)
 
 
 async def test_a_cancelled_read_is_ended_a_cancelled_write_finishes() -> None:
@@ -117,14 +109,14 @@ def test_a_dead_lovds_group_is_swept_its_detached_helpers_spared(tmp_path: Path)
         lovd.kill()
         lovd.wait()
         # The death signal ended the child; what it forked lives on without a parent.
-        assert wait_until(lambda: not alive(leader))
+        until_sync(lambda: not alive(leader), 5.0)
         orphans = find_orphans(iid)
         assert [(o.pid, o.pgid) for o in orphans] == [(grandchild, leader)]
         assert orphans[0].ppid != lovd.pid and orphans[0].argv.startswith("sleep")
 
         ended = asyncio.run(sweep(iid, finish=0.2, grace=0.2))
         assert [(o.pid, how) for o, how in ended] == [(grandchild, "SIGTERM")]
-        assert wait_until(lambda: not alive(grandchild))
+        until_sync(lambda: not alive(grandchild), 5.0)
         assert alive(detached)  # it left the group: conmon, slirp4netns, the pause process
         assert find_orphans(iid) == []
         assert find_orphans("another-instance") == []

@@ -14,6 +14,7 @@ from lovd.errors import LovdError
 from lovd.podman import ContainerInfo
 from lovd.session.model import SessionState
 from tests.unit.conftest import open_api
+from tests.waiting import until
 
 
 async def test_a_start_finishing_during_reconcile_is_not_taken_for_lost(
@@ -45,7 +46,7 @@ async def test_a_warm_claim_racing_a_discard_never_hands_out_a_deleted_session(
     """Before: a discard checked 'warm', then stopped the container while a create claimed
     the same row; the discard then deleted the row the user had just been given."""
     async with open_api(tmp_path, free_ports, warm_pool=1) as a:
-        await a.sessions.pool(a.sessions.config.warm_max_age).fill()
+        await a.sessions.pool(a.config.warm_max_age).fill()
         [warm] = a.sessions.warm()
         discard = asyncio.create_task(a.sessions.discard_warm(warm.id, "recycled"))
         await asyncio.sleep(0)  # the discard holds the row's lock and is stopping it
@@ -83,10 +84,7 @@ async def test_a_start_interrupted_by_shutdown_is_left_for_the_next_lovd(
     async with open_api(tmp_path, free_ports, warm_pool=0) as a:
         a.runner.never_ready = True
         s, _ = await a.sessions.create(wait=False)
-        for _ in range(100):
-            if s.id in a.runner.servers:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: s.id in a.runner.servers, 1, "the container started")
         await a.sessions.drain()  # what shutdown does
         row = a.store.get(s.id)
         assert row is not None and row.status == SessionState.STARTING, row

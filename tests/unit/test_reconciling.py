@@ -7,12 +7,19 @@ import asyncio
 from pathlib import Path
 
 from lovd.session.reconcile import Readiness
-from tests.unit.conftest import Api
+from tests.unit.conftest import Api, open_api
 from tests.unit.test_gate import open_gate
 
 
-async def test_a_request_about_sessions_waits_then_gets_503_with_retry_after(api: Api) -> None:
-    api.sessions.ready = ready = Readiness(hold=0.2)
+async def test_a_request_about_sessions_waits_then_gets_503_with_retry_after(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    async with open_api(tmp_path, free_ports, reconcile_hold=0.2) as api:
+        await _waits_then_503(api)
+
+
+async def _waits_then_503(api: Api) -> None:
+    ready = api.host.ready
     ready.failed("podman ps did not finish within 120 s", retry_in=4)
     r = await api.client.get("/api/sessions")
     assert r.status == 503 and r.headers["Retry-After"] == "4"
@@ -48,8 +55,8 @@ async def test_the_browser_path_waits_too(tmp_path: Path, free_ports: list[int])
     """Caddy's forward_auth and the session link wait for the start-up reconcile (a stored
     "running" may name a container that is gone), then 503 with Retry-After; the landing
     page answers at once."""
-    async with open_gate(tmp_path, free_ports) as g:
-        g.sessions.ready = ready = Readiness(hold=0.2)
+    async with open_gate(tmp_path, free_ports, reconcile_hold=0.2) as g:
+        ready = g.host.ready
         ready.failed("podman ps failed (exit 125)", retry_in=2)
         r = await g.auth(None, "")
         assert r.status == 503 and r.headers["Retry-After"] == "2"

@@ -30,6 +30,7 @@ from lovd.sync.postgres import Relay, discard_outbox
 from lovd.sync.restore import RestoreError, restore, restore_if_lost
 from tests.fakes import force_state
 from tests.pg import PgCluster, cluster
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -59,13 +60,8 @@ def new_session(host: str, port: int) -> Session:
                    now, now, now + 3600, now)
 
 
-async def until(pred: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout} s")
+async def _b_stale(hosts: Hosts) -> bool:
+    return not {h["host_id"]: h["alive"] for h in await hosts.hosts()}["b"]
 
 
 async def pg_query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -141,7 +137,7 @@ async def test_two_hosts_migrating_at_once_both_succeed_and_agree(pg: PgCluster)
 async def test_no_secret_columns_in_postgres(host: Host, pg: PgCluster) -> None:
     s = await host.store.insert(new_session("h1", 20000))
     await force_state(host.store, s.id, "running", broker_hash=ids.hash_token("b"))
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     cols = {r[0] for r in await pg_query(
         pg.dsn, "SELECT column_name FROM information_schema.columns "
         "WHERE table_name LIKE 'lovd_%%'")}  # fmt: skip
@@ -164,7 +160,7 @@ async def test_changes_reach_postgres_with_events_and_the_outbox_is_pruned(
     await force_state(host.store, s.id, "running", container_id="c1")
     gone = await host.store.insert(new_session("h1", 20001))
     await host.store.delete(gone.id, "bye")
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     assert await pg_checksum(pg.dsn) == sqlite_checksum(host.cfg.db_path)
     rows = await pg_query(pg.dsn, "SELECT id, status, version FROM lovd_sessions ORDER BY port")
     assert rows == [(s.id, "running", 2), (gone.id, "deleted", 2)]  # a tombstone
@@ -203,7 +199,7 @@ async def test_200_changes_postgres_stopped_halfway_then_equal_and_nothing_lost(
     assert not health_ok and "queued in SQLite" in detail and "API is unaffected" in detail
     assert max(write_times) < 0.5, max(write_times)
     await asyncio.to_thread(pg.start)
-    await until(host.synced, timeout=15)
+    await until(host.synced, what="sync", timeout=15)
     assert await pg_checksum(pg.dsn) == sqlite_checksum(host.cfg.db_path)
     counts = await pg_query(
         pg.dsn, "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM lovd_events")
@@ -241,7 +237,7 @@ async def test_an_older_row_never_wins(host: Host, pg: PgCluster) -> None:
     s = await host.store.insert(new_session("h1", 20000))
     for st in ("starting", "running", "stopped"):
         await force_state(host.store, s.id, st)
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     conn = await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True)
     from lovd.sync.postgres import UPSERT, _upsert_params
 
@@ -255,16 +251,18 @@ async def test_an_older_row_never_wins(host: Host, pg: PgCluster) -> None:
 
 async def test_backoff_is_capped_and_sync_resumes(host: Host, pg: PgCluster) -> None:
     await host.store.insert(new_session("h1", 20000))
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     await asyncio.to_thread(pg.stop)
     await host.store.insert(new_session("h1", 20001))
-    await asyncio.sleep(2.0)  # many attempts at max_backoff 0.3 s, each failing fast
     st = host.relay.status
+    # Many attempts at max_backoff 0.3 s, each failing fast, while the change waits.
+    await until(lambda: min(st.lag(time.time()), st.as_dict(time.time())["down_seconds"]) > 1.5,
+                10, "1.5 s down, with the change waiting")
     assert not st.connected and st.backlog == 1 and st.lag(time.time()) > 1.5
     assert st.as_dict(time.time())["down_seconds"] > 1.5
     t0 = time.monotonic()
     await asyncio.to_thread(pg.start)
-    await until(host.synced, timeout=5)
+    await until(host.synced, what="sync", timeout=5)
     assert time.monotonic() - t0 < 3.0  # within one capped backoff of PostgreSQL's return
     assert await pg_checksum(pg.dsn) == sqlite_checksum(host.cfg.db_path)
 
@@ -332,7 +330,7 @@ async def test_restore_rebuilds_an_empty_store_without_tokens(host: Host, pg: Pg
         s = await host.store.insert(new_session("h1", 20000 + i))
         made.append(await force_state(host.store, s.id, "running", container_id=f"c{i}"))
     await host.store.delete(made[0].id)
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     cfg = make_config(host.cfg.state_path.parent / "fresh", pg.dsn)
     fresh = await Store.open(cfg.db_path)
     assert await restore_if_lost(fresh, cfg, "h1") == 4
@@ -409,7 +407,8 @@ async def test_hosts_listing_ownership_and_routing(tmp_path: Path, pg: PgCluster
     await hosts_a.refuse_foreign(sa.id)  # ours: no refusal
     assert await hosts_a.upstream_for(sb.id) == "10.0.0.2:80"
     assert await hosts_a.upstream_for(sa.id) is None  # local: the gate handles it
-    await asyncio.sleep(1.3)  # b stops heartbeating: shown as such, still routed to
+    # b stops heartbeating: shown as such, still routed to.
+    await until(lambda: _b_stale(hosts_a), 10, "b shown as not heartbeating")
     await ra.step()
     alive = {h["host_id"]: h["alive"] for h in await hosts_a.hosts()}
     assert alive == {"a": True, "b": False}
@@ -429,12 +428,12 @@ async def test_hosts_listing_ownership_and_routing(tmp_path: Path, pg: PgCluster
 async def test_old_events_and_tombstones_are_pruned(host: Host, pg: PgCluster) -> None:
     s = await host.store.insert(new_session("h1", 20000))
     await host.store.delete(s.id)
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     await pg_query(pg.dsn, "UPDATE lovd_events SET at = at - interval '8 days'")
     await pg_query(pg.dsn, "UPDATE lovd_sessions SET updated_at = updated_at - interval '8 days'")
     keep = await host.store.insert(new_session("h1", 20001))
     host.relay._last_prune = float("-inf")
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     await host.relay.step()
     assert await pg_query(pg.dsn, "SELECT id FROM lovd_sessions") == [(keep.id,)]
     assert await pg_query(pg.dsn, "SELECT session_id FROM lovd_events") == [(keep.id,)]
@@ -470,7 +469,7 @@ async def test_doctor_reports_server_schema_and_sync_state(host: Host, pg: PgClu
     from lovd.sync.doctor import checks
 
     await host.store.insert(new_session("h1", 20000))
-    await until(host.synced)
+    await until(host.synced, 15, "sync")
     cfg = config.from_mapping({"state_dir": str(host.cfg.state_path), "host_id": "h1",
                                "postgres": {"dsn": pg.dsn}})  # fmt: skip
     got = {c.name: c for c in await checks(cfg)}

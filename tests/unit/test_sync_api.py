@@ -11,22 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psycopg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from lovd import config
-from lovd.metrics import Metrics
+from lovd.config import Config
 from lovd.session.lifecycle import Sessions
 from lovd.store import Store
 from lovd.sync.service import Sync
-from lovd.web.app import create_app
-from lovd.wiring import build_sessions
 from tests.fakes import FakeRunner
 from tests.pg import PgCluster, cluster
+from tests.stack import open_stack, settings_merged
+from tests.unit.conftest import unit_settings
 from tests.unit.test_api import check_schema
-from tests.unit.test_sync import pg_checksum, pg_query, sqlite_checksum, until
+from tests.unit.test_sync import pg_checksum, pg_query, sqlite_checksum
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -47,52 +46,39 @@ class SyncedApi:
     store: Store
     sync: Sync
     db: Path
+    config: Config
+    runner: FakeRunner
 
 
 @contextlib.asynccontextmanager
 async def open_synced(
     tmp: Path, port: int, dsn: str, host_id: str, **settings: Any
 ) -> AsyncIterator[SyncedApi]:
-    cfg = config.from_mapping(
-        {
-            "state_dir": str(tmp / "state"),
-            "runtime_dir": str(tmp / "run"),
-            "port_range": f"{port}-{port + 200}",
-            "ready_timeout": 3,
-            "warm_pool": 0,
-            "postgres": {"dsn": dsn, "max_backoff": 0.3, "heartbeat_interval": 0.2},
-            **settings,
-        }
+    conf = unit_settings(
+        tmp,
+        [port],
+        **settings_merged(
+            {
+                "warm_pool": 0,
+                # restore_on_start: off, as before the one build; tests of it are in test_sync.
+                "postgres": {"dsn": dsn, "max_backoff": 0.3, "heartbeat_interval": 0.2,
+                             "restore_on_start": False},
+            },
+            settings,
+        ),
     )
-    cfg.sessions_path.mkdir(parents=True, exist_ok=True)  # exists when a test "restarts"
-    store = await Store.open(cfg.db_path)
     runner = FakeRunner()
-    http = aiohttp.ClientSession()
-    metrics = Metrics()
-    sessions = build_sessions(
-        cfg, store=store, runner=runner, http=http, metrics=metrics, host_id=host_id
-    )
-    sync = Sync.create(cfg, store, host_id, "test", metrics)
-    app = create_app(
-        sessions=sessions,
-        metrics_=metrics,
-        public_url="https://chat.example",
-        max_body=cfg.max_body,
-        health_checks={"postgres": sync.health},
-        sync=sync,
-    )
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    sync.start()
     try:
-        yield SyncedApi(client, sessions, store, sync, cfg.db_path)
+        async with (
+            open_stack(conf, runner=lambda _: runner, host_id=host_id) as host,
+            TestClient(TestServer(host.app)) as client,
+        ):
+            assert host.sync is not None
+            host.sync.start()
+            yield SyncedApi(client, host.sessions, host.store, host.sync, host.config.db_path,
+                            host.config, runner)
     finally:
-        await sync.close()
-        await sessions.drain()
-        await client.close()
         await runner.close()
-        await http.close()
-        await store.close()
 
 
 def sqlite_events(db: Path) -> int:
@@ -163,8 +149,8 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
     ):  # fmt: skip
         sa = (await (await a.client.post("/api/sessions")).json())["id"]
         sb = (await (await b.client.post("/api/sessions")).json())["id"]
-        await until(lambda: _synced(a))
-        await until(lambda: _synced(b))
+        await until(lambda: _synced(a), 15)
+        await until(lambda: _synced(b), 15)
         for x, mine in ((a, "a"), (b, "b")):
             r = await x.client.get("/api/sessions?scope=all")
             assert r.status == 200
@@ -190,7 +176,12 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
         assert r.status == 400
         # b stops heartbeating: a shows it as such.
         await b.sync.relay.close()
-        await asyncio.sleep(1.3)
+
+        async def b_stale() -> bool:
+            body = await (await a.client.get("/api/sessions?scope=all")).json()
+            return not {h["host_id"]: h["alive"] for h in body["hosts"]}["b"]
+
+        await until(b_stale, 10, "b shown as not heartbeating")
         body = await (await a.client.get("/api/sessions?scope=all")).json()
         row = next(s for s in body["sessions"] if s["id"] == sb)
         assert row["host_alive"] is False
@@ -229,7 +220,7 @@ async def test_a_hung_postgres_never_holds_the_api(
             "dsn": pg.dsn, "timeout": 1.0, "read_timeout": 0.5, "max_backoff": 0.5,
             "heartbeat_interval": 0.2}) as a:  # fmt: skip
         first = (await (await a.client.post("/api/sessions")).json())["id"]
-        await until(lambda: _synced(a))
+        await until(lambda: _synced(a), 15)
         await asyncio.to_thread(pg.freeze)
         try:
             t0 = time.monotonic()
@@ -274,7 +265,7 @@ async def test_a_delete_cut_by_a_crash_reaches_postgresql_once(
         r = await a.client.post("/api/sessions", json={"wait": True})
         assert r.status == 201
         sid = (await r.json())["id"]
-        a.sessions.runner.remove_workspace = crash  # type: ignore[method-assign]
+        a.runner.remove_workspace = crash  # type: ignore[method-assign]
         with pytest.raises(Crash):
             await a.sessions.delete(sid)
 
@@ -287,17 +278,17 @@ async def test_a_delete_cut_by_a_crash_reaches_postgresql_once(
                 return False
             return rows == [("deleted",)]
 
-        await until(deleted_in_pg)  # at once, from the tombstone
+        await until(deleted_in_pg, 15)  # at once, from the tombstone
     async with open_synced(tmp_path, free_ports[0], pg.dsn, "h1") as b:
         report = await b.sessions.reconcile(startup=True)
         assert report["deletes_finished"] == [sid]
         assert await b.store.tombstones() == []
-        assert not (b.sessions.config.sessions_path / sid).exists()
+        assert not (b.config.sessions_path / sid).exists()
 
         async def drained() -> bool:
             return await b.store.outbox_size() == 0
 
-        await until(drained)
+        await until(drained, 15)
         assert await deleted_in_pg()
         events = await pg_query(
             pg.dsn,

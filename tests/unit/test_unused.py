@@ -18,7 +18,7 @@ async def test_unused_sessions_give_their_place_back_when_the_wait_said(
         tmp_path, free_ports, unused_timeout=300, idle_timeout=3600,
         limits={"max_running": 3},
     ) as a:
-        a.sessions.clock = lambda: now[0]
+        a.clock.use(lambda: now[0])
         made = []
         for _ in range(3):
             r = await a.client.post("/api/sessions")
@@ -49,7 +49,7 @@ async def test_unused_sessions_give_their_place_back_when_the_wait_said(
             assert s.reason == "no chat request within unused_timeout"
         assert a.store.get(used).status == "running"  # type: ignore[union-attr]
         # Their workspaces are kept: an unused session wakes like an idle one.
-        assert all((a.sessions.config.sessions_path / sid).is_dir() for sid in unused)
+        assert all((a.config.sessions_path / sid).is_dir() for sid in unused)
         r = await a.client.post("/api/sessions")
         assert r.status == 201  # the fourth visitor is served
 
@@ -61,7 +61,7 @@ async def test_idle_timeout_still_applies_to_used_sessions(
     async with open_api(
         tmp_path, free_ports, unused_timeout=300, idle_timeout=600, limits={"max_running": 1}
     ) as a:
-        a.sessions.clock = lambda: now[0]
+        a.clock.use(lambda: now[0])
         sid = (await (await a.client.post("/api/sessions")).json())["id"]
         a.sessions.mark_used(sid)
         now[0] += 400  # past unused_timeout, but it was used
@@ -82,7 +82,7 @@ async def test_a_session_still_answering_is_never_idle_stopped(
 ) -> None:
     now = [time.time()]
     async with open_api(tmp_path, free_ports, idle_timeout=600, warm_pool=0) as a:
-        a.sessions.clock = lambda: now[0]
+        a.clock.use(lambda: now[0])
         sid = (await (await a.client.post("/api/sessions")).json())["id"]
         a.sessions.mark_used(sid)
         a.runner.busy.add(sid)  # OpenCode: a reply is still being produced
