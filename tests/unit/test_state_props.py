@@ -68,7 +68,7 @@ from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.session.lifecycle import Sessions
-from lovd.session.model import SessionState, allowed
+from lovd.session.model import TRANSITIONS, SessionState, allowed
 from lovd.store import Store
 from lovd.sync.service import Sync
 from lovd.web.app import create_app
@@ -88,7 +88,7 @@ BOUND = 4.0
 # No step may take longer (a hung request or start is a failure, not a hung test run).
 STEP_LIMIT = 30.0
 # Examples and steps: CI runs at least 2,000 steps in all.
-EXAMPLES, STEPS = (80, 50) if IN_CI else (10, 30)
+EXAMPLES, STEPS = (70, 50) if IN_CI else (10, 30)
 # A longer hunt: LOVD_STATEPROP_EXAMPLES=500 (a random seed unless CI=true).
 EXAMPLES = int(os.environ.get("LOVD_STATEPROP_EXAMPLES", EXAMPLES))
 MIN_CI_STEPS = 2000
@@ -98,6 +98,7 @@ XHR = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
 
 # What ran, over every example (printed by the test, checked in CI).
 RAN: Counter[str] = Counter()
+SEEN: Counter[tuple[str | None, str]] = Counter()  # state changes, (from, to)
 
 _RESTING = frozenset({SessionState.STOPPED, SessionState.FAILED, SessionState.IDLE_STOPPED})
 _IN_START = frozenset({SessionState.CREATING, SessionState.STARTING})
@@ -498,15 +499,19 @@ class LovdMachine(RuleBasedStateMachine):
         self.stop_armed = self.stop_armed or op == "stop"
         RAN["steps"] += 1
 
-    @rule(target=sids, mid_start=st.booleans())
-    def lovd_restarts(self, mid_start: bool) -> Any:
+    @rule(target=sids, mid_start=st.sampled_from(["", "podman run", "readiness"]))
+    def lovd_restarts(self, mid_start: str) -> Any:
         """lovd stops and starts again on the same store file; with ``mid_start``, while a
-        session it just created is still starting."""
+        session it just created is still starting: in its ``podman run``, or waiting for
+        its container to answer."""
         made: list[str] = []
 
         async def go() -> None:
             if mid_start:
-                self.runner.start_delay = 0.05
+                if mid_start == "podman run":
+                    self.runner.start_delay = 0.05
+                else:
+                    self.runner.unready_starts = 1
                 status, body = await self._request(
                     self.s.api, "POST", "/api/sessions", json={"wait": False}
                 )
@@ -515,7 +520,7 @@ class LovdMachine(RuleBasedStateMachine):
                     made.append(body["id"])
                     self.created.add(body["id"])
                     self.links[body["id"]] = body["token"]
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02 if mid_start == "podman run" else 0.2)
             for t in list(self.bg):
                 t.cancel()
             await asyncio.gather(*self.bg, return_exceptions=True)
@@ -610,6 +615,7 @@ class LovdMachine(RuleBasedStateMachine):
                 assert allowed(r.status, status), (
                     f"{o.key}: {r.status} -> {status} is not in TRANSITIONS: {r.trail}"
                 )
+                SEEN[(r.status, status)] += 1
             r.version, r.status, r.at = o.version, status, o.created_at
             r.closed = o.op == "delete"
 
@@ -627,6 +633,7 @@ LovdMachine.TestCase.settings = settings(
 
 def test_session_state_machine(capsys: Any) -> None:
     RAN.clear()
+    SEEN.clear()
     t0 = time.monotonic()
     try:
         run_state_machine_as_test(LovdMachine, settings=LovdMachine.TestCase.settings)
@@ -636,6 +643,14 @@ def test_session_state_machine(capsys: Any) -> None:
             print(
                 f"\nstate machine: {RAN['examples']} examples, {RAN['steps']} steps in "
                 f"{took:.1f} s ({RAN['replaced']} starts replaced a live container)"
+            )
+            table = {(f, t) for f, tos in TRANSITIONS.items() for t in tos}
+            seen = {(f and SessionState(f), SessionState(t)) for f, t in SEEN}
+            print(f"state changes: {len(seen & table)} of the table's {len(table)} seen")
+            print("  seen:", ", ".join(f"{f or 'new'}->{t}: {n}" for (f, t), n in SEEN.items()))
+            print(
+                "  never:",
+                ", ".join(f"{f or 'new'}->{t}" for f, t in sorted(table - seen, key=str)),
             )
     if IN_CI:
         assert RAN["steps"] >= MIN_CI_STEPS, f"only {RAN['steps']} steps ran"
