@@ -60,17 +60,51 @@ class FakeRunner:
         self.unit_queries = 0
         # The cgroup controllers this "host" delegates (lovd/limits.py); all by default.
         self.cgroup_limits: frozenset[str] = frozenset(limits.CONTROLLERS)
+        # Fault injection (tests/unit/test_state_props.py): per operation ("start", "stop",
+        # "list"), the next call fails with this error after hanging this many seconds
+        # (a Podman call killed at its deadline, lovd/podman.py communicate).
+        self.faults: dict[str, tuple[BaseException, float]] = {}
+        # The next this many starts serve no health path (never ready).
+        self.unready_starts = 0
+        # Starts that found the session's container still there (the real runners pass
+        # --replace): lovd started a second container over a live one.
+        self.replaced: list[str] = []
+        self.start_count = 0
+
+    def fail_next(self, op: str, err: BaseException, after: float = 0.0) -> None:
+        """The next call of ``op`` ("start", "stop" or "list") raises ``err``, after
+        hanging ``after`` seconds."""
+        self.faults[op] = (err, after)
+
+    async def _fault(self, op: str) -> None:
+        fault = self.faults.pop(op, None)
+        if fault is not None:
+            err, after = fault
+            await asyncio.sleep(after)
+            raise err
+
+    async def vanish(self, session_id: str) -> None:
+        """The container is gone without lovd asking (it crashed and --rm removed it, an
+        operator's podman rm)."""
+        await self._drop(session_id)
 
     async def start(self, spec: ContainerSpec) -> str:
         ids.check(spec.session_id)
         if self.fail_start:
             raise self.fail_start
+        await self._fault("start")
         await asyncio.sleep(self.start_delay)
+        if spec.session_id in self.servers or spec.session_id in self.hung:
+            self.replaced.append(spec.session_id)  # podman run --replace
+            await self._drop(spec.session_id)
+        self.start_count += 1
         self.starts.append(spec)
         assert spec.secret_file.is_file()
         self.secrets[spec.session_id] = spec.secret_file.read_bytes()
         app = web.Application()
-        if not self.never_ready:
+        unready = self.unready_starts > 0
+        self.unready_starts = max(0, self.unready_starts - 1)
+        if not (self.never_ready or unready):
 
             async def health(_: web.Request) -> web.Response:
                 return web.json_response({"healthy": True})
@@ -90,12 +124,16 @@ class FakeRunner:
 
     async def hang(self, session_id: str) -> None:
         """The container keeps running, its server stops answering (SIGSTOP)."""
-        self.hung.add(session_id)
         r = self.servers.pop(session_id, None)
-        if r is not None:
+        if r is not None:  # no container, nothing to hang
+            self.hung.add(session_id)
             await r.cleanup()
 
     async def stop(self, session_id: str) -> None:
+        await self._fault("stop")
+        await self._drop(session_id)
+
+    async def _drop(self, session_id: str) -> None:
         self.hung.discard(session_id)
         r = self.servers.pop(session_id, None)
         if r is not None:
@@ -103,6 +141,7 @@ class FakeRunner:
         self.secrets.pop(session_id, None)
 
     async def list(self) -> list[ContainerInfo]:
+        await self._fault("list")
         return [
             ContainerInfo(f"fake-{sid}", f"lovd-{sid}", sid, "x", "running", 0.0)
             for sid in {*self.servers, *self.hung}
@@ -123,6 +162,7 @@ class FakeRunner:
             path.rmdir()
 
     async def close(self) -> None:
+        self.faults.clear()
         for sid in list(self.servers):
             await self.stop(sid)
 

@@ -136,7 +136,19 @@ class Housekeeping:
                 ):
                     why = f"{s.status} for longer than delete_after"
                 if why:
-                    await self.delete(s.id, why)
+                    try:
+                        await self.delete(s.id, why)
+                    except LovdError as e:
+                        if e.code == "session-not-found" or self.store.get(s.id) is not None:
+                            raise
+                        # Tombstoned, so deleted: only removing its container or workspace
+                        # failed, which the next reconcile finishes (finish_deletes).
+                        log.warning(
+                            "deleted %s, its removal is left to reconcile: %s",
+                            s.id,
+                            e.message,
+                            extra={"SESSION_ID": s.id},
+                        )
                     deleted.append((s.id, why))
                 elif s.status == SessionState.RUNNING and (why := self.idle_reason(s, now)):
                     if await self.busy(s):

@@ -249,7 +249,7 @@ class Launcher:
                     raise
                 await self.wait_ready(sid)
             except LovdError as e:
-                await self.stop_container(sid)
+                await self._stop_failed_start(sid)
                 return await self.fail(sid, e)
             except asyncio.CancelledError:
                 # lovd is shutting down: leave the container and the row as they are; the
@@ -257,7 +257,7 @@ class Launcher:
                 log.info("start interrupted by shutdown", extra={"SESSION_ID": sid})
                 raise
             except Exception as e:
-                await self.stop_container(sid)
+                await self._stop_failed_start(sid)
                 await self.fail(sid, LovdError("internal", f"start failed: {e!r}"))
                 raise
             self.metrics.start_seconds.observe(time.monotonic() - t0)
@@ -290,6 +290,19 @@ class Launcher:
     async def stop_container(self, sid: str) -> None:
         await self.runner.stop(sid)
         self.drop_secret(sid)
+
+    async def _stop_failed_start(self, sid: str) -> None:
+        """Stop what a failed start left. If that fails too, the failure is still
+        recorded: a row left "starting" would have no one to finish it (reconcile stops a
+        container that a stopped or failed row still has)."""
+        try:
+            await self.stop_container(sid)
+        except LovdError as e:
+            log.warning(
+                "could not stop the container of a failed start (reconcile will): %s",
+                e.message,
+                extra={"SESSION_ID": sid},
+            )
 
     async def check_image(self) -> None:
         """Is the image present? A positive answer is trusted for a minute: the check

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # 128 + SIGTERM: what --init reports when `podman stop` ended the server.
 SIGTERM_EXIT = 143
+# Rows that keep no container (an idle-stopped one with a live container is adopted).
+_RESTING = frozenset({SessionState.STOPPED, SessionState.FAILED})
 
 
 class Reconciler:
@@ -89,6 +91,13 @@ class Reconciler:
                 elif s.container_id != c.id:
                     await self.store.update(sid, reason="re-adopted", container_id=c.id)
                 report["adopted"].append(sid)
+            elif s.status in _RESTING and alive:
+                # A stop that failed (Podman stuck at a failed start's cleanup) left it;
+                # nothing runs for a stopped or failed session.
+                log.warning(
+                    "stopping the container of a %s session", s.status, extra={"SESSION_ID": sid}
+                )
+                await self.launcher.stop_container(sid)
             elif s.expects_container and not alive:
                 if unit is not None and unit.active in UNIT_BUSY:
                     # systemd is still acting on it: stopping it now would cancel the
