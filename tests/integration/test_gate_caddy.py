@@ -163,7 +163,9 @@ async def test_allowed_routes_reach_opencode_with_their_query(caddy_bin: str) ->
         assert "Cookie" not in echoed["headers"]
         async with h.http.post(url, json={**prompt, "tools": {"bash": True}}, headers=c) as r:
             assert r.status == 403 and "tools" in (await r.json())["detail"]
-        assert len(up.seen) == 2  # the GET and the checked prompt; not the refused one
+        # The GET, lovd's one look at the chat's title before its first prompt
+        # (web/chattitle.py) and the checked prompt; not the refused one.
+        assert len(up.seen) == 3
         await h.sessions.flush_activity()
         assert h.store.get(s.id).used_at > 0  # type: ignore[union-attr]
 
