@@ -72,6 +72,7 @@ from lovd.web.allowlist import Allowlist, Decision
 from lovd.web.assets import UiAssets
 from lovd.web.bodycheck import BodyCheck, Rules
 from lovd.web.chat_landing import ChatLanding
+from lovd.web.cookies import CookieHeaders, VerifiedCookies
 from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import problem
 from lovd.web.ratelimit import RateLimiter, client_address, client_key
@@ -148,6 +149,14 @@ class BrowserGate:
         self.gate_key = gate_key
         self.allowlist = allowlist or Allowlist()
         self.on_request = on_request or (lambda: None)
+        # The answer to Caddy's ~40 requests per page visit (web/cookies.py): each Cookie
+        # header parsed once, each cookie verified once while its row agrees, each
+        # container's Authorization header derived once.
+        names = (SECURE_COOKIE,) if secure_only else (SECURE_COOKIE, COOKIE_NAME)
+        self.cookie_headers = CookieHeaders(names)
+        self.verified = VerifiedCookies(sessions.find, sessions.now)
+        self._auth_headers: dict[str, str] = {}
+        self._gate_key = gate_key.encode()
         self.pages = Pages(
             max_running=sessions.limit,
             running=sessions.running_count,
@@ -206,9 +215,8 @@ class BrowserGate:
         return gate
 
     def cookie_value(self, request: web.Request) -> str | None:
-        if self.secure_only:
-            return request.cookies.get(SECURE_COOKIE) or None
-        return request.cookies.get(SECURE_COOKIE) or request.cookies.get(COOKIE_NAME) or None
+        header = request.headers.get("Cookie", "")
+        return self.cookie_headers.value(header, lambda: request.cookies)
 
     def live_session(self, request: web.Request) -> Session | None:
         """The session this browser's cookie holds now, if it is valid and not expired
@@ -239,10 +247,15 @@ class BrowserGate:
 
     def verify(self, value: str) -> Session:
         """The session a cookie value ``<id>.<token>`` belongs to, or LovdError."""
+        s = self.verified.get(value)
+        if s is not None:
+            return s
         sid, _, token = value.partition(".")
         if not ids.is_valid(sid) or not token:
             raise LovdError("unauthorized", "this session cookie is not valid")
-        return self.verify_token(sid, token)
+        s = self.verify_token(sid, token)
+        self.verified.put(value, s)
+        return s
 
     def verify_token(self, sid: str, token: str) -> Session:
         s = self.sessions.find(sid)
@@ -326,7 +339,7 @@ class BrowserGate:
     def from_caddy(self, request: web.Request) -> bool:
         """Whether the request carries the gate key only Caddy's forward_auth sends."""
         sent = request.headers.get(GATE_HEADER, "")
-        return hmac.compare_digest(sent.encode(), self.gate_key.encode())
+        return hmac.compare_digest(sent.encode(), self._gate_key)
 
     async def auth(self, request: web.Request) -> web.StreamResponse:
         self.on_request()
@@ -346,14 +359,21 @@ class BrowserGate:
                 LovdError("unauthorized", "you have no session here; start one on the front page"),
                 nav,
             )
-        upstream = await self.elsewhere(value.partition(".")[0])
-        if upstream:
-            return routing.elsewhere(upstream)
-        addr = client_address(request)
-        try:
-            s = self.authenticate(addr, functools.partial(self.verify, value))
-        except LovdError as e:
-            return self.refuse(request, e, nav, clear=e.code != "rate-limited")
+        cached = self.verified.get(value)
+        if cached is not None:
+            # Verified before and its row agrees: a session of this host, and valid
+            # credentials pass the failure limit anyway.
+            s = cached
+        else:
+            upstream = await self.elsewhere(value.partition(".")[0])
+            if upstream:
+                return routing.elsewhere(upstream)
+            try:
+                s = self.authenticate(
+                    client_address(request), functools.partial(self.verify, value)
+                )
+            except LovdError as e:
+                return self.refuse(request, e, nav, clear=e.code != "rate-limited")
         decision = self.allowlist.check(
             _original_method(request), _original_uri(request), websocket=_is_websocket(request)
         )
@@ -387,7 +407,7 @@ class BrowserGate:
                 retry_after=30,
             )
             return self.refuse(request, err, nav)
-        task = self.ensure_waking(s.id, client_key(addr))
+        task = self.ensure_waking(s.id, client_key(client_address(request)))
         if nav and s.status == "starting":
             # Still starting, or failed: the progress page says which.
             with contextlib.suppress(TimeoutError, LovdError):
@@ -482,10 +502,20 @@ class BrowserGate:
             status=204,
             headers={
                 UPSTREAM_HEADER: upstream,
-                "Authorization": self.sessions.container_auth(s.id),
+                "Authorization": self.container_auth(s.id),
                 "Cache-Control": "no-store",
             },
         )
+
+    def container_auth(self, sid: str) -> str:
+        """The container's Authorization header: derived from the host key and the id
+        only, so it never changes for a session."""
+        auth = self._auth_headers.get(sid)
+        if auth is None:
+            if len(self._auth_headers) >= 10_000:
+                self._auth_headers.clear()
+            auth = self._auth_headers[sid] = self.sessions.container_auth(sid)
+        return auth
 
     def waking(self, sid: str) -> bool:
         return sid in self._wakes
