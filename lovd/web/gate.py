@@ -74,7 +74,7 @@ from lovd.web.bodycheck import BodyCheck, Rules
 from lovd.web.chat_landing import ChatLanding
 from lovd.web.cookies import CookieHeaders, VerifiedCookies
 from lovd.web.pages import Pages, human_seconds, language
-from lovd.web.problems import problem
+from lovd.web.problems import is_navigation, render
 from lovd.web.ratelimit import RateLimiter, client_address, client_key
 from lovd.web.warmprep import WarmPrep
 
@@ -107,19 +107,6 @@ def _is_websocket(request: web.Request) -> bool:
     """Caddy's subrequest keeps the client's Upgrade header (a hop-by-hop header it
     restores for upgrade requests)."""
     return bool(request.headers.get("Upgrade"))
-
-
-def is_navigation(request: web.Request) -> bool:
-    """A top-level page load (show a page) rather than XHR/SSE/asset (hold or JSON)."""
-    mode = request.headers.get("Sec-Fetch-Mode")
-    if mode is not None:
-        return mode == "navigate"
-    accept = request.headers.get("Accept", "")
-    return _original_method(request) == "GET" and "text/html" in accept
-
-
-def wants_html(request: web.Request) -> bool:
-    return "text/html" in request.headers.get("Accept", "")
 
 
 class BrowserGate:
@@ -348,7 +335,7 @@ class BrowserGate:
             # the socket) learns nothing here: no upstream, no container password.
             log.info("auth request without Caddy's gate key refused")
             err = LovdError("not-found", f"there is nothing at {request.path}")
-            return self.refuse(request, err, wants_html(request))
+            return self.refuse(request, err, is_navigation(request))
         if request.headers.get(FAILED_HEADER):
             return await self.upstream_failed(request)
         value = self.cookie_value(request)
@@ -494,9 +481,8 @@ class BrowserGate:
         body lovd must check first (bodycheck.py), to lovd's own public socket."""
         upstream = f"127.0.0.1:{s.port}"
         if via_lovd:
-            if not self.self_upstream:
-                err = LovdError("unavailable", "lovd cannot check this request here")
-                return web.Response(status=err.status, text=err.message)
+            if not self.self_upstream:  # rendered by the app's error middleware
+                raise LovdError("unavailable", "lovd cannot check this request here")
             upstream = self.self_upstream
         return web.Response(
             status=204,
@@ -565,13 +551,9 @@ class BrowserGate:
     def refuse(
         self, request: web.Request, err: LovdError, nav: bool, *, clear: bool = False
     ) -> web.Response:
-        if nav:
-            resp = self.pages.render(self.pages.refusal_page(err, language(request)))
-        else:
-            resp = problem(err, request.headers.get("X-Forwarded-Uri", request.path))
-        if err.status == 401 and not nav:
-            # No WWW-Authenticate challenge: browsers must not pop up a password dialog.
-            resp.headers.pop("WWW-Authenticate", None)
+        """``err`` as the page or problem+json (web/problems.py decides and renders);
+        ``nav`` is the navigation decision the caller already made for this request."""
+        resp = render(request, err, self.pages.error, nav=nav)
         if clear:
             self.clear_cookie(resp)
         return resp
