@@ -100,7 +100,8 @@ def _original_method(request: web.Request) -> str:
 
 
 def _original_uri(request: web.Request) -> str:
-    return request.headers.get("X-Forwarded-Uri", request.path_qs)
+    uri = request.headers.get("X-Forwarded-Uri")
+    return request.path_qs if uri is None else uri  # path_qs only when needed: it costs
 
 
 def _is_websocket(request: web.Request) -> bool:
