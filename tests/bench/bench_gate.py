@@ -1,6 +1,6 @@
 """The gate's cost under the UI's burst: lovd's forward_auth answer vs a bare aiohttp one.
 
-    (as lovd) python -m tests.bench.bench_gate [--bursts 30]
+    (as lovd) python -m tests.bench.bench_gate [--bursts 30] [--path /global/health]
 
 Real Caddy, three servers rendered by lovd/caddy.py: one whose forward_auth asks lovd's
 gate (web/gate.py: cookie, allowlist, activity), one whose forward_auth asks a bare
@@ -14,6 +14,12 @@ per host over HTTP/1.1). Reports time to first byte p50/p95 per request and each
 burst's wall time. Issue 17's target: lovd's gate at most 1.2 times the bare handler.
 Everything but Caddy runs in this one process, so load from elsewhere on the machine
 moves the ratios: compare runs made at the same time (the paths are interleaved).
+
+The requests ask the stand-in's ``/global/health``, a small answer of the same size on
+every path, as OpenCode's API answers are. ``--path /cgi-bin/echo`` (what this bench
+asked before) answers with the request's headers, so on lovd's path alone (the session
+cookie, the container's Authorization header) the upstream's answer is larger: the
+"bare + credential" row shows how much of that path's time this costs.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ async def routable(http: aiohttp.ClientSession, url: str, headers: dict[str, str
 
 
 async def burst(
-    http: aiohttp.ClientSession, url: str, headers: dict[str, str]
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], path: str
 ) -> tuple[list[float], float]:
     sem = asyncio.Semaphore(CONCURRENCY)
     ttfb: list[float] = []
@@ -82,7 +88,7 @@ async def burst(
     async def one(i: int) -> None:
         async with sem:
             t0 = time.perf_counter()
-            async with http.get(f"{url}/cgi-bin/echo?n={i}", headers=headers) as r:
+            async with http.get(f"{url}{path}?n={i}", headers=headers) as r:
                 await r.content.read(1)
                 ttfb.append(time.perf_counter() - t0)
                 assert r.status == 200, r.status
@@ -93,7 +99,7 @@ async def burst(
     return ttfb, time.perf_counter() - t0
 
 
-async def main(bursts: int) -> None:
+async def main(bursts: int, path: str) -> None:
     async with harness() as h:
         up = await h.upstream("bench")
         s, token = await h.fake_session(up)
@@ -126,10 +132,10 @@ async def main(bursts: int) -> None:
         async with aiohttp.ClientSession(connector=conn) as http:
             for url, hdr in paths.values():  # warm-up
                 await routable(http, url, hdr)
-                await burst(http, url, hdr)
+                await burst(http, url, hdr, path)
             for _ in range(bursts):
                 for name, (url, hdr) in paths.items():  # interleaved
-                    ttfb, wall = await burst(http, url, hdr)
+                    ttfb, wall = await burst(http, url, hdr, path)
                     results[name][0].extend(ttfb)
                     results[name][1].append(wall)
         await bare.remove()
@@ -138,7 +144,8 @@ async def main(bursts: int) -> None:
         await cred_runner.cleanup()
     load = os.getloadavg()
     print(
-        f"\nbench_gate: {bursts} bursts of {BURST} GETs ({CONCURRENCY} at a time) per path, "
+        f"\nbench_gate: {bursts} bursts of {BURST} GETs of {path} ({CONCURRENCY} at a time) "
+        "per path, "
         f"load average {load[0]:.1f} on {os.cpu_count()} cores\n"
     )
     print("| path | TTFB p50 | TTFB p95 | burst p50 | vs bare |")
@@ -154,4 +161,6 @@ async def main(bursts: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--bursts", type=int, default=30)
-    asyncio.run(main(ap.parse_args().bursts))
+    ap.add_argument("--path", default="/global/health")
+    args = ap.parse_args()
+    asyncio.run(main(args.bursts, args.path))
