@@ -38,6 +38,7 @@ import aiohttp
 from aiohttp import web
 
 from lovd.caddy import UPSTREAM_HEADER
+from lovd.errors import LovdError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ async def forward_entry(
     path_qs: str = "",
 ) -> web.Response:
     """Relay ``/c/{id}?token=…`` to the owning host's Caddy; its answer goes back as is
-    (status, Location, Set-Cookie). Failures become a 502 that says what happened.
+    (status, Location, Set-Cookie). A host that does not answer is LovdError
+    ``unavailable`` (503 + Retry-After; rendered by web/problems.py, a page for a browser).
     Without ``http`` a client is made for the call (a link is opened once per user).
     Never with the browser's cookie: the front host already asked whether the link
     would replace a live session (web/public.py); ``path_qs`` is the link when the
@@ -89,8 +91,8 @@ async def forward_entry(
             return out
     except (aiohttp.ClientError, TimeoutError) as e:
         log.warning("browser routing: the owning host at %s did not answer: %s", upstream, e)
-        return web.Response(
-            status=502,
-            text="The server that holds this session does not answer; try again shortly.\n",
-            headers={"Cache-Control": "no-store", "Retry-After": "5"},
-        )
+        raise LovdError(
+            "unavailable",
+            "the server that holds this session does not answer; try again shortly",
+            retry_after=5,
+        ) from e

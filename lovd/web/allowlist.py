@@ -57,6 +57,8 @@ _PARAMS = {
     "asset": _FILE,
     "icon": _FILE + r"\.(?:ico|png|svg|webmanifest)",
 }
+# Remembered decisions (Allowlist.check), at most.
+MAX_DECISIONS = 4096
 _PARAM = re.compile(r"\{([A-Za-z0-9_]+)\}")
 
 
@@ -197,10 +199,22 @@ class Allowlist:
 
     def __init__(self, routes: Iterable[Route] = OPENCODE_ROUTES) -> None:
         self.routes = tuple(routes)
+        # A decision depends on nothing but (method, path, websocket) and the fixed
+        # routes: a page's requests repeat the same few paths, so each is matched once.
+        self._decided: dict[tuple[str, str, bool], Decision] = {}
 
     def check(self, method: str, uri: str, *, websocket: bool = False) -> Decision:
-        method = method.upper()
         path = uri.split("?", 1)[0].split("#", 1)[0]
+        key = (method, path, websocket)
+        decision = self._decided.get(key)
+        if decision is None:
+            decision = self._check(method.upper(), path, websocket)
+            if len(self._decided) >= MAX_DECISIONS:
+                self._decided.clear()  # many distinct paths: they only lose the shortcut
+            self._decided[key] = decision
+        return decision
+
+    def _check(self, method: str, path: str, websocket: bool) -> Decision:
         if not _SAFE_PATH.fullmatch(path) or _odd_segments(path):
             return Decision(False, None, method, path, "the path is not in plain form")
         for route in self.routes:

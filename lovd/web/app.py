@@ -24,7 +24,7 @@ from lovd.metrics import Metrics
 from lovd.session.lifecycle import Sessions
 from lovd.sync.service import Sync
 from lovd.web.gate import BrowserGate
-from lovd.web.problems import problem
+from lovd.web.problems import from_http, internal, problem
 from lovd.web.public import add_browser_entry
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ class AppState:
 LIVEZ = "/api/livez"
 STATE: web.AppKey[AppState] = web.AppKey("lovd", AppState)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
-
-
-_HTTP_CODES = {
-    400: "bad-request",
-    404: "not-found",
-    405: "method-not-allowed",
-    413: "body-too-large",
-    415: "unsupported-media-type",
-}
 
 
 # What answers only once the start-up reconcile is done (health, metrics and the OpenAPI
@@ -116,30 +107,17 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if e.status < 400:
             raise
         status = e.status
-        code = _HTTP_CODES.get(e.status, "bad-request" if e.status < 500 else "internal")
-        resp = problem(LovdError(code, _reason(e, request)), request.path)
+        resp = problem(from_http(e, request), request.path)
         if "Allow" in e.headers:  # RFC 9110: a 405 lists the methods the resource has
             resp.headers["Allow"] = e.headers["Allow"]
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        resp = problem(
-            LovdError("internal", f"internal error; see lovd's log for request id {rid}"),
-            request.path,
-        )
+        resp = problem(internal(rid), request.path)
     finally:
         request_id.reset(token)
         st.metrics.requests.labels(request.method, route_name, str(status)).inc()
     resp.headers["X-Request-Id"] = rid
     return resp
-
-
-def _reason(e: web.HTTPException, request: web.Request) -> str:
-    if e.status == 405:
-        return (
-            f"{request.method} is not allowed on {request.path}; "
-            f"allowed: {e.headers.get('Allow', 'none')}"
-        )
-    return e.reason or "request refused"
 
 
 def _query(request: web.Request, name: str, allowed: tuple[str, ...]) -> str | None:

@@ -70,8 +70,9 @@ from lovd.session.model import Session, SessionState
 from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
 from lovd.web.bodycheck import BodyCheck, Rules
+from lovd.web.cookies import CookieHeaders, VerifiedCookies
 from lovd.web.pages import Pages, human_seconds, language
-from lovd.web.problems import problem
+from lovd.web.problems import is_navigation, render
 from lovd.web.ratelimit import RateLimiter, client_address, client_key
 from lovd.web.warmprep import WarmPrep
 
@@ -97,26 +98,14 @@ def _original_method(request: web.Request) -> str:
 
 
 def _original_uri(request: web.Request) -> str:
-    return request.headers.get("X-Forwarded-Uri", request.path_qs)
+    uri = request.headers.get("X-Forwarded-Uri")
+    return request.path_qs if uri is None else uri  # path_qs only when needed: it costs
 
 
 def _is_websocket(request: web.Request) -> bool:
     """Caddy's subrequest keeps the client's Upgrade header (a hop-by-hop header it
     restores for upgrade requests)."""
     return bool(request.headers.get("Upgrade"))
-
-
-def is_navigation(request: web.Request) -> bool:
-    """A top-level page load (show a page) rather than XHR/SSE/asset (hold or JSON)."""
-    mode = request.headers.get("Sec-Fetch-Mode")
-    if mode is not None:
-        return mode == "navigate"
-    accept = request.headers.get("Accept", "")
-    return _original_method(request) == "GET" and "text/html" in accept
-
-
-def wants_html(request: web.Request) -> bool:
-    return "text/html" in request.headers.get("Accept", "")
 
 
 class BrowserGate:
@@ -154,6 +143,14 @@ class BrowserGate:
         # (web/warmprep.py); the sessions facade calls it, so it is built before both.
         self.prep = prep
         self.chat_landing = prep.landing
+        # The answer to Caddy's ~40 requests per page visit (web/cookies.py): each Cookie
+        # header parsed once, each cookie verified once while its row agrees, each
+        # container's Authorization header derived once.
+        names = (SECURE_COOKIE,) if secure_only else (SECURE_COOKIE, COOKIE_NAME)
+        self.cookie_headers = CookieHeaders(names)
+        self.verified = VerifiedCookies(sessions.find, sessions.now)
+        self._auth_headers: dict[str, str] = {}
+        self._gate_key = gate_key.encode()
         self.pages = Pages(
             max_running=sessions.limit,
             running=sessions.running_count,
@@ -204,9 +201,8 @@ class BrowserGate:
         )
 
     def cookie_value(self, request: web.Request) -> str | None:
-        if self.secure_only:
-            return request.cookies.get(SECURE_COOKIE) or None
-        return request.cookies.get(SECURE_COOKIE) or request.cookies.get(COOKIE_NAME) or None
+        header = request.headers.get("Cookie", "")
+        return self.cookie_headers.value(header, lambda: request.cookies)
 
     def live_session(self, request: web.Request) -> Session | None:
         """The session this browser's cookie holds now, if it is valid and not expired
@@ -237,10 +233,15 @@ class BrowserGate:
 
     def verify(self, value: str) -> Session:
         """The session a cookie value ``<id>.<token>`` belongs to, or LovdError."""
+        s = self.verified.get(value)
+        if s is not None:
+            return s
         sid, _, token = value.partition(".")
         if not ids.is_valid(sid) or not token:
             raise LovdError("unauthorized", "this session cookie is not valid")
-        return self.verify_token(sid, token)
+        s = self.verify_token(sid, token)
+        self.verified.put(value, s)
+        return s
 
     def verify_token(self, sid: str, token: str) -> Session:
         s = self.sessions.find(sid)
@@ -324,7 +325,7 @@ class BrowserGate:
     def from_caddy(self, request: web.Request) -> bool:
         """Whether the request carries the gate key only Caddy's forward_auth sends."""
         sent = request.headers.get(GATE_HEADER, "")
-        return hmac.compare_digest(sent.encode(), self.gate_key.encode())
+        return hmac.compare_digest(sent.encode(), self._gate_key)
 
     async def auth(self, request: web.Request) -> web.StreamResponse:
         self.on_request()
@@ -333,7 +334,7 @@ class BrowserGate:
             # the socket) learns nothing here: no upstream, no container password.
             log.info("auth request without Caddy's gate key refused")
             err = LovdError("not-found", f"there is nothing at {request.path}")
-            return self.refuse(request, err, wants_html(request))
+            return self.refuse(request, err, is_navigation(request))
         if request.headers.get(FAILED_HEADER):
             return await self.upstream_failed(request)
         value = self.cookie_value(request)
@@ -344,14 +345,21 @@ class BrowserGate:
                 LovdError("unauthorized", "you have no session here; start one on the front page"),
                 nav,
             )
-        upstream = await self.elsewhere(value.partition(".")[0])
-        if upstream:
-            return routing.elsewhere(upstream)
-        addr = client_address(request)
-        try:
-            s = self.authenticate(addr, functools.partial(self.verify, value))
-        except LovdError as e:
-            return self.refuse(request, e, nav, clear=e.code != "rate-limited")
+        cached = self.verified.get(value)
+        if cached is not None:
+            # Verified before and its row agrees: a session of this host, and valid
+            # credentials pass the failure limit anyway.
+            s = cached
+        else:
+            upstream = await self.elsewhere(value.partition(".")[0])
+            if upstream:
+                return routing.elsewhere(upstream)
+            try:
+                s = self.authenticate(
+                    client_address(request), functools.partial(self.verify, value)
+                )
+            except LovdError as e:
+                return self.refuse(request, e, nav, clear=e.code != "rate-limited")
         decision = self.allowlist.check(
             _original_method(request), _original_uri(request), websocket=_is_websocket(request)
         )
@@ -385,7 +393,7 @@ class BrowserGate:
                 retry_after=30,
             )
             return self.refuse(request, err, nav)
-        task = self.sessions.ensure_waking(s.id, client_key(addr))
+        task = self.sessions.ensure_waking(s.id, client_key(client_address(request)))
         if nav and s.status == SessionState.STARTING:
             # Still starting, or failed: the progress page says which.
             with contextlib.suppress(TimeoutError, LovdError):
@@ -473,18 +481,27 @@ class BrowserGate:
         (commands.py), to lovd's own public socket."""
         upstream = f"127.0.0.1:{s.port}"
         if via_lovd:
-            if not self.self_upstream:
-                err = LovdError("unavailable", "lovd cannot check this request here")
-                return web.Response(status=err.status, text=err.message)
+            if not self.self_upstream:  # rendered by the app's error middleware
+                raise LovdError("unavailable", "lovd cannot check this request here")
             upstream = self.self_upstream
         return web.Response(
             status=204,
             headers={
                 UPSTREAM_HEADER: upstream,
-                "Authorization": self.sessions.container_auth(s.id),
+                "Authorization": self.container_auth(s.id),
                 "Cache-Control": "no-store",
             },
         )
+
+    def container_auth(self, sid: str) -> str:
+        """The container's Authorization header: derived from the host key and the id
+        only, so it never changes for a session."""
+        auth = self._auth_headers.get(sid)
+        if auth is None:
+            if len(self._auth_headers) >= 10_000:
+                self._auth_headers.clear()
+            auth = self._auth_headers[sid] = self.sessions.container_auth(sid)
+        return auth
 
     async def drain(self) -> None:
         """The wakes under way end with lovd (they live in session/wakes.py: one per
@@ -494,13 +511,9 @@ class BrowserGate:
     def refuse(
         self, request: web.Request, err: LovdError, nav: bool, *, clear: bool = False
     ) -> web.Response:
-        if nav:
-            resp = self.pages.render(self.pages.refusal_page(err, language(request)))
-        else:
-            resp = problem(err, request.headers.get("X-Forwarded-Uri", request.path))
-        if err.status == 401 and not nav:
-            # No WWW-Authenticate challenge: browsers must not pop up a password dialog.
-            resp.headers.pop("WWW-Authenticate", None)
+        """``err`` as the page or problem+json (web/problems.py decides and renders);
+        ``nav`` is the navigation decision the caller already made for this request."""
+        resp = render(request, err, self.pages.error, nav=nav)
         if clear:
             self.clear_cookie(resp)
         return resp

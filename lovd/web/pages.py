@@ -113,6 +113,10 @@ class Pages:
             resp.headers["Retry-After"] = str(page.retry_after)
         return resp
 
+    def error(self, err: LovdError, request: web.Request) -> web.Response:
+        """The page of a refusal or failure, for a navigation (web/problems.py)."""
+        return self.render(self.refusal_page(err, language(request)))
+
     @staticmethod
     def human(seconds: int, lang: str) -> str:
         return human_seconds(seconds, lang)

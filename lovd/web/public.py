@@ -28,10 +28,11 @@ from lovd.errors import LovdError
 from lovd.session.links import NEW_LINK, LinkState, link_state
 from lovd.session.model import Session, SessionState
 from lovd.sync import routing
+from lovd.web import problems
 from lovd.web.commands import SlashCommands
-from lovd.web.gate import BrowserGate, wants_html
+from lovd.web.gate import BrowserGate
 from lovd.web.pages import language
-from lovd.web.problems import problem
+from lovd.web.problems import is_navigation
 from lovd.web.ratelimit import client_address, client_key
 from lovd.web.texts import text
 
@@ -128,7 +129,7 @@ class PublicSite:
         try:
             s = self._checked_link(request, sid, token)
         except LovdError as e:
-            return self.gate.refuse(request, e, wants_html(request))
+            return self.gate.refuse(request, e, is_navigation(request))
         if current == sid:
             # This browser is in that session already: the link is spent, nothing changes.
             if link_state(s, token) is LinkState.VALID:
@@ -136,7 +137,7 @@ class PublicSite:
                     await self.gate.sessions.redeem_link(sid, token, rotate=False)
             return _to_front()
         if link_state(s, token) is LinkState.USED:
-            return self.gate.refuse(request, link_used(), wants_html(request))
+            return self.gate.refuse(request, link_used(), is_navigation(request))
         if current is not None:
             return self._ask_to_switch(request, sid, token, current)
         return await self._exchange(request, sid, token)
@@ -233,7 +234,7 @@ class PublicSite:
         try:
             s, secret = await self.gate.sessions.redeem_link(sid, token)
         except LookupError:  # another browser used it in between
-            return self.gate.refuse(request, link_used(), wants_html(request))
+            return self.gate.refuse(request, link_used(), is_navigation(request))
         log.info("session link used by %s", addr, extra={"SESSION_ID": s.id})
         resp = _to_front()
         self.gate.set_cookie(request, resp, s, secret)
@@ -244,7 +245,7 @@ class PublicSite:
 
     async def not_found(self, request: web.Request) -> web.Response:
         err = LovdError("not-found", f"there is nothing at {request.path}")
-        return self.gate.refuse(request, err, wants_html(request))
+        return self.gate.refuse(request, err, is_navigation(request))
 
     async def static_file(self, request: web.Request) -> web.Response:
         return await self.pages.static_file(request)
@@ -295,17 +296,6 @@ def _status_json(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return web.Response(status=500, text="internal error; see lovd's log\n")
-
-
 def _reconciled(gate: BrowserGate) -> Middleware:
     """Browser requests about a session wait for lovd's start-up reconcile (bounded, then
     503 with Retry-After): until then a stored "running" may name a container that is gone."""
@@ -316,7 +306,7 @@ def _reconciled(gate: BrowserGate) -> Middleware:
             try:
                 await gate.sessions.wait_ready()
             except LovdError as e:
-                return problem(e, request.path)
+                return problems.render(request, e, gate.pages.error)
         return await handler(request)
 
     return wait
@@ -328,7 +318,10 @@ _NO_SESSION = frozenset({"/", "/_lovd/", "/_lovd/ping"})
 def create_public_app(gate: BrowserGate) -> web.Application:
     """The app on ``caddy.auth_socket``: everything Caddy may send to lovd, nothing more."""
     site = PublicSite(gate)
-    app = web.Application(middlewares=[_errors, _reconciled(gate)], client_max_size=4096)
+    # Every failure (a LovdError, aiohttp's own 404/405/413, an unexpected exception) is
+    # the page or problem+json of web/problems.py: never aiohttp's text/plain.
+    errors = problems.middleware(gate.pages.error)
+    app = web.Application(middlewares=[errors, _reconciled(gate)], client_max_size=4096)
     r = app.router
     r.add_get(AUTH_PATH, gate.auth)
     # Reached only as the upstream the gate names for them (see BrowserGate.allow).
