@@ -231,6 +231,7 @@ class Harness:
     http: aiohttp.ClientSession
     public: web.AppRunner | None = None
     upstreams: list[HostUpstream] = field(default_factory=list)
+    broker: Broker | None = None  # the credential broker: its ledger (usage per session)
 
     @property
     def url(self) -> str:
@@ -360,7 +361,7 @@ async def harness(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(cfg.caddy_auth_socket)
     sock.listen(256)
-    h = Harness(workdir, cfg, caddy, store, sessions, gate, manager, port, http)
+    h = Harness(workdir, cfg, caddy, store, sessions, gate, manager, port, http, broker=broker)
     try:
         h.public = await serve_public(gate, sock)
         if run_manager:
