@@ -45,9 +45,10 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -85,6 +86,11 @@ FIELDS = {"prompt": PROMPT_FIELDS, "session": SESSION_FIELDS, **ACTION_FIELDS}
 KINDS = {"prompt_async": "prompt", **{k: k for k in ACTION_FIELDS}}
 # Requests that add to the chat database: refused once the disk quota is reached.
 WRITES = frozenset({"prompt", "summarize", "fork"})
+# The session's project: the container's working directory, where every chat is. OpenCode
+# takes another from ``?directory=`` or ``x-opencode-directory`` (and a remote workspace
+# from ``?workspace=`` / ``x-opencode-workspace``); a revert run elsewhere would snapshot
+# and diff that directory, so the actions run only here.
+WORKDIR = "/work"
 PART_TYPES = frozenset({"text", "file"})
 PART_FIELDS = {
     "text": frozenset({"id", "type", "text"}),
@@ -244,6 +250,22 @@ def kind_of(path: str) -> str:
     raise LovdError("not-found", f"there is nothing at {path}")
 
 
+def check_place(query: Iterable[tuple[str, str]], headers: Iterable[tuple[str, str]]) -> None:
+    """Refuse a "/" action aimed at another directory or workspace than the chat's own
+    (what the UI sends: ``x-opencode-directory: %2Fwork``, or nothing). Every copy of a
+    repeated name is checked (a server may read the last)."""
+    places = [(k, v) for k, v in query] + [
+        (k.lower().removeprefix("x-opencode-"), v)
+        for k, v in headers
+        if k.lower() in ("x-opencode-directory", "x-opencode-workspace")
+    ]
+    for name, value in places:
+        if name != "directory":
+            raise _refuse(name, "not available in this service (a chat has one folder)")
+        if unquote(value) != WORKDIR:
+            raise _refuse("directory", f"{value[:100]!r}: the chat's folder is {WORKDIR}")
+
+
 def check(kind: str, body: Any, rules: Rules) -> None:
     """Raise ``forbidden`` (naming the field) when the body asks for more than the chat
     UI does: every field and every value is checked, anything else is refused."""
@@ -321,6 +343,8 @@ class BodyCheck:
             raise LovdError("invalid-json", "the request body is not valid JSON") from e
         try:
             check(kind, body, self.rules)
+            if kind in ACTION_FIELDS:
+                check_place(request.query.items(), request.headers.items())
         except LovdError as e:
             log.info("refused a %s request body: %s", kind, e.message, extra={"SESSION_ID": s.id})
             # "data.message" is where OpenCode's web UI looks for an error's text (its

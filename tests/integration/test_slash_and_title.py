@@ -146,7 +146,9 @@ async def _slash_actions_after_the_first_question(
     1.18.33 UI sends them, through Caddy; the attacks on the same routes first."""
     [s] = [s for s in h.sessions.all() if s.token_hash]
     assert h.broker is not None
-    async with aiohttp.ClientSession(headers=browser) as http:
+    # The UI names the chat's folder on every request (a header on a POST).
+    ui = {**browser, "x-opencode-directory": "%2Fwork"}
+    async with aiohttp.ClientSession(headers=ui) as http:
 
         async def get(path: str) -> Any:
             async with http.get(h.url + path) as r:
@@ -166,6 +168,8 @@ async def _slash_actions_after_the_first_question(
              "agent"),
             ("revert", {"messageID": "../../run/secrets/lovd.env"}, "messageID"),
             ("revert", {"messageID": question, "partID": "/etc/passwd"}, "partID"),
+            # The same undo in another folder (OpenCode would snapshot and diff it).
+            ("revert?directory=/", {"messageID": question}, "directory"),
             ("fork", {"messageID": question, "permission": [{"permission": "bash",
                                                              "action": "allow"}]},
              "permission"),

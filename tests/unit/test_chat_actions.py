@@ -22,7 +22,14 @@ from aiohttp import web
 from lovd.errors import LovdError
 from lovd.session.model import Session
 from lovd.web.allowlist import Allowlist
-from lovd.web.bodycheck import MAX_SMALL_BODY, BodyCheck, Rules, check, kind_of
+from lovd.web.bodycheck import (
+    MAX_SMALL_BODY,
+    BodyCheck,
+    Rules,
+    check,
+    check_place,
+    kind_of,
+)
 from lovd.web.problems import problem
 
 RULES = Rules(models=frozenset({"lovd/legal-stub", "openai/gpt-4o-mini"}))
@@ -100,6 +107,50 @@ def test_what_the_ui_sends_passes(kind: str, body: dict[str, Any]) -> None:
 )
 def test_attacks_are_refused_naming_the_field(kind: str, body: Any, field: str) -> None:
     refused(kind, body, field)
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ([], []),
+        ([], [("x-opencode-directory", "%2Fwork")]),  # what the UI sends on a POST
+        ([("directory", "/work")], []),
+        ([("directory", "%2Fwork")], [("X-OpenCode-Directory", "/work")]),
+    ],
+)
+def test_the_chats_own_folder_passes(
+    query: list[tuple[str, str]], headers: list[tuple[str, str]]
+) -> None:
+    check_place(query, headers)
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "field"),
+    [
+        # Another folder: OpenCode would open a project there (a revert snapshots it).
+        ([("directory", "/")], [], "directory"),
+        ([("directory", "/run/secrets")], [], "directory"),
+        ([("directory", "/work/../run")], [], "directory"),
+        ([("directory", "%252Fwork")], [], "directory"),
+        ([("directory", "/work"), ("directory", "/")], [], "directory"),
+        ([], [("x-opencode-directory", "%2F")], "directory"),
+        (
+            [],
+            [("x-opencode-directory", "%2Fwork"), ("x-opencode-directory", "%2Ftmp")],
+            "directory",
+        ),
+        # A remote workspace, or anything else in the query.
+        ([("workspace", "wrk_1")], [], "workspace"),
+        ([], [("x-opencode-workspace", "wrk_1")], "workspace"),
+        ([("directory", "/work"), ("model", "openai/gpt-5-pro")], [], "model"),
+    ],
+)
+def test_another_folder_or_workspace_is_refused(
+    query: list[tuple[str, str]], headers: list[tuple[str, str]], field: str
+) -> None:
+    with pytest.raises(LovdError) as e:
+        check_place(query, headers)
+    assert e.value.code == "forbidden" and e.value.extra["field"] == field, e.value.message
 
 
 def test_no_model_configured_refuses_compact() -> None:
@@ -242,6 +293,8 @@ async def test_the_handler_forwards_checked_bodies_only(
     assert status == 413 and body["code"] == "body-too-large"
     status, body = await _post(f"{url}/fork", data=b"{not json")
     assert status == 400
+    status, body = await _post(f"{url}/revert?directory=/", ok["revert"])
+    assert status == 403 and body["field"] == "directory"
     assert len(seen) == n
     # A full disk: /compact and /fork add to the chat database; /undo and /redo do not.
     full["full"] = True
