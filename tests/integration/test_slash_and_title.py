@@ -145,7 +145,8 @@ async def _slash_actions_after_the_first_question(
     """/undo, /redo, /fork and /compact on a chat with one answered question, as the
     1.18.33 UI sends them, through Caddy; the attacks on the same routes first."""
     [s] = [s for s in h.sessions.all() if s.token_hash]
-    assert h.broker is not None
+    broker = h.broker  # its ledger: what the session's model calls cost
+    assert broker is not None
     # The UI names the chat's folder on every request (a header on a POST).
     ui = {**browser, "x-opencode-directory": "%2Fwork"}
     async with aiohttp.ClientSession(headers=ui) as http:
@@ -200,12 +201,12 @@ async def _slash_actions_after_the_first_question(
 
         # /compact: OpenCode's compaction agent writes a summary with the model named in
         # the body, through the broker: the session's usage grows like a prompt's.
-        before = h.broker.usage(s.id)["llm_requests"]
+        before = broker.usage(s.id)["llm_requests"]
         async with aiohttp.ClientSession() as plain, plain.get(llm_url + "/requests") as r:
             calls_before = len(await r.json())
         status, done = await post("summarize", {"providerID": "lovd", "modelID": "legal-stub"})
         assert status == 200 and done is True, (status, done)
-        after = h.broker.usage(s.id)
+        after = broker.usage(s.id)
         async with aiohttp.ClientSession() as plain, plain.get(llm_url + "/requests") as r:
             calls = await r.json()
         assert after["llm_requests"] > before and len(calls) > calls_before, after
