@@ -13,9 +13,12 @@ makes through Caddy during a chat in Chromium (landing → start → OpenCode UI
 click but a user will (stop a reply, answer a permission or question prompt). What the
 UI can do besides chatting stays refused: terminal (``/pty``), shell, file browser and
 search (``/file``, ``/find``), review diffs (``/vcs/diff``), config/provider/auth/MCP
-writes, sharing, running commands, forks and reverts, ``/tui``, ``/experimental`` (except the
-MCP resource list the chat reads), ``/doc``, and every WebSocket (only the terminal
-uses one).
+writes, sharing, running commands, ``/tui``, ``/experimental`` (except the MCP resource
+list the chat reads), ``/doc``, and every WebSocket (only the terminal uses one). The
+UI's "/" menu entries ``/undo``, ``/redo``, ``/compact`` and ``/fork`` work on the
+visitor's own chat (their bodies checked by lovd); ``/terminal`` (``POST /pty``) and
+``/open`` (``/find/file``) stay refused: the 1.18.33 UI offers them whatever the server
+answers, and they do nothing here (docs/security.md).
 
 ``GET /config``, ``/global/config`` and ``/provider`` stay allowed: the 1.18.33 UI reads
 them during a chat and breaks without them. What they return must therefore hold
@@ -71,7 +74,7 @@ class Route:
     path: str
     why: str
     api: bool = True  # an OpenCode API route (checked against /doc), else a UI page/asset
-    chat: bool = False  # sends a prompt: the session is in use (Sessions.mark_used)
+    chat: bool = False  # calls the model: the session is in use (Sessions.mark_used)
     body: bool = False  # its body can change the agent's rules: lovd checks it (bodycheck.py)
     lovd: bool = False  # lovd answers it itself (commands.py); the container is not asked
     websocket: bool = False  # may be a WebSocket upgrade
@@ -163,6 +166,12 @@ OPENCODE_ROUTES: tuple[Route, ...] = (
     _r("GET", "/session/{sessionID}/todo", "the assistant's to-do list"),
     _r("POST", "/session/{sessionID}/prompt_async", "ask a question", chat=True, body=True),
     _r("POST", "/session/{sessionID}/abort", "stop a reply"),
+    # The UI's own "/" commands on a chat (bodies checked by lovd: bodycheck.py).
+    _r("POST", "/session/{sessionID}/revert", "/undo: hide the last question", body=True),
+    _r("POST", "/session/{sessionID}/unrevert", "/redo: show it again", body=True),
+    # A model call like a prompt: the same models, the broker's caps, chat activity.
+    _r("POST", "/session/{sessionID}/summarize", "/compact", chat=True, body=True),
+    _r("POST", "/session/{sessionID}/fork", "/fork: a copy of the chat", body=True),
     # Prompts the assistant may show while answering.
     _r("GET", "/permission", "pending permission prompts"),
     _r("POST", "/permission/{requestID}/reply", "answer a permission prompt"),

@@ -1,6 +1,6 @@
 """Chat requests whose body could change what the agent may do go through lovd.
 
-The allowlist (web/allowlist.py) decides on method and path, but two allowed requests
+The allowlist (web/allowlist.py) decides on method and path, but some allowed requests
 carry settings in their body that OpenCode (1.18.33) acts on with the container's own
 rights:
 
@@ -14,9 +14,17 @@ rights:
   ``source: {"type": "resource"}`` reads an MCP resource, an ``http(s)`` URL is
   fetched on the server side by the model SDK;
 - ``POST /session`` accepts ``permission`` (a whole rule set), ``metadata`` and
-  ``workspaceID``.
+  ``workspaceID``;
+- the UI's own "/" commands on a chat: ``/undo`` and its redo (``POST
+  /session/{id}/revert`` ``{messageID, partID?}``, ``/unrevert`` with no body),
+  ``/compact`` (``POST /session/{id}/summarize`` ``{providerID, modelID, auto?}``: a
+  model call, so only a model the service offers) and ``/fork`` (``POST
+  /session/{id}/fork`` ``{messageID?}``). OpenCode only compares those ids with the
+  chat's own messages (revert, fork) and copies the chat into a new one in the same
+  container (fork); a summary is written by its hidden ``compaction`` agent, which has
+  no tools, with the model named in the body -- so that model is checked here.
 
-forward_auth never sees a body. So for these two routes the gate answers Caddy with
+forward_auth never sees a body. So for these routes the gate answers Caddy with
 lovd's own public socket as the upstream, and this module receives the request, keeps
 only what the chat UI sends -- every field and every value checked, default deny --
 and forwards it to the session's container with the container's password. Everything
@@ -37,9 +45,10 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -54,6 +63,8 @@ log = logging.getLogger(__name__)
 # A question with an attached file: the largest attachment, base64 (4/3), and the rest.
 MAX_FILE = 5 * 1024 * 1024
 MAX_BODY = MAX_FILE * 4 // 3 + 256 * 1024
+# The "/" commands' bodies are a few ids: anything larger is not from the UI.
+MAX_SMALL_BODY = 4096
 MAX_TEXT = 256 * 1024  # characters in one text part
 MAX_PARTS = 32
 # The agent a session offers (config_opencode/opencode.jsonc "default_agent").
@@ -61,6 +72,25 @@ LEGAL_AGENT = "juridisk"
 # What the 1.18.33 web UI sends (its SDK's PromptInput / session create), nothing more.
 PROMPT_FIELDS = frozenset({"parts", "messageID", "model", "agent", "variant", "noReply"})
 SESSION_FIELDS = frozenset({"title", "parentID", "agent", "model"})
+# The bodies of the chat actions the UI's "/" menu offers (1.18.33's /doc schemas, which
+# OpenCode also validates with additionalProperties: false), by the route's last segment.
+ACTION_FIELDS = {
+    "revert": frozenset({"messageID", "partID"}),
+    "unrevert": frozenset(),
+    "summarize": frozenset({"providerID", "modelID", "auto"}),
+    "fork": frozenset({"messageID"}),
+}
+REQUIRED = {"revert": ("messageID",), "summarize": ("providerID", "modelID")}
+FIELDS = {"prompt": PROMPT_FIELDS, "session": SESSION_FIELDS, **ACTION_FIELDS}
+# The route (last path segment) each kind of checked request comes on.
+KINDS = {"prompt_async": "prompt", **{k: k for k in ACTION_FIELDS}}
+# Requests that add to the chat database: refused once the disk quota is reached.
+WRITES = frozenset({"prompt", "summarize", "fork"})
+# The session's project: the container's working directory, where every chat is. OpenCode
+# takes another from ``?directory=`` or ``x-opencode-directory`` (and a remote workspace
+# from ``?workspace=`` / ``x-opencode-workspace``); a revert run elsewhere would snapshot
+# and diff that directory, so the actions run only here.
+WORKDIR = "/work"
 PART_TYPES = frozenset({"text", "file"})
 PART_FIELDS = {
     "text": frozenset({"id", "type", "text"}),
@@ -77,6 +107,7 @@ _ID = {
     "messageID": re.compile(r"msg_[A-Za-z0-9]{1,60}"),
     "parentID": re.compile(r"ses_[A-Za-z0-9]{1,60}"),
     "id": re.compile(r"prt_[A-Za-z0-9]{1,60}"),
+    "partID": re.compile(r"prt_[A-Za-z0-9]{1,60}"),
 }
 _DATA_URL = re.compile(r"data:([a-z0-9.+/-]+);base64,([A-Za-z0-9+/]*={0,2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -135,7 +166,10 @@ def _model(field: str, value: Any, rules: Rules) -> None:
     if not isinstance(value, dict):
         raise _refuse(field, "must be an object {providerID, modelID}")
     _fields(f"{field}.", value, MODEL_FIELDS)
-    provider, model = value.get("providerID"), value.get("modelID")
+    _model_name(field, value.get("providerID"), value.get("modelID"), rules)
+
+
+def _model_name(field: str, provider: Any, model: Any, rules: Rules) -> None:
     name = f"{provider}/{model}"
     if not isinstance(provider, str) or not isinstance(model, str) or name not in rules.models:
         if not rules.models:
@@ -205,19 +239,50 @@ def _parts(parts: Any) -> None:
             _file(where, part)
 
 
+def kind_of(path: str) -> str:
+    """Which checked request a path is: ``session`` (``POST /session``), ``prompt`` or
+    one of the "/" commands' actions (``POST /session/{id}/<action>``)."""
+    if path == "/session":
+        return "session"
+    parts = path.split("/")
+    if len(parts) == 4 and parts[1] == "session" and parts[3] in KINDS:
+        return KINDS[parts[3]]
+    raise LovdError("not-found", f"there is nothing at {path}")
+
+
+def check_place(query: Iterable[tuple[str, str]], headers: Iterable[tuple[str, str]]) -> None:
+    """Refuse a "/" action aimed at another directory or workspace than the chat's own
+    (what the UI sends: ``x-opencode-directory: %2Fwork``, or nothing). Every copy of a
+    repeated name is checked (a server may read the last)."""
+    places = [(k, v) for k, v in query] + [
+        (k.lower().removeprefix("x-opencode-"), v)
+        for k, v in headers
+        if k.lower() in ("x-opencode-directory", "x-opencode-workspace")
+    ]
+    for name, value in places:
+        if name != "directory":
+            raise _refuse(name, "not available in this service (a chat has one folder)")
+        if unquote(value) != WORKDIR:
+            raise _refuse("directory", f"{value[:100]!r}: the chat's folder is {WORKDIR}")
+
+
 def check(kind: str, body: Any, rules: Rules) -> None:
     """Raise ``forbidden`` (naming the field) when the body asks for more than the chat
     UI does: every field and every value is checked, anything else is refused."""
     if not isinstance(body, dict):
         raise LovdError("bad-request", "the request body must be a JSON object")
-    allowed = PROMPT_FIELDS if kind == "prompt" else SESSION_FIELDS
+    allowed = FIELDS[kind]
     extra = sorted(set(body) - allowed)
     if extra:
+        only = ", ".join(sorted(allowed)) or "nothing"
         raise _refuse(
             extra[0],
-            f"{', '.join(extra)}: not available in this service (a chat may set only "
-            f"{', '.join(sorted(allowed))})",
+            f"{', '.join(extra)}: not available in this service (this request may set only "
+            f"{only})",
         )
+    for key in REQUIRED.get(kind, ()):
+        if key not in body:
+            raise _refuse(key, "required")
     for key, value in body.items():
         if key == "model":
             _model("model", value, rules)
@@ -226,19 +291,22 @@ def check(kind: str, body: Any, rules: Rules) -> None:
         elif key == "variant":
             if value is not None and (not isinstance(value, str) or value not in VARIANTS):
                 raise _refuse("variant", f"{value!r} is not a model variant this service offers")
-        elif key == "noReply":
+        elif key in ("noReply", "auto"):
             if not isinstance(value, bool):
-                raise _refuse("noReply", "must be true or false")
-        elif key in ("messageID", "parentID"):
+                raise _refuse(key, "must be true or false")
+        elif key in ("messageID", "parentID", "partID"):
             _ident(key, value)
         elif key == "title":
             _string("title", value, 1024)
     if kind == "prompt":
         _parts(body.get("parts"))
+    elif kind == "summarize":
+        # The model the summary is written with (OpenCode's compaction agent).
+        _model_name("modelID", body["providerID"], body["modelID"], rules)
 
 
 class BodyCheck:
-    """The handler behind the two routes (on lovd's public socket)."""
+    """The handler behind the checked routes (on lovd's public socket)."""
 
     def __init__(
         self,
@@ -267,28 +335,30 @@ class BodyCheck:
         s = self.session_of(request)
         if not s.serving:
             raise LovdError("unavailable", "the session is not running; reload the page")
-        kind = "prompt" if request.path.endswith("/prompt_async") else "session"
-        raw = await _read(request)
+        kind = kind_of(request.path)
+        raw = await _read(request, MAX_BODY if kind in ("prompt", "session") else MAX_SMALL_BODY)
         try:
             body = json.loads(raw) if raw.strip() else {}
         except ValueError as e:
             raise LovdError("invalid-json", "the request body is not valid JSON") from e
         try:
             check(kind, body, self.rules)
+            if kind in ACTION_FIELDS:
+                check_place(request.query.items(), request.headers.items())
         except LovdError as e:
             log.info("refused a %s request body: %s", kind, e.message, extra={"SESSION_ID": s.id})
             # "data.message" is where OpenCode's web UI looks for an error's text (its
             # toast shows it instead of "Request failed").
             e.extra.setdefault("data", {"message": e.message})
             raise
-        if kind == "prompt" and self.disk_refusal is not None:
+        if kind in WRITES and self.disk_refusal is not None:
             why = await self.disk_refusal(s.id)
             if why:
-                log.info("refused a prompt: disk quota reached", extra={"SESSION_ID": s.id})
+                log.info("refused a %s: disk quota reached", kind, extra={"SESSION_ID": s.id})
                 raise LovdError("quota-exceeded", why, extra={"data": {"message": why}})
         if kind == "session":
             body = titled(body)  # what lovd adds is its own title, never a setting
-        else:
+        elif kind == "prompt":
             # /session/{id}/prompt_async: the id's characters were checked by the gate.
             await self.titles.before_prompt(s.id, s.port, request.path.split("/")[2])
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS}
@@ -317,8 +387,8 @@ class BodyCheck:
             raise LovdError("unavailable", "the session did not answer; try again") from e
 
 
-async def _read(request: web.Request) -> bytes:
-    """The whole body, refused once it passes MAX_BODY (``read(n)`` alone may stop at
+async def _read(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The whole body, refused once it passes ``limit`` (``read(n)`` alone may stop at
     the first chunk)."""
     chunks: list[bytes] = []
     size = 0
@@ -327,6 +397,6 @@ async def _read(request: web.Request) -> bytes:
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
-        if size > MAX_BODY:
-            raise LovdError("body-too-large", f"a chat request may be at most {MAX_BODY} bytes")
+        if size > limit:
+            raise LovdError("body-too-large", f"this chat request may be at most {limit} bytes")
         chunks.append(chunk)

@@ -327,6 +327,8 @@ def create_public_app(gate: BrowserGate) -> web.Application:
     # Reached only as the upstream the gate names for them (see BrowserGate.allow).
     r.add_post("/session", gate.checked_chat)
     r.add_post("/session/{oc}/prompt_async", gate.checked_chat)
+    for action in ("revert", "unrevert", "summarize", "fork"):  # the UI's "/" commands
+        r.add_post(f"/session/{{oc}}/{action}", gate.checked_chat)
     r.add_get("/command", SlashCommands(session_of=gate.bodycheck.session_of).handle)
     r.add_get("/", site.landing)
     r.add_get("/_lovd/", site.landing)

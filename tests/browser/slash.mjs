@@ -8,10 +8,11 @@
 //   open BASE/ → click start → the chat (made by lovd before the claim) → read the page's
 //   text (the chat's title) →
 //   type "/" → the menu's entries → Escape → ask QUESTION → wait for the answer and the
-//   chat's new title → read the text again → type "/" again.
+//   chat's new title → read the text again → type "/" again → pick "/undo".
 // Prints one JSON line: {ok, slash, slash_after: [entry text] before and after the
-// question, before, after: page text, failed: [[status,
-// method, path] of each 4xx/5xx on the way], error?}.
+// question, before, after: page text, undo: {status, body} of the revert request,
+// undone, prompt_after_undo: page and prompt text after it, failed: [[status, method,
+// path] of each 4xx/5xx on the way], error?}.
 import { chromium } from "playwright-core";
 import path from "node:path";
 
@@ -73,6 +74,20 @@ try {
   result.slash_after = (await page.evaluate(() => document.body.innerText)).split("\n")
     .map((l) => l.trim()).filter((l) => /^\/[a-z][a-z-]*(\s|$)/.test(l));
   await shot("menu-after");
+  // "/undo" from the menu: the UI reverts the chat to before the question (POST
+  // /session/{id}/revert, its body checked by lovd) and puts the question back in the prompt.
+  const reverted = page.waitForResponse(
+    (r) => r.request().method() === "POST" && new URL(r.url()).pathname.endsWith("/revert"),
+    { timeout: 20000 });
+  await page.keyboard.type("undo");
+  await page.waitForTimeout(300);
+  await page.keyboard.press("Enter");
+  const r = await reverted;
+  result.undo = { status: r.status(), body: (await r.text()).slice(0, 2000) };
+  await page.waitForTimeout(1000);
+  result.undone = await page.evaluate(() => document.body.innerText);
+  result.prompt_after_undo = await prompt.innerText();
+  await shot("undo");
   result.ok = true;
 } catch (e) {
   result.error = String(e && e.stack ? e.stack : e);

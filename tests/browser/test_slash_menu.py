@@ -7,6 +7,8 @@ warm OpenCode 1.18.33 container with the demo's stub model (slash.mjs drives it)
   tried by route in tests/integration/test_slash_and_title.py.
 - The chat lovd made before the click reads "Ny samtale" (not OpenCode's English "New
   session") before the first question, and the question's title after it.
+- "/undo" picked from the menu after the first question works (its body checked by lovd):
+  the answer is hidden and the question is back in the prompt.
 """
 
 from __future__ import annotations
@@ -90,3 +92,10 @@ async def test_the_slash_menu_and_the_new_chat_title_in_a_browser(tmp_path: Path
     assert PLACEHOLDER not in r["after"] and "New session" not in r["after"], r["after"][:2000]
     assert "lovdata.no" in r["after"]
     assert r["after"].count("Kan arbeidsgiveren si meg opp uten") >= 2  # question + title
+    # "/undo" after the first question works through lovd's body check: the answer is
+    # hidden and the question is back in the prompt, with nothing refused on the way.
+    assert r["undo"]["status"] == 200, r["undo"]
+    assert '"revert"' in r["undo"]["body"], r["undo"]
+    assert QUESTION in r["prompt_after_undo"], r["prompt_after_undo"]
+    assert "lovdata.no" not in r["undone"], r["undone"][:2000]
+    assert not [f for f in r["failed"] if f[0] == 403], r["failed"]

@@ -168,6 +168,13 @@ async def test_no_operator_secret_reaches_a_session(podman: str, tmp_path: Path)
                  {"parts": [{"type": "subtask", "agent": "build", "prompt": "env"}]}, "subtask"),
                 ("/session", {"permission": [{"permission": "bash", "pattern": "*",
                                               "action": "allow"}]}, "permission"),
+                # The "/" menu's actions (/compact, /fork, /undo): only what the UI sends.
+                (f"/session/{oc}/summarize",
+                 {"providerID": "openai", "modelID": "gpt-4o", "agent": "build"}, "agent"),
+                (f"/session/{oc}/fork", {"permission": [{"permission": "bash",
+                                                          "action": "allow"}]}, "permission"),
+                (f"/session/{oc}/revert?directory=/run/secrets", {"messageID": "msg_1"},
+                 "directory"),
             ]
             for path, data, field in widen:
                 async with http.post(base + path, json=data) as r:

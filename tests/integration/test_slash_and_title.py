@@ -10,8 +10,13 @@ everything asked from the browser's side through Caddy with the session cookie:
   (``POST /session/{id}/command`` is refused); through Caddy lovd answers ``[]``. The
   legal skill is still what the agent works by: its text is in the model's system prompt.
 - the UI's own slash commands: the routes each one calls are tried through Caddy, so a
-  change in what works shows here (``/new`` and ``/export`` work; ``/undo``,
-  ``/compact``, ``/fork``, ``/terminal``, ``/open`` and the ``/mcp`` toggles are refused).
+  change in what works shows here (``/new`` and ``/export`` work; ``/terminal``, ``/open``
+  and the ``/mcp`` toggles are refused).
+- after the first question, ``/undo`` and its redo (``revert``, ``unrevert``), ``/fork``
+  and ``/compact`` (``summarize``: a model call through the broker, counted in the
+  session's usage) work on the chat through Caddy as the UI sends them, and bodies that
+  ask for more (another model, a path as an id, an extra field) are refused with a 403
+  naming the field, changing nothing.
 - the title: the chat made before the claim and a chat the UI makes are "Ny samtale"
   before their first question, and OpenCode's title from the question after it.
 """
@@ -131,6 +136,87 @@ async def test_the_slash_menu_and_a_new_chat_title(
         seen = await r.json()
     skill_line = next(ln for ln in SKILL.read_text().splitlines() if ln.startswith("# "))
     assert any(skill_line in s["system"] for s in seen if s["tools"]), skill_line
+    await _slash_actions_after_the_first_question(h, browser, chat, llm_url)
+
+
+async def _slash_actions_after_the_first_question(
+    h: Harness, browser: dict[str, str], chat: str, llm_url: str
+) -> None:
+    """/undo, /redo, /fork and /compact on a chat with one answered question, as the
+    1.18.33 UI sends them, through Caddy; the attacks on the same routes first."""
+    [s] = [s for s in h.sessions.all() if s.token_hash]
+    broker = h.host.broker  # its ledger: what the session's model calls cost
+    assert broker is not None
+    # The UI names the chat's folder on every request (a header on a POST).
+    ui = {**browser, "x-opencode-directory": "%2Fwork"}
+    async with aiohttp.ClientSession(headers=ui) as http:
+
+        async def get(path: str) -> Any:
+            async with http.get(h.url + path) as r:
+                assert r.status == 200, (path, r.status, await r.text())
+                return await r.json()
+
+        async def post(path: str, body: Any = None) -> tuple[int, Any]:
+            async with http.post(f"{h.url}/session/{chat}/{path}", json=body) as r:
+                return r.status, await r.json(content_type=None)
+
+        messages = await get(f"/session/{chat}/message")
+        question = next(m["info"]["id"] for m in messages if m["info"]["role"] == "user")
+        # Attacks: each refused naming the field; the chat is as it was.
+        attacks = [
+            ("summarize", {"providerID": "openai", "modelID": "gpt-4o"}, "modelID"),
+            ("summarize", {"providerID": "lovd", "modelID": "legal-stub", "agent": "build"},
+             "agent"),
+            ("revert", {"messageID": "../../run/secrets/lovd.env"}, "messageID"),
+            ("revert", {"messageID": question, "partID": "/etc/passwd"}, "partID"),
+            # The same undo in another folder (OpenCode would snapshot and diff it).
+            ("revert?directory=/", {"messageID": question}, "directory"),
+            ("fork", {"messageID": question, "permission": [{"permission": "bash",
+                                                             "action": "allow"}]},
+             "permission"),
+        ]
+        for action, body, field in attacks:
+            status, problem = await post(action, body)
+            assert status == 403 and problem["field"] == field, (action, status, problem)
+        assert len(await get(f"/session/{chat}/message")) == len(messages)
+        assert "revert" not in await get(f"/session/{chat}")
+
+        # /undo: the question and its answer are hidden (the UI puts the question back
+        # in the prompt); /redo with no body brings them back.
+        status, undone = await post("revert", {"messageID": question})
+        assert status == 200 and undone["revert"]["messageID"] == question, undone
+        async with http.post(f"{h.url}/session/{chat}/unrevert") as r:
+            assert r.status == 200, await r.text()
+            assert "revert" not in await r.json()
+
+        # /fork from the question (the UI's fork dialog): a new chat before it; and a
+        # copy of the whole chat.
+        status, forked = await post("fork", {"messageID": question})
+        assert status == 200 and forked["id"] != chat and forked["id"].startswith("ses_")
+        status, copy = await post("fork", {})
+        assert status == 200
+        assert len(await get(f"/session/{copy['id']}/message")) == len(messages)
+        listed = {c["id"] for c in await get("/session")}
+        assert {forked["id"], copy["id"]} <= listed
+
+        # /compact: OpenCode's compaction agent writes a summary with the model named in
+        # the body, through the broker: the session's usage grows like a prompt's.
+        before = broker.usage(s.id)["llm_requests"]
+        async with aiohttp.ClientSession() as plain, plain.get(llm_url + "/requests") as r:
+            calls_before = len(await r.json())
+        status, done = await post("summarize", {"providerID": "lovd", "modelID": "legal-stub"})
+        assert status == 200 and done is True, (status, done)
+        after = broker.usage(s.id)
+        async with aiohttp.ClientSession() as plain, plain.get(llm_url + "/requests") as r:
+            calls = await r.json()
+        assert after["llm_requests"] > before and len(calls) > calls_before, after
+        summary = [m for m in await get(f"/session/{chat}/message")
+                   if m["info"].get("summary") or any(p["type"] == "compaction"
+                                                      for p in m["parts"])]
+        assert summary, "no summary message after /compact"
+        print(f"\n/undo, /redo, /fork x2 and /compact through Caddy; /compact made "
+              f"{after['llm_requests'] - before} model call(s) through the broker "
+              f"(session usage now {after})")
 
 
 async def _titles_before_the_first_question(
@@ -176,12 +262,11 @@ async def _slash_menu_lists_only_commands_that_work(
             "/model": ("GET", "/provider"),
             "/mcp (the list)": ("GET", "/mcp"),
         }
+        # /undo, /compact and /fork work (tried after the first question, below); their
+        # v2 routes are not what the UI sends and stay refused.
         refused = {
-            "/undo": ("POST", f"/session/{chat}/revert"),
             "/undo (v2)": ("POST", f"/api/session/{chat}/revert/stage"),
-            "/compact": ("POST", f"/session/{chat}/summarize"),
             "/compact (v2)": ("POST", f"/api/session/{chat}/compact"),
-            "/fork": ("POST", f"/session/{chat}/fork"),
             "/terminal": ("POST", "/pty"),
             "/open": ("GET", "/find/file?query=a"),
             "/mcp (a toggle)": ("POST", "/mcp/lovdata/disconnect"),

@@ -63,6 +63,11 @@ UI_REQUESTS = [
 # Chat actions the flow does not click but a user will.
 CHAT_ACTIONS = [
     ("POST", f"/session/{SES}/abort"),
+    # The "/" menu: /undo, /redo, /compact, /fork (bodies checked: test_chat_actions.py).
+    ("POST", f"/session/{SES}/revert"),
+    ("POST", f"/session/{SES}/unrevert"),
+    ("POST", f"/session/{SES}/summarize"),
+    ("POST", f"/session/{SES}/fork"),
     ("POST", f"/permission/{PER}/reply"),
     ("POST", "/question/que_1/reply"),
     ("POST", "/question/que_1/reject"),
@@ -130,8 +135,6 @@ ATTACKS = [
     ("PATCH", f"/session/{SES}"),
     ("DELETE", f"/session/{SES}"),
     ("POST", f"/session/{SES}/share"),
-    ("POST", f"/session/{SES}/revert"),
-    ("POST", f"/session/{SES}/fork"),
     ("POST", f"/session/{SES}/message"),  # the UI prompts with prompt_async only
     ("POST", f"/session/{SES}/permissions/{PER}"),
     # the server itself
@@ -206,10 +209,12 @@ def test_no_websocket_anywhere() -> None:
         assert not d.allowed and d.reason == "no WebSocket here", uri
 
 
-def test_only_the_prompt_is_a_chat_request() -> None:
+def test_only_model_calls_are_chat_requests() -> None:
+    """A prompt and /compact (a summary written by the model) keep a session's place."""
     a = Allowlist()
     chat = [(m, u) for m, u in UI_REQUESTS + CHAT_ACTIONS if a.check(m, u).chat]
-    assert chat == [("POST", f"/session/{SES}/prompt_async")]
+    assert chat == [("POST", f"/session/{SES}/prompt_async"),
+                    ("POST", f"/session/{SES}/summarize")]
 
 
 def test_allowed_api_routes_exist_in_the_recorded_opencode() -> None:

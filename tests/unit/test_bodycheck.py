@@ -265,7 +265,9 @@ def test_exactly_the_routes_with_such_bodies_are_checked() -> None:
     checked = {
         line for r in Allowlist().routes if r.body for line in r.lines
     }
-    assert checked == {"POST /session", "POST /session/{sessionID}/prompt_async"}
+    assert checked == {"POST /session", "POST /session/{sessionID}/prompt_async"} | {
+        f"POST /session/{{sessionID}}/{a}" for a in ("revert", "unrevert", "summarize", "fork")
+    }  # the "/" menu's actions: tests/unit/test_chat_actions.py
 
 
 # --- the handler: what reaches the container, the quota, large bodies ----------------
