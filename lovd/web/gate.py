@@ -50,6 +50,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl
 
 import aiohttp
 from aiohttp import web
@@ -69,7 +70,7 @@ from lovd.session.lifecycle import Sessions
 from lovd.session.model import Session, SessionState
 from lovd.sync import routing
 from lovd.web.allowlist import Allowlist, Decision
-from lovd.web.bodycheck import BodyCheck, Rules
+from lovd.web.bodycheck import BodyCheck, Rules, check_place
 from lovd.web.cookies import CookieHeaders, VerifiedCookies
 from lovd.web.pages import Pages, human_seconds, language
 from lovd.web.problems import is_navigation, render
@@ -100,6 +101,27 @@ def _original_method(request: web.Request) -> str:
 def _original_uri(request: web.Request) -> str:
     uri = request.headers.get("X-Forwarded-Uri")
     return request.path_qs if uri is None else uri  # path_qs only when needed: it costs
+
+
+def _check_place(request: web.Request) -> None:
+    """Every request stays in the chat's folder: OpenCode opens a project wherever
+    ``?directory=`` or ``x-opencode-directory`` points (and a remote workspace for
+    ``workspace``), with that folder's config, sessions and files, so any other place is
+    refused on every route (bodycheck.check_place; the UI sends /work or nothing)."""
+    uri = _original_uri(request)
+    query = uri.partition("?")[2]
+    places = [
+        (k, v)
+        for k, v in (parse_qsl(query, keep_blank_values=True) if query else ())
+        if k in _PLACE_PARAMS
+    ]
+    headers = request.headers
+    if places or any(h in headers for h in _PLACE_HEADERS):
+        check_place(places, [(k, v) for k, v in headers.items() if k.lower() in _PLACE_HEADERS])
+
+
+_PLACE_PARAMS = frozenset({"directory", "workspace"})
+_PLACE_HEADERS = frozenset({"x-opencode-directory", "x-opencode-workspace"})
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -372,6 +394,13 @@ class BrowserGate:
                 extra={"SESSION_ID": s.id},
             )
             return self.refuse_route(request, decision, nav)
+        try:
+            _check_place(request)
+        except LovdError as e:
+            log.info(
+                "refused a request for another folder: %s", e.message, extra={"SESSION_ID": s.id}
+            )
+            return self.refuse(request, e, nav)
         if decision.chat:
             # Only chat activity keeps a place (a poll every 30 s must not hold one).
             self.sessions.mark_used(s.id)

@@ -300,3 +300,34 @@ async def test_landing_page_with_room_has_no_wait(g: Gate) -> None:
     r = await g.client.get("/", headers=NAV)
     assert r.status == 200 and "Retry-After" not in r.headers
     assert "0 of 3 places are in use" in await r.text()
+
+
+@pytest.mark.parametrize(
+    ("uri", "headers", "field"),
+    [
+        ("/session?directory=%2Fetc", {}, "directory"),
+        ("/session?directory=%2Fwork&directory=%2F", {}, "directory"),
+        ("/session?roots=true&workspace=w1", {}, "workspace"),
+        ("/session", {"x-opencode-directory": "%2F"}, "directory"),
+        ("/session", {"X-OpenCode-Directory": "/root"}, "directory"),
+        ("/session", {"x-opencode-workspace": "ws"}, "workspace"),
+        ("/session?directory=%2Fwork", {"x-opencode-directory": "%2Ftmp"}, "directory"),
+    ],
+)
+async def test_every_route_stays_in_the_chats_folder(
+    g: Gate, uri: str, headers: dict[str, str], field: str
+) -> None:
+    """OpenCode opens a project (its config, chats and files) wherever ``directory``
+    points: on any allowed route another folder or a workspace is refused, naming it."""
+    s, token = await g.session()
+    r = await g.auth(s, token, "GET", uri, {**XHR, **headers})
+    assert r.status == 403, r.status
+    assert field in (await r.json())["detail"]
+    # The UI's own forms pass: /work in the query or the header, or nothing.
+    for ok_uri, ok_headers in [
+        ("/session?directory=%2Fwork&roots=true", {}),
+        ("/session", {"x-opencode-directory": "%2Fwork"}),
+        ("/session?limit=5", {}),
+    ]:
+        r = await g.auth(s, token, "GET", ok_uri, {**XHR, **ok_headers})
+        assert r.status == 204, (ok_uri, r.status)
