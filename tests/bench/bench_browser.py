@@ -1,6 +1,6 @@
 """The first minute in Chromium, through lovd vs the same UI straight from a container.
 
-    (as lovd) python -m tests.bench.bench_browser [--profiles 10] [--returning 3]
+    (as lovd) python -m tests.bench.bench_browser [--profiles 10] [--returning 3] [--trace]
 
 Real Caddy, lovd's browser path, real OpenCode session containers
 (localhost/lovd-session:latest) with a warm pool of one, Debian's Chromium driven by
@@ -18,6 +18,10 @@ subrequests plus the start) — and lovd/direct ratios. Then returning visitors:
 profile (HTTP cache kept, cookies cleared) clicks again on a new warm container.
 Issue 17's targets: lovd/direct ≤ 0.6 at p50; first visit ≤ 1.5 MB; returning visitor
 ≤ 100 KB of UI files.
+
+``--trace``: instead, PROFILES clicks each way with no throttling, and where the time
+went: every request after the click (start, first byte, end in ms from the click) and
+the main thread's busy time by kind (Chromium's trace).
 """
 
 from __future__ import annotations
@@ -66,7 +70,11 @@ class Counter:
 
 
 async def lovd_click(
-    h: Harness, counter: Counter, throttle: dict[str, float] | None, profile: str | None = None
+    h: Harness,
+    counter: Counter,
+    throttle: dict[str, float] | None,
+    profile: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     await warm_ready(h)
     before = {s.id for s in h.sessions.all()}
@@ -74,6 +82,7 @@ async def lovd_click(
     spec: dict[str, Any] = {"mode": "lovd", "base": h.url, "read_ms": 2000, "throttle": throttle}
     if profile is not None:
         spec.update(profile=profile, clear_cookies=True)
+    spec.update(extra)
     r = await click(**spec)
     # Every answer of lovd's public socket during the visit: the landing page, the start,
     # and each forward_auth subrequest (the UI's HTML shell and API calls).
@@ -84,7 +93,11 @@ async def lovd_click(
 
 
 async def direct_click(
-    h: Harness, http: aiohttp.ClientSession, sid: str, throttle: dict[str, float] | None
+    h: Harness,
+    http: aiohttp.ClientSession,
+    sid: str,
+    throttle: dict[str, float] | None,
+    **extra: Any,
 ) -> dict[str, Any]:
     s = h.sessions.get(sid)
     auth = h.sessions.container_auth(sid)
@@ -99,6 +112,7 @@ async def direct_click(
         user=user,
         password=password,
         throttle=throttle,
+        **extra,
     )
 
 
@@ -120,7 +134,15 @@ def row_line(name: str, lovd: list[dict[str, Any]], direct: list[dict[str, Any]]
     )
 
 
-async def main(profiles: int, returning: int) -> None:
+def show_trace(name: str, r: dict[str, Any]) -> None:
+    print(f"\n{name}: click → prompt {r.get('click_to_prompt_ms')} ms {r.get('error', '')}")
+    print("main thread:", r.get("main_thread"))
+    print("  start  head   end method status bytes cached path")
+    for start, head, end, method, status, size, cached, path in r.get("timeline", []):
+        print(f"{start:7} {head:5} {end:5} {method:6} {status:3} {size:8} {cached!s:5} {path}")
+
+
+async def main(profiles: int, returning: int, trace: bool = False) -> None:
     counter = Counter()
     results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     back: list[dict[str, Any]] = []
@@ -143,6 +165,16 @@ async def main(profiles: int, returning: int) -> None:
         pool = asyncio.create_task(h.sessions.pool(max_age=3600).run())
         last = ""
         try:
+            if trace:
+                for _ in range(profiles):
+                    r = await lovd_click(h, counter, None, trace=True)
+                    show_trace("lovd", r)
+                    if r["sid"]:
+                        if last:
+                            await h.sessions.delete(last, "bench")
+                        last = r["sid"]
+                        show_trace("direct", await direct_click(h, http, last, None, trace=True))
+                return
             for name, throttle in ROWS:
                 lovd: list[dict[str, Any]] = []
                 direct: list[dict[str, Any]] = []
@@ -210,5 +242,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--profiles", type=int, default=10)
     ap.add_argument("--returning", type=int, default=3)
+    ap.add_argument("--trace", action="store_true")
     a = ap.parse_args()
-    asyncio.run(main(a.profiles, a.returning))
+    asyncio.run(main(a.profiles, a.returning, a.trace))
