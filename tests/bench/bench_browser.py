@@ -134,6 +134,24 @@ def row_line(name: str, lovd: list[dict[str, Any]], direct: list[dict[str, Any]]
     )
 
 
+class LoopLag:
+    """How late this process's event loop (lovd's, in the harness) woke up a 10 ms
+    sleep during a click: a long stall there holds every gated request."""
+
+    def __init__(self) -> None:
+        self.late: list[tuple[int, int]] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.01)
+            over = (loop.time() - t - 0.01) * 1000
+            if over > 50:
+                self.late.append((round((t - t0) * 1000), round(over)))
+
+
 def show_trace(name: str, r: dict[str, Any]) -> None:
     print(f"\n{name}: click → prompt {r.get('click_to_prompt_ms')} ms {r.get('error', '')}")
     print("main thread:", r.get("main_thread"))
@@ -167,8 +185,12 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
         try:
             if trace:
                 for _ in range(profiles):
+                    lag = LoopLag()
+                    watch = asyncio.create_task(lag.run())
                     r = await lovd_click(h, counter, None, trace=True)
+                    watch.cancel()
                     show_trace("lovd", r)
+                    print("lovd's event loop, late wake-ups over 50 ms:", lag.late)
                     if r["sid"]:
                         if last:
                             await h.sessions.delete(last, "bench")
