@@ -61,6 +61,9 @@ def progress(what: str) -> None:
     print(what, file=sys.stderr, flush=True)
 
 
+HOLD_REFILL = False
+
+
 class Counter:
     def __init__(self) -> None:
         self.n = 0
@@ -83,7 +86,18 @@ async def lovd_click(
     if profile is not None:
         spec.update(profile=profile, clear_cookies=True)
     spec.update(extra)
-    r = await click(**spec)
+    held: list[bool] = []
+    kick = h.sessions.capacity_changed
+    if HOLD_REFILL:
+        # What a refill that waits for the click's first page would buy: the warm pool's
+        # next container starts once the prompt is there, not during the page's burst.
+        h.sessions.capacity_changed = lambda: held.append(True)
+    try:
+        r = await click(**spec)
+    finally:
+        h.sessions.capacity_changed = kick
+        if held:
+            kick()
     # Every answer of lovd's public socket during the visit: the landing page, the start,
     # and each forward_auth subrequest (the UI's HTML shell and API calls).
     r["gate_answers"] = counter.n - n0
@@ -215,6 +229,7 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
                         direct.append(d)
                         progress(f"{name} direct {i}: {d.get('click_to_prompt_ms')} ms")
                 results[name] = (lovd, direct)
+                progress(row_line(name, lovd, direct))
             for i in range(returning):
                 profile = tempfile.mkdtemp(prefix="lovd-bench-")
                 try:
@@ -265,5 +280,11 @@ if __name__ == "__main__":
     ap.add_argument("--profiles", type=int, default=10)
     ap.add_argument("--returning", type=int, default=3)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument(
+        "--hold-refill",
+        action="store_true",
+        help="start the warm pool's next container after the click's prompt, not at the claim",
+    )
     a = ap.parse_args()
+    HOLD_REFILL = a.hold_refill
     asyncio.run(main(a.profiles, a.returning, a.trace))

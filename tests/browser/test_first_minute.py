@@ -65,16 +65,27 @@ async def click(**spec: Any) -> dict[str, Any]:
 
 
 async def warm_ready(h: Harness, timeout: float = 180.0) -> str:
-    """Wait until a warm container is prepared (first chat made, UI stored); its id."""
+    """Wait until a warm container is prepared (first chat made, UI stored); its id.
+    A warm container whose first chat could not be made (a loaded machine) is prepared
+    again every RETRY_PREP seconds, as the pool would on its next start."""
     t0 = time.monotonic()
     prep = h.gate.prep
+    seen: dict[str, float] = {}
     while time.monotonic() - t0 < timeout:
         warm = [s for s in h.sessions.warm() if not h.sessions.lock(s.id).locked()]
         ready = warm and warm[0].id in prep._first and prep.next_version
         if ready and prep.assets is not None and prep.assets.get(prep.next_version):
             return warm[0].id
+        if warm and warm[0].id not in prep._first:
+            since = seen.setdefault(warm[0].id, time.monotonic())
+            if time.monotonic() - since > RETRY_PREP:
+                seen[warm[0].id] = time.monotonic()
+                await prep.ready(warm[0])
         await asyncio.sleep(0.2)
     raise TimeoutError("no prepared warm container in time")
+
+
+RETRY_PREP = 20.0
 
 
 async def test_first_minute_prefetch_cache_compression_reload() -> None:
