@@ -243,7 +243,8 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
                 back.append(again)
                 progress(
                     f"returning {i}: {again.get('click_to_prompt_ms')} ms, "
-                    f"{again.get('asset_bytes')} B of UI files"
+                    f"{again.get('asset_bytes')} B of UI files {first.get('error', '')} "
+                    f"{again.get('error', '')}"
                 )
         finally:
             pool.cancel()
@@ -259,8 +260,8 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (lovd, direct) in results.items():
         print(row_line(name, lovd, direct))
-    if back:
-        ok = [r for r in back if r["ok"]]
+    ok = [r for r in back if r["ok"]]
+    if ok:
         t = [r["click_to_prompt_ms"] / 1000 for r in ok]
         ab = [r["asset_bytes"] for r in ok]
         wire = statistics.median([r["bytes"] for r in ok]) / 1e6
