@@ -35,6 +35,17 @@ PAGE_HEADERS = {
     # The page's language follows Accept-Language: caches must keep them apart.
     "Vary": "Accept-Language",
 }
+# The landing page that carries OpenCode's UI (static/instant.js): after the click the
+# UI runs in that same document, so the page's CSP must allow what the UI needs, and is
+# the one OpenCode (1.18.33) sends with its own page, connect-src narrowed to this
+# origin as Caddy narrows it there (lovd/caddy.py CONNECT_SRC), its inline theme script's
+# hash left out (instant.js does that work) and lovd's own rules kept.
+UI_PAGE_CSP = (
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; "
+    "style-src 'self' 'unsafe-inline'; img-src 'self' data: https: blob:; "
+    "font-src 'self' data:; media-src 'self' data:; connect-src 'self' data:; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
 
 
 def human_seconds(seconds: int, lang: str = "en") -> str:
@@ -60,6 +71,8 @@ class Page:
     head: str = ""
     retry_after: int | None = None
     lang: str = DEFAULT
+    # The landing page: its start button may run the UI in place (static/instant.js).
+    runs_ui: bool = False
 
 
 def start_form(label: str) -> str:
@@ -82,19 +95,21 @@ class Pages:
         max_running: int,
         running: Callable[[], int],
         retry_after: Callable[[], int],
-        prefetch: Callable[[], str] | None = None,
+        prefetch: Callable[[str, bool], str] | None = None,
     ) -> None:
         self.max_running = max_running
         self.running = running
         self.retry_after = retry_after
         self.static = static_files()
-        # Extra <head> tags of the landing and waking pages: the UI bundle the next
-        # session runs, fetched ahead of the click (web/warmprep.py).
-        self.prefetch = prefetch or (lambda: "")
+        # Extra <head> tags of a page with status 200 in a language: the UI bundle the
+        # next session runs, fetched ahead of the click, and on the landing page (True)
+        # the UI's shell (web/warmprep.py); "" when there is none.
+        self.prefetch: Callable[[str, bool], str] = prefetch or (lambda lang, runs_ui: "")
         self._template = Template(self.static["page.html"].decode())
 
     def render(self, page: Page) -> web.Response:
         lang = page.lang
+        extra = self.prefetch(lang, page.runs_ui) if page.status == 200 else ""
         lovdata = '<a href="https://lovdata.no/" rel="noopener noreferrer">lovdata.no</a>'
         body = self._template.substitute(
             lang=texts.HTML_LANG.get(lang, lang),
@@ -104,10 +119,12 @@ class Pages:
             skip=_e(text(lang, "skip")),
             footer=_e(text(lang, "footer", lovdata="\0")).replace("\0", lovdata),
             main=page.main,
-            head=page.head + (self.prefetch() if page.status == 200 else ""),
+            head=page.head + extra,
         )
         resp = web.Response(status=page.status, text=body, content_type="text/html")
         resp.headers.update(PAGE_HEADERS)
+        if page.runs_ui and "instant.js" in extra:
+            resp.headers["Content-Security-Policy"] = UI_PAGE_CSP
         resp.headers["Content-Language"] = texts.HTML_LANG.get(lang, lang)
         if page.retry_after is not None:
             resp.headers["Retry-After"] = str(page.retry_after)
@@ -258,7 +275,8 @@ class Pages:
             + start_form(text(lang, "start"))
             + f'<p class="muted">{_e(text(lang, "landing_places", used=used, limit=limit))}</p>'
         )
-        return Page(status, text(lang, "landing_title"), main, retry_after=retry_after, lang=lang)
+        title = text(lang, "landing_title")
+        return Page(status, title, main, retry_after=retry_after, lang=lang, runs_ui=True)
 
     async def static_file(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

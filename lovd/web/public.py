@@ -56,7 +56,7 @@ class PublicSite:
             err = LovdError("forbidden", "sessions can only be started from this site's own page")
             return self.gate.refuse(request, err, True)
         if self._has_live_session(request):
-            return web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
+            return _started(request, "/")
         addr = client_address(request)
         lang = language(request)
         retry = self.gate.starts.retry_after(addr)
@@ -74,7 +74,7 @@ class PublicSite:
         log.info("session started from the browser by %s", addr, extra={"SESSION_ID": s.id})
         # A claimed warm container already has its first chat: go straight there.
         where = self.gate.prep.first_chat(s.id) or "/"
-        resp = web.Response(status=303, headers={"Location": where, "Cache-Control": "no-store"})
+        resp = _started(request, where, self.gate.prep.version_of(s.id))
         self.gate.set_cookie(request, resp, s, token)
         return resp
 
@@ -262,6 +262,17 @@ def _same_origin(request: web.Request, *, strict: bool = False) -> bool:
         return True  # not a browser form post (curl); cookies are SameSite=Lax anyway
     host = request.headers.get("X-Forwarded-Host") or request.host
     return urlsplit(origin).netloc == host
+
+
+def _started(request: web.Request, where: str, version: str = "") -> web.Response:
+    """Where the browser goes now: a 303 for the landing page's form; for its script
+    (static/instant.js, a same-origin fetch asking for JSON) the same place as JSON, with
+    the UI version the session runs, so that the script can run the UI in place."""
+    headers = {"Cache-Control": "no-store"}
+    if "application/json" in request.headers.get("Accept", ""):
+        body = {"location": where, "ui_version": version}
+        return web.json_response(body, headers=headers)
+    return web.Response(status=303, headers={"Location": where, **headers})
 
 
 def link_used() -> LovdError:

@@ -8,8 +8,10 @@ container waits (session/warm.py calls :meth:`WarmPrep.ready`):
   the container (web/public.py);
 - its OpenCode version is read (``GET /global/health``) and, the first time lovd sees
   that version, the UI's static files are stored for Caddy (web/assets.py); the landing
-  and waking pages then tell the browser to fetch the UI's entry files ahead of the
-  click (:meth:`WarmPrep.prefetch_html`).
+  page then tells the browser to fetch and compile the UI's entry files ahead of the
+  click (:meth:`WarmPrep.prefetch_html`) and carries the UI's shell
+  (static/instant.js): the click then claims the container with a ``fetch`` and runs
+  the already compiled UI in the same document, with no new page to load (issue 17).
 
 All of it is memory only: after a lovd restart a claim falls back to ``/`` and the
 lookup, as before, and the UI files stay on disk.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections.abc import Callable
 
 import aiohttp
@@ -31,6 +34,13 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 3.0
 MAX_REMEMBERED = 4096
+# OpenCode's UI loads its texts for the browser's language as two lazy chunks named after
+# its locale code (``/assets/no-<hash>.js`` for Norwegian); the landing page's language
+# says which the chat will load.
+UI_LOCALE = {"nb": "no"}
+_HASH = r"-[A-Za-z0-9_-]{8}"
+# The UI's own icon (its page names it; without one the browser asks for /favicon.ico).
+_ICON = re.compile(r"/favicon[A-Za-z0-9_.-]*\.svg")
 
 
 class WarmPrep:
@@ -72,20 +82,46 @@ class WarmPrep:
         """The chat made for this (just claimed) warm container, if lovd made one."""
         return self._first.pop(sid, None)
 
-    def prefetch_html(self) -> str:
-        """``<link>`` tags for the UI the next session will run (none until stored)."""
+    def version_of(self, sid: str) -> str:
+        """The OpenCode version a (warm or claimed) container runs; "" if unknown."""
+        return self._versions.get(sid, "")
+
+    def prefetch_html(self, lang: str = "", runs_ui: bool = False) -> str:
+        """``<link>`` tags for the UI the next session will run (none until stored);
+        with ``runs_ui`` (the landing page), also the script that starts a session without
+        a new page (static/instant.js) and what it needs to know: the UI's version, entry
+        script and styles."""
         if self.assets is None:
             return ""
         version = self.next_version or next(iter(self.assets.versions()), "")
         ui = self.assets.get(version) if version else None
-        if ui is None:
+        if ui is None or not ui.scripts:
             return ""
         e = html.escape
-        # The UI loads its entry script as a CORS module and its fonts in CORS mode: the
-        # same modes here, or the browser's cache would not match.
-        tags = [f'<link rel="modulepreload" href="{e(p)}">' for p in ui.scripts]
-        tags += [f'<link rel="prefetch" as="style" href="{e(p)}">' for p in ui.styles]
+        locale = UI_LOCALE.get(lang, "")
+        chunks = [
+            f
+            for f in ui.files
+            if locale and re.fullmatch(rf"/assets/{re.escape(locale)}{_HASH}\.js", f)
+        ]
+        # The UI loads its scripts as CORS modules and its styles and fonts in CORS mode:
+        # the same modes here, or the browser's cache would not match. modulepreload
+        # also compiles the module into this page's module map, where instant.js runs it.
+        tags = [f'<link rel="modulepreload" href="{e(p)}">' for p in ui.scripts + chunks]
+        # A stylesheet that applies to no medium is loaded and parsed but changes nothing
+        # on this page; instant.js switches it on when the UI takes the page over.
+        tags += [
+            f'<link rel="stylesheet" href="{e(p)}" media="not all" crossorigin data-ui>'
+            for p in ui.styles
+        ]
         tags += [f'<link rel="prefetch" as="font" href="{e(p)}" crossorigin>' for p in ui.fonts]
+        if runs_ui:
+            icon = next((f for f in ui.files if _ICON.fullmatch(f)), "")
+            tags.append(
+                '<script src="/_lovd/static/instant.js" defer '
+                f'data-version="{e(ui.version)}" data-entry="{e(ui.scripts[0])}" '
+                f'data-icon="{e(icon)}"></script>'
+            )
         return "".join(tags)
 
     async def _version(self, base: str, auth: str) -> str:

@@ -1,6 +1,6 @@
 """The first minute in Chromium, through lovd vs the same UI straight from a container.
 
-    (as lovd) python -m tests.bench.bench_browser [--profiles 10] [--returning 3]
+    (as lovd) python -m tests.bench.bench_browser [--profiles 10] [--returning 3] [--trace]
 
 Real Caddy, lovd's browser path, real OpenCode session containers
 (localhost/lovd-session:latest) with a warm pool of one, Debian's Chromium driven by
@@ -18,6 +18,10 @@ subrequests plus the start) — and lovd/direct ratios. Then returning visitors:
 profile (HTTP cache kept, cookies cleared) clicks again on a new warm container.
 Issue 17's targets: lovd/direct ≤ 0.6 at p50; first visit ≤ 1.5 MB; returning visitor
 ≤ 100 KB of UI files.
+
+``--trace``: instead, PROFILES clicks each way with no throttling, and where the time
+went: every request after the click (start, first byte, end in ms from the click) and
+the main thread's busy time by kind (Chromium's trace).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def progress(what: str) -> None:
     print(what, file=sys.stderr, flush=True)
 
 
+HOLD_REFILL = False
+
+
 class Counter:
     def __init__(self) -> None:
         self.n = 0
@@ -66,7 +73,11 @@ class Counter:
 
 
 async def lovd_click(
-    h: Harness, counter: Counter, throttle: dict[str, float] | None, profile: str | None = None
+    h: Harness,
+    counter: Counter,
+    throttle: dict[str, float] | None,
+    profile: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     await warm_ready(h)
     before = {s.id for s in h.sessions.all()}
@@ -74,7 +85,19 @@ async def lovd_click(
     spec: dict[str, Any] = {"mode": "lovd", "base": h.url, "read_ms": 2000, "throttle": throttle}
     if profile is not None:
         spec.update(profile=profile, clear_cookies=True)
-    r = await click(**spec)
+    spec.update(extra)
+    held: list[bool] = []
+    kick = h.sessions.capacity_changed
+    if HOLD_REFILL:
+        # What a refill that waits for the click's first page would buy: the warm pool's
+        # next container starts once the prompt is there, not during the page's burst.
+        h.sessions.capacity_changed = lambda: held.append(True)
+    try:
+        r = await click(**spec)
+    finally:
+        h.sessions.capacity_changed = kick
+        if held:
+            kick()
     # Every answer of lovd's public socket during the visit: the landing page, the start,
     # and each forward_auth subrequest (the UI's HTML shell and API calls).
     r["gate_answers"] = counter.n - n0
@@ -84,7 +107,11 @@ async def lovd_click(
 
 
 async def direct_click(
-    h: Harness, http: aiohttp.ClientSession, sid: str, throttle: dict[str, float] | None
+    h: Harness,
+    http: aiohttp.ClientSession,
+    sid: str,
+    throttle: dict[str, float] | None,
+    **extra: Any,
 ) -> dict[str, Any]:
     s = h.sessions.get(sid)
     auth = h.sessions.container_auth(sid)
@@ -99,6 +126,7 @@ async def direct_click(
         user=user,
         password=password,
         throttle=throttle,
+        **extra,
     )
 
 
@@ -120,7 +148,33 @@ def row_line(name: str, lovd: list[dict[str, Any]], direct: list[dict[str, Any]]
     )
 
 
-async def main(profiles: int, returning: int) -> None:
+class LoopLag:
+    """How late this process's event loop (lovd's, in the harness) woke up a 10 ms
+    sleep during a click: a long stall there holds every gated request."""
+
+    def __init__(self) -> None:
+        self.late: list[tuple[int, int]] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.01)
+            over = (loop.time() - t - 0.01) * 1000
+            if over > 50:
+                self.late.append((round((t - t0) * 1000), round(over)))
+
+
+def show_trace(name: str, r: dict[str, Any]) -> None:
+    print(f"\n{name}: click → prompt {r.get('click_to_prompt_ms')} ms {r.get('error', '')}")
+    print("main thread:", r.get("main_thread"))
+    print("  start  head   end method status bytes cached path")
+    for start, head, end, method, status, size, cached, path in r.get("timeline", []):
+        print(f"{start:7} {head:5} {end:5} {method:6} {status:3} {size:8} {cached!s:5} {path}")
+
+
+async def main(profiles: int, returning: int, trace: bool = False) -> None:
     counter = Counter()
     results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     back: list[dict[str, Any]] = []
@@ -132,8 +186,9 @@ async def main(profiles: int, returning: int) -> None:
             "warm_pool": 1,
             "ready_timeout": 90,
             "limits": {"max_running": 6},
-            # Every click comes from 127.0.0.1: no per-client start limit here.
-            "browser": {"start_limit": 10000},
+            # Every click comes from 127.0.0.1: no per-client start or place limit here
+            # (the last row's session still runs when the returning visitors come).
+            "browser": {"start_limit": 10000, "max_running_per_client": 0},
         },
             allowlist=Allowlist(),
         ) as h,
@@ -143,6 +198,20 @@ async def main(profiles: int, returning: int) -> None:
         pool = asyncio.create_task(h.sessions.pool(max_age=3600).run())
         last = ""
         try:
+            if trace:
+                for _ in range(profiles):
+                    lag = LoopLag()
+                    watch = asyncio.create_task(lag.run())
+                    r = await lovd_click(h, counter, None, trace=True)
+                    watch.cancel()
+                    show_trace("lovd", r)
+                    print("lovd's event loop, late wake-ups over 50 ms:", lag.late)
+                    if r["sid"]:
+                        if last:
+                            await h.sessions.delete(last, "bench")
+                        last = r["sid"]
+                        show_trace("direct", await direct_click(h, http, last, None, trace=True))
+                return
             for name, throttle in ROWS:
                 lovd: list[dict[str, Any]] = []
                 direct: list[dict[str, Any]] = []
@@ -161,6 +230,7 @@ async def main(profiles: int, returning: int) -> None:
                         direct.append(d)
                         progress(f"{name} direct {i}: {d.get('click_to_prompt_ms')} ms")
                 results[name] = (lovd, direct)
+                progress(row_line(name, lovd, direct))
             for i in range(returning):
                 profile = tempfile.mkdtemp(prefix="lovd-bench-")
                 try:
@@ -174,7 +244,8 @@ async def main(profiles: int, returning: int) -> None:
                 back.append(again)
                 progress(
                     f"returning {i}: {again.get('click_to_prompt_ms')} ms, "
-                    f"{again.get('asset_bytes')} B of UI files"
+                    f"{again.get('asset_bytes')} B of UI files {first.get('error', '')} "
+                    f"{again.get('error', '')}"
                 )
         finally:
             pool.cancel()
@@ -190,8 +261,8 @@ async def main(profiles: int, returning: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (lovd, direct) in results.items():
         print(row_line(name, lovd, direct))
-    if back:
-        ok = [r for r in back if r["ok"]]
+    ok = [r for r in back if r["ok"]]
+    if ok:
         t = [r["click_to_prompt_ms"] / 1000 for r in ok]
         ab = [r["asset_bytes"] for r in ok]
         wire = statistics.median([r["bytes"] for r in ok]) / 1e6
@@ -210,5 +281,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--profiles", type=int, default=10)
     ap.add_argument("--returning", type=int, default=3)
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument(
+        "--hold-refill",
+        action="store_true",
+        help="start the warm pool's next container after the click's prompt, not at the claim",
+    )
     a = ap.parse_args()
-    asyncio.run(main(a.profiles, a.returning))
+    HOLD_REFILL = a.hold_refill
+    asyncio.run(main(a.profiles, a.returning, a.trace))

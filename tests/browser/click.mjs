@@ -11,10 +11,38 @@
 //                  → the chat's prompt. The same UI without lovd, Caddy or the gate.
 //   throttle:      {latency_ms, mbit} via CDP Network.emulateNetworkConditions.
 //   reload:        after the prompt, reload and report whether the same chat is shown.
+//   fail_start_fetch: the landing page's script's fetch of the start fails (the network
+//                  drops it): the page must fall back to its form.
+//   trace:         also report a timeline after the click: each request (start, first
+//                  byte, end in ms from the click) and the main thread's busy time by kind
+//                  (Chromium's devtools.timeline trace).
 // Prints one JSON line.
 import { chromium } from "playwright-core";
 
 const spec = JSON.parse(process.argv[2]);
+
+// Main-thread time between the click and the prompt, by trace event name (top-level
+// tasks' children: script evaluation, compile, parse HTML, style, layout, paint, GC), and
+// the first and last script evaluation in ms from the click. The click is the trace's
+// first instant; the page sets no marks of its own.
+function summarize(events, span_ms) {
+  const start = Math.min(...events.filter((e) => e.ph === "X" || e.ph === "B").map((e) => e.ts));
+  const tasks = events.filter((e) => e.ph === "X" && e.dur && e.name === "RunTask");
+  const main = new Map();
+  for (const t of tasks) main.set(t.tid, (main.get(t.tid) || 0) + t.dur);
+  const tid = [...main.entries()].sort((a, b) => b[1] - a[1])[0]?.[0];
+  const by = {};
+  const wanted = new Set(["EvaluateScript", "v8.compile", "v8.compileModule", "v8.evaluateModule",
+    "FunctionCall", "ParseHTML", "UpdateLayoutTree", "Layout", "Paint", "MajorGC", "MinorGC",
+    "V8.GC_MC_BACKGROUND_MARKING", "TimerFire", "EventDispatch", "v8.produceModuleCache",
+    "v8.parseOnBackground", "ResourceReceivedData", "XHRReadyStateChange", "FireAnimationFrame"]);
+  for (const e of events) {
+    if (e.tid !== tid || e.ph !== "X" || !e.dur || !wanted.has(e.name)) continue;
+    by[e.name] = Math.round(((by[e.name] || 0) + e.dur / 1000) * 10) / 10;
+  }
+  const busy = tasks.filter((t) => t.tid === tid).reduce((a, t) => a + t.dur, 0) / 1000;
+  return { span_ms, busy_ms: Math.round(busy), by_kind: by, start_us: start };
+}
 const result = { mode: spec.mode, ok: false };
 const ctx = await chromium.launchPersistentContext(spec.profile, {
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -40,8 +68,14 @@ try {
   // came from the browser's cache, and the headers that matter here.
   const reqs = new Map();
   let phase = "before";
+  let t0;
+  const now = () => (t0 === undefined ? -1 : Date.now() - t0);
   cdp.on("Network.requestWillBeSent", (e) => {
-    reqs.set(e.requestId, { url: e.request.url, phase, bytes: 0, cached: false, encoding: "", cache_control: "" });
+    const prev = reqs.get(e.requestId); // a redirect keeps its id: keep the first start
+    reqs.set(e.requestId, { url: e.request.url, method: prev ? prev.method : e.request.method,
+      phase: prev ? prev.phase : phase, bytes: 0,
+      type: e.type || "",
+      cached: false, encoding: "", cache_control: "", t_start: prev ? prev.t_start : now() });
   });
   cdp.on("Network.requestServedFromCache", (e) => {
     const r = reqs.get(e.requestId); if (r) r.cached = true;
@@ -50,13 +84,29 @@ try {
     const r = reqs.get(e.requestId); if (!r) return;
     const h = Object.fromEntries(Object.entries(e.response.headers).map(([k, v]) => [k.toLowerCase(), v]));
     r.status = e.response.status;
+    r.t_head = now();
     r.encoding = h["content-encoding"] || "";
     r.cache_control = h["cache-control"] || "";
     r.cached = r.cached || e.response.fromDiskCache || e.response.fromPrefetchCache || false;
   });
   cdp.on("Network.loadingFinished", (e) => {
-    const r = reqs.get(e.requestId); if (r) r.bytes = e.encodedDataLength;
+    const r = reqs.get(e.requestId); if (r) { r.bytes = e.encodedDataLength; r.t_end = now(); }
   });
+  const events = [];
+  if (spec.trace) {
+    cdp.on("Tracing.dataCollected", (e) => events.push(...e.value));
+  }
+  const startTrace = () => cdp.send("Tracing.start", {
+    transferMode: "ReportEvents",
+    traceConfig: { includedCategories: ["devtools.timeline", "v8", "v8.execute",
+      "disabled-by-default-devtools.timeline", "blink.user_timing", "loading"] },
+  });
+  result.page_errors = [];
+  page.on("pageerror", (e) => result.page_errors.push(String(e).slice(0, 300)));
+  if (spec.fail_start_fetch) {
+    await page.route("**/_lovd/start", (route) =>
+      route.request().resourceType() === "fetch" ? route.abort("connectionreset") : route.continue());
+  }
   const prompt = () => page.locator('[data-component="prompt-input"]').first();
   const inChat = async () =>
     /\/session\/ses_/.test(new URL(page.url()).pathname) && (await prompt().isVisible());
@@ -68,32 +118,52 @@ try {
     }
     throw new Error("no chat prompt within " + ms + " ms at " + page.url());
   };
-  let t0;
   if (spec.clear_cookies) await ctx.clearCookies(); // a returning visitor's new session
   if (spec.mode === "lovd") {
     await page.goto(spec.base + "/", { waitUntil: "load" });
     await page.waitForTimeout(spec.read_ms ?? 2000);
+    if (spec.trace) await startTrace();
     phase = "after";
     t0 = Date.now();
     await page.locator('form[action="/_lovd/start"] button').first().click();
   } else {
+    if (spec.trace) await startTrace();
     phase = "after";
     t0 = Date.now();
     await page.goto(spec.url, { waitUntil: "commit" });
   }
   await waitChat(60000);
   result.click_to_prompt_ms = Date.now() - t0;
+  if (spec.trace) {
+    await page.evaluate(() => performance.mark("lovd-prompt")).catch(() => {});
+  }
   result.chat_path = new URL(page.url()).pathname;
   await page.waitForTimeout(300); // late requests of the first paint
   const list = [...reqs.values()].filter((r) => r.phase === "after");
+  if (spec.trace) {
+    const done = new Promise((ok) => cdp.once("Tracing.tracingComplete", ok));
+    await cdp.send("Tracing.end");
+    await done;
+    result.timeline = list.map((r) => [r.t_start, r.t_head ?? -1, r.t_end ?? -1, r.method,
+      r.status ?? 0, r.bytes, r.cached, r.url.replace(/^https?:\/\/[^/]+/, "").slice(0, 90)])
+      .sort((a, b) => a[0] - b[0]);
+    result.main_thread = summarize(events, result.click_to_prompt_ms);
+  }
   const before = [...reqs.values()].filter((r) => r.phase === "before");
   const path = (r) => { try { return new URL(r.url).pathname; } catch { return r.url; } };
   const assets = list.filter((r) => path(r).startsWith("/assets/"));
   result.requests = list.length;
+  // A new document after the click (the form's redirect chain, the UI's HTML shell), or
+  // none: the landing page ran the UI in place (lovd/web/static/instant.js).
+  result.documents_after_click = list.filter((r) => r.type === "Document")
+    .map((r) => [r.method, r.status ?? 0, path(r)]);
+  result.start_fetches = list.filter((r) => r.type === "Fetch" && path(r) === "/_lovd/start")
+    .map((r) => r.status ?? 0);
   result.bytes = list.reduce((a, r) => a + r.bytes, 0);
   result.bytes_before_click = before.reduce((a, r) => a + r.bytes, 0);
   result.asset_bytes = assets.reduce((a, r) => a + r.bytes, 0);
   result.assets = assets.length;
+  result.after_assets = assets.map((r) => ({ path: path(r), cached: r.cached, bytes: r.bytes }));
   result.assets_cached = assets.filter((r) => r.cached).length;
   result.assets_immutable = assets.filter((r) => r.cache_control.includes("immutable")).length;
   result.unhashed_assets = assets.map(path).filter((p) => !/-[A-Za-z0-9_-]{8}\.[a-z0-9]+$/.test(p));
@@ -109,8 +179,20 @@ try {
     .map((r) => [path(r), r.bytes, r.encoding, r.cached]);
   if (spec.reload) {
     const before_path = result.chat_path;
+    phase = "reload";
     await page.reload({ waitUntil: "commit" });
     await waitChat(60000);
+    const again = [...reqs.values()].filter((r) => r.phase === "reload");
+    result.reload_main_bundle = again.filter((r) => /\/assets\/index-[^/]*\.js$/.test(path(r)))
+      .map((r) => ({ path: path(r), cached: r.cached, bytes: r.bytes }));
+    const reloaded = again.filter((r) => path(r).startsWith("/assets/"));
+    result.reload_assets = reloaded.length;
+    result.reload_cached = reloaded.filter((r) => r.cached).length;
+    result.reload_immutable = reloaded.filter((r) => r.cache_control.includes("immutable")).length;
+    result.reload_compressed = reloaded.filter((r) => r.encoding).length;
+    result.reload_unhashed = reloaded.map(path).filter((p) => !/-[A-Za-z0-9_-]{8}\.[a-z0-9]+$/.test(p));
+    result.reload_documents = again.filter((r) => r.type === "Document")
+      .map((r) => [r.method, r.status ?? 0, path(r)]);
     result.reload_same_chat = new URL(page.url()).pathname.split("/").pop() ===
       before_path.split("/").pop();
     result.reload_path = new URL(page.url()).pathname;

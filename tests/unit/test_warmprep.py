@@ -32,14 +32,29 @@ async def test_prefetch_names_the_stored_versions_entry_files(tmp_path: Path) ->
     )
     assert prep.prefetch_html() == ""  # nothing stored yet: no tags
     files = {"/assets/index-A1b2C3d4.js": b"x", "/assets/index-Q1w2E3r4.css": b"y",
-             "/assets/Inter.ttf": b"z"}  # fmt: skip
+             "/assets/Inter.ttf": b"z", "/assets/no-N0r5kAbc.js": b"n",
+             "/assets/nl-N0r5kAbc.js": b"d", "/favicon-v3.svg": b"s"}  # fmt: skip
     ui = UiSet("1.18.33", sorted(files), ["/assets/index-A1b2C3d4.js"],
                ["/assets/index-Q1w2E3r4.css"], ["/assets/Inter.ttf"])  # fmt: skip
     assets._write(ui, files)
     html = prep.prefetch_html()
     assert '<link rel="modulepreload" href="/assets/index-A1b2C3d4.js">' in html
-    assert '<link rel="prefetch" as="style" href="/assets/index-Q1w2E3r4.css">' in html
+    # The UI's stylesheet is loaded and parsed, but applies to nothing on lovd's page.
+    assert (
+        '<link rel="stylesheet" href="/assets/index-Q1w2E3r4.css" media="not all" crossorigin'
+        in html
+    )
     assert '<link rel="prefetch" as="font" href="/assets/Inter.ttf" crossorigin>' in html
+    # Only a Norwegian page compiles the UI's Norwegian texts ahead (and not Dutch ones).
+    assert "no-N0r5kAbc" not in html and "nl-N0r5kAbc" not in prep.prefetch_html("nb")
+    assert '<link rel="modulepreload" href="/assets/no-N0r5kAbc.js">' in prep.prefetch_html("nb")
+    # Only the landing page carries the UI's shell: the script and what it runs.
+    assert "instant.js" not in html
+    shell = prep.prefetch_html("nb", True)
+    assert (
+        '<script src="/_lovd/static/instant.js" defer data-version="1.18.33" '
+        'data-entry="/assets/index-A1b2C3d4.js" data-icon="/favicon-v3.svg"></script>' in shell
+    )
     # A version no container runs any more is not what the next session runs.
     prep.next_version = "0.0.1"
     assert prep.prefetch_html() == ""
@@ -47,3 +62,5 @@ async def test_prefetch_names_the_stored_versions_entry_files(tmp_path: Path) ->
     prep._first["s1"] = "/L3dvcms/session/ses_abc"
     assert prep.first_chat("s1") == "/L3dvcms/session/ses_abc"
     assert prep.first_chat("s1") is None
+    prep._versions["s1"] = "1.18.33"
+    assert prep.version_of("s1") == "1.18.33" and prep.version_of("s2") == ""
