@@ -166,11 +166,12 @@ class Relay:
                 pass
 
     async def _back_off(self, e: Exception, failures: int) -> None:
-        self._failed(e, failures)
+        # The figures first: whoever sees the outage reported sees its backlog with it.
         try:
             await self._refresh_backlog()
         except Exception:
             log.debug("outbox figures not refreshed", exc_info=True)
+        self._failed(e, failures)
         cap = self.config.postgres_max_backoff
         delay = cap if isinstance(e, SyncRefused) else min(cap, 0.1 * 2**failures)
         await asyncio.sleep(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter
