@@ -106,8 +106,10 @@ def cmd_session(args: argparse.Namespace) -> int:
         else:
             print(f"session {data['id']} {data['status']}")
             print(f"  open: {data['url']}")
-            print("  (the link works once and is shown only now; lovd session link ID makes "
-                  "a new one)")
+            print(
+                "  (the link works once and is shown only now; lovd session link ID makes "
+                "a new one)"
+            )
         return 0
     if sub == "link":
         data = _api(args, "POST", f"/api/sessions/{args.id}/link")

@@ -385,5 +385,3 @@ class Daemon:
                 self.stop_event.set()
                 return
             await asyncio.sleep(max(0.5, seconds - idle))
-
-

@@ -123,9 +123,7 @@ class Enforcement:
         )
 
 
-def podman_cgroup_manager(
-    home: Path | None = None, env: Mapping[str, str] | None = None
-) -> str:
+def podman_cgroup_manager(home: Path | None = None, env: Mapping[str, str] | None = None) -> str:
     """The cgroup manager rootless Podman is configured with (containers.conf(5): the
     system files, then the user's; CONTAINERS_CONF replaces them all)."""
     env = os.environ if env is None else env

@@ -339,9 +339,7 @@ class Store:
             "SELECT ts, kind, detail FROM events WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
             (session_id, limit),
         ) as cur:
-            events = [
-                {"at": iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()
-            ]
+            events = [{"at": iso(r[0]), "kind": r[1], "detail": r[2]} for r in await cur.fetchall()]
         async with self._db.execute(
             "SELECT ts, ok, detail FROM health WHERE session_id = ? ORDER BY seq DESC LIMIT ?",
             (session_id, limit),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, CI): prepares the host if needed, then runs
-#   1. ruff and mypy --strict,
+#   1. ruff (lint and format) and mypy --strict,
 #   2. the suite as the unprivileged lovd user (real rootless Podman, Caddy,
 #      PostgreSQL, OpenCode, Chromium),
 #   3. the systemd end-to-end suite as root (it boots a systemd machine with
@@ -45,6 +45,7 @@ sh tests/browser/setup.sh
 export PYTHONDONTWRITEBYTECODE=1
 echo "==> ruff"
 "$VENV/bin/ruff" check --no-cache lovd tests
+"$VENV/bin/ruff" format --check --no-cache lovd tests
 echo "==> mypy --strict lovd/"
 "$VENV/bin/mypy" --cache-dir=/tmp/lovd-mypy-cache lovd
 

@@ -31,8 +31,12 @@ def podman_usable() -> tuple[bool, str]:
         return False, "rootless Podman tests run as the unprivileged lovd user, not root"
     if not shutil.which("podman"):
         return False, "podman is not installed (packaging/setup-host.sh installs it)"
-    r = subprocess.run(["podman", "info", "--format", "{{.Host.OCIRuntime.Name}}"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["podman", "info", "--format", "{{.Host.OCIRuntime.Name}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         return False, f"podman info failed as this user: {r.stderr.strip()[-200:]}"
     return True, ""

@@ -28,8 +28,13 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-def request(sock: str, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+def request(
+    sock: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
     conn = UnixHTTPConnection(sock)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -82,9 +87,19 @@ class LovdProc:
         reconcile is done, as the tests written before it ran in the background expect."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lovd", "--config", str(self.config_path), "serve",
-             "--listen", f"unix:{self.sock}"],
-            stdout=log, stderr=log, env={**os.environ, "LOVD_DEBUG": ""},
+            [
+                sys.executable,
+                "-m",
+                "lovd",
+                "--config",
+                str(self.config_path),
+                "serve",
+                "--listen",
+                f"unix:{self.sock}",
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "LOVD_DEBUG": ""},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -116,9 +131,14 @@ class LovdProc:
                 self.proc.kill()
                 self.proc.wait()
 
-    def api(self, method: str, path: str, body: Any = None,
-            raw: bytes | None = None, headers: dict[str, str] | None = None
-            ) -> tuple[int, dict[str, str], Any]:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         h = {"Content-Type": "application/json"} if data else {}
         h.update(headers or {})
@@ -126,13 +146,25 @@ class LovdProc:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "lovd", "--config", str(self.config_path),
-             "--socket", self.sock, *args],
-            capture_output=True, text=True, check=False, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "lovd",
+                "--config",
+                str(self.config_path),
+                "--socket",
+                self.sock,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
         )
 
     def instance_id(self) -> str:
         import sqlite3
+
         with sqlite3.connect(self.tmp / "state" / "lovd.db") as db:
             return str(db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()[0])
 
@@ -162,8 +194,9 @@ def cookie_of(p: LovdProc, s: dict[str, Any]) -> str:
     return value.split(".", 1)[1]
 
 
-def forward_auth(p: LovdProc, sid: str, token: str, uri: str = "/global/health"
-                 ) -> tuple[int, dict[str, str], Any]:
+def forward_auth(
+    p: LovdProc, sid: str, token: str, uri: str = "/global/health"
+) -> tuple[int, dict[str, str], Any]:
     """What Caddy's forward_auth asks lovd's public socket for one browser request
     (the gate key from the host key, the session cookie, the original method and URI)."""
     from lovd.caddy import AUTH_PATH, GATE_HEADER, gate_key
@@ -189,6 +222,7 @@ def remove_all(p: LovdProc) -> None:
     state = Path(yaml.safe_load(p.config_path.read_text())["state_dir"])
     if (state / "lovd.db").exists():
         import sqlite3
+
         with sqlite3.connect(state / "lovd.db") as db:
             iid = db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()[0]
         for name in containers(f"lovd.instance={iid}"):

@@ -61,20 +61,41 @@ class PgCluster:
             raise RuntimeError(f"{argv[0]} failed: {r.stdout[-500:]} {r.stderr[-1500:]}")
 
     def init(self) -> PgCluster:
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user,
-                  "--auth=trust", "-E", "UTF8", "--no-instructions")
+        self._run(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            self.user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
         return self
 
     def start(self) -> None:
-        opts = (f"-k {self.dir} -c listen_addresses='' -p {self.port} "
-                f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=50")
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                  "-o", opts, "-w", "-t", "60", "start")
+        opts = (
+            f"-k {self.dir} -c listen_addresses='' -p {self.port} "
+            f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=50"
+        )
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self) -> None:
         # immediate: an outage, not a polite shutdown (in-flight transactions abort).
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
-                  "-w", "stop")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def _pids(self) -> list[int]:
         """The postmaster and its children (backends, walwriter, …): this cluster's only."""
@@ -100,10 +121,28 @@ class PgCluster:
         return (self.data / "postmaster.pid").exists()
 
     def psql(self, sql: str) -> str:
-        r = subprocess.run([str(self.bin / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1",
-                            "-h", str(self.dir), "-p", str(self.port), "-U", self.user,
-                            "-d", "postgres", "-c", sql],
-                           capture_output=True, text=True, check=False, timeout=60)
+        r = subprocess.run(
+            [
+                str(self.bin / "psql"),
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.dir),
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"psql: {r.stderr}")
         return r.stdout.strip()
@@ -145,5 +184,3 @@ def pg() -> Iterator[PgCluster]:
     """A fresh cluster per test (initdb ~1 s): tests stop and start it freely."""
     with cluster() as c:
         yield c
-
-

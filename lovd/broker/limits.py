@@ -160,12 +160,19 @@ def _too_large(size: int, cap: int) -> Refusal:
 
 
 _BUSY_BODY = json.dumps(
-    {"error": {"message": "the broker has too many open connections; retry in a moment",
-               "type": "lovd_broker", "code": 503}}
+    {
+        "error": {
+            "message": "the broker has too many open connections; retry in a moment",
+            "type": "lovd_broker",
+            "code": 503,
+        }
+    }
 ).encode()
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n"
+    b"Connection: close\r\nContent-Length: "
+    + str(len(_BUSY_BODY)).encode()
+    + b"\r\n\r\n"
     + _BUSY_BODY
 )
 

@@ -163,8 +163,10 @@ def prepare(
         # is overruled.
         opts = data.get("stream_options")
         if not isinstance(opts, dict) or opts.get("include_usage") is not True:
-            data["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
-                                      "include_usage": True}
+            data["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
             changed = True
     if changed:
         body = _ENCODE(data).encode()

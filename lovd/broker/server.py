@@ -255,8 +255,7 @@ class Broker:
         headers["Accept-Encoding"] = "identity"  # usage is read from the body as it passes
         query = rules.query(route, list(request.query.items()))
         # The tail passed rules.match (no encoding, no dot segments): nothing to normalise.
-        url = URL(up.base_url + request.raw_path.partition("?")[0][len(up.prefix) :],
-                  encoded=True)
+        url = URL(up.base_url + request.raw_path.partition("?")[0][len(up.prefix) :], encoded=True)
         reader = UsageReader("")
         resp: web.StreamResponse | None = None
         status = "502"
@@ -285,9 +284,7 @@ class Broker:
                 complete = True
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             if resp is None or not resp.prepared:
-                log.warning(
-                    "broker: %s unreachable: %s", up.base_url, e, extra={"SESSION_ID": sid}
-                )
+                log.warning("broker: %s unreachable: %s", up.base_url, e, extra={"SESSION_ID": sid})
                 return _error(up, 502, f"the upstream service could not be reached ({e!r})")
             # Mid-stream (upstream dropped or the session went away): the stream just ends.
             log.debug("broker: stream from %s ended early: %r", up.prefix, e)
@@ -340,8 +337,13 @@ def _error(up: Upstream | None, status: int, message: str) -> web.Response:
         kind_of = _ANTHROPIC_TYPES.get(status, "api_error")
         body = {"type": "error", "error": {"type": kind_of, "message": message}}
     elif kind == "google":
-        body = {"error": {"code": status, "message": message,
-                          "status": _GOOGLE_STATUS.get(status, "UNAVAILABLE")}}
+        body = {
+            "error": {
+                "code": status,
+                "message": message,
+                "status": _GOOGLE_STATUS.get(status, "UNAVAILABLE"),
+            }
+        }
     else:
         body = {"error": {"message": message, "type": "lovd_broker", "code": status}}
     return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})

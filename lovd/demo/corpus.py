@@ -29,7 +29,6 @@ from lovd.demo import lawnames, search
 logger = logging.getLogger(__name__)
 
 
-
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 

@@ -366,8 +366,12 @@ def build_server(corpus: Corpus, calls: CallLog) -> MCPServer[Any]:
             known = corpus.unknown_law_name(reference)
             if known:
                 message = f"{known} finnes ikke i dette utvalget av Lovdata."
-                return {"reference": reference, "found": False, "law_name": known,
-                        "message": message[:1].upper() + message[1:]}
+                return {
+                    "reference": reference,
+                    "found": False,
+                    "law_name": known,
+                    "message": message[:1].upper() + message[1:],
+                }
             return {"reference": reference, "found": False, "message": "Ukjent lov."}
         law, provision, section = resolved
         data: dict[str, Any] = {"reference": reference, "law": law.summary()}

@@ -139,9 +139,7 @@ class Admission:
     def retry_after(self) -> int:
         """Seconds until a place may free up, counting unused and idle sessions."""
         ends = [
-            t
-            for s in self.store.all()
-            if s.holds_place and (t := self.frees_at(s)) is not None
+            t for s in self.store.all() if s.holds_place and (t := self.frees_at(s)) is not None
         ]
         if not ends:
             return RETRY_AFTER_DEFAULT

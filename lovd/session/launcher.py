@@ -98,9 +98,7 @@ class SessionEnv:
             "LOVD_PERMISSIONS_DENY": ",".join(c.permissions_deny),
             # The models OpenCode lists (its per-provider whitelist): all a session may
             # use; the gate and the broker refuse any other.
-            "LOVD_MODELS": ",".join(
-                sorted(c.allowed_models(self.demo_urls.get("model", "")))
-            ),
+            "LOVD_MODELS": ",".join(sorted(c.allowed_models(self.demo_urls.get("model", "")))),
             # No single file (the chat database) may outgrow the disk quota
             # (lovd/session/quota.py); the entrypoint turns this into RLIMIT_FSIZE.
             "LOVD_FILE_MAX_KB": str(c.disk_quota // 1024) if c.disk_quota else "",
@@ -326,9 +324,7 @@ class Launcher:
             await self.machine.drop(sid, f"warm start failed: {err.message}")
             log.warning("warm container failed: %s", err.message, extra={"SESSION_ID": sid})
             raise err
-        await self.machine.transition(
-            sid, SessionState.FAILED, reason=err.message, broker_hash=""
-        )
+        await self.machine.transition(sid, SessionState.FAILED, reason=err.message, broker_hash="")
         log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
         raise err
 
@@ -392,8 +388,6 @@ class Launcher:
 
     async def container_alive(self, sid: str) -> bool:
         return any(c.session_id == sid and c.state == "running" for c in await self.runner.list())
-
-
 
 
 def load_host_key(state: Path) -> bytes:

@@ -64,7 +64,13 @@ async def podman_du(podman: str, path: Path) -> int:
     """Allocated bytes under ``path`` measured inside lovd's user namespace, where the
     files a container created (owned by its mapped uids) can all be read."""
     proc = await asyncio.create_subprocess_exec(
-        podman, "unshare", "du", "-s", "-B1", "--", str(path),
+        podman,
+        "unshare",
+        "du",
+        "-s",
+        "-B1",
+        "--",
+        str(path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -248,6 +248,4 @@ def _odd_segments(path: str) -> bool:
 
 def read_snapshot(text: str) -> set[str]:
     """The ``METHOD /path`` lines of opencode_routes.txt (comments and blanks skipped)."""
-    return {
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    }
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}

@@ -277,8 +277,7 @@ def check(kind: str, body: Any, rules: Rules) -> None:
         only = ", ".join(sorted(allowed)) or "nothing"
         raise _refuse(
             extra[0],
-            f"{', '.join(extra)}: not available in this service (this request may set only "
-            f"{only})",
+            f"{', '.join(extra)}: not available in this service (this request may set only {only})",
         )
     for key in REQUIRED.get(kind, ()):
         if key not in body:

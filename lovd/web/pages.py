@@ -49,7 +49,7 @@ UI_PAGE_CSP = (
 
 
 def human_seconds(seconds: int, lang: str = "en") -> str:
-    """"45 s", "3 min", "2 h" (English by default: lovd's own error details are English)."""
+    """ "45 s", "3 min", "2 h" (English by default: lovd's own error details are English)."""
     return texts.human_seconds(seconds, lang)
 
 

@@ -152,9 +152,7 @@ class PublicSite:
         except LovdError as e:
             return self.gate.refuse(request, e, True)
         if not _same_origin(request, strict=True):
-            err = LovdError(
-                "forbidden", "sessions can only be switched from this site's own page"
-            )
+            err = LovdError("forbidden", "sessions can only be switched from this site's own page")
             log.info("cross-site session switch refused for %s", client_address(request))
             return self.gate.refuse(request, err, True)
         if request.content_type != "application/x-www-form-urlencoded":

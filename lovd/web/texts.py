@@ -60,9 +60,7 @@ NB: dict[str, str] = {
     "switch_button": "Bytt til økt {other}",
     "switch_stay": "Bli i økt {current}",
     "progress_start_title": "Økten din startes",
-    "progress_start_text": (
-        "Din private forskningsassistent gjøres klar; det tar noen sekunder."
-    ),
+    "progress_start_text": ("Din private forskningsassistent gjøres klar; det tar noen sekunder."),
     "progress_wake_title": "Økten din vekkes",
     "progress_wake_text": (
         "Økten din ble satt på pause etter en stund uten aktivitet. Den starter igjen med "
@@ -169,8 +167,7 @@ EN: dict[str, str] = {
     "landing_example": "arbeidsmiljøloven § 15-7",
     "landing_advice": "The answers are legal information, not legal advice.",
     "landing_places": (
-        "{used} of {limit} places are in use right now. Your session is private to this "
-        "browser."
+        "{used} of {limit} places are in use right now. Your session is private to this browser."
     ),
     "full_one": "The only place is in use right now — it frees up within {wait}; start your "
     "session then.",

@@ -102,19 +102,32 @@ async def main(requests: int, seconds: float) -> int:
     api_key = "bench-operator-key"
     stub_port = free_port()
     stub = subprocess.Popen(
-        [sys.executable, "-m", "lovd.demo.llm_stub", "--port", str(stub_port),
-         "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "lovd.demo.llm_stub",
+            "--port",
+            str(stub_port),
+            "--log-level",
+            "warning",
+        ],
     )
     tmp = Path(tempfile.mkdtemp(prefix="lovd-bench-broker-"))
     p = LovdProc(
         tmp,
-        llm={"model": "lovd/legal-stub", "base_url": f"http://127.0.0.1:{stub_port}/v1",
-             "api_key": api_key},
+        llm={
+            "model": "lovd/legal-stub",
+            "base_url": f"http://127.0.0.1:{stub_port}/v1",
+            "api_key": api_key,
+        },
         egress={"enforce": False},  # the client is on the host, not in a session
         # One session carries all 32 streams here, so its own limits (2 LLM calls at a
         # time, 16 requests in flight) are raised; every check still runs on each call.
-        broker={"listen": f"127.0.0.1:{free_port()}", "session_concurrency": 32,
-                "session_requests": 64},
+        broker={
+            "listen": f"127.0.0.1:{free_port()}",
+            "session_concurrency": 32,
+            "session_requests": 64,
+        },
     )
     try:
         p.start()
@@ -151,15 +164,21 @@ async def main(requests: int, seconds: float) -> int:
         print(f"{'':18}{'p50':>12}{'p99':>12}")
         print(f"{'direct (stub)':18}{ms(pct(d, 50)):>12}{ms(pct(d, 99)):>12}")
         print(f"{'through broker':18}{ms(pct(b, 50)):>12}{ms(pct(b, 99)):>12}")
-        print(f"{'added by broker':18}{ms(pct(b, 50) - pct(d, 50)):>12}"
-              f"{ms(pct(b, 99) - pct(d, 99)):>12}")
+        print(
+            f"{'added by broker':18}{ms(pct(b, 50) - pct(d, 50)):>12}"
+            f"{ms(pct(b, 99) - pct(d, 99)):>12}"
+        )
         print(f"\nthroughput, 32 concurrent streams for {seconds:g} s")
         print(f"direct          {tput_direct:8.1f} streams/s")
-        print(f"through broker  {tput_broker:8.1f} streams/s  "
-              f"({tput_broker / tput_direct:.2f}x direct)")
+        print(
+            f"through broker  {tput_broker:8.1f} streams/s  "
+            f"({tput_broker / tput_direct:.2f}x direct)"
+        )
         # CPU time barely depends on what else the host runs, unlike the rates above.
-        print(f"lovd CPU per brokered stream: {(cpu1 - cpu0) / max(n1 - n0, 1) * 1e6:.0f} us "
-              f"({n1 - n0} streams)")
+        print(
+            f"lovd CPU per brokered stream: {(cpu1 - cpu0) / max(n1 - n0, 1) * 1e6:.0f} us "
+            f"({n1 - n0} streams)"
+        )
         print(f"\nthe broker counted for the session: {json.dumps(shown['usage'])}")
         return 0
     finally:

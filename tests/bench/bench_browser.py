@@ -183,13 +183,13 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
         harness(
             image=SESSION_IMAGE,
             settings={
-            "warm_pool": 1,
-            "ready_timeout": 90,
-            "limits": {"max_running": 6},
-            # Every click comes from 127.0.0.1: no per-client start or place limit here
-            # (the last row's session still runs when the returning visitors come).
-            "browser": {"start_limit": 10000, "max_running_per_client": 0},
-        },
+                "warm_pool": 1,
+                "ready_timeout": 90,
+                "limits": {"max_running": 6},
+                # Every click comes from 127.0.0.1: no per-client start or place limit here
+                # (the last row's session still runs when the returning visitors come).
+                "browser": {"start_limit": 10000, "max_running_per_client": 0},
+            },
             allowlist=Allowlist(),
         ) as h,
         aiohttp.ClientSession() as http,

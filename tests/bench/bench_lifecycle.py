@@ -86,8 +86,16 @@ def readoption(sizes: list[int], health_seconds: float) -> None:
 def wake_vs_cold(runs: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lovd-bench-wake-"))
     # A short idle_timeout: lovd's own housekeeping idle-stops each session in seconds.
-    p = LovdProc(tmp, image=SESSION_IMAGE, demo="on", demo_mcp_port=0, demo_llm_port=0,
-                 ready_timeout=90, idle_timeout=3, unused_timeout=0)
+    p = LovdProc(
+        tmp,
+        image=SESSION_IMAGE,
+        demo="on",
+        demo_mcp_port=0,
+        demo_llm_port=0,
+        ready_timeout=90,
+        idle_timeout=3,
+        unused_timeout=0,
+    )
     p.start()
     cold: list[float] = []
     wake: list[float] = []
@@ -108,9 +116,11 @@ def wake_vs_cold(runs: int) -> None:
             wake.append(time.monotonic() - t0)
             p.api("DELETE", f"/api/sessions/{sid}")
         c, w = statistics.median(cold), statistics.median(wake)
-        print(f"\nOpenCode image, {runs} runs: cold create→ready p50 {c:.3f} s; "
-              f"wake of an idle-stopped session → request allowed p50 {w:.3f} s "
-              f"({w / c:.2f}x cold)")
+        print(
+            f"\nOpenCode image, {runs} runs: cold create→ready p50 {c:.3f} s; "
+            f"wake of an idle-stopped session → request allowed p50 {w:.3f} s "
+            f"({w / c:.2f}x cold)"
+        )
     finally:
         remove_all(p)
 

@@ -45,8 +45,9 @@ def free_port() -> int:
 
 def healthy(port: int, password: str, deadline: float) -> None:
     auth = base64.b64encode(f"opencode:{password}".encode()).decode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/global/health",
-                                 headers={"Authorization": f"Basic {auth}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/global/health", headers={"Authorization": f"Basic {auth}"}
+    )
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(req, timeout=0.3) as r:
@@ -68,9 +69,26 @@ def bare(runs: int, tmp: Path) -> list[float]:
         port = free_port()
         name = f"bench-oc-{os.getpid()}-{i}"
         t0 = time.monotonic()
-        podman("run", "-d", "--rm", "--init", "--name", name, "--user", "1000",
-               "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/run/secrets",
-               "-v", f"{secret}:/run/secrets/lovd.env:ro", "-p", f"127.0.0.1:{port}:4096", IMAGE)
+        podman(
+            "run",
+            "-d",
+            "--rm",
+            "--init",
+            "--name",
+            name,
+            "--user",
+            "1000",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--tmpfs",
+            "/run/secrets",
+            "-v",
+            f"{secret}:/run/secrets/lovd.env:ro",
+            "-p",
+            f"127.0.0.1:{port}:4096",
+            IMAGE,
+        )
         try:
             healthy(port, password, t0 + 60)
             out.append(time.monotonic() - t0)
@@ -79,13 +97,13 @@ def bare(runs: int, tmp: Path) -> list[float]:
     return out
 
 
-def via_lovd(runs: int, tmp: Path, warm_pool: int = 0,
-             wait_for_pool: bool = False) -> tuple[list[float], list[float]]:
+def via_lovd(
+    runs: int, tmp: Path, warm_pool: int = 0, wait_for_pool: bool = False
+) -> tuple[list[float], list[float]]:
     """create→ready and DELETE times through lovd. With a warm pool, ``wait_for_pool``
     gives the pool time to refill between creates (a user arriving after the previous
     one); without it creates come back to back and may claim a container still booting."""
-    p = LovdProc(tmp, image=IMAGE, demo="on", demo_mcp_port=0, demo_llm_port=0,
-                 warm_pool=warm_pool)
+    p = LovdProc(tmp, image=IMAGE, demo="on", demo_mcp_port=0, demo_llm_port=0, warm_pool=warm_pool)
     p.start()
     created, stopped = [], []
     try:
@@ -128,13 +146,23 @@ def main() -> int:
     build_s = None
     if args.build:
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "lovd", "image", "build"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "lovd", "image", "build"], check=True, capture_output=True
+        )
         build_s = time.monotonic() - t0
     reported = json.loads(podman("image", "inspect", IMAGE))[0]["Size"]
     # What the root filesystem really holds (Podman 4.3 may report an imported layer twice).
-    du = podman("run", "--rm", "--user", "0", "--entrypoint", "/bin/sh", IMAGE, "-c",
-                "du -sk -x / 2>/dev/null")
+    du = podman(
+        "run",
+        "--rm",
+        "--user",
+        "0",
+        "--entrypoint",
+        "/bin/sh",
+        IMAGE,
+        "-c",
+        "du -sk -x / 2>/dev/null",
+    )
     size = int(du.split()[0]) * 1024
     tmp = Path(tempfile.mkdtemp(prefix="lovd-bench-session-"))
     try:
@@ -147,23 +175,35 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     b50 = statistics.median(b)
     print(f"\n{'measure':44} {'lovd':>9} {'bare':>9} {'ratio':>7}  target")
-    for name, xs in (("cold (warm_pool 0)", created), ("warm pool, refilled", warm),
-                     ("warm pool, back to back", burst)):
+    for name, xs in (
+        ("cold (warm_pool 0)", created),
+        ("warm pool, refilled", warm),
+        ("warm pool, back to back", burst),
+    ):
         x50 = statistics.median(xs)
-        print(f"{'create→ready p50 (s), ' + name:44} {x50:9.3f} {b50:9.3f} {x50 / b50:6.2f}x"
-              "  < 2.5 s")
-        print(f"{'create→ready p95 (s), ' + name:44} {pct(xs, 95):9.3f} {pct(b, 95):9.3f}"
-              f" {pct(xs, 95) / pct(b, 95):6.2f}x")
-    print(f"{'stop (DELETE) p50 / max (s)':44} {statistics.median(stopped):9.3f}"
-          f" {max(stopped):9.3f}          < 2 s")
-    print(f"{'image content size (MB)':44} {size / 1e6:9.0f}"
-          f"   (podman image inspect reports {reported / 1e6:.0f} MB)")
+        print(
+            f"{'create→ready p50 (s), ' + name:44} {x50:9.3f} {b50:9.3f} {x50 / b50:6.2f}x  < 2.5 s"
+        )
+        print(
+            f"{'create→ready p95 (s), ' + name:44} {pct(xs, 95):9.3f} {pct(b, 95):9.3f}"
+            f" {pct(xs, 95) / pct(b, 95):6.2f}x"
+        )
+    print(
+        f"{'stop (DELETE) p50 / max (s)':44} {statistics.median(stopped):9.3f}"
+        f" {max(stopped):9.3f}          < 2 s"
+    )
+    print(
+        f"{'image content size (MB)':44} {size / 1e6:9.0f}"
+        f"   (podman image inspect reports {reported / 1e6:.0f} MB)"
+    )
     if build_s is not None:
         print(f"{'lovd image build (s)':44} {build_s:9.1f}")
-    print(f"\n{args.runs} runs each; bare = podman run of {IMAGE} with the same secret file "
-          "until /global/health answers 200. Warm pool: lovd keeps one container booted "
-          "ahead of demand (warm_pool: 1, the default); 'refilled' waits for the pool "
-          "between creates, 'back to back' does not.")
+    print(
+        f"\n{args.runs} runs each; bare = podman run of {IMAGE} with the same secret file "
+        "until /global/health answers 200. Warm pool: lovd keeps one container booted "
+        "ahead of demand (warm_pool: 1, the default); 'refilled' waits for the pool "
+        "between creates, 'back to back' does not."
+    )
     return 0
 
 

@@ -108,7 +108,10 @@ async def api_latency(pg: object, tmp: Path, cycles: int) -> None:
 
 
 async def _api_phases(
-    pg: PgCluster, store: Store, client: TestClient, cycles: int  # type: ignore[type-arg]
+    pg: PgCluster,
+    store: Store,
+    client: TestClient,
+    cycles: int,  # type: ignore[type-arg]
 ) -> None:
     kinds = ("create", "get", "list", "delete")
 
@@ -146,17 +149,23 @@ async def _api_phases(
     finally:
         if not pg.running():
             await asyncio.to_thread(pg.start)
-    print(f"2. API latency, PostgreSQL down vs up ({len(up['get'])} cycles per side; "
-          f"up to {backlog} changes queued while down):")
+    print(
+        f"2. API latency, PostgreSQL down vs up ({len(up['get'])} cycles per side; "
+        f"up to {backlog} changes queued while down):"
+    )
     for k in kinds:
         u, d = up[k], down[k]
         mu, md = statistics.median(u), statistics.median(d)
-        print(f"   {k:6} up p50 {mu * 1000:6.2f} ms p99 {pct(u, 99) * 1000:6.2f} ms | down p50 "
-              f"{md * 1000:6.2f} ms p99 {pct(d, 99) * 1000:6.2f} ms | ratio p50 {md / mu:.3f}x")
+        print(
+            f"   {k:6} up p50 {mu * 1000:6.2f} ms p99 {pct(u, 99) * 1000:6.2f} ms | down p50 "
+            f"{md * 1000:6.2f} ms p99 {pct(d, 99) * 1000:6.2f} ms | ratio p50 {md / mu:.3f}x"
+        )
     u_all = [x for k in kinds for x in up[k]]
     d_all = [x for k in kinds for x in down[k]]
-    print(f"   all    ratio down/up p50 {statistics.median(d_all) / statistics.median(u_all):.3f}x,"
-          f" p99 {pct(d_all, 99) / pct(u_all, 99):.3f}x (target <= 1.1x)")
+    print(
+        f"   all    ratio down/up p50 {statistics.median(d_all) / statistics.median(u_all):.3f}x,"
+        f" p99 {pct(d_all, 99) / pct(u_all, 99):.3f}x (target <= 1.1x)"
+    )
 
 
 async def throughput(dsn: str, tmp: Path, rows: int) -> None:

@@ -41,8 +41,12 @@ async def run_slash(spec: dict[str, Any]) -> dict[str, Any]:
     profile = tempfile.mkdtemp(prefix="lovd-slash-")
     try:
         proc = await asyncio.create_subprocess_exec(
-            "node", str(HERE / "slash.mjs"), json.dumps({"profile": profile, **spec}),
-            cwd=HERE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "node",
+            str(HERE / "slash.mjs"),
+            json.dumps({"profile": profile, **spec}),
+            cwd=HERE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "CHROMIUM": CHROMIUM},
         )
         out, err = await asyncio.wait_for(proc.communicate(), 300)
@@ -63,8 +67,11 @@ async def test_the_slash_menu_and_the_new_chat_title_in_a_browser(tmp_path: Path
     settings = {
         "warm_pool": 1,
         "ready_timeout": 90,
-        "llm": {"model": "lovd/legal-stub", "base_url": f"{llm.base_url}/v1",
-                "api_key": "stub-key"},
+        "llm": {
+            "model": "lovd/legal-stub",
+            "base_url": f"{llm.base_url}/v1",
+            "api_key": "stub-key",
+        },
         "mcp": {"lovdata": {"url": f"{mcp.base_url}/mcp", "token": "mcp-key"}},
     }
     try:
@@ -74,14 +81,15 @@ async def test_the_slash_menu_and_the_new_chat_title_in_a_browser(tmp_path: Path
                 await warm_ready(h)
             finally:
                 task.cancel()  # one container is enough: the host is shared
-            r = await run_slash({"base": h.url, "artifacts": str(artifacts),
-                                 "question": QUESTION})
+            r = await run_slash({"base": h.url, "artifacts": str(artifacts), "question": QUESTION})
     finally:
         await llm.stop()
         await mcp.stop()
     assert r["ok"], r.get("error")
-    print(f"\nthe '/' menu before the first question: {r['slash']}\n"
-          f"and after it: {r['slash_after']}\nrefused on the way: {r['failed']}")
+    print(
+        f"\nthe '/' menu before the first question: {r['slash']}\n"
+        f"and after it: {r['slash_after']}\nrefused on the way: {r['failed']}"
+    )
     for menu in (r["slash"], r["slash_after"]):
         triggers = [e.split()[0] for e in menu]
         # No server command; the UI's own remain (/new is always offered).

@@ -136,4 +136,3 @@ def test_no_session_container_runs_without_the_hook(machine: Machine) -> None:
             user="lovd", check=False,
         )  # fmt: skip
         assert r.returncode == 0 and "inet lovd_egress" in r.stdout, (name, r.stdout, r.stderr)
-

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 PORTS = (8080, 18765, 18766, 18780)  # Caddy, the demo stand-ins, the broker
 
 # Runs a command on a pseudo-terminal, types Ctrl-C once lovd serves, reports one JSON line.
-DRIVER = r'''
+DRIVER = r"""
 import json, os, pty, select, subprocess, sys, time, urllib.request
 def count(*argv):
     out = subprocess.run(["pgrep", "-c", *argv], capture_output=True, text=True).stdout
@@ -76,7 +76,7 @@ report["caddy_after"] = count("-x", "caddy")
 report["lovd_after"] = count("-f", "lovd serve")
 report["tail"] = out.decode(errors="replace")[-800:]
 print("REPORT " + json.dumps(report), flush=True)
-'''
+"""
 
 INNER = r"""#!/bin/bash
 set -u

@@ -353,8 +353,19 @@ async def harness(
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(host.auth_socket)
             sock.listen(256)
-            h = Harness(workdir, host.config, caddy, host.store, host.sessions, host.gate,
-                        manager, port, http, host.env, host)
+            h = Harness(
+                workdir,
+                host.config,
+                caddy,
+                host.store,
+                host.sessions,
+                host.gate,
+                manager,
+                port,
+                http,
+                host.env,
+                host,
+            )
             try:
                 h.public = await serve_public(host.public_app, sock)
                 if run_manager:

@@ -50,8 +50,11 @@ def test_contract_on_the_socket(tmp_path: Path, test_image: str) -> None:
         assert status == 200 and body["sync"] == "off"
 
         status, _, s = p.api("POST", "/api/sessions", {"wait": False})
-        assert status == 201 and f"`{s['status']}`" in (
-            load_openapi()["paths"]["/api/sessions"]["post"]["description"])
+        assert (
+            status == 201
+            and f"`{s['status']}`"
+            in (load_openapi()["paths"]["/api/sessions"]["post"]["description"])
+        )
         deadline = time.monotonic() + 60
         while p.api("GET", f"/api/sessions/{s['id']}")[2]["status"] != "running":
             assert time.monotonic() < deadline, "the session never ran"

@@ -52,10 +52,16 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
     await fake.start_server()
     base = f"http://127.0.0.1:{fake.port}"
     p = LovdProc(
-        tmp_path, image=test_image,
-        llm={"openai_api_key": KEY, "openai_base_url": base + "/openai/v1",
-             "anthropic_api_key": KEY, "anthropic_base_url": base + "/anthropic/v1",
-             "model": "openai/gpt-ok", "models": ["anthropic/claude-ok"]},
+        tmp_path,
+        image=test_image,
+        llm={
+            "openai_api_key": KEY,
+            "openai_base_url": base + "/openai/v1",
+            "anthropic_api_key": KEY,
+            "anthropic_base_url": base + "/anthropic/v1",
+            "model": "openai/gpt-ok",
+            "models": ["anthropic/claude-ok"],
+        },
         mcp={"lovdata": {"url": base + "/mcp", "token": KEY}},
         egress={"enforce": False},  # the attacker here is on the host, with the credential
     )
@@ -82,8 +88,11 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
 
             async def post(path: str, **kw: object) -> tuple[int, bytes]:
-                async with http.post(URL(broker + path, encoded=True), headers={
-                    **auth, **kw.pop("headers", {})}, **kw) as r:  # type: ignore[arg-type]
+                async with http.post(
+                    URL(broker + path, encoded=True),
+                    headers={**auth, **kw.pop("headers", {})},
+                    **kw,
+                ) as r:  # type: ignore[arg-type]
                     return r.status, await r.read()
 
             # 3. Another model, with the operator's key: never reaches the provider.
@@ -95,25 +104,35 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
                 code, text = await post(path, json=body)
                 assert code == 403 and b"not offered" in text, (path, text)
             # 5. Other endpoints, encodings, and headers.
-            for path in ("/llm/openai/files", "/llm/openai/organization/costs",
-                         "/llm/openai/images/generations", "/llm/openai/batches",
-                         "/llm/openai/fine_tuning/jobs", "/llm/anthropic/messages/batches",
-                         "/mcp/lovdata/%252e%252e/outside", "/llm/openai/%2e%2e/x"):
+            for path in (
+                "/llm/openai/files",
+                "/llm/openai/organization/costs",
+                "/llm/openai/images/generations",
+                "/llm/openai/batches",
+                "/llm/openai/fine_tuning/jobs",
+                "/llm/anthropic/messages/batches",
+                "/mcp/lovdata/%252e%252e/outside",
+                "/llm/openai/%2e%2e/x",
+            ):
                 code, _ = await post(path, json={"model": "gpt-ok"})
                 assert code == 404, path
             assert provider.seen == []
-            code, _ = await post("/llm/openai/responses", headers={
-                "OpenAI-Organization": "org-x", "OpenAI-Project": "p-x"},
-                json={"model": "gpt-ok", "input": "x", "stream": True,
-                      "max_output_tokens": 700})
+            code, _ = await post(
+                "/llm/openai/responses",
+                headers={"OpenAI-Organization": "org-x", "OpenAI-Project": "p-x"},
+                json={"model": "gpt-ok", "input": "x", "stream": True, "max_output_tokens": 700},
+            )
             assert code == 200
-            code, _ = await post("/llm/anthropic/messages",
-                                 headers={"anthropic-beta": "files-api-2025-04-14"},
-                                 json={"model": "claude-ok", "max_tokens": 300})
+            code, _ = await post(
+                "/llm/anthropic/messages",
+                headers={"anthropic-beta": "files-api-2025-04-14"},
+                json={"model": "claude-ok", "max_tokens": 300},
+            )
             assert code == 200
             sent = [seen["headers"] for seen in provider.seen]
             assert not {"openai-organization", "openai-project", "anthropic-beta"} & (
-                set(sent[0]) | set(sent[1]))
+                set(sent[0]) | set(sent[1])
+            )
             # 4. The ledger matches the provider's usage (Responses; Anthropic with cache).
             _, _, shown = p.api("GET", f"/api/sessions/{sid}")
             assert shown["usage"]["input_tokens"] == 2000 + 150_015, shown["usage"]
@@ -127,6 +146,7 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
                     chunk = b"x" * (1 << 20)
                     for _ in range(31):
                         yield chunk
+
                 try:
                     return (await post("/llm/openai/chat/completions", data=body()))[0]
                 except aiohttp.ClientError as e:
@@ -134,8 +154,10 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
 
             results = await asyncio.gather(*(upload() for _ in range(40)))
             hwm1 = _status(pid, "VmHWM")
-            print(f"lovd RSS {rss0 / 1024:.0f} MB before; peak {hwm0 / 1024:.0f} MB -> "
-                  f"{hwm1 / 1024:.0f} MB during 40 x 31 MiB uploads ({results[:5]}...)")
+            print(
+                f"lovd RSS {rss0 / 1024:.0f} MB before; peak {hwm0 / 1024:.0f} MB -> "
+                f"{hwm1 / 1024:.0f} MB during 40 x 31 MiB uploads ({results[:5]}...)"
+            )
             assert (hwm1 - rss0) / 1024 < 200, (rss0, hwm1, results)
             assert len(provider.seen) == 2
 
@@ -156,8 +178,10 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
                 w.close()
             await asyncio.sleep(0.5)
             fds2 = _fds(pid)
-            print(f"lovd fds {fds0} before, {fds1} with 600 half-open connections, "
-                  f"{fds2} after; all closed by lovd within {took:.1f} s")
+            print(
+                f"lovd fds {fds0} before, {fds1} with 600 half-open connections, "
+                f"{fds2} after; all closed by lovd within {took:.1f} s"
+            )
             # broker.max_connections, plus some in passing (asyncio accepts a batch before
             # the cap refuses them; upstream connections); without the cap all 600 would
             # stay open.
@@ -170,7 +194,7 @@ async def test_broker_attacks_against_a_real_lovd(test_image: str, tmp_path: Pat
         p.stop()
         await fake.close()
         if sid:
-            subprocess.run(["podman", "rm", "-f", "-t", "0", f"lovd-{sid}"],
-                           capture_output=True, check=False)
-        subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")],
-                       check=False)
+            subprocess.run(
+                ["podman", "rm", "-f", "-t", "0", f"lovd-{sid}"], capture_output=True, check=False
+            )
+        subprocess.run(["podman", "unshare", "rm", "-rf", str(tmp_path / "state")], check=False)

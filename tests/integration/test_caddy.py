@@ -318,6 +318,7 @@ async def test_start_from_browser_progress_then_session(caddy_bin: str, test_ima
         if status == 503:
             assert "Starting your session" in body and headers["Retry-After"] == "2"
             assert "/_lovd/static/progress.js" in body
+
         # The progress page polls /_lovd/status until ready.
         async def ready() -> bool:
             status, _, body = await _get(h, "/_lovd/status", c)
@@ -332,9 +333,7 @@ async def test_start_from_browser_progress_then_session(caddy_bin: str, test_ima
         assert status == 303 and "Set-Cookie" not in headers
 
 
-async def test_start_from_browser_claims_a_warm_container(
-    caddy_bin: str, test_image: str
-) -> None:
+async def test_start_from_browser_claims_a_warm_container(caddy_bin: str, test_image: str) -> None:
     async with harness(settings={"warm_pool": 1}) as h:
         pool = h.sessions.pool(h.config.warm_max_age)
         assert await pool.fill()

@@ -69,8 +69,10 @@ async def settled(path: Path) -> int:
 
 
 def _file(url: str, mime: str = "application/octet-stream", **more: Any) -> dict[str, Any]:
-    return {"noReply": True,
-            "parts": [{"type": "file", "mime": mime, "filename": "n", "url": url, **more}]}
+    return {
+        "noReply": True,
+        "parts": [{"type": "file", "mime": mime, "filename": "n", "url": url, **more}],
+    }
 
 
 async def _texts(http: aiohttp.ClientSession, url: str) -> str:
@@ -128,8 +130,10 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
         container = f"http://127.0.0.1:{s['port']}"
         direct_auth = {"Authorization": aiohttp.encode_basic_auth("opencode", password)}
         timeout = aiohttp.ClientTimeout(total=120)
-        async with aiohttp.ClientSession(timeout=timeout, headers=cookie) as http, \
-                aiohttp.ClientSession(timeout=timeout, headers=direct_auth) as direct:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, headers=cookie) as http,
+            aiohttp.ClientSession(timeout=timeout, headers=direct_auth) as direct,
+        ):
             for _ in range(100):  # until lovd's server is in Caddy
                 ok = await http.get(base + "/global/health")
                 if ok.status == 200:
@@ -141,8 +145,10 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
             #    container's secrets into the chat.
             async with direct.post(container + "/session", json={}) as r:
                 scratch = (await r.json())["id"]
-            async with direct.post(f"{container}/session/{scratch}/prompt_async",
-                                   json=_file("file:///run/secrets/lovd.env")) as r:
+            async with direct.post(
+                f"{container}/session/{scratch}/prompt_async",
+                json=_file("file:///run/secrets/lovd.env"),
+            ) as r:
                 assert r.status < 300, await r.text()
             shown = ""
             for _ in range(100):
@@ -166,8 +172,12 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
                 "model": {"providerID": "lovd", "modelID": "legal-stub"},
                 "parts": [
                     {"type": "text", "text": "Hva sier arbeidsmiljøloven om oppsigelse?"},
-                    {"type": "file", "mime": "application/pdf", "filename": "brev.pdf",
-                     "url": f"data:application/pdf;base64,{pdf}"},
+                    {
+                        "type": "file",
+                        "mime": "application/pdf",
+                        "filename": "brev.pdf",
+                        "url": f"data:application/pdf;base64,{pdf}",
+                    },
                 ],
             }
             async with http.post(f"{base}/session/{oc}/prompt_async", json=body) as r:
@@ -189,17 +199,44 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
                 (_file("file:///run/secrets/lovd.env", "text/plain"), "parts[0].url"),
                 (_file("file:///run/secrets/", "application/x-directory"), "parts[0]"),
                 (_file("http://127.0.0.1:1/x.png", "image/png"), "parts[0].url"),
-                (_file(f"data:text/plain;base64,{pdf}", "text/plain",
-                       source={"type": "file", "path": "/run/secrets/lovd.env",
-                               "text": {"value": "", "start": 0, "end": 0}}),
-                 "parts[0].source"),
-                (_file(f"data:text/plain;base64,{pdf}", "text/plain",
-                       source={"type": "resource", "clientName": "lovdata",
-                               "uri": "file:///etc/passwd"}), "parts[0].source"),
-                ({"parts": [{"type": "text", "text": "x"}],
-                  "model": {"providerID": "openai", "modelID": "gpt-5.5-pro"}}, "model"),
-                ({"parts": [{"type": "text", "text": "x"}],
-                  "model": {"providerID": "anthropic", "modelID": "claude-opus-4-1"}}, "model"),
+                (
+                    _file(
+                        f"data:text/plain;base64,{pdf}",
+                        "text/plain",
+                        source={
+                            "type": "file",
+                            "path": "/run/secrets/lovd.env",
+                            "text": {"value": "", "start": 0, "end": 0},
+                        },
+                    ),
+                    "parts[0].source",
+                ),
+                (
+                    _file(
+                        f"data:text/plain;base64,{pdf}",
+                        "text/plain",
+                        source={
+                            "type": "resource",
+                            "clientName": "lovdata",
+                            "uri": "file:///etc/passwd",
+                        },
+                    ),
+                    "parts[0].source",
+                ),
+                (
+                    {
+                        "parts": [{"type": "text", "text": "x"}],
+                        "model": {"providerID": "openai", "modelID": "gpt-5.5-pro"},
+                    },
+                    "model",
+                ),
+                (
+                    {
+                        "parts": [{"type": "text", "text": "x"}],
+                        "model": {"providerID": "anthropic", "modelID": "claude-opus-4-1"},
+                    },
+                    "model",
+                ),
                 ({"parts": [{"type": "text", "text": "x"}], "agent": "build"}, "agent"),
                 ({"parts": [{"type": "text", "text": "x"}], "variant": "turbo"}, "variant"),
             ]
@@ -268,23 +305,25 @@ async def test_chat_bodies_cannot_read_files_pick_models_or_fill_the_disk(
                     await asyncio.sleep(0.1)
                 async with http2.post(base + "/session", json={}) as r:
                     oc2 = (await r.json())["id"]
-                async with http2.post(f"{base}/session/{oc2}/prompt_async",
-                                      json=attach) as r:
+                async with http2.post(f"{base}/session/{oc2}/prompt_async", json=attach) as r:
                     assert r.status == 204, await r.text()
 
             # 5. The per-file backstop, straight at OpenCode (no gate): file:///usr/bin/node
             #    (94 MiB) cannot make any file of the workspace outgrow the quota.
             grown = du(workspace)
-            async with direct.post(f"{container}/session/{scratch}/prompt_async",
-                                   json=_file("file:///usr/bin/node")) as r:
+            async with direct.post(
+                f"{container}/session/{scratch}/prompt_async", json=_file("file:///usr/bin/node")
+            ) as r:
                 assert r.status < 300, await r.text()
             await asyncio.sleep(5)
-            files = run("podman", "unshare", "find", str(workspace), "-type", "f",
-                        "-printf", "%s %P\n").stdout.splitlines()
-            sizes = sorted(((int(n), f) for n, f in (x.split(" ", 1) for x in files)),
-                           reverse=True)
-            print(f"direct file:///usr/bin/node: workspace {grown} -> {du(workspace)} B; "
-                  f"largest files {sizes[:4]}")
+            files = run(
+                "podman", "unshare", "find", str(workspace), "-type", "f", "-printf", "%s %P\n"
+            ).stdout.splitlines()
+            sizes = sorted(((int(n), f) for n, f in (x.split(" ", 1) for x in files)), reverse=True)
+            print(
+                f"direct file:///usr/bin/node: workspace {grown} -> {du(workspace)} B; "
+                f"largest files {sizes[:4]}"
+            )
             assert sizes[0][0] <= QUOTA
             async with direct.get(container + "/global/health") as r:
                 assert r.status == 200  # OpenCode got EFBIG, it was not killed

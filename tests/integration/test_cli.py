@@ -18,21 +18,44 @@ pytestmark = pytest.mark.podman
 
 def lovd(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
     pre = ["--config", str(config)] if config else []
-    return subprocess.run([sys.executable, "-m", "lovd", *pre, *args],
-                          capture_output=True, text=True, check=False, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lovd", *pre, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
     conf = tmp_path / "lovd.conf"
-    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image,
-                                    "runner": "podman", "limits": {"enforce": False}}))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "state_dir": str(tmp_path),
+                "image": test_image,
+                "runner": "podman",
+                "limits": {"enforce": False},
+            }
+        )
+    )
     r = lovd("doctor", "--json", config=conf)
     checks = {c["name"]: c for c in json.loads(r.stdout)}
-    for name in ("user", "podman", "runtime", "storage", "subuid", "subgid", "network",
-                 "state-dir", "image", "limits", "user-manager"):
+    for name in (
+        "user",
+        "podman",
+        "runtime",
+        "storage",
+        "subuid",
+        "subgid",
+        "network",
+        "state-dir",
+        "image",
+        "limits",
+        "user-manager",
+    ):
         assert name in checks, name
-    for name in ("user", "podman", "storage", "subuid", "subgid", "network", "state-dir",
-                 "image"):
+    for name in ("user", "podman", "storage", "subuid", "subgid", "network", "state-dir", "image"):
         assert checks[name]["status"] == "ok", checks[name]
     first = r
 
@@ -43,8 +66,9 @@ def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
         assert phrase in got["detail"], got
     assert got["status"] == ("warn" if here.missing else "ok"), got
     assert "pids-limit is applied" not in r.stdout
-    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image,
-                                    "runner": "podman"}))
+    conf.write_text(
+        yaml.safe_dump({"state_dir": str(tmp_path), "image": test_image, "runner": "podman"})
+    )
     r = lovd("doctor", config=conf)
     if here.missing:  # limits.enforce: true (the default) on a host that cannot
         assert r.returncode == 1 and "[FAIL] limits" in r.stdout, r.stdout
@@ -54,8 +78,11 @@ def test_doctor_reports_this_host(tmp_path: Path, test_image: str) -> None:
         assert "[ok  ] limits" in r.stdout, r.stdout
     assert first.returncode == 0, first.stdout
 
-    conf.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "nope" / "x"),
-                                    "image": "localhost/no-such-image:1"}))
+    conf.write_text(
+        yaml.safe_dump(
+            {"state_dir": str(tmp_path / "nope" / "x"), "image": "localhost/no-such-image:1"}
+        )
+    )
     r = lovd("doctor", config=conf)
     assert r.returncode == 1
     assert "[FAIL] image" in r.stdout and "fix: lovd image build" in r.stdout

@@ -151,16 +151,25 @@ def wedge_report() -> str:
     root = Path.home() / ".local/share/containers/storage"
     lines = []
     locks = Path("/proc/locks").read_text().splitlines()
-    for name in ("storage.lock", "overlay-layers/layers.lock", "overlay-images/images.lock",
-                 "overlay-containers/containers.lock", "userns.lock"):
+    for name in (
+        "storage.lock",
+        "overlay-layers/layers.lock",
+        "overlay-images/images.lock",
+        "overlay-containers/containers.lock",
+        "userns.lock",
+    ):
         try:
             ino = (root / name).stat().st_ino
         except OSError:
             continue
         held = [ln.split()[4] for ln in locks if f":{ino} " in ln and "->" not in ln]
         lines.append(f"{name}: held by {held}")
-    ps = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid,ppid,pgid,etimes,args"],
-                        capture_output=True, text=True, check=False).stdout
+    ps = subprocess.run(
+        ["ps", "-u", str(os.getuid()), "-o", "pid,ppid,pgid,etimes,args"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     lines += [ln[:200] for ln in ps.splitlines() if "podman" in ln and "conmon" not in ln]
     return "\n".join(lines)
 
@@ -235,8 +244,10 @@ def test_kill9_during_creates_and_deletes_never_wedges_podman(
 
         log = p.log_path.read_text()
         found = log.count("orphaned child of a previous lovd")
-        ended = {how: len(re.findall(rf"orphan pid \d+ \(.*?\): {how}", log))
-                 for how in ("exited", "SIGTERM", "SIGKILL")}
+        ended = {
+            how: len(re.findall(rf"orphan pid \d+ \(.*?\): {how}", log))
+            for how in ("exited", "SIGTERM", "SIGKILL")
+        }
         print(
             f"\n{CYCLES} kill -9 cycles, {len(load.created)} sessions created (201), "
             f"{len(load.deleted)} deleted (204), {len(rows)} rows at the end; "

@@ -198,8 +198,10 @@ def test_lovd_serve_learns_of_a_death_from_podman_events(tmp_path: Path, test_im
         )
         _, _, after = p.api("GET", f"/api/sessions/{sid}")
         assert after["status"] in ("stopped", "failed") and after["reason"], after
-        print(f"lovd serve: the row left 'running' {took:.2f} s after podman rm -f "
-              f"({time.monotonic() - t0:.2f} s with the API calls)")
+        print(
+            f"lovd serve: the row left 'running' {took:.2f} s after podman rm -f "
+            f"({time.monotonic() - t0:.2f} s with the API calls)"
+        )
     finally:
         remove_all(p)
 

@@ -180,8 +180,9 @@ def cleanup(p: LovdProc) -> None:
     subprocess.run(["podman", "unshare", "rm", "-rf", str(p.tmp / "state")], check=False)
 
 
-def assert_only_broker(p: LovdProc, a: dict[str, Any], b: dict[str, Any],
-                       allowed: Banner, denied: Banner) -> None:
+def assert_only_broker(
+    p: LovdProc, a: dict[str, Any], b: dict[str, Any], allowed: Banner, denied: Banner
+) -> None:
     conf = config_mod.load(str(p.config_path))
     # The broker answers (lovd's own, on broker.listen).
     code, out = connect_from(a["id"], conf.broker_port, b"GET / HTTP/1.0\r\n\r\n")
@@ -251,8 +252,18 @@ def test_a_session_reaches_the_broker_and_nothing_else(
 
         # doctor names a session container that runs without the rules.
         rogue = f"lovd-egress-rogue-{p.instance_id()}"
-        podman("run", "-d", "--rm", "--name", rogue, "--label", "lovd.session=ffffffffffffffff",
-               "--label", f"lovd.instance={p.instance_id()}", test_image)
+        podman(
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            rogue,
+            "--label",
+            "lovd.session=ffffffffffffffff",
+            "--label",
+            f"lovd.instance={p.instance_id()}",
+            test_image,
+        )
         try:
             live = doctor(p)["egress-live"]
             assert live["status"] == "fail" and rogue in live["detail"], live

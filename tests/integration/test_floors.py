@@ -32,8 +32,9 @@ def test_a_full_disk_refuses_new_sessions_and_recovers(test_image: str, tmp_path
     state = tmp_path / "state"
     state.mkdir()
     floor = free(state) - 64 * MIB
-    p = LovdProc(tmp_path, limits={"max_running": 4},
-                 floors={"disk_free": str(floor), "memory_free": "0"})
+    p = LovdProc(
+        tmp_path, limits={"max_running": 4}, floors={"disk_free": str(floor), "memory_free": "0"}
+    )
     p.start()
     iid = p.instance_id()
     filler = state / "filler"

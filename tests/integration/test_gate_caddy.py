@@ -30,9 +30,7 @@ async def _req(
     h: Harness, method: str, path: str, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], str]:
     url = URL(h.url + path, encoded=True)  # exactly these bytes: no client-side cleaning
-    async with h.http.request(
-        method, url, headers=headers or {}, allow_redirects=False
-    ) as r:
+    async with h.http.request(method, url, headers=headers or {}, allow_redirects=False) as r:
         return r.status, dict(r.headers), await r.text()
 
 
@@ -91,9 +89,7 @@ async def test_lovd_answers_auth_only_with_caddys_gate_key(caddy_bin: str) -> No
         async with aiohttp.ClientSession(connector=conn) as direct:
             for key in (None, "", "forged"):
                 extra = {} if key is None else {GATE_HEADER: key}
-                async with direct.get(
-                    "http://lovd/_lovd/auth", headers={**headers, **extra}
-                ) as r:
+                async with direct.get("http://lovd/_lovd/auth", headers={**headers, **extra}) as r:
                     assert r.status == 404
                     assert "Authorization" not in r.headers
                     assert "X-Lovd-Upstream" not in r.headers
@@ -215,8 +211,12 @@ async def test_three_anonymous_starts_then_a_fourth_visitor(
             status, headers, _ = await _start(h)
             assert status == 303, headers
             cookies.append({"Cookie": headers["Set-Cookie"].split(";", 1)[0]})
-        await until(lambda: all(s.status == "running" for s in h.sessions.all()), 30,
-                    "the three sessions running", step=0.1)
+        await until(
+            lambda: all(s.status == "running" for s in h.sessions.all()),
+            30,
+            "the three sessions running",
+            step=0.1,
+        )
         # The fourth visitor: the landing page and the refused start tell the same wait.
         status, headers, body = await _req(h, "GET", "/", NAV)
         assert status == 200 and "All 3 places are in use right now" in body

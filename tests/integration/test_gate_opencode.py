@@ -45,8 +45,9 @@ async def opencode(podman: str, caddy_bin: str) -> AsyncIterator[tuple[Harness, 
     """A real OpenCode session behind Caddy with OpenCode's allowlist alone.
     Yields the harness, the lovd session's cookie value and the OpenCode session id."""
     need(image_present(SESSION_IMAGE), f"{SESSION_IMAGE} missing: run 'lovd image build'")
-    async with harness(image=SESSION_IMAGE, settings={"ready_timeout": 90},
-                       allowlist=Allowlist()) as h:
+    async with harness(
+        image=SESSION_IMAGE, settings={"ready_timeout": 90}, allowlist=Allowlist()
+    ) as h:
         s, token = await h.sessions.create(wait=True)
         c = cookie(s, token)
         async with h.http.post(h.url + "/session", json={}, headers=c) as r:

@@ -38,8 +38,10 @@ def test_a_hung_server_is_restarted_as_the_same_session(lovd: LovdProc) -> None:
     # still runs (what Podman reports does not change).
     podman("exec", f"lovd-{sid}", "/bin/busybox", "kill", "-STOP", "-1")
     took = until_sync(
-        lambda: lovd.api("GET", f"/api/sessions/{sid}")[2]["restarts"] == 1
-        and lovd.api("GET", f"/api/sessions/{sid}")[2]["status"] == "running",
+        lambda: (
+            lovd.api("GET", f"/api/sessions/{sid}")[2]["restarts"] == 1
+            and lovd.api("GET", f"/api/sessions/{sid}")[2]["status"] == "running"
+        ),
         INTERVAL * FAILURES + 15,
     )
     _, _, after = lovd.api("GET", f"/api/sessions/{sid}")
@@ -50,8 +52,10 @@ def test_a_hung_server_is_restarted_as_the_same_session(lovd: LovdProc) -> None:
     details = [h["detail"] for h in health["history"]]
     assert sum(d.startswith("probe failed") for d in details) >= FAILURES, details
     assert any(d.startswith("restart 1:") for d in details), details
-    print(f"hung server noticed and restarted in {took:.1f} s "
-          f"(health.interval {INTERVAL:g} s x health.failures {FAILURES})")
+    print(
+        f"hung server noticed and restarted in {took:.1f} s "
+        f"(health.interval {INTERVAL:g} s x health.failures {FAILURES})"
+    )
 
 
 def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_path: Path) -> None:
@@ -79,9 +83,7 @@ def test_a_removed_container_leaves_a_session_that_wakes(lovd: LovdProc, tmp_pat
 
 def test_session_show_prints_the_probe_history(lovd: LovdProc) -> None:
     _, _, s = lovd.api("POST", "/api/sessions")
-    until_sync(
-        lambda: lovd.api("GET", f"/api/sessions/{s['id']}/health")[2]["history"], 10
-    )
+    until_sync(lambda: lovd.api("GET", f"/api/sessions/{s['id']}/health")[2]["history"], 10)
     out = lovd.cli("session", "show", s["id"])
     assert out.returncode == 0, out.stderr
     assert "0 failed probes in a row, 0/3 restarts in 600 s" in out.stdout

@@ -338,8 +338,14 @@ async def test_demo_mode_through_lovd(session_image: str, tmp_path: Path) -> Non
 async def test_token_cap_shows_its_message_in_the_chat(session_image: str, tmp_path: Path) -> None:
     """The broker's refusal (llm.max_tokens_per_session) reaches the person as a message
     in the real OpenCode chat, not as a hang or a generic failure."""
-    p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0,
-                 llm={"max_tokens_per_session": 1})
+    p = LovdProc(
+        tmp_path,
+        image=session_image,
+        demo="on",
+        demo_mcp_port=0,
+        demo_llm_port=0,
+        llm={"max_tokens_per_session": 1},
+    )
     p.start()
     name = ""
     try:
@@ -376,8 +382,14 @@ async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: 
     passes, the browser's next request wakes it, and OpenCode lists the chat made before."""
     from tests.lovdproc import cookie_of, forward_auth
 
-    p = LovdProc(tmp_path, image=session_image, demo="on", demo_mcp_port=0, demo_llm_port=0,
-                 health={"interval": 1.0})
+    p = LovdProc(
+        tmp_path,
+        image=session_image,
+        demo="on",
+        demo_mcp_port=0,
+        demo_llm_port=0,
+        health={"interval": 1.0},
+    )
     p.start()
     name = ""
     try:
@@ -389,15 +401,21 @@ async def test_a_removed_container_keeps_the_chat(session_image: str, tmp_path: 
         async def chats() -> list[dict[str, Any]]:
             password = container_settings(name)["OPENCODE_SERVER_PASSWORD"]
             url = f"http://127.0.0.1:{s['port']}"
-            async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=30), headers=basic_auth(password)
-            ) as http, http.get(url + "/session") as resp:
+            async with (
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=30), headers=basic_auth(password)
+                ) as http,
+                http.get(url + "/session") as resp,
+            ):
                 return list(await resp.json())
 
         password = container_settings(name)["OPENCODE_SERVER_PASSWORD"]
-        async with aiohttp.ClientSession(headers=basic_auth(password)) as http, http.post(
-            f"http://127.0.0.1:{s['port']}/session", json={"title": "Oppsigelse"}
-        ) as resp:
+        async with (
+            aiohttp.ClientSession(headers=basic_auth(password)) as http,
+            http.post(
+                f"http://127.0.0.1:{s['port']}/session", json={"title": "Oppsigelse"}
+            ) as resp,
+        ):
             chat = (await resp.json())["id"]
         run("podman", "rm", "-f", "-t", "0", name)
         for _ in range(100):

@@ -33,8 +33,9 @@ def password(session_id: str) -> str:
 
 def http_get(port: int, session_id: str, path: str = "/") -> str:
     auth = base64.b64encode(f"opencode:{password(session_id)}".encode()).decode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                 headers={"Authorization": f"Basic {auth}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Basic {auth}"}
+    )
     with urllib.request.urlopen(req, timeout=5) as r:
         return str(r.read().decode())
 
@@ -92,9 +93,18 @@ def test_kill9_readopts_sessions_and_collects_orphans(lovd: LovdProc) -> None:
 
     iid = lovd.instance_id()
     orphan, unlabelled = f"lovd-orphan-{iid}", f"unlabelled-{iid}"
-    podman("run", "-d", "--rm", "--name", orphan, "--label",
-           "lovd.session=ffffffffffffffff", "--label", f"lovd.instance={iid}",
-           "localhost/lovd-test:latest")
+    podman(
+        "run",
+        "-d",
+        "--rm",
+        "--name",
+        orphan,
+        "--label",
+        "lovd.session=ffffffffffffffff",
+        "--label",
+        f"lovd.instance={iid}",
+        "localhost/lovd-test:latest",
+    )
     podman("run", "-d", "--rm", "--name", unlabelled, "localhost/lovd-test:latest")
     try:
         lovd.start()

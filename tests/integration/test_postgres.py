@@ -39,8 +39,9 @@ def q(pg: PgCluster, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 # The relay waits for a row lock on lovd_hosts (another connection holds it).
-LOCKED_ON_HOSTS = ("SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                   "AND query LIKE '%%lovd_hosts%%'")
+LOCKED_ON_HOSTS = (
+    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%lovd_hosts%%'"
+)
 
 
 def lovd_with_pg(tmp: Path, pg: PgCluster, host_id: str = "h1", **extra: Any) -> LovdProc:
@@ -112,8 +113,10 @@ def test_sessions_reach_postgres_within_a_second_and_outages_never_stop_the_api(
     pg.start()
     up = time.monotonic() - t0
     took = until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 10.0, step=0.05)
-    print(f"in sync again {took:.2f} s after PostgreSQL accepted connections "
-          f"({up + took:.2f} s after it was started)")
+    print(
+        f"in sync again {took:.2f} s after PostgreSQL accepted connections "
+        f"({up + took:.2f} s after it was started)"
+    )
     assert took < 5.0
     gone = q(pg, "SELECT status FROM lovd_sessions WHERE id = %s", s["id"])
     assert gone == [("deleted",)]
@@ -128,9 +131,7 @@ def test_sessions_reach_postgres_within_a_second_and_outages_never_stop_the_api(
     assert checks["postgres-sync"]["status"] == "ok", checks["postgres-sync"]
 
 
-def test_kill9_between_commit_and_ack_applies_the_batch_once(
-    lovd: LovdProc, pg: PgCluster
-) -> None:
+def test_kill9_between_commit_and_ack_applies_the_batch_once(lovd: LovdProc, pg: PgCluster) -> None:
     status, _, s = lovd.api("POST", "/api/sessions", {})
     assert status == 201
     until_sync(lambda: pg_rows(pg) == sqlite_rows(lovd), 5.0)
@@ -251,7 +252,9 @@ def test_two_hosts_one_postgres(tmp_path: Path, pg: PgCluster, test_image: str) 
                  5.0)  # fmt: skip
             body = p.api("GET", "/api/sessions?scope=all")[2]
             assert {s["host_id"]: s["read_only"] for s in body["sessions"]} == {
-                mine: False, ("host-b" if mine == "host-a" else "host-a"): True}
+                mine: False,
+                ("host-b" if mine == "host-a" else "host-a"): True,
+            }
         status, _, problem = a.api("DELETE", f"/api/sessions/{sb['id']}")
         assert status == 409 and "belongs to host 'host-b'" in problem["detail"], problem
         assert b.api("GET", f"/api/sessions/{sb['id']}")[0] == 200

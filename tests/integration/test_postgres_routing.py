@@ -42,8 +42,12 @@ def host(tmp: Path, pg: PgCluster, name: str, caddy: CaddyProc, port: int, front
             "auth_socket": str(tmp / "auth.sock"),
             "check_interval": 0.5,
         },
-        postgres={"dsn": pg.dsn, "upstream": f"127.0.0.1:{port}", "heartbeat_interval": 0.5,
-                  "host_stale_after": 2.0},
+        postgres={
+            "dsn": pg.dsn,
+            "upstream": f"127.0.0.1:{port}",
+            "heartbeat_interval": 0.5,
+            "host_stale_after": 2.0,
+        },
     )
 
 
@@ -104,9 +108,12 @@ async def test_a_browser_on_the_front_reaches_a_session_on_either_host(
             text, got[s["id"]] = await open_in_browser(front, s)
             assert "lovd test session" in text
         # A wrong token for B's session is judged by B (A would not know the session).
-        async with aiohttp.ClientSession() as http, http.get(
-            f"{front}/global/health", headers={"Cookie": f"lovd_session={sb['id']}.wrong"}
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"{front}/global/health", headers={"Cookie": f"lovd_session={sb['id']}.wrong"}
+            ) as r,
+        ):
             assert r.status == 401
             assert "wrong or old token" in await r.text()
         # B's lovd stops: shown as not alive; its users get a retryable error, keep their
@@ -115,16 +122,20 @@ async def test_a_browser_on_the_front_reaches_a_session_on_either_host(
         await asyncio.sleep(2.5)  # host_stale_after, and the resolver's cache
         listed = (await asyncio.to_thread(a.api, "GET", "/api/sessions?scope=all"))[2]
         assert {h["host_id"]: h["alive"] for h in listed["hosts"]} == {
-            "host-a": True, "host-b": False}
+            "host-a": True,
+            "host-b": False,
+        }
         valid = {"Cookie": got[sb["id"]]}
-        async with aiohttp.ClientSession() as http, http.get(
-            f"{front}/global/health", headers=valid
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{front}/global/health", headers=valid) as r,
+        ):
             assert r.status >= 500 and "Set-Cookie" not in r.headers, r.status
         await asyncio.to_thread(b.start)
-        async with aiohttp.ClientSession() as http, http.get(
-            f"{front}/global/health", headers=valid
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{front}/global/health", headers=valid) as r,
+        ):
             assert r.status == 200, await r.text()
     finally:
         for p in procs:

@@ -24,8 +24,9 @@ def test_stopped_during_starts_the_next_lovd_adopts_or_resumes(
     podman: str, tmp_path: Path, how: str
 ) -> None:
     need(image_present(SESSION_IMAGE), f"{SESSION_IMAGE} missing: run 'lovd image build'")
-    p = LovdProc(tmp_path, image=SESSION_IMAGE, demo="on", demo_mcp_port=0, demo_llm_port=0,
-                 ready_timeout=90)
+    p = LovdProc(
+        tmp_path, image=SESSION_IMAGE, demo="on", demo_mcp_port=0, demo_llm_port=0, ready_timeout=90
+    )
     p.start()
     iid = p.instance_id()
     try:
@@ -78,7 +79,9 @@ def test_stopped_during_starts_the_next_lovd_adopts_or_resumes(
 def podman_running(iid: str) -> set[str]:
     out = subprocess.run(
         ["podman", "ps", "--filter", f"label=lovd.instance={iid}", "--format", "{{.Names}}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return set(out.split())
 

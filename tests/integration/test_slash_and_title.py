@@ -57,13 +57,15 @@ async def claimed(podman: str) -> AsyncIterator[tuple[Harness, dict[str, str], s
     settings: dict[str, Any] = {
         "warm_pool": 1,
         "ready_timeout": 90,
-        "llm": {"model": "lovd/legal-stub", "base_url": f"{llm.base_url}/v1",
-                "api_key": "stub-key"},
+        "llm": {
+            "model": "lovd/legal-stub",
+            "base_url": f"{llm.base_url}/v1",
+            "api_key": "stub-key",
+        },
         "mcp": {"lovdata": {"url": f"{mcp.base_url}/mcp", "token": "mcp-key"}},
     }
     try:
-        async with harness(image=SESSION_IMAGE, settings=settings,
-                           allowlist=Allowlist()) as h:
+        async with harness(image=SESSION_IMAGE, settings=settings, allowlist=Allowlist()) as h:
             task = asyncio.create_task(h.sessions.pool(max_age=3600).run())
             try:
                 deadline = time.monotonic() + 180
@@ -71,8 +73,9 @@ async def claimed(podman: str) -> AsyncIterator[tuple[Harness, dict[str, str], s
                     assert time.monotonic() < deadline, "the warm container was not prepared"
                     await asyncio.sleep(0.3)
                 task.cancel()  # no second warm container after the claim: the host is shared
-                async with h.http.post(h.url + "/_lovd/start", headers={"Origin": h.url},
-                                       allow_redirects=False) as r:
+                async with h.http.post(
+                    h.url + "/_lovd/start", headers={"Origin": h.url}, allow_redirects=False
+                ) as r:
                     assert r.status == 303, await r.text()
                     where = r.headers["Location"]
                     value = r.cookies["lovd_session"].value
@@ -101,8 +104,11 @@ async def _direct(h: Harness, method: str, path: str) -> Any:
 
 async def _title_after(h: Harness, browser: dict[str, str], chat: str) -> str:
     """Ask the question in ``chat`` through Caddy; the title once OpenCode has set it."""
-    body = {"agent": "juridisk", "model": {"providerID": "lovd", "modelID": "legal-stub"},
-            "parts": [{"type": "text", "text": QUESTION}]}
+    body = {
+        "agent": "juridisk",
+        "model": {"providerID": "lovd", "modelID": "legal-stub"},
+        "parts": [{"type": "text", "text": QUESTION}],
+    }
     async with aiohttp.ClientSession(headers=browser) as http:
         async with http.post(f"{h.url}/session/{chat}/prompt_async", json=body) as r:
             assert r.status < 300, await r.text()
@@ -165,15 +171,20 @@ async def _slash_actions_after_the_first_question(
         # Attacks: each refused naming the field; the chat is as it was.
         attacks = [
             ("summarize", {"providerID": "openai", "modelID": "gpt-4o"}, "modelID"),
-            ("summarize", {"providerID": "lovd", "modelID": "legal-stub", "agent": "build"},
-             "agent"),
+            (
+                "summarize",
+                {"providerID": "lovd", "modelID": "legal-stub", "agent": "build"},
+                "agent",
+            ),
             ("revert", {"messageID": "../../run/secrets/lovd.env"}, "messageID"),
             ("revert", {"messageID": question, "partID": "/etc/passwd"}, "partID"),
             # The same undo in another folder (OpenCode would snapshot and diff it).
             ("revert?directory=/", {"messageID": question}, "directory"),
-            ("fork", {"messageID": question, "permission": [{"permission": "bash",
-                                                             "action": "allow"}]},
-             "permission"),
+            (
+                "fork",
+                {"messageID": question, "permission": [{"permission": "bash", "action": "allow"}]},
+                "permission",
+            ),
         ]
         for action, body, field in attacks:
             status, problem = await post(action, body)
@@ -210,18 +221,20 @@ async def _slash_actions_after_the_first_question(
         async with aiohttp.ClientSession() as plain, plain.get(llm_url + "/requests") as r:
             calls = await r.json()
         assert after["llm_requests"] > before and len(calls) > calls_before, after
-        summary = [m for m in await get(f"/session/{chat}/message")
-                   if m["info"].get("summary") or any(p["type"] == "compaction"
-                                                      for p in m["parts"])]
+        summary = [
+            m
+            for m in await get(f"/session/{chat}/message")
+            if m["info"].get("summary") or any(p["type"] == "compaction" for p in m["parts"])
+        ]
         assert summary, "no summary message after /compact"
-        print(f"\n/undo, /redo, /fork x2 and /compact through Caddy; /compact made "
-              f"{after['llm_requests'] - before} model call(s) through the broker "
-              f"(session usage now {after})")
+        print(
+            f"\n/undo, /redo, /fork x2 and /compact through Caddy; /compact made "
+            f"{after['llm_requests'] - before} model call(s) through the broker "
+            f"(session usage now {after})"
+        )
 
 
-async def _titles_before_the_first_question(
-    h: Harness, browser: dict[str, str], chat: str
-) -> str:
+async def _titles_before_the_first_question(h: Harness, browser: dict[str, str], chat: str) -> str:
     """The chat lovd made before the claim and one the UI makes read "Ny samtale"; the
     id of the UI's."""
     async with aiohttp.ClientSession(headers=browser) as http:
@@ -250,8 +263,9 @@ async def _slash_menu_lists_only_commands_that_work(
             assert r.status == 200 and r.headers["Cache-Control"] == "no-store"
             assert await r.json() == []
         # ... because none of them could run: POST /session/{id}/command is refused.
-        async with http.post(f"{h.url}/session/{chat}/command",
-                             json={"command": "init", "arguments": ""}) as r:
+        async with http.post(
+            f"{h.url}/session/{chat}/command", json={"command": "init", "arguments": ""}
+        ) as r:
             assert r.status == 403, await r.text()
 
         # The UI's own slash commands, by the requests each one makes (the 1.18.33 UI

@@ -61,16 +61,18 @@ async def open_api(
     runner = FakeRunner()
     clock = Clock()
     try:
-        async with open_stack(
-            unit_settings(tmp_path, ports, **settings),
-            runner=lambda _: runner,
-            clock=clock,
-            reconcile_hold=reconcile_hold,
-            health_checks=health_checks,
-            version=version,
-        ) as host, TestClient(TestServer(host.app)) as client:
-            yield Api(client, host.sessions, runner, host.store, host.config, host.env,
-                      clock, host)
+        async with (
+            open_stack(
+                unit_settings(tmp_path, ports, **settings),
+                runner=lambda _: runner,
+                clock=clock,
+                reconcile_hold=reconcile_hold,
+                health_checks=health_checks,
+                version=version,
+            ) as host,
+            TestClient(TestServer(host.app)) as client,
+        ):
+            yield Api(client, host.sessions, runner, host.store, host.config, host.env, clock, host)
     finally:
         await runner.close()
 

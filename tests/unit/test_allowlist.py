@@ -213,8 +213,7 @@ def test_only_model_calls_are_chat_requests() -> None:
     """A prompt and /compact (a summary written by the model) keep a session's place."""
     a = Allowlist()
     chat = [(m, u) for m, u in UI_REQUESTS + CHAT_ACTIONS if a.check(m, u).chat]
-    assert chat == [("POST", f"/session/{SES}/prompt_async"),
-                    ("POST", f"/session/{SES}/summarize")]
+    assert chat == [("POST", f"/session/{SES}/prompt_async"), ("POST", f"/session/{SES}/summarize")]
 
 
 def test_allowed_api_routes_exist_in_the_recorded_opencode() -> None:

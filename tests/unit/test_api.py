@@ -21,9 +21,14 @@ BAD_IDS = ["..%2fx", "%2e%2e%2f", "a" * 300, "abc%0d%0adef", "abc%00def", "ABCDE
 
 def schema_validator(ref: str) -> jsonschema.Draft202012Validator:
     doc = load_openapi()
-    registry = Registry().with_resource("urn:openapi", Resource.from_contents(
-        doc, default_specification=jsonschema.Draft202012Validator.META_SCHEMA and
-        __import__("referencing.jsonschema").jsonschema.DRAFT202012))
+    registry = Registry().with_resource(
+        "urn:openapi",
+        Resource.from_contents(
+            doc,
+            default_specification=jsonschema.Draft202012Validator.META_SCHEMA
+            and __import__("referencing.jsonschema").jsonschema.DRAFT202012,
+        ),
+    )
     return jsonschema.Draft202012Validator({"$ref": f"urn:openapi{ref}"}, registry=registry)
 
 
@@ -84,8 +89,12 @@ async def test_bad_ids_are_refused_and_create_nothing(api: Api, bad: str) -> Non
 
 
 async def test_bad_bodies(api: Api) -> None:
-    body = await problem(await api.client.post(
-        "/api/sessions", data=b"{not json", headers={"Content-Type": "application/json"}), 400)
+    body = await problem(
+        await api.client.post(
+            "/api/sessions", data=b"{not json", headers={"Content-Type": "application/json"}
+        ),
+        400,
+    )
     assert body["code"] == "invalid-json"
     await problem(await api.client.post("/api/sessions", json=[1, 2]), 400)
     body = await problem(await api.client.post("/api/sessions", json={"image": "evil"}), 400)
@@ -134,8 +143,11 @@ async def test_no_wait_returns_starting(api: Api) -> None:
     r = await api.client.post("/api/sessions", json={"wait": False})
     s = await r.json()
     assert r.status == 201 and s["status"] in ("creating", "starting")
-    await until(lambda: api.store.get(s["id"]).status == "running", 2.5,  # type: ignore[union-attr]
-                "the session running")
+    await until(
+        lambda: api.store.get(s["id"]).status == "running",
+        2.5,  # type: ignore[union-attr]
+        "the session running",
+    )
 
 
 async def test_cleanup_removes_expired_and_stops_idle(api: Api) -> None:
@@ -184,8 +196,15 @@ async def test_health_openapi_metrics(api: Api) -> None:
     check_schema("#/components/schemas/Health", await r.json())
     doc = await (await api.client.get("/api/openapi.json")).json()
     assert doc["openapi"].startswith("3.1")
-    paths = {"/api/sessions", "/api/sessions/{id}", "/api/cleanup", "/api/health",
-             "/api/openapi.json", "/metrics", "/c/{id}"}
+    paths = {
+        "/api/sessions",
+        "/api/sessions/{id}",
+        "/api/cleanup",
+        "/api/health",
+        "/api/openapi.json",
+        "/metrics",
+        "/c/{id}",
+    }
     assert paths <= set(doc["paths"])
     await api.client.post("/api/sessions")
     text = await (await api.client.get("/metrics")).text()
@@ -223,8 +242,10 @@ async def test_nothing_a_user_may_come_back_to_is_deleted_before_delete_after(
     """A stopped or failed session keeps its row and workspace through any number of
     cleanup passes, wakes on request, and is deleted only after delete_after."""
     kept = []
-    for status, reason in (("stopped", "container stopped unexpectedly"),
-                           ("failed", "unit failed (exit-code); gave up after 3 restarts")):
+    for status, reason in (
+        ("stopped", "container stopped unexpectedly"),
+        ("failed", "unit failed (exit-code); gave up after 3 restarts"),
+    ):
         s = await (await api.client.post("/api/sessions")).json()
         await api.sessions.stop(s["id"], status, reason)
         kept.append(s["id"])
@@ -242,4 +263,6 @@ async def test_nothing_a_user_may_come_back_to_is_deleted_before_delete_after(
     body = await (await api.client.post("/api/cleanup")).json()
     assert sorted(body["removed"]) == sorted(kept)
     assert {d["reason"] for d in body["deleted"]} == {
-        "stopped for longer than delete_after", "failed for longer than delete_after"}
+        "stopped for longer than delete_after",
+        "failed for longer than delete_after",
+    }

@@ -52,7 +52,8 @@ async def test_a_malformed_id_is_a_documented_400(api: Api, path: str, template:
     doc = load_openapi()
     assert "400" in doc["paths"][template]["get"]["responses"]
     params = doc["paths"][template].get("parameters", []) + doc["paths"][template]["get"].get(
-        "parameters", [])
+        "parameters", []
+    )
     assert {"$ref": "#/components/parameters/SessionId"} in params
     pattern = doc["components"]["parameters"]["SessionId"]["schema"]["pattern"]
     assert pattern == "^[0-9a-f]{16}$"
@@ -87,11 +88,10 @@ async def test_scope_outside_its_enum_is_400(api: Api) -> None:
     await problem(await api.client.get("/api/sessions?scope=everything"), 400)
 
 
-@pytest.mark.parametrize("how", [{"json": {"wait": False}}, {"params": {"wait": "false"}},
-                                 {"params": {"wait": "0"}}])
-async def test_no_wait_answers_a_state_the_description_names(
-    api: Api, how: dict[str, Any]
-) -> None:
+@pytest.mark.parametrize(
+    "how", [{"json": {"wait": False}}, {"params": {"wait": "false"}}, {"params": {"wait": "0"}}]
+)
+async def test_no_wait_answers_a_state_the_description_names(api: Api, how: dict[str, Any]) -> None:
     api.runner.start_delay = 0.3
     r = await api.client.post("/api/sessions", **how)
     s = await r.json()

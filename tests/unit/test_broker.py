@@ -52,16 +52,20 @@ class Upstream:
             return await self._sse(
                 request,
                 [
-                    {"type": "message_start", "message": {"usage": {"input_tokens": 11,
-                                                                    "output_tokens": 1}}},
+                    {
+                        "type": "message_start",
+                        "message": {"usage": {"input_tokens": 11, "output_tokens": 1}},
+                    },
                     {"type": "content_block_delta", "delta": {"text": "Hei"}},
                     {"type": "message_delta", "usage": {"output_tokens": 7}},
                 ],
             )
         if ":generateContent" in request.path:
             return web.json_response(
-                {"candidates": [], "usageMetadata": {"promptTokenCount": 5,
-                                                     "candidatesTokenCount": 4}}
+                {
+                    "candidates": [],
+                    "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 4},
+                }
             )
         return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
 
@@ -70,8 +74,7 @@ class Upstream:
     ) -> web.StreamResponse:
         chunks: list[dict[str, Any]] = [{"choices": [{"delta": {"content": "Første"}}]}]
         if (data.get("stream_options") or {}).get("include_usage"):
-            chunks.append({"choices": [], "usage": {"prompt_tokens": 30,
-                                                    "completion_tokens": 12}})
+            chunks.append({"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 12}})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(f"data: {json.dumps(chunks[0])}\n\n".encode())
@@ -103,8 +106,20 @@ class Rig:
     ) -> tuple[Session, str]:
         secret = ids.new_token()
         now = time.time()
-        s = Session(ids.new_session_id(), status, "", "", 20000 + len(self.store.all()), "", "h",
-                    now, now, now + expires_in, now, broker_hash=ids.hash_token(secret))
+        s = Session(
+            ids.new_session_id(),
+            status,
+            "",
+            "",
+            20000 + len(self.store.all()),
+            "",
+            "h",
+            now,
+            now,
+            now + expires_in,
+            now,
+            broker_hash=ids.hash_token(secret),
+        )
         await self.store.insert(s)
         return s, f"{s.id}.{secret}"
 
@@ -152,8 +167,12 @@ def bearer(cred: str) -> dict[str, str]:
 
 
 OPENAI_CHAT = "/llm/openai/chat/completions"
-CHAT = {"model": "gpt-x", "stream": True, "max_tokens": 10,
-        "messages": [{"role": "user", "content": "Hei"}]}
+CHAT = {
+    "model": "gpt-x",
+    "stream": True,
+    "max_tokens": 10,
+    "messages": [{"role": "user", "content": "Hei"}],
+}
 CLAUDE = {"model": "claude-x", "max_tokens": 20, "stream": True, "messages": []}
 
 
@@ -164,9 +183,16 @@ async def test_no_wrong_or_dead_credential_reaches_an_upstream(tmp_path: Path) -
         _, expired_cred = await r.session(expires_in=-1)
         wrong = f"{live.id}.{ids.new_token()}"
         other_secret_on_our_id = f"{live.id}.{stopped_cred.split('.', 1)[1]}"
-        for headers in ({}, bearer(""), bearer(wrong), bearer(stopped_cred),
-                        bearer(expired_cred), bearer(other_secret_on_our_id),
-                        bearer("../../etc.passwd"), {"x-api-key": CANARY}):
+        for headers in (
+            {},
+            bearer(""),
+            bearer(wrong),
+            bearer(stopped_cred),
+            bearer(expired_cred),
+            bearer(other_secret_on_our_id),
+            bearer("../../etc.passwd"),
+            {"x-api-key": CANARY},
+        ):
             resp = await r.client.post("/llm/openai/chat/completions", json=CHAT, headers=headers)
             assert resp.status == 401, headers
             assert CANARY not in await resp.text()
@@ -181,15 +207,20 @@ async def test_the_operator_key_replaces_the_session_credential_upstream(tmp_pat
     async with rig(tmp_path) as r:
         _, cred = await r.session()
         r.upstream.release.set()
-        resp = await r.client.post("/llm/openai/chat/completions?x=1", json=CHAT,
-                                   headers=bearer(cred))
+        resp = await r.client.post(
+            "/llm/openai/chat/completions?x=1", json=CHAT, headers=bearer(cred)
+        )
         assert resp.status == 200
         await resp.read()
-        resp = await r.client.post("/llm/anthropic/messages", json=CLAUDE,
-                                   headers={"x-api-key": cred})
+        resp = await r.client.post(
+            "/llm/anthropic/messages", json=CLAUDE, headers={"x-api-key": cred}
+        )
         await resp.read()
-        resp = await r.client.post("/llm/google/models/g:generateContent?key=" + cred, json={},
-                                   headers={"x-goog-api-key": cred})
+        resp = await r.client.post(
+            "/llm/google/models/g:generateContent?key=" + cred,
+            json={},
+            headers={"x-goog-api-key": cred},
+        )
         await resp.read()
         resp = await r.client.post("/mcp/lovdata", json={"jsonrpc": "2.0"}, headers=bearer(cred))
         assert resp.status == 200
@@ -209,8 +240,13 @@ async def test_the_operator_key_replaces_the_session_credential_upstream(tmp_pat
 async def test_the_broker_is_not_an_open_proxy(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         _, cred = await r.session()
-        for path in ("/", "/llm/evil/x", "/llm/openaiX/chat", "/http://example.invalid/",
-                     "/llm/openai/../../mcp"):
+        for path in (
+            "/",
+            "/llm/evil/x",
+            "/llm/openaiX/chat",
+            "/http://example.invalid/",
+            "/llm/openai/../../mcp",
+        ):
             resp = await r.client.get(path, headers=bearer(cred))
             assert resp.status == 404, path
         assert r.upstream.seen == []
@@ -227,17 +263,23 @@ async def test_streams_pass_unbuffered_and_usage_is_counted(tmp_path: Path) -> N
         rest = await resp.read()
         assert b'"prompt_tokens": 30' in rest and rest.endswith(b"data: [DONE]\n\n")
         assert r.upstream.seen[0]["body"]["stream_options"] == {"include_usage": True}
-        resp = await r.client.post("/llm/anthropic/messages", json=CLAUDE,
-                                   headers={"x-api-key": cred})
+        resp = await r.client.post(
+            "/llm/anthropic/messages", json=CLAUDE, headers={"x-api-key": cred}
+        )
         await resp.read()
-        resp = await r.client.post("/llm/google/models/g:generateContent", json={},
-                                   headers={"x-goog-api-key": cred})
+        resp = await r.client.post(
+            "/llm/google/models/g:generateContent", json={}, headers={"x-goog-api-key": cred}
+        )
         await resp.read()
         resp = await r.client.post("/mcp/lovdata", json={}, headers=bearer(cred))
         await resp.read()
-        assert r.broker.usage(s.id) == {"llm_requests": 3, "input_tokens": 30 + 11 + 5,
-                                        "output_tokens": 12 + 7 + 4, "mcp_requests": 1,
-                                        "refused": 0}
+        assert r.broker.usage(s.id) == {
+            "llm_requests": 3,
+            "input_tokens": 30 + 11 + 5,
+            "output_tokens": 12 + 7 + 4,
+            "mcp_requests": 1,
+            "refused": 0,
+        }
         metrics = r.metrics.render().decode()
         assert f'lovd_session_llm_tokens{{kind="input",session="{s.id}"}} 46.0' in metrics
         assert 'lovd_llm_tokens_total{kind="output"} 23.0' in metrics
@@ -277,8 +319,9 @@ async def test_the_day_cap_counts_every_session_of_the_host(tmp_path: Path) -> N
         r.upstream.release.set()
         for _ in range(2):  # 42 tokens each, in two sessions
             _, cred = await r.session()
-            resp = await r.client.post("/llm/openai/chat/completions", json=CHAT,
-                                       headers=bearer(cred))
+            resp = await r.client.post(
+                "/llm/openai/chat/completions", json=CHAT, headers=bearer(cred)
+            )
             assert resp.status == 200
             await resp.read()
         _, cred = await r.session()
@@ -303,11 +346,23 @@ async def test_usage_survives_a_restart_of_the_broker(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("ctype", "chunks", "expected"),
     [
-        ("text/event-stream", [b'data: {"usage": {"prompt_tokens": 3, "comp',
-                               b'letion_tokens": 4}}\n\ndata: [DONE]\n\n'], (3, 4)),
+        (
+            "text/event-stream",
+            [
+                b'data: {"usage": {"prompt_tokens": 3, "comp',
+                b'letion_tokens": 4}}\n\ndata: [DONE]\n\n',
+            ],
+            (3, 4),
+        ),
         ("application/json", [b'{"usage": {"input_tokens": 8, ', b'"output_tokens": 2}}'], (8, 2)),
-        ("text/event-stream", [b"data: not json\n", b'data: {"usageMetadata": '
-                               b'{"promptTokenCount": 1, "candidatesTokenCount": 9}}'], (1, 9)),
+        (
+            "text/event-stream",
+            [
+                b"data: not json\n",
+                b'data: {"usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 9}}',
+            ],
+            (1, 9),
+        ),
         ("application/json", [b"[1, 2]"], (0, 0)),
     ],
 )

@@ -49,8 +49,7 @@ def test_example_documents_every_key() -> None:
     documented = dict(config._flatten(example))
     keys = {s.key for s in config.settings()}
     assert keys == set(documented), (
-        f"undocumented: {sorted(keys - set(documented))}; "
-        f"unknown: {sorted(set(documented) - keys)}"
+        f"undocumented: {sorted(keys - set(documented))}; unknown: {sorted(set(documented) - keys)}"
     )
     # The example's values are the defaults, so copying it changes nothing.
     assert config.from_mapping(example) == config.from_mapping({})
@@ -65,7 +64,9 @@ def test_cli_reports_config_errors_without_traceback(tmp_path: Path) -> None:
     bad.write_text("limits:\n  memory: [1, 2]\n")
     r = subprocess.run(
         [sys.executable, "-m", "lovd", "--config", str(bad), "version"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert r.returncode == 2
     assert "limits.memory" in r.stderr and "Traceback" not in r.stderr

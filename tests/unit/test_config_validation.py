@@ -45,8 +45,14 @@ def by_type() -> list[tuple[str, Any]]:
     cases: list[tuple[str, Any]] = []
     for s in config.settings():
         if s.type is float:
-            cases += [(s.key, math.nan), (s.key, math.inf), (s.key, -math.inf), (s.key, -1.0),
-                      (s.key, "ten"), (s.key, True)]
+            cases += [
+                (s.key, math.nan),
+                (s.key, math.inf),
+                (s.key, -math.inf),
+                (s.key, -1.0),
+                (s.key, "ten"),
+                (s.key, True),
+            ]
         elif s.type is int:
             cases += [(s.key, -1), (s.key, 1.5), (s.key, "3"), (s.key, False)]
         elif s.type is bool:
@@ -209,8 +215,10 @@ def test_bad_value_refused_naming_key_and_range(key: str, value: Any, allowed: s
     ("data", "allowed"),
     [
         ({"limits": {"max_running": 200}, "port_range": "20000-20099"}, "at most 100"),
-        ({"postgres": {"heartbeat_interval": 10, "host_stale_after": 5}},
-         "more than postgres.heartbeat_interval"),
+        (
+            {"postgres": {"heartbeat_interval": 10, "host_stale_after": 5}},
+            "more than postgres.heartbeat_interval",
+        ),
     ],
 )
 def test_rules_across_settings(data: dict[str, Any], allowed: str) -> None:
@@ -219,17 +227,33 @@ def test_rules_across_settings(data: dict[str, Any], allowed: str) -> None:
 
 
 GOOD: list[tuple[str, Any]] = [
-    ("delete_after", 0), ("session_ttl", 0), ("idle_timeout", 0), ("unused_timeout", 0),
-    ("idle_exit", 0), ("stop_timeout", 0), ("orphan_grace", 0), ("health.interval", 1),
-    ("public_url", "https://chat.example.org/base"), ("public_url", "http://[::1]:8080"),
-    ("listen", "tcp:127.0.0.1:8080"), ("listen", "tcp:[::1]:8080"),
+    ("delete_after", 0),
+    ("session_ttl", 0),
+    ("idle_timeout", 0),
+    ("unused_timeout", 0),
+    ("idle_exit", 0),
+    ("stop_timeout", 0),
+    ("orphan_grace", 0),
+    ("health.interval", 1),
+    ("public_url", "https://chat.example.org/base"),
+    ("public_url", "http://[::1]:8080"),
+    ("listen", "tcp:127.0.0.1:8080"),
+    ("listen", "tcp:[::1]:8080"),
     ("caddy.listen", [":443", "127.0.0.1:8080", "tcp6/[::1]:8443", "unix//run/c.sock"]),
-    ("caddy.admin", "localhost:2019"), ("caddy.admin", "unix//run/caddy/admin.sock"),
-    ("caddy.admin", ""), ("egress.allow", ["10.0.0.5:3128", "192.168.0.0/16", "[fd00::1]:80"]),
-    ("broker.listen", "[::1]:18780"), ("limits.memory", "512M"), ("limits.memory", "1.5G"),
-    ("floors.disk_free", "0"), ("postgres.upstream", "front.internal:8443"),
-    ("container_user", ""), ("container_user", "1000:1000"), ("userns", "auto:size=65536"),
-    ("demo_mcp_port", 0), ("llm.models", ["openai/gpt-4.1", "anthropic/claude-sonnet-4"]),
+    ("caddy.admin", "localhost:2019"),
+    ("caddy.admin", "unix//run/caddy/admin.sock"),
+    ("caddy.admin", ""),
+    ("egress.allow", ["10.0.0.5:3128", "192.168.0.0/16", "[fd00::1]:80"]),
+    ("broker.listen", "[::1]:18780"),
+    ("limits.memory", "512M"),
+    ("limits.memory", "1.5G"),
+    ("floors.disk_free", "0"),
+    ("postgres.upstream", "front.internal:8443"),
+    ("container_user", ""),
+    ("container_user", "1000:1000"),
+    ("userns", "auto:size=65536"),
+    ("demo_mcp_port", 0),
+    ("llm.models", ["openai/gpt-4.1", "anthropic/claude-sonnet-4"]),
     ("postgres.dsn", "host=db.internal dbname=lovd user=lovd"),
 ]
 
@@ -271,14 +295,16 @@ def test_duplicate_keys_refused(tmp_path: Path, text: str, key: str) -> None:
 
 
 def test_one_section_is_fine(tmp_path: Path) -> None:
-    cfg = config.load(str(write(tmp_path, "limits:\n  memory: 2G\n  cpus: 2\nhealth:\n"
-                                           "  interval: 10\n")))
+    cfg = config.load(
+        str(write(tmp_path, "limits:\n  memory: 2G\n  cpus: 2\nhealth:\n  interval: 10\n"))
+    )
     assert (cfg.memory_max, cfg.cpus, cfg.health_interval) == ("2G", 2.0, 10.0)
 
 
 def lovd(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lovd", *argv],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lovd", *argv], capture_output=True, text=True, check=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -297,8 +323,9 @@ def lovd(*argv: str) -> subprocess.CompletedProcess[str]:
 )
 def test_lovd_refuses_to_start_with_one_line(tmp_path: Path, text: str, key: str) -> None:
     """``lovd serve`` (any command) exits 2 with one line naming the key, no traceback."""
-    r = lovd("--config", str(write(tmp_path, text)), "serve", "--listen",
-             f"unix:{tmp_path / 'api.sock'}")
+    r = lovd(
+        "--config", str(write(tmp_path, text)), "serve", "--listen", f"unix:{tmp_path / 'api.sock'}"
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"lovd: configuration error: {key}: "), r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
@@ -341,6 +368,7 @@ async def test_zero_delete_after_and_session_ttl_keep_sessions(
         assert (await (await api.client.post("/api/cleanup")).json())["removed"] == []
         assert api.store.get(s["id"]) is not None
         assert (api.config.sessions_path / s["id"]).is_dir()
-        r = await api.client.get(f"/c/{s['id']}", params={"token": s["token"]},
-                                 allow_redirects=False)
+        r = await api.client.get(
+            f"/c/{s['id']}", params={"token": s["token"]}, allow_redirects=False
+        )
         assert r.status == 303  # never expired: its link still works

@@ -119,7 +119,7 @@ async def test_the_events_stream_is_followed_again_when_it_ends(tmp_path: Path) 
     fake.write_text(
         "#!/bin/sh\n"
         f"echo '{json.dumps(died)}'\n"
-        "echo '{\"Type\": \"container\", \"Status\": \"start\"}'\n"
+        'echo \'{"Type": "container", "Status": "start"}\'\n'
         "exit 3\n"
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)

@@ -72,8 +72,11 @@ async def test_a_delete_cut_at_each_step_is_finished_at_the_next_start(
         assert not workspace.exists()
         assert await b.store.tombstones() == []
         # PostgreSQL (the outbox) saw the delete exactly once, at the tombstone.
-        ops = [(r.op, json.loads(r.payload)["status"]) for r in await b.store.outbox_read(10_000)
-               if r.key == s.id]
+        ops = [
+            (r.op, json.loads(r.payload)["status"])
+            for r in await b.store.outbox_read(10_000)
+            if r.key == s.id
+        ]
         assert ops.count(("delete", "deleted")) == 1 and ops[-1] == ("delete", "deleted"), ops
         # The other session keeps its row and workspace (the fake container did not
         # outlive the first lovd, so reconcile records it stopped).

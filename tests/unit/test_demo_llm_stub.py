@@ -131,15 +131,19 @@ async def test_answer_after_tool_result_cites_the_url(stub: StandIn) -> None:
     def call(cid: str, name: str, arguments: str, result: Any) -> list[dict[str, Any]]:
         fn = {"name": name, "arguments": arguments}
         return [
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": cid, "type": "function", "function": fn}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": cid, "type": "function", "function": fn}],
+            },
             {"role": "tool", "tool_call_id": cid, "content": json.dumps(result)},
         ]
 
     messages: list[dict[str, Any]] = [
         {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
-        *call("call_1", "lovdata_search_provisions_fulltext", '{"query":"oppsigelse"}',
-              TOOL_RESULT),
+        *call(
+            "call_1", "lovdata_search_provisions_fulltext", '{"query":"oppsigelse"}', TOOL_RESULT
+        ),
     ]
     body = {"model": "legal-stub", "messages": messages, "tools": lovdata_tools()}
     # It reads the best provision it found before it answers.

@@ -288,13 +288,13 @@ def test_cli_arguments() -> None:
 async def test_norwegian_search_stems_ranks_and_falls_back(server: StandIn) -> None:
     url = server.base_url + "/mcp"
     # "arbeidsgiveren" (definite form) finds "arbeidsgiver"; BM25 puts § 15-7 first.
-    _, data = await call(url, "search_provisions_fulltext",
-                         {"query": "arbeidsgiveren saklig grunn"})
+    _, data = await call(
+        url, "search_provisions_fulltext", {"query": "arbeidsgiveren saklig grunn"}
+    )
     assert data["match"] == "all"
     assert data["results"][0]["url"] == AML_15_7
     # No provision holds every word: any word may match, best first, and it says so.
-    _, data = await call(url, "search_provisions_fulltext",
-                         {"query": "oppsigelse sykdom romfart"})
+    _, data = await call(url, "search_provisions_fulltext", {"query": "oppsigelse sykdom romfart"})
     assert data["match"] == "any"
     assert data["results"][0]["url"] == "https://lovdata.no/lov/2005-06-17-62/§15-8"
     # A compound the corpus lacks falls back to its head; a typo to the nearest word.
@@ -310,8 +310,11 @@ async def test_norwegian_search_stems_ranks_and_falls_back(server: StandIn) -> N
 
 @pytest.mark.parametrize("name", ["hl", "husll.", "husleielova", "Husleieloven", "husleielov"])
 async def test_short_and_inflected_law_names(server: StandIn, name: str) -> None:
-    _, data = await call(server.base_url + "/mcp", "search_provisions_fulltext",
-                         {"query": "depositum", "law_id": name})
+    _, data = await call(
+        server.base_url + "/mcp",
+        "search_provisions_fulltext",
+        {"query": "depositum", "law_id": name},
+    )
     assert data["law_id"] == "NL/lov/1999-03-26-17"
     assert data["results"][0]["section"] == "§ 3-5"
 
@@ -321,6 +324,7 @@ async def test_a_known_law_outside_the_corpus_is_named(server: StandIn) -> None:
     _, data = await call(url, "resolve_reference", {"reference": "avhl. § 3-9"})
     assert data["found"] is False
     assert data["law_name"] == "avhendingslova"
-    err, message = await call(url, "search_provisions_fulltext",
-                              {"query": "tyveri", "law_id": "strl"})
+    err, message = await call(
+        url, "search_provisions_fulltext", {"query": "tyveri", "law_id": "strl"}
+    )
     assert err and "straffeloven" in message

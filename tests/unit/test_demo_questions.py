@@ -55,10 +55,14 @@ async def test_every_question_is_answered_with_its_provision() -> None:
     ("question", "expected"),
     [
         # The README's example and the question from issue 17: the rule itself, quoted.
-        ("Hva sier arbeidsmiljøloven om oppsigelse?",
-         "Arbeidstaker kan ikke sies opp uten at det er saklig begrunnet"),
-        ("Kan arbeidsgiveren si meg opp uten saklig grunn?",
-         "Arbeidstaker kan ikke sies opp uten at det er saklig begrunnet"),
+        (
+            "Hva sier arbeidsmiljøloven om oppsigelse?",
+            "Arbeidstaker kan ikke sies opp uten at det er saklig begrunnet",
+        ),
+        (
+            "Kan arbeidsgiveren si meg opp uten saklig grunn?",
+            "Arbeidstaker kan ikke sies opp uten at det er saklig begrunnet",
+        ),
         # A section the corpus lacks, and a law it lacks: said plainly.
         ("Hva sier aml § 99-1?", "Jeg fant ikke § 99-1 i arbeidsmiljøloven"),
         ("Hva sier avhl om mangler?", "Jeg fant ikke avhendingslova i Lovdata"),

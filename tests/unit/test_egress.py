@@ -284,9 +284,7 @@ def test_hook_fails_closed_without_a_pid(tmp_path: Path, state: str) -> None:
 
 
 async def test_doctor_warns_when_off(tmp_path: Path) -> None:
-    [check] = await doctor.egress_checks(
-        cfg(tmp_path, egress={"enforce": False}), podman_ok=True
-    )
+    [check] = await doctor.egress_checks(cfg(tmp_path, egress={"enforce": False}), podman_ok=True)
     assert check.status == "warn" and "NOT in force" in check.detail
     assert "egress.enforce: true" in check.fix
 

@@ -12,8 +12,9 @@ from tests.unit.conftest import open_api
 async def test_low_memory_refuses_new_sessions_and_the_pool(
     tmp_path: Path, free_ports: list[int]
 ) -> None:
-    async with open_api(tmp_path, free_ports, warm_pool=1,
-                        floors={"memory_free": "512M", "disk_free": "0"}) as a:
+    async with open_api(
+        tmp_path, free_ports, warm_pool=1, floors={"memory_free": "512M", "disk_free": "0"}
+    ) as a:
         floors = a.sessions.admission.floors
         s = await (await a.client.post("/api/sessions")).json()
         floors.memory = lambda: 100 * 1024 * 1024  # 100 MiB available

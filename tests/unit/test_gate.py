@@ -112,12 +112,18 @@ async def open_gate(
                 reconcile_hold=reconcile_hold,
             ) as host,
             # No cookie jar: each request carries exactly the cookie the test gives it.
-            TestClient(
-                TestServer(host.public_app), cookie_jar=aiohttp.DummyCookieJar()
-            ) as client,
+            TestClient(TestServer(host.public_app), cookie_jar=aiohttp.DummyCookieJar()) as client,
         ):
-            yield Gate(client, host.gate, host.sessions, host.store,
-                       gate_key(host.env.host_key), host.env, clock, host)
+            yield Gate(
+                client,
+                host.gate,
+                host.sessions,
+                host.store,
+                gate_key(host.env.host_key),
+                host.env,
+                clock,
+                host,
+            )
     finally:
         await runner.close()
 

@@ -76,8 +76,10 @@ async def test_too_many_restarts_fail_the_session_but_keep_it(
         ("container exited with code 3", "exit-code 3"),
         ("container exited with code 137 (out of memory)", "oom"),
         ("unhealthy: 3 failed probes after 3 restarts", "unhealthy"),
-        ("session image localhost/x is not present in the lovd user's Podman store",
-         "image-missing"),
+        (
+            "session image localhost/x is not present in the lovd user's Podman store",
+            "image-missing",
+        ),
         ("session did not answer /global/health within 60 s (ready_timeout)", "start-timeout"),
         ("lovd stopped while the session was being created", "interrupted"),
         ("deleted by request", ""),

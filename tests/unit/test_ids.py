@@ -5,8 +5,17 @@ import pytest
 from lovd import ids
 from lovd.errors import LovdError
 
-BAD = ["../x", "%2e%2e%2f", "a" * 300, "abc\r\ndef", "abcd\x00efabcdefab", "ABCDEF0123456789",
-       "", "0123456789abcdef/", "0123456789abcde"]
+BAD = [
+    "../x",
+    "%2e%2e%2f",
+    "a" * 300,
+    "abc\r\ndef",
+    "abcd\x00efabcdefab",
+    "ABCDEF0123456789",
+    "",
+    "0123456789abcdef/",
+    "0123456789abcde",
+]
 
 
 @pytest.mark.parametrize("bad", BAD)

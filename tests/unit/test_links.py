@@ -161,4 +161,3 @@ async def test_only_the_host_cookie_counts_under_https(
         link = await g.sessions.new_link(s.id)
         r = await open_link(g, s.id, link)  # (a TLS proxy in front may say http)
         assert r.headers["Set-Cookie"].startswith(f"__Host-lovd_session={s.id}.")
-

@@ -73,6 +73,8 @@ async def test_schemathesis_finds_no_failure(tmp_path: Path, free_ports: list[in
         cases += int(summary.group(1))
     links = re.search(r"API Links: +(\d+) covered / (\d+) selected", reports[0])
     assert links is not None and int(links.group(1)) > 0, reports[0][-4000:]
-    print(f"schemathesis: {cases} cases, 0 failures, {links.group(1)}/{links.group(2)} "
-          f"links followed (seed {SEED})")
+    print(
+        f"schemathesis: {cases} cases, 0 failures, {links.group(1)}/{links.group(2)} "
+        f"links followed (seed {SEED})"
+    )
     assert cases >= MIN_CASES, f"only {cases} cases"

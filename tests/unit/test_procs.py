@@ -160,9 +160,11 @@ def test_podmans_pause_process_in_a_childs_group_is_never_signalled(tmp_path: Pa
         kill_group(leader.pid, signal.SIGTERM)
         leader.wait(5)
         time.sleep(0.2)
-        assert not Path(f"/proc/{members['sleep']}").exists() or "Z" in Path(
-            f"/proc/{members['sleep']}/stat"
-        ).read_text().rsplit(")", 1)[1].split()[0]
+        assert (
+            not Path(f"/proc/{members['sleep']}").exists()
+            or "Z"
+            in Path(f"/proc/{members['sleep']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        )
         assert Path(f"/proc/{members['catatonit']}").exists()  # the pause process lives on
     finally:
         with contextlib.suppress(ProcessLookupError):

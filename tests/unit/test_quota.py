@@ -113,13 +113,17 @@ def _config(tmp_path: Path, **values: object) -> config.Config:
 
 
 def test_the_container_gets_the_models_and_the_per_file_limit(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, llm={"model": "openai/gpt-4o-mini", "models": ["anthropic/x"]},
-                  limits={"disk": "512M"})
+    cfg = _config(
+        tmp_path,
+        llm={"model": "openai/gpt-4o-mini", "models": ["anthropic/x"]},
+        limits={"disk": "512M"},
+    )
     env = SessionEnv(cfg, b"k" * 32).build("0123456789abcdef", "cred")
     assert env["LOVD_MODELS"] == "anthropic/x,openai/gpt-4o-mini"
     assert env["LOVD_FILE_MAX_KB"] == str(512 * 1024)
-    demo = SessionEnv(_config(tmp_path, limits={"disk": "0"}), b"k" * 32,
-                      {"model": "lovd/legal-stub"}).build("0123456789abcdef", "cred")
+    demo = SessionEnv(
+        _config(tmp_path, limits={"disk": "0"}), b"k" * 32, {"model": "lovd/legal-stub"}
+    ).build("0123456789abcdef", "cred")
     assert demo["LOVD_MODELS"] == "lovd/legal-stub" and demo["LOVD_FILE_MAX_KB"] == ""
 
 

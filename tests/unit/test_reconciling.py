@@ -60,9 +60,9 @@ async def test_the_browser_path_waits_too(tmp_path: Path, free_ports: list[int])
         ready.failed("podman ps failed (exit 125)", retry_in=2)
         r = await g.auth(None, "")
         assert r.status == 503 and r.headers["Retry-After"] == "2"
-        assert "still reconciling" in (await r.json(content_type="application/problem+json"))[
-            "detail"
-        ]
+        assert (
+            "still reconciling" in (await r.json(content_type="application/problem+json"))["detail"]
+        )
         r = await g.client.get("/c/0123456789abcdef?token=x")
         assert r.status == 503
         assert (await g.client.get("/")).status == 200  # the landing page at once

@@ -49,16 +49,18 @@ def test_only_the_command_list_is_answered_by_lovd() -> None:
     assert not al.check("POST", f"/session/{SES}/command").allowed
 
 
-async def test_the_gate_sends_the_command_list_to_lovd(tmp_path: Path,
-                                                       free_ports: list[int]) -> None:
+async def test_the_gate_sends_the_command_list_to_lovd(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
     async with open_gate(tmp_path, free_ports) as g:
         s, token = await g.session()
         r = await g.auth(s, token, "GET", "/command?directory=%2Fwork", XHR)
         assert r.status == 204
         assert r.headers["X-Lovd-Upstream"] == "unix//run/lovd-test/auth.sock"
         # What Caddy then sends to lovd's socket: the list, for a valid cookie only.
-        ok = await g.client.get("/command?directory=%2Fwork",
-                                headers={"Cookie": f"lovd_session={s.id}.{token}"})
+        ok = await g.client.get(
+            "/command?directory=%2Fwork", headers={"Cookie": f"lovd_session={s.id}.{token}"}
+        )
         assert ok.status == 200 and await ok.json() == []
         assert ok.headers["Cache-Control"] == "no-store"
         for cookie in ("", f"lovd_session={s.id}.wrong"):
@@ -150,8 +152,12 @@ async def front(oc: tuple[FakeOpenCode, int]) -> AsyncIterator[str]:
     _, port = oc
     session = Session("0123456789abcdef", "running", "", "", port, "", "", 0, 0, 0, 0)
     async with aiohttp.ClientSession() as http:
-        check = BodyCheck(session_of=lambda r: session, password_header=lambda sid: "Basic x",
-                          http=http, rules=RULES)
+        check = BodyCheck(
+            session_of=lambda r: session,
+            password_header=lambda sid: "Basic x",
+            http=http,
+            rules=RULES,
+        )
 
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
@@ -214,7 +220,7 @@ async def test_a_chat_with_its_own_title_is_left_alone(oc: tuple[FakeOpenCode, i
 
 
 async def test_a_container_that_does_not_answer_leaves_the_question_alone(
-    oc: tuple[FakeOpenCode, int]
+    oc: tuple[FakeOpenCode, int],
 ) -> None:
     fake, port = oc
     fake.chats["ses_a"] = {"id": "ses_a", "title": PLACEHOLDER, "time": {"created": 1}}
@@ -238,4 +244,3 @@ async def test_only_chat_ids_are_looked_at(oc: tuple[FakeOpenCode, int]) -> None
         for odd in ("..", ".", "ses_a/../../config", "x", "ses_", "ses_a?x=1"):
             await titles.before_prompt("s1", port, odd)
     assert fake.log == []
-

@@ -18,8 +18,19 @@ from tests.fakes import force_state
 
 def new_session(port: int = 20000) -> Session:
     now = time.time()
-    return Session(ids.new_session_id(), "creating", "", ids.hash_token("t"), port, "", "h",
-                   now, now, now + 60, now)
+    return Session(
+        ids.new_session_id(),
+        "creating",
+        "",
+        ids.hash_token("t"),
+        port,
+        "",
+        "h",
+        now,
+        now,
+        now + 60,
+        now,
+    )
 
 
 async def test_every_change_writes_one_outbox_row_in_order(tmp_path: Path) -> None:
@@ -30,7 +41,11 @@ async def test_every_change_writes_one_outbox_row_in_order(tmp_path: Path) -> No
     await store.delete(s.id, "bye")
     rows = await store.outbox_batch()
     assert [(r[2], r[3], r[4]) for r in rows] == [
-        (s.id, 1, "upsert"), (s.id, 2, "upsert"), (s.id, 3, "upsert"), (s.id, 4, "delete")]
+        (s.id, 1, "upsert"),
+        (s.id, 2, "upsert"),
+        (s.id, 3, "upsert"),
+        (s.id, 4, "delete"),
+    ]
     last = json.loads(rows[-1][5])
     assert last["status"] == "deleted" and last["reason"] == "bye"
     await store.outbox_ack(rows[1][0])
@@ -94,8 +109,9 @@ async def test_schema_1_database_is_migrated_in_place(tmp_path: Path) -> None:
 async def test_usage_is_saved_absolute_and_dies_with_the_session(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "lovd.db")
     s = await store.insert(new_session())
-    await store.save_usage({s.id: (1, 10, 20, 3, 0), "feedfeedfeedfeed": (9, 9, 9, 9, 9)},
-                           {"2026-11-30": 30})
+    await store.save_usage(
+        {s.id: (1, 10, 20, 3, 0), "feedfeedfeedfeed": (9, 9, 9, 9, 9)}, {"2026-11-30": 30}
+    )
     await store.save_usage({s.id: (2, 15, 25, 3, 1)}, {"2026-11-30": 40})  # a replay-safe upsert
     rows, days = await store.load_usage()
     assert rows == {s.id: (2, 15, 25, 3, 1)}  # no row for a session that does not exist

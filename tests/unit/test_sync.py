@@ -56,8 +56,19 @@ def make_config(tmp: Path, dsn: str, **pg_settings: Any) -> Config:
 
 def new_session(host: str, port: int) -> Session:
     now = time.time()
-    return Session(ids.new_session_id(), "creating", "", ids.hash_token("t"), port, "", host,
-                   now, now, now + 3600, now)
+    return Session(
+        ids.new_session_id(),
+        "creating",
+        "",
+        ids.hash_token("t"),
+        port,
+        "",
+        host,
+        now,
+        now,
+        now + 3600,
+        now,
+    )
 
 
 async def _b_stale(hosts: Hosts) -> bool:
@@ -75,8 +86,12 @@ _CHECK_COLS = "id, host_id, status, reason, version, port, container_id, restart
 
 def sqlite_checksum(db: Path) -> tuple[int, str]:
     with sqlite3.connect(db) as c:
-        rows = sorted(c.execute(f"SELECT {_CHECK_COLS}, created_at, expires_at FROM sessions "
-                                "WHERE status <> 'deleted'"))  # tombstones: not sessions
+        rows = sorted(
+            c.execute(
+                f"SELECT {_CHECK_COLS}, created_at, expires_at FROM sessions "
+                "WHERE status <> 'deleted'"
+            )
+        )  # tombstones: not sessions
     rows = [(*r[:-2], round(r[-2], 3), round(r[-1], 3)) for r in rows]
     return len(rows), hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
@@ -202,7 +217,8 @@ async def test_200_changes_postgres_stopped_halfway_then_equal_and_nothing_lost(
     await until(host.synced, what="sync", timeout=15)
     assert await pg_checksum(pg.dsn) == sqlite_checksum(host.cfg.db_path)
     counts = await pg_query(
-        pg.dsn, "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM lovd_events")
+        pg.dsn, "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM lovd_events"
+    )
     assert counts == [(200, 200, 1, 200)]  # every change once, none twice
     assert host.relay.status.rows_applied == 200
 
@@ -256,8 +272,11 @@ async def test_backoff_is_capped_and_sync_resumes(host: Host, pg: PgCluster) -> 
     await host.store.insert(new_session("h1", 20001))
     st = host.relay.status
     # Many attempts at max_backoff 0.3 s, each failing fast, while the change waits.
-    await until(lambda: min(st.lag(time.time()), st.as_dict(time.time())["down_seconds"]) > 1.5,
-                10, "1.5 s down, with the change waiting")
+    await until(
+        lambda: min(st.lag(time.time()), st.as_dict(time.time())["down_seconds"]) > 1.5,
+        10,
+        "1.5 s down, with the change waiting",
+    )
     assert not st.connected and st.backlog == 1 and st.lag(time.time()) > 1.5
     assert st.as_dict(time.time())["down_seconds"] > 1.5
     t0 = time.monotonic()
@@ -280,7 +299,8 @@ async def test_a_host_never_writes_another_hosts_session(tmp_path: Path, pg: PgC
     await b.insert(dataclasses.replace(s, host_id="b", status="failed", version=9))
     await rb.step()
     assert await pg_query(pg.dsn, "SELECT host_id, status, version FROM lovd_sessions") == [
-        ("a", "creating", 1)]
+        ("a", "creating", 1)
+    ]
     for x in (ra, rb):
         await x.close()
     for st in (a, b):
@@ -358,9 +378,7 @@ async def test_restore_rebuilds_an_empty_store_without_tokens(host: Host, pg: Pg
     await fresh2.close()
 
 
-async def test_restore_refuses_a_state_this_lovd_does_not_know(
-    host: Host, pg: PgCluster
-) -> None:
+async def test_restore_refuses_a_state_this_lovd_does_not_know(host: Host, pg: PgCluster) -> None:
     """A row PostgreSQL holds in a state lovd has no name for (a newer lovd wrote it) is
     refused with what to do, and the store stays empty."""
     s = await host.store.insert(new_session("h1", 20000))

@@ -61,8 +61,12 @@ async def open_synced(
             {
                 "warm_pool": 0,
                 # restore_on_start: off, as before the one build; tests of it are in test_sync.
-                "postgres": {"dsn": dsn, "max_backoff": 0.3, "heartbeat_interval": 0.2,
-                             "restore_on_start": False},
+                "postgres": {
+                    "dsn": dsn,
+                    "max_backoff": 0.3,
+                    "heartbeat_interval": 0.2,
+                    "restore_on_start": False,
+                },
             },
             settings,
         ),
@@ -75,8 +79,15 @@ async def open_synced(
         ):
             assert host.sync is not None
             host.sync.start()
-            yield SyncedApi(client, host.sessions, host.store, host.sync, host.config.db_path,
-                            host.config, runner)
+            yield SyncedApi(
+                client,
+                host.sessions,
+                host.store,
+                host.sync,
+                host.config.db_path,
+                host.config,
+                runner,
+            )
     finally:
         await runner.close()
 
@@ -207,7 +218,8 @@ async def test_scope_all_without_postgres_is_this_host_with_sync_off(
         assert r.status == 200 and body["sync"] == "off" and body["hosts"] == []
         assert body["host_id"] == "h1"
         assert [(x["id"], x["read_only"], x["host_alive"]) for x in body["sessions"]] == [
-            (s["id"], False, True)]
+            (s["id"], False, True)
+        ]
 
 
 async def test_a_hung_postgres_never_holds_the_api(
@@ -241,8 +253,10 @@ async def test_a_hung_postgres_never_holds_the_api(
             await asyncio.to_thread(pg.thaw)
         await until(lambda: _synced(a), timeout=20)
         assert await pg_checksum(pg.dsn) == sqlite_checksum(a.db)
-        print(f"\nhung PostgreSQL: 3 local requests {local * 1000:.0f} ms, "
-              f"scope=all refused after {waited * 1000:.0f} ms")
+        print(
+            f"\nhung PostgreSQL: 3 local requests {local * 1000:.0f} ms, "
+            f"scope=all refused after {waited * 1000:.0f} ms"
+        )
 
 
 async def _down(a: SyncedApi) -> bool:
@@ -271,9 +285,7 @@ async def test_a_delete_cut_by_a_crash_reaches_postgresql_once(
 
         async def deleted_in_pg() -> bool:
             try:
-                rows = await pg_query(
-                    pg.dsn, "SELECT status FROM lovd_sessions WHERE id = %s", sid
-                )
+                rows = await pg_query(pg.dsn, "SELECT status FROM lovd_sessions WHERE id = %s", sid)
             except psycopg.errors.UndefinedTable:  # the relay has not made its schema yet
                 return False
             return rows == [("deleted",)]

@@ -15,7 +15,10 @@ async def test_unused_sessions_give_their_place_back_when_the_wait_said(
 ) -> None:
     now = [time.time()]
     async with open_api(
-        tmp_path, free_ports, unused_timeout=300, idle_timeout=3600,
+        tmp_path,
+        free_ports,
+        unused_timeout=300,
+        idle_timeout=3600,
         limits={"max_running": 3},
     ) as a:
         a.clock.use(lambda: now[0])
@@ -73,8 +76,10 @@ async def test_idle_timeout_still_applies_to_used_sessions(
         now[0] += 601
         await a.sessions.cleanup()
         s = a.store.get(sid)
-        assert s is not None and (s.status, s.reason) == ("idle-stopped",
-                                                          "no activity for idle_timeout")
+        assert s is not None and (s.status, s.reason) == (
+            "idle-stopped",
+            "no activity for idle_timeout",
+        )
 
 
 async def test_a_session_still_answering_is_never_idle_stopped(
