@@ -42,12 +42,18 @@ def browser_ready() -> None:
 
 async def click(**spec: Any) -> dict[str, Any]:
     """Run click.mjs once with a fresh profile unless one is given; its JSON report."""
+    return await run_script("click.mjs", **spec)
+
+
+async def run_script(script: str, **spec: Any) -> dict[str, Any]:
+    """Run one of this folder's Chromium scripts with a fresh profile unless one is
+    given; the JSON report it prints last."""
     own = "profile" not in spec
-    profile = spec.pop("profile", None) or tempfile.mkdtemp(prefix="lovd-click-")
+    profile = spec.pop("profile", None) or tempfile.mkdtemp(prefix="lovd-browser-")
     try:
         proc = await asyncio.create_subprocess_exec(
             "node",
-            str(HERE / "click.mjs"),
+            str(HERE / script),
             json.dumps({"profile": profile, **spec}),
             cwd=HERE,
             stdout=asyncio.subprocess.PIPE,
@@ -59,7 +65,7 @@ async def click(**spec: Any) -> dict[str, Any]:
         if own:
             shutil.rmtree(profile, ignore_errors=True)
     lines = out.decode().strip().splitlines()
-    assert lines, f"click.mjs printed nothing; stderr: {err.decode()[-2000:]}"
+    assert lines, f"{script} printed nothing; stderr: {err.decode()[-2000:]}"
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 

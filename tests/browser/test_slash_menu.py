@@ -14,10 +14,7 @@ warm OpenCode 1.18.33 container with the demo's stub model (slash.mjs drives it)
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ import pytest
 from lovd.demo.serve import serve_llm_stub, serve_lovdata_mcp
 from lovd.web.allowlist import Allowlist
 from lovd.web.chattitle import PLACEHOLDER
-from tests.browser.test_first_minute import CHROMIUM, browser_ready, warm_ready
+from tests.browser.test_first_minute import browser_ready, run_script, warm_ready
 from tests.integration.caddy_harness import harness
 
 pytestmark = [pytest.mark.browser, pytest.mark.caddy, pytest.mark.opencode]
@@ -38,24 +35,7 @@ SERVER_COMMANDS = ("init", "review", "customize-opencode", "norwegian-legal-quer
 
 
 async def run_slash(spec: dict[str, Any]) -> dict[str, Any]:
-    profile = tempfile.mkdtemp(prefix="lovd-slash-")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "node",
-            str(HERE / "slash.mjs"),
-            json.dumps({"profile": profile, **spec}),
-            cwd=HERE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "CHROMIUM": CHROMIUM},
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 300)
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
-    lines = out.decode().strip().splitlines()
-    assert lines, f"slash.mjs printed nothing; stderr: {err.decode()[-2000:]}"
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return await run_script("slash.mjs", **spec)
 
 
 async def test_the_slash_menu_and_the_new_chat_title_in_a_browser(tmp_path: Path) -> None:
