@@ -198,6 +198,13 @@ class Config:
         "Seconds after which an unclaimed warm container is replaced, so a rebuilt image "
         "or changed settings reach new sessions.",
     )
+    warm_refill_delay: float = setting(
+        "warm_refill_delay",
+        5.0,
+        "Seconds the warm pool waits after a container was claimed before it starts the "
+        "next one: booting OpenCode takes seconds of CPU, which would otherwise slow the "
+        "claimed chat's first page. 0: at once.",
+    )
     ready_timeout: float = setting(
         "ready_timeout",
         60.0,
@@ -751,6 +758,7 @@ def _rules() -> dict[str, checks.Check]:
         "limits.max_running": c.count(1, 10_000),
         "warm_pool": c.count(0, 1_000),
         "warm_max_age": c.seconds(0, c.YEAR, above=True),
+        "warm_refill_delay": c.seconds(0, 3600),
         "ready_timeout": c.seconds(1, c.HOUR),
         "stop_timeout": c.count(0, 3600, unit="seconds"),
         "idle_timeout": c.seconds(0, 10 * c.YEAR, above=True, zero=never),

@@ -125,6 +125,15 @@ class Sessions:
         """A place may have freed up or a warm container was used: the pool refills."""
         self._refill.set()
 
+    def _claimed(self) -> None:
+        """A warm container was claimed: refill after ``warm_refill_delay``, so the next
+        container's boot does not compete for CPU with the claimed chat's first page."""
+        delay = self._config.warm_refill_delay
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.capacity_changed)
+        else:
+            self.capacity_changed()
+
     async def wait_ready(self) -> None:
         """Until the start-up reconcile is done (bounded: then LovdError 503)."""
         await self._ready.wait()
@@ -278,7 +287,7 @@ class Sessions:
         self._metrics.warm_claims.labels("hit" if warm else "miss").inc()
         start = self.warm_pool.claim(sid) if warm else self.launcher.start(sid)
         if warm:
-            self.capacity_changed()
+            self._claimed()
         if wait:
             session = await start
         else:

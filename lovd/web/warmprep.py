@@ -19,6 +19,7 @@ lookup, as before, and the UI files stay on disk.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import re
@@ -41,6 +42,29 @@ UI_LOCALE = {"nb": "no"}
 _HASH = r"-[A-Za-z0-9_-]{8}"
 # The UI's own icon (its page names it; without one the browser asks for /favicon.ico).
 _ICON = re.compile(r"/favicon[A-Za-z0-9_.-]*\.svg")
+# What OpenCode 1.18.33's UI reads first when it opens a chat in /work (the browser
+# bench's trace, tests/bench/bench_browser.py --trace), all GETs; {chat} is the chat made
+# for the container.
+_IN_WORK = "directory=%2Fwork"
+FIRST_READS = (
+    "/global/config",
+    "/provider",
+    f"/provider?{_IN_WORK}",
+    f"/path?{_IN_WORK}",
+    f"/config?{_IN_WORK}",
+    f"/agent?{_IN_WORK}",
+    f"/command?{_IN_WORK}",
+    f"/mcp?{_IN_WORK}",
+    f"/lsp?{_IN_WORK}",
+    f"/vcs?{_IN_WORK}",
+    f"/project/current?{_IN_WORK}",
+    f"/experimental/resource?{_IN_WORK}",
+    f"/api/reference?{_IN_WORK}&location%5Bdirectory%5D=%2Fwork",
+    f"/session?{_IN_WORK}&roots=true&limit=55",
+    "/session/{chat}",
+    "/session/{chat}/message?limit=20",
+)
+READ_TIMEOUT = 5.0
 
 
 class WarmPrep:
@@ -76,7 +100,28 @@ class WarmPrep:
                     task.add_done_callback(lambda _t: self._prune())
         where = await self.landing.location(s.id, s.port)
         if where is not None:
+            await self._first_reads(base, auth, where.rpartition("/")[2])
             self._remember(self._first, s.id, where)
+
+    async def _first_reads(self, base: str, auth: str, chat: str) -> None:
+        """Ask the container what the UI asks first (FIRST_READS), so OpenCode's lazy
+        set-up of the chat's folder (its config, providers, agents, MCP tools: ~0.5 s of
+        CPU on a fresh container) happens before the claim, not in the person's first
+        second. Read-only, with the container's password on the host's loopback (never
+        through the gate); a failure only means the UI pays that time itself."""
+
+        async def read(path: str) -> None:
+            try:
+                async with self.http.get(
+                    base + path.replace("{chat}", chat),
+                    headers={"Authorization": auth},
+                    timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT),
+                ) as r:
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.info("warm read of %s failed: %r", path, e)
+
+        await asyncio.gather(*(read(p) for p in FIRST_READS))
 
     def first_chat(self, sid: str) -> str | None:
         """The chat made for this (just claimed) warm container, if lovd made one."""

@@ -61,9 +61,6 @@ def progress(what: str) -> None:
     print(what, file=sys.stderr, flush=True)
 
 
-HOLD_REFILL = False
-
-
 class Counter:
     def __init__(self) -> None:
         self.n = 0
@@ -86,18 +83,7 @@ async def lovd_click(
     if profile is not None:
         spec.update(profile=profile, clear_cookies=True)
     spec.update(extra)
-    held: list[bool] = []
-    kick = h.sessions.capacity_changed
-    if HOLD_REFILL:
-        # What a refill that waits for the click's first page would buy: the warm pool's
-        # next container starts once the prompt is there, not during the page's burst.
-        h.sessions.capacity_changed = lambda: held.append(True)
-    try:
-        r = await click(**spec)
-    finally:
-        h.sessions.capacity_changed = kick
-        if held:
-            kick()
+    r = await click(**spec)
     # Every answer of lovd's public socket during the visit: the landing page, the start,
     # and each forward_auth subrequest (the UI's HTML shell and API calls).
     r["gate_answers"] = counter.n - n0
@@ -113,6 +99,9 @@ async def direct_click(
     throttle: dict[str, float] | None,
     **extra: Any,
 ) -> dict[str, Any]:
+    # The same quiet machine as the lovd click had: the warm pool's refill (which lovd
+    # starts warm_refill_delay after a claim) done, not booting a container meanwhile.
+    await warm_ready(h)
     s = h.sessions.get(sid)
     auth = h.sessions.container_auth(sid)
     base = f"http://127.0.0.1:{s.port}"
@@ -282,11 +271,5 @@ if __name__ == "__main__":
     ap.add_argument("--profiles", type=int, default=10)
     ap.add_argument("--returning", type=int, default=3)
     ap.add_argument("--trace", action="store_true")
-    ap.add_argument(
-        "--hold-refill",
-        action="store_true",
-        help="start the warm pool's next container after the click's prompt, not at the claim",
-    )
     a = ap.parse_args()
-    HOLD_REFILL = a.hold_refill
     asyncio.run(main(a.profiles, a.returning, a.trace))

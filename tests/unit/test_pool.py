@@ -172,3 +172,30 @@ async def test_pool_loop_refills_after_a_claim(tmp_path: Path, free_ports: list[
             assert {r.status for r in a.store.all()} == {"running", WARM}
         finally:
             loop.cancel()
+
+
+async def test_the_refill_waits_for_the_claimed_chat_to_load(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    """A claim kicks the refill only after warm_refill_delay: the next container's boot
+    must not take the CPU the claimed chat's first page needs."""
+    for delay, refills in ((3600.0, False), (0.2, True)):
+        async with open_api(
+            tmp_path / str(delay), free_ports, warm_pool=1, warm_refill_delay=delay
+        ) as a:
+            loop = asyncio.create_task(pool_of(a).run())
+            try:
+                a.sessions.capacity_changed()
+                await until(lambda: len(warm_ids(a)) == 1)
+                r = await a.client.post("/api/sessions")
+                assert r.status == 201 and warm_ids(a) == []
+                if refills:
+                    await until(lambda: len(warm_ids(a)) == 1)
+                else:
+                    await asyncio.sleep(0.5)  # time for a refill that should not come
+                    assert warm_ids(a) == [] and len(a.runner.starts) == 1
+                    # A freed place still refills at once.
+                    a.sessions.capacity_changed()
+                    await until(lambda: len(warm_ids(a)) == 1)
+            finally:
+                loop.cancel()

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from lovd import config as config_mod
 from lovd.caddy import ui_root
+from lovd.session.model import Session, SessionState
 from lovd.web.assets import UiAssets, UiSet
 from lovd.web.chat_landing import ChatLanding
-from lovd.web.warmprep import WarmPrep
+from lovd.web.warmprep import FIRST_READS, WarmPrep
+from tests.unit.test_chat_landing import AUTH, FakeOpenCode, landing
 
 
 def test_ui_files_live_in_systemds_cache_directory(tmp_path: Path) -> None:
@@ -64,3 +71,58 @@ async def test_prefetch_names_the_stored_versions_entry_files(tmp_path: Path) ->
     assert prep.first_chat("s1") is None
     prep._versions["s1"] = "1.18.33"
     assert prep.version_of("s1") == "1.18.33" and prep.version_of("s2") == ""
+
+
+@pytest.mark.asyncio
+async def test_a_warm_container_reads_what_the_ui_reads_first() -> None:
+    """Before the claim, the container is asked every read the UI makes first (so
+    OpenCode's lazy set-up of /work is done), with its password and nothing but GETs
+    besides the chat lovd makes; a read that fails does not stop the chat from being made
+    and remembered."""
+    fake = FakeOpenCode()
+    seen: list[tuple[str, str, str]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append((request.method, request.raw_path, request.headers.get("Authorization", "")))
+        if request.path == "/agent":
+            raise web.HTTPInternalServerError()  # one read fails
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return web.json_response({})
+
+    app = fake.app()
+    app.middlewares.append(record)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            prep = WarmPrep(
+                http=http,
+                password_header=lambda sid: AUTH,
+                landing=landing(http),
+                assets=None,
+                alive=lambda sid: True,
+            )
+            await prep.ready(warm_row(server.port or 0))
+    finally:
+        await server.close()
+    assert prep.first_chat("s1") == "/L3dvcms/session/ses_new1"
+    gets = {asked(path) for method, path, _ in seen if method == "GET"}
+    missing = [p for p in FIRST_READS if asked(p.replace("{chat}", "ses_new1")) not in gets]
+    assert missing == []
+    assert [(m, p) for m, p, _ in seen if m != "GET"] == [("POST", "/session")]
+    assert {auth for _, _, auth in seen} == {AUTH}
+
+
+def asked(path: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A request as the server reads it (the client may send %2F as /)."""
+    url = URL(path)
+    return url.path, tuple(sorted(url.query.items()))
+
+
+def warm_row(port: int) -> Session:
+    return Session(id="s1", status=SessionState.WARM, reason="", token_hash="", port=port,
+                   container_id="c", host_id="h", created_at=0.0, updated_at=0.0,
+                   expires_at=0.0, last_activity=0.0)  # fmt: skip
