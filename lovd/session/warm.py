@@ -120,8 +120,19 @@ class Warm:
                 )
             except (StaleRow, KeyError):
                 return
-            await self.launcher.stop_container(sid)
-            await self.launcher.remove_workspace(sid)
+            try:
+                await self.launcher.stop_container(sid)
+                await self.launcher.remove_workspace(sid)
+            except LovdError as e:
+                # The row goes all the same: left "stopping" it would be a session no one
+                # owns (reconcile would adopt its container as running), and the refill
+                # loop would end on the error. Its container is then an orphan, which
+                # reconcile removes after orphan_grace.
+                log.warning(
+                    "could not remove a warm container (reconcile will): %s",
+                    e.message,
+                    extra={"SESSION_ID": sid},
+                )
             await self.machine.drop(sid, reason)
         self.launcher.forget(sid)
         log.info("warm container removed: %s", reason, extra={"SESSION_ID": sid})
