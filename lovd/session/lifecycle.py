@@ -383,8 +383,14 @@ class Sessions:
     async def stop(
         self, sid: str, to: SessionState = SessionState.STOPPED, reason: str = ""
     ) -> Session:
+        """Stop ``sid``'s container (under its lock: a start under way finishes first) and
+        make it ``to``; its workspace stays, its next request wakes it. A row that is
+        ``to`` already is left as it is. ``LovdError`` from the runner leaves it
+        ``stopping`` (a later stop retries)."""
         async with self.lock(sid):
-            self.get(sid)
+            current = self.get(sid)
+            if current.status == to:
+                return current
             await self.machine.transition(sid, SessionState.STOPPING, reason=reason)
             await self.launcher.stop_container(sid)
             session = await self.machine.transition(

@@ -62,6 +62,15 @@ class Starts:
                 and session.status == SessionState.STARTING
                 and ids.token_matches(secret, session.broker_hash)
             )
+            if not begun and not warm and not session.starting_up:
+                # A stop (an operator's, POST /api/sessions/{id}/stop) or a failure came
+                # between the create or the claim and this start, and wins: no container.
+                log.info(
+                    "start not made: the session is %s now",
+                    session.status,
+                    extra={"SESSION_ID": sid},
+                )
+                return session
             if not begun:
                 # A new broker credential for every start: the previous container's dies.
                 secret = ids.new_token()
