@@ -157,6 +157,13 @@ def cmd_session(args: argparse.Namespace) -> int:
             for h in reversed(health["history"][:10]):
                 print(f"  {h['at']} {'ok  ' if h['ok'] else 'FAIL'} {h['detail']}")
         return 0
+    if sub == "stop":
+        for sid in args.ids:
+            data = _api(args, "POST", f"/api/sessions/{sid}/stop")
+            print(
+                f"session {data['id']} {data['status']} (workspace kept; wakes on its next request)"
+            )
+        return 0
     if sub == "rm":
         for sid in args.ids:
             _api(args, "DELETE", f"/api/sessions/{sid}")
@@ -328,6 +335,10 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("id")
     c.add_argument("--json", action="store_true")
+    c = ss.add_parser(
+        "stop", help="stop sessions' containers (workspace kept; a browser request wakes them)"
+    )
+    c.add_argument("ids", nargs="+", metavar="ID")
     c = ss.add_parser("rm", help="delete sessions")
     c.add_argument("ids", nargs="+", metavar="ID")
     s.set_defaults(fn=cmd_session)

@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.session.launcher import Launcher
+from lovd.session.machine import StateMachine
 from lovd.session.model import Session, SessionState
+from lovd.session.starts import Starts
 from lovd.store import Store
 
 log = logging.getLogger(__name__)
@@ -89,12 +91,16 @@ class Health:
         store: Store,
         launcher: Launcher,
         *,
+        machine: StateMachine,
+        starts: Starts,
         clock: Callable[[], float],
         lost: Callable[[str], Awaitable[None]] = _nothing,
     ) -> None:
         self.config = config
         self.store = store
         self.launcher = launcher
+        self.machine = machine
+        self.starts = starts
         self.clock = clock
         # Called with a running session whose container is gone (Sessions: reconcile).
         self.lost = lost
@@ -231,7 +237,7 @@ class Health:
                 if current is None or current.status != SessionState.RUNNING:
                     return "failed"
                 await self.launcher.stop_container(s.id)
-                await self.launcher.machine.transition(
+                await self.machine.transition(
                     s.id,
                     SessionState.FAILED,
                     reason=reason,
@@ -249,14 +255,14 @@ class Health:
             if current is None or current.status != SessionState.RUNNING:
                 return "restarted"  # it changed meanwhile (a stop, a delete): nothing to do
             await self.launcher.stop_container(s.id)
-            secret = await self.launcher.begin(
+            secret = await self.starts.begin(
                 s.id, f"restarting: {why}", restarts=current.restarts + 1, container_id=""
             )
         await self.store.add_health(
             [(s.id, now, False, f"restart {len(rec.restarts)}: {why}")], c.health_history
         )
         try:
-            await self.launcher.start(s.id, secret=secret)
+            await self.starts.start(s.id, secret=secret)
         except LovdError as e:
             log.warning("restart failed: %s", e.message, extra={"SESSION_ID": s.id})
             return "failed"

@@ -1,5 +1,6 @@
 """Starting and stopping one session's container: its settings, the container spec, the
-image check, readiness, and the row's way to running or failed.
+image check, readiness. The launcher writes no state: a start returns its outcome
+(``Started`` or ``StartFailed``) and starts.py records it through the one writer.
 
 The container's settings (``SessionEnv``) hold no operator secret: LLM and MCP calls go
 through lovd's broker with a per-session credential that is new at every start (its hash
@@ -14,10 +15,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -27,8 +26,7 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerSpec, cgroup_v2
 from lovd.runner import Runner
-from lovd.session.machine import StateMachine
-from lovd.session.model import Session, SessionState
+from lovd.session.model import Session
 from lovd.store import Store
 
 log = logging.getLogger(__name__)
@@ -109,8 +107,23 @@ class SessionEnv:
         return env
 
 
+@dataclass(frozen=True)
+class Started:
+    """The container answers."""
+
+    container_id: str
+    seconds: float  # from the image check to the first good probe
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The start failed (its container is stopped, or left for reconcile to stop)."""
+
+    error: LovdError
+
+
 class Launcher:
-    """Brings a row's container up (``start``) or down (``stop_container``). Holds the
+    """Brings a row's container up (``launch``) or down (``stop_container``). Holds the
     per-session locks: every change to one session's container runs under its lock."""
 
     def __init__(
@@ -121,17 +134,14 @@ class Launcher:
         http: aiohttp.ClientSession,
         env: SessionEnv,
         metrics: Metrics,
-        machine: StateMachine,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        # Read only (the instance id, a row during readiness): the launcher writes nothing.
         self.store = store
-        self.machine = machine
         self.runner = runner
         self.http = http
         self.env = env
         self.metrics = metrics
-        self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._start_lock = asyncio.Lock()
         self._image_checked = float("-inf")
@@ -193,97 +203,47 @@ class Launcher:
             return ["--network", self.config.session_network]
         return []
 
-    async def begin(self, sid: str, reason: str, **fields: Any) -> str:
-        """Make ``sid`` starting (a wake, a health restart), with the broker credential
-        of its next container in the same write; :meth:`start` with the returned secret
-        then writes only its outcome. Call with the session's lock held."""
-        secret = ids.new_token()
-        await self.machine.transition(
-            sid, SessionState.STARTING, reason=reason, broker_hash=ids.hash_token(secret), **fields
-        )
-        return secret
-
-    async def start(self, sid: str, warm: bool = False, secret: str = "") -> Session:
-        """Start ``sid``'s container and wait until it answers. Its state is written at
-        most twice (starting, then running or failed); with ``secret`` from :meth:`begin`
-        (or for a warm row) only the outcome."""
-        async with self.lock(sid):
-            session = self.store.get(sid)
-            if session is None:
-                raise LovdError("session-not-found", f"no session {sid}")
-            if session.serving:
-                return session
-            t0 = time.monotonic()
-            begun = (
-                secret
-                and session.status == SessionState.STARTING
-                and ids.token_matches(secret, session.broker_hash)
-            )
-            if not begun:
-                # A new broker credential for every start: the previous container's dies.
-                secret = ids.new_token()
-                broker_hash = ids.hash_token(secret)
-                if warm or session.status == SessionState.STARTING:
-                    # Its state is written already (warm; a claim or a resume made it
-                    # starting): only the credential.
-                    session = await self.store.update(sid, broker_hash=broker_hash)
-                else:
-                    session = await self.machine.transition(
-                        sid, SessionState.STARTING, broker_hash=broker_hash
-                    )
-            workspace = self.config.sessions_path / sid
-            workspace.mkdir(parents=True, exist_ok=True)
+    async def launch(self, session: Session, secret: str) -> Started | StartFailed:
+        """Bring up ``session``'s container with ``secret`` as its broker credential and
+        wait until it answers. Writes no state: the caller (starts.py) records the outcome
+        under the session's lock. A failed start's container is stopped; if that fails
+        too, the failure is still the outcome (reconcile stops what is left)."""
+        sid = session.id
+        t0 = time.monotonic()
+        workspace = self.config.sessions_path / sid
+        workspace.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.check_image()
             try:
-                await self.check_image()
-                try:
-                    self.env.write(sid, self.secrets_dir, f"{sid}.{secret}")
-                    # One `podman run` at a time: concurrent --userns=auto allocations
-                    # race in rootless Podman; the run is short next to readiness.
-                    async with self._start_lock:
-                        cid = await self.runner.start(self.spec(session))
-                except LovdError:
-                    self._image_checked = float("-inf")
-                    await self.check_image()  # a vanished image gets its own clear error
-                    raise
-                await self.wait_ready(sid)
-            except LovdError as e:
-                await self._stop_failed_start(sid)
-                return await self.fail(sid, e)
-            except asyncio.CancelledError:
-                # lovd is shutting down: leave the container and the row as they are; the
-                # next lovd adopts the container, or records that it is gone (reconcile).
-                log.info("start interrupted by shutdown", extra={"SESSION_ID": sid})
+                self.env.write(sid, self.secrets_dir, f"{sid}.{secret}")
+                # One `podman run` at a time: concurrent --userns=auto allocations
+                # race in rootless Podman; the run is short next to readiness.
+                async with self._start_lock:
+                    cid = await self.runner.start(self.spec(session))
+            except LovdError:
+                self._image_checked = float("-inf")
+                await self.check_image()  # a vanished image gets its own clear error
                 raise
-            except Exception as e:
-                await self._stop_failed_start(sid)
-                await self.fail(sid, LovdError("internal", f"start failed: {e!r}"))
-                raise
-            self.metrics.start_seconds.observe(time.monotonic() - t0)
-            current = self.store.get(sid)
-            if warm and current is not None and current.status == SessionState.WARM:
-                log.info(
-                    "warm container ready in %.3f s",
-                    time.monotonic() - t0,
-                    extra={"SESSION_ID": sid, "CONTAINER_ID": cid},
-                )
-                return await self.store.update(sid, container_id=cid)
-            # A warm container claimed while it booted lands here too.
-            return await self.running(sid, cid, t0)
-
-    async def running(self, sid: str, cid: str, t0: float) -> Session:
-        session = await self.machine.transition(
-            sid,
-            SessionState.RUNNING,
-            container_id=cid,
-            started_at=self.clock(),
-            last_activity=self.clock(),
-        )
-        log.info(
-            "session running (ready in %.3f s)",
-            time.monotonic() - t0,
-            extra={"SESSION_ID": sid, "CONTAINER_ID": cid},
-        )
-        return session
+            await self.wait_ready(sid)
+        except LovdError as e:
+            await self._stop_failed_start(sid)
+            return StartFailed(e)
+        except asyncio.CancelledError:
+            # lovd is shutting down: leave the container (and so the row) as they are;
+            # the next lovd adopts the container, or records that it is gone (reconcile).
+            log.info("start interrupted by shutdown", extra={"SESSION_ID": sid})
+            raise
+        except Exception as e:
+            # A bug, not the container's failure: its traceback goes to the log, and the
+            # session is failed like any other start that went wrong.
+            log.exception("start failed unexpectedly", extra={"SESSION_ID": sid})
+            await self._stop_failed_start(sid)
+            err = LovdError("internal", f"start failed: {e!r}")
+            err.__cause__ = e
+            return StartFailed(err)
+        seconds = time.monotonic() - t0
+        self.metrics.start_seconds.observe(seconds)
+        return Started(cid, seconds)
 
     async def stop_container(self, sid: str) -> None:
         await self.runner.stop(sid)
@@ -315,18 +275,8 @@ class Launcher:
             )
         self._image_checked = time.monotonic()
 
-    async def fail(self, sid: str, err: LovdError) -> Session:
-        current = self.store.get(sid)
-        if current is not None and current.status == SessionState.WARM:
-            # Nobody owns it: drop the row (the pool retries later) rather than show a
-            # failed session no one asked for.
-            await self.runner.remove_workspace(self.config.sessions_path / sid)
-            await self.machine.drop(sid, f"warm start failed: {err.message}")
-            log.warning("warm container failed: %s", err.message, extra={"SESSION_ID": sid})
-            raise err
-        await self.machine.transition(sid, SessionState.FAILED, reason=err.message, broker_hash="")
-        log.warning("session failed: %s", err.message, extra={"SESSION_ID": sid})
-        raise err
+    async def remove_workspace(self, sid: str) -> None:
+        await self.runner.remove_workspace(self.config.sessions_path / sid)
 
     async def _get(self, session: Session, path: str, timeout: float) -> tuple[int, bytes]:
         """GET ``path`` from the session's own server, with its password."""

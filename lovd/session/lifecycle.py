@@ -33,6 +33,7 @@ from lovd.session.machine import StateMachine
 from lovd.session.model import Session, SessionState
 from lovd.session.quota import DiskQuota, podman_du
 from lovd.session.reconcile import Readiness, Reconciler
+from lovd.session.starts import Starts
 from lovd.session.wakes import Wakes
 from lovd.session.warm import Warm, WarmPool
 from lovd.store import StaleRow, Store
@@ -70,7 +71,8 @@ class Sessions:
         self._tasks: set[asyncio.Task[None]] = set()
         self._activity = Activity(store, now)
         self.machine = StateMachine(store, metrics)
-        self.launcher = Launcher(config, store, runner, http, env, metrics, self.machine, now)
+        self.launcher = Launcher(config, store, runner, http, env, metrics)
+        self.starts = Starts(store, self.machine, self.launcher, now)
         self.housekeeping = Housekeeping(
             config,
             store,
@@ -89,6 +91,7 @@ class Sessions:
             self.launcher,
             self.admission,
             machine=self.machine,
+            starts=self.starts,
             spawn=self._spawn,
             clock=now,
             on_ready=on_warm_ready,
@@ -96,7 +99,15 @@ class Sessions:
         # One wake per session, whichever socket asked; it waits out a row someone else
         # is moving for as long as the gate holds a request (web/gate.py).
         self.wakes = Wakes(self.machine, self.wake, config.ready_timeout + 5.0)
-        self.health = Health(config, store, self.launcher, clock=now, lost=self._lost)
+        self.health = Health(
+            config,
+            store,
+            self.launcher,
+            machine=self.machine,
+            starts=self.starts,
+            clock=now,
+            lost=self._lost,
+        )
         self.disk = DiskQuota(
             config.disk_quota,
             workspace=lambda sid: config.sessions_path / sid,
@@ -104,7 +115,12 @@ class Sessions:
         )
         self.links = Links(store, now)
         self.reconciler = Reconciler(
-            config, store, self.launcher, metrics, discard_warm=self.discard_warm
+            config,
+            store,
+            self.launcher,
+            metrics,
+            machine=self.machine,
+            discard_warm=self.discard_warm,
         )
         self._ready = ready or Readiness(done=True)
         # Set whenever a place may have freed up or a warm container was used; the warm
@@ -234,7 +250,7 @@ class Sessions:
         report = await self.reconciler.reconcile(startup=startup)
         report["deletes_finished"] = finished
         for sid in report["resume"]:
-            self._spawn(self._logged(self.launcher.start(sid), sid))
+            self._spawn(self._logged(self.starts.start(sid), sid))
         return report
 
     async def _lost(self, sid: str) -> None:
@@ -285,7 +301,7 @@ class Sessions:
         log.info("session created%s", " (warm pool)" if warm else "", extra={"SESSION_ID": sid})
         self._metrics.sessions_created.inc()
         self._metrics.warm_claims.labels("hit" if warm else "miss").inc()
-        start = self.warm_pool.claim(sid) if warm else self.launcher.start(sid)
+        start = self.warm_pool.claim(sid) if warm else self.starts.start(sid)
         if warm:
             self._claimed()
         if wait:
@@ -336,9 +352,9 @@ class Sessions:
                     session = self.get(sid)  # a delete may have won the lock: 404, not 500
                     if session.serving:
                         return session
-                    secret = await self.launcher.begin(sid, "waking")
+                    secret = await self.starts.begin(sid, "waking")
                 self.warm_pool.make_room()
-        return await self.launcher.start(sid, secret=secret)
+        return await self.starts.start(sid, secret=secret)
 
     def ensure_waking(self, sid: str, client: str = "") -> asyncio.Task[None]:
         """The one wake of ``sid`` (wakes.py), whichever socket's request asked."""
@@ -376,8 +392,14 @@ class Sessions:
     async def stop(
         self, sid: str, to: SessionState = SessionState.STOPPED, reason: str = ""
     ) -> Session:
+        """Stop ``sid``'s container (under its lock: a start under way finishes first) and
+        make it ``to``; its workspace stays, its next request wakes it. A row that is
+        ``to`` already is left as it is. ``LovdError`` from the runner leaves it
+        ``stopping`` (a later stop retries)."""
         async with self.lock(sid):
-            self.get(sid)
+            current = self.get(sid)
+            if current.status == to:
+                return current
             await self.machine.transition(sid, SessionState.STOPPING, reason=reason)
             await self.launcher.stop_container(sid)
             session = await self.machine.transition(

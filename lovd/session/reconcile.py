@@ -24,6 +24,7 @@ from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerInfo
 from lovd.session.launcher import Launcher
+from lovd.session.machine import StateMachine
 from lovd.session.model import UNIT_BUSY, Session, SessionState
 from lovd.store import StaleRow, Store
 
@@ -43,12 +44,13 @@ class Reconciler:
         launcher: Launcher,
         metrics: Metrics,
         *,
+        machine: StateMachine,
         discard_warm: Callable[[str, str], Awaitable[None]],
     ) -> None:
         self.config = config
         self.store = store
         self.launcher = launcher
-        self.machine = launcher.machine
+        self.machine = machine
         self.runner = launcher.runner
         self.metrics = metrics
         self.discard_warm = discard_warm

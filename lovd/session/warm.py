@@ -7,7 +7,7 @@ ever use free places: running + warm never exceeds ``limits.max_running``, and a
 that needs a place a warm container holds gets it (``make_room``). ``WarmPool`` only
 refills, recycles old ones and backs off when starting fails.
 
-Built on launcher.py and admission.py; nothing here calls back into lifecycle.py.
+Built on launcher.py, starts.py and admission.py; nothing here calls back into lifecycle.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -25,6 +24,7 @@ from lovd.session.admission import Admission
 from lovd.session.launcher import Launcher
 from lovd.session.machine import StateMachine
 from lovd.session.model import Session, SessionState
+from lovd.session.starts import Starts
 from lovd.store import StaleRow, Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Warm:
         admission: Admission,
         *,
         machine: StateMachine,
+        starts: Starts,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         clock: Callable[[], float],
         on_ready: Callable[[Session], Awaitable[None]] | None = None,
@@ -51,6 +52,7 @@ class Warm:
         self.launcher = launcher
         self.admission = admission
         self.machine = machine
+        self.starts = starts
         self.spawn = spawn
         self.clock = clock
         # Called with each warm container once it answers, before anyone claims it: the
@@ -82,7 +84,7 @@ class Warm:
                 return None
             self.launcher.check_limits()  # refused before a row exists (lovd/limits.py)
             row = await self.admission.insert(SessionState.WARM, "", self.clock(), event="warm")
-        s = await self.launcher.start(row.id, warm=True)
+        s = await self.starts.start(row.id, warm=True)
         if self.on_ready is not None and s.status == SessionState.WARM and s.container_id:
             try:
                 await self.on_ready(s)
@@ -100,13 +102,13 @@ class Warm:
             if s is not None and s.status == SessionState.STARTING and s.container_id:
                 ok, why = await self.launcher.probe(s, timeout=1.0)
                 if ok:
-                    return await self.launcher.running(sid, s.container_id, time.monotonic())
+                    return await self.starts.running(sid, s.container_id)
                 log.info(
                     "warm container did not answer (%s); starting afresh",
                     why,
                     extra={"SESSION_ID": sid},
                 )
-        return await self.launcher.start(sid)
+        return await self.starts.start(sid)
 
     async def discard(self, sid: str, reason: str) -> None:
         """Remove an unclaimed warm container and its row (claimed ones are left alone)."""
@@ -118,8 +120,19 @@ class Warm:
                 )
             except (StaleRow, KeyError):
                 return
-            await self.launcher.stop_container(sid)
-            await self.launcher.runner.remove_workspace(self.config.sessions_path / sid)
+            try:
+                await self.launcher.stop_container(sid)
+                await self.launcher.remove_workspace(sid)
+            except LovdError as e:
+                # The row goes all the same: left "stopping" it would be a session no one
+                # owns (reconcile would adopt its container as running), and the refill
+                # loop would end on the error. Its container is then an orphan, which
+                # reconcile removes after orphan_grace.
+                log.warning(
+                    "could not remove a warm container (reconcile will): %s",
+                    e.message,
+                    extra={"SESSION_ID": sid},
+                )
             await self.machine.drop(sid, reason)
         self.launcher.forget(sid)
         log.info("warm container removed: %s", reason, extra={"SESSION_ID": sid})

@@ -237,6 +237,22 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def stop_session(request: web.Request) -> web.Response:
+    """An operator's stop: the container goes, the workspace and the chat stay, and the
+    session's next browser request wakes it (as an idle-stopped one). A stopped session
+    is answered as it is."""
+    st = request.app[STATE]
+    await _json_body(request, set())
+    sid = ids.check(request.match_info["id"])
+    try:
+        s = await st.sessions.stop(sid, reason="stopped by request")
+    except LovdError as e:
+        if e.code == "session-not-found" and st.sync is not None:
+            await st.sync.hosts.refuse_foreign(sid)  # another host's: say so
+        raise
+    return web.json_response(s.public(st.public_url))
+
+
 async def cleanup(request: web.Request) -> web.Response:
     st = request.app[STATE]
     await _json_body(request, set())
@@ -342,6 +358,7 @@ def create_app(
     app.router.add_get("/api/sessions/{id}/health", session_health)
     app.router.add_delete("/api/sessions/{id}", delete_session)
     app.router.add_post("/api/sessions/{id}/link", new_link)
+    app.router.add_post("/api/sessions/{id}/stop", stop_session)
     app.router.add_post("/api/cleanup", cleanup)
     app.router.add_get("/api/health", health)  # readiness: floors, PostgreSQL, reconcile
     app.router.add_get("/api/readyz", health)

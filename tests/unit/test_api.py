@@ -199,6 +199,7 @@ async def test_health_openapi_metrics(api: Api) -> None:
     paths = {
         "/api/sessions",
         "/api/sessions/{id}",
+        "/api/sessions/{id}/stop",
         "/api/cleanup",
         "/api/health",
         "/api/openapi.json",

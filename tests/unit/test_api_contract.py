@@ -21,6 +21,7 @@ SID = "0123456789abcdef"
         ("PUT", "/api/sessions", {"GET", "HEAD", "POST"}),
         ("TRACE", f"/api/sessions/{SID}", {"GET", "HEAD", "DELETE"}),
         ("POST", f"/api/sessions/{SID}/health", {"GET", "HEAD"}),
+        ("GET", f"/api/sessions/{SID}/stop", {"POST"}),
         ("GET", "/api/cleanup", {"POST"}),
         ("DELETE", "/api/health", {"GET", "HEAD"}),
         ("POST", "/api/livez", {"GET", "HEAD"}),

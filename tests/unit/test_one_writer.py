@@ -1,7 +1,8 @@
 """A session's state is written in one place: lovd/session/machine.py. This reads lovd's
 source (ast) and fails on a state write anywhere else: a ``status=`` keyword that is not
 an HTTP response's, a new ``Session`` row built with a state, or a store write primitive
-called from outside the machine."""
+called from outside the machine. The launcher writes nothing at all: it returns a start's
+outcome and lovd/session/starts.py records it."""
 
 from __future__ import annotations
 
@@ -67,6 +68,73 @@ def state_writes(source: str, rel: str) -> list[str]:
 
     visit(ast.parse(source), "")
     return found
+
+
+LAUNCHER = "session/launcher.py"
+# What the launcher may ask the store: reads only (any other store call is a write, or
+# one that a new write method would slip through).
+STORE_READS = frozenset({"get", "all", "count", "used_ports", "history", "tombstones"})
+
+
+def launcher_writes(source: str) -> list[str]:
+    """Where ``source`` (the launcher's) touches the state machine or writes the store."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        names: list[str] = []
+        if isinstance(node, ast.Name):
+            names = [node.id]
+        elif isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.arg):
+            names = [node.arg]
+        elif isinstance(node, ast.alias):
+            names = [node.name, node.asname or ""]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        if any("machine" in n.lower() for n in names):
+            found.append(f"{LAUNCHER}:{line}: refers to the state machine ({', '.join(names)})")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and _is_store(node.func.value)
+            and node.func.attr not in STORE_READS
+        ):
+            found.append(f"{LAUNCHER}:{line}: store.{node.func.attr}(...)")
+    return found
+
+
+def test_the_launcher_writes_no_state() -> None:
+    source = (LOVD / LAUNCHER).read_text()
+    found = launcher_writes(source)
+    assert found == [], "the launcher writes state (return an outcome instead):\n" + "\n".join(
+        found
+    )
+    # And it still reads the store (the check above looks at the right calls).
+    assert "self.store.get(" in source
+
+
+def test_the_launcher_check_finds_what_it_looks_for() -> None:
+    bad = {
+        "from lovd.session.machine import StateMachine": "state machine",
+        "import lovd.session.machine as m": "state machine",
+        "def __init__(self, machine): pass": "state machine",
+        "await self.machine.transition(sid, SessionState.FAILED)": "state machine",
+        "await self.store.update(sid, container_id=cid)": "store.update",
+        "await self.store.add_health([], 5)": "store.add_health",
+        "await store.purge(sid)": "store.purge",
+    }
+    for code, what in bad.items():
+        hits = launcher_writes(code)
+        assert hits and all(what in h for h in hits), (code, hits)
+    ok = (
+        "s = self.store.get(sid)\n"
+        "rows = self.store.all()\n"
+        "x = self.store.instance_id\n"
+        "await self.runner.stop(sid)\n"
+        "return Started(cid, 0.5)\n"
+    )
+    assert launcher_writes(ok) == []
 
 
 def test_the_state_is_written_only_by_the_machine() -> None:

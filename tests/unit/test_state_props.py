@@ -1,12 +1,15 @@
 """lovd's session API as a state machine, under faults (Hypothesis ``RuleBasedStateMachine``).
 
 Random programs of API calls (create with and without waiting, get, list, the browser's
-wake through the forward_auth gate, delete), operator actions (stop, health pass,
-reconcile, cleanup after the clock moved) and faults (a container vanishes, a container
+wake through the forward_auth gate, delete), operator actions (stop through
+POST /api/sessions/{id}/stop, health pass, reconcile, cleanup after the clock moved), the
+warm pool (``warm_pool`` 0, 1 or 2 per example: its refill pass in the foreground or
+racing the other steps, creates that claim a warm container, warm containers recycled by
+age, given up for a place, or vanishing) and faults (a container vanishes, a container
 hangs so its probes fail, a start never gets ready, a runner call raises or hangs until
 its deadline, lovd restarts mid-start on the same SQLite file) run against the real
-stack: lovd as ``lovd serve`` builds it (lovd/wiring.py), the API app and the public app on test
-servers, SQLite, and a PostgreSQL relay whose server is down the whole time (so the
+stack: lovd as ``lovd serve`` builds it (lovd/wiring.py), the API app and the public app on
+test servers, SQLite, and a PostgreSQL relay whose server is down the whole time (so the
 outbox keeps every row). Containers are tests/fakes.py's FakeRunner (real HTTP servers
 on the sessions' ports), so readiness and health probes are real requests.
 
@@ -27,8 +30,10 @@ After every step the invariants hold:
   reconcile (``settle``);
 - no request was answered 500 (an unexpected exception).
 
-In CI (CI=true) at least 2,000 steps run, deterministically (derandomize); locally fewer,
-with a random seed. Run with -s to see how many examples and steps ran.
+In CI (CI=true) at least 2,000 steps run, deterministically (derandomize), and the warm
+pool's transitions (new -> warm, a claim, a warm row dropped when its start failed) must
+have happened; locally fewer, with a random seed. Run with -s to see how many examples and
+steps ran and which of the table's transitions were seen.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ BOUND = 4.0
 # No step may take longer (a hung request or start is a failure, not a hung test run).
 STEP_LIMIT = 30.0
 # Examples and steps: CI runs at least 2,000 steps in all.
-EXAMPLES, STEPS = (70, 50) if IN_CI else (10, 30)
+EXAMPLES, STEPS = (80, 50) if IN_CI else (10, 30)
 # A longer hunt: LOVD_STATEPROP_EXAMPLES=500 (a random seed unless CI=true).
 EXAMPLES = int(os.environ.get("LOVD_STATEPROP_EXAMPLES", EXAMPLES))
 MIN_CI_STEPS = 2000
@@ -96,6 +101,17 @@ XHR = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
 # What ran, over every example (printed by the test, checked in CI).
 RAN: Counter[str] = Counter()
 SEEN: Counter[tuple[str | None, str]] = Counter()  # state changes, (from, to)
+
+WARM_MAX_AGE = 600  # time_passes moves the clock past it: the refill recycles old ones
+# The warm pool's transitions a CI run must have driven: filled, claimed, dropped when its
+# start failed.
+WARM_SEEN = frozenset(
+    {
+        (None, SessionState.WARM),
+        (SessionState.WARM, SessionState.STARTING),
+        (SessionState.WARM, SessionState.DELETED),
+    }
+)
 
 _RESTING = frozenset({SessionState.STOPPED, SessionState.FAILED, SessionState.IDLE_STOPPED})
 _IN_START = frozenset({SessionState.CREATING, SessionState.STARTING})
@@ -211,13 +227,38 @@ class LovdMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.tmp = Path(tempfile.mkdtemp(prefix="lovd-stateprop-"))
-        base = _port_base()
-        self.cfg = config.from_mapping(
+        self.base = _port_base()
+        self.cfg = self._config(warm_pool=0)
+        self.clock = Clock()
+        self.runner = FakeRunner()
+        self.stack: Stack | None = None
+        self.bg: set[asyncio.Task[Any]] = set()
+        # The model: what the test did and saw.
+        self.created: set[str] = set()  # a create answered 2xx
+        self.delete_asked: set[str] = set()
+        self.deleted_204: set[str] = set()
+        self.expired: set[str] = set()  # cleanup answered that it deleted them
+        self.links: dict[str, str] = {}  # sid -> its link token, until used
+        self.cookies: dict[str, str] = {}  # sid -> the browser's cookie header
+        self.rows: dict[str, Row] = {}
+        self.seq = 0
+        self.errors_500: list[str] = []
+        self.pool_died: list[str] = []  # a refill pass raised
+        # An injected stop failure fired: a container lovd could not stop may outlive its
+        # session until the next reconcile.
+        self.stop_armed = False
+        self.stop_failed = False
+        RAN["examples"] += 1
+
+    def _config(self, warm_pool: int) -> Config:
+        return config.from_mapping(
             {
                 "state_dir": str(self.tmp / "state"),
                 "runtime_dir": str(self.tmp / "run"),
                 "public_url": "http://chat.test",
-                "port_range": f"{base}-{base + 200}",
+                "port_range": f"{self.base}-{self.base + 200}",
+                "warm_pool": warm_pool,
+                "warm_max_age": WARM_MAX_AGE,
                 "ready_timeout": READY_TIMEOUT,
                 "unused_timeout": 60,
                 "idle_timeout": 120,
@@ -242,26 +283,6 @@ class LovdMachine(RuleBasedStateMachine):
                 },
             }
         )
-        self.cfg.sessions_path.mkdir(parents=True)
-        self.clock = Clock()
-        self.runner = FakeRunner()
-        self.stack: Stack | None = None
-        self.bg: set[asyncio.Task[Any]] = set()
-        # The model: what the test did and saw.
-        self.created: set[str] = set()  # a create answered 2xx
-        self.delete_asked: set[str] = set()
-        self.deleted_204: set[str] = set()
-        self.expired: set[str] = set()  # cleanup answered that it deleted them
-        self.links: dict[str, str] = {}  # sid -> its link token, until used
-        self.cookies: dict[str, str] = {}  # sid -> the browser's cookie header
-        self.rows: dict[str, Row] = {}
-        self.seq = 0
-        self.errors_500: list[str] = []
-        # An injected stop failure fired: a container lovd could not stop may outlive its
-        # session until the next reconcile.
-        self.stop_armed = False
-        self.stop_failed = False
-        RAN["examples"] += 1
 
     # --- plumbing ---
 
@@ -309,8 +330,11 @@ class LovdMachine(RuleBasedStateMachine):
                 return
             await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
 
-    @initialize()
-    def boot(self) -> None:
+    @initialize(warm_pool=st.sampled_from([0, 1, 2]))
+    def boot(self, warm_pool: int = 0) -> None:
+        self.cfg = self._config(warm_pool)
+        self.cfg.sessions_path.mkdir(parents=True)
+        RAN[f"warm_pool={warm_pool}"] += 1
         self.stack = self.loop.run_until_complete(Stack.open(self.cfg, self.runner, self.clock))
 
     def teardown(self) -> None:
@@ -413,13 +437,14 @@ class LovdMachine(RuleBasedStateMachine):
 
     @rule(sid=sids)
     def stop(self, sid: str) -> None:
-        """A stop (no API route: the idle policy's and the CLI's path)."""
-
-        async def go() -> None:
-            with contextlib.suppress(LovdError):
-                await self.s.sessions.stop(sid, reason="stopped by the test")
-
-        self.run(go())
+        """An operator's stop (POST /api/sessions/{id}/stop, ``lovd session stop``)."""
+        status, body = self.run(self._request(self.s.api, "POST", f"/api/sessions/{sid}/stop"))
+        if status == 200:
+            assert body["id"] == sid and body["status"] == "stopped", body
+        else:
+            # 404: deleted; 5xx: an injected runner fault cut the stop short (it stays
+            # stopping; the next stop or reconcile finishes it).
+            assert status in (404, 502, 503, 504), (status, body)
 
     @rule()
     def health_pass(self) -> None:
@@ -471,6 +496,34 @@ class LovdMachine(RuleBasedStateMachine):
                     break
             self.loop.run_until_complete(self._settle(READY_TIMEOUT + HANG + BOUND))
             self._fired()
+
+    # --- the warm pool ---
+
+    @rule(background=st.booleans())
+    def warm_refill(self, background: bool) -> None:
+        """A pass of the warm pool's refill loop (the daemon's runs one whenever a claim or
+        a freed place kicks it): recycle old containers, start as many as there are free
+        places. In the background it races the steps that follow: a create claims a
+        container still booting, a wake takes its place."""
+
+        async def fill() -> None:
+            try:
+                await self.s.host.pool.fill()
+            except Exception as e:  # the daemon's loop would have died: no more refills
+                self.pool_died.append(repr(e))
+
+        if background:
+            self._spawn(fill())
+            self.run(asyncio.sleep(0.01))
+        else:
+            self.run(fill())
+
+    @rule()
+    def warm_container_vanishes(self) -> None:
+        """An unclaimed warm container is gone (reconcile then gives its row up)."""
+        warm = self.s.sessions.warm()
+        if warm:
+            self.run(self.runner.vanish(warm[0].id))
 
     # --- faults ---
 
@@ -584,6 +637,7 @@ class LovdMachine(RuleBasedStateMachine):
                 f"{self.rows[sid].trail if sid in self.rows else ''}"
             )
         assert not self.errors_500, self.errors_500
+        assert not self.pool_died, f"the warm pool's refill loop died: {self.pool_died}"
         # PostgreSQL is down: nothing was taken off the outbox.
         assert not self.s.sync.relay.status.connected
 
@@ -649,17 +703,21 @@ def test_session_state_machine(capsys: Any) -> None:
                 "  never:",
                 ", ".join(f"{f or 'new'}->{t}" for f, t in sorted(table - seen, key=str)),
             )
+            pools = ", ".join(f"{k}: {n}" for k, n in sorted(RAN.items()) if k.startswith("warm"))
+            print(f"  examples by {pools}")
     if IN_CI:
         assert RAN["steps"] >= MIN_CI_STEPS, f"only {RAN['steps']} steps ran"
+        missing = WARM_SEEN - seen
+        assert not missing, f"the warm pool's transitions never happened: {missing}"
 
 
 # --- what the machine found, replayed (each failed before its fix in lovd/session/) ---
 
 
-def _replay(steps: Any) -> None:
+def _replay(steps: Any, warm_pool: int = 0) -> None:
     machine = LovdMachine()
     try:
-        machine.boot()
+        machine.boot(warm_pool=warm_pool)
         machine.invariants_hold()
         steps(machine)
         machine.invariants_hold()
@@ -693,3 +751,19 @@ def test_cleanup_reports_a_session_it_deleted_whose_container_removal_failed() -
         m.time_passes(seconds=310)  # delete_after: deleted; the container removal fails
 
     _replay(steps)
+
+
+def test_a_warm_container_whose_stop_fails_does_not_end_the_refill_loop() -> None:
+    """A warm container recycled by age whose ``podman stop`` failed: the error left the
+    refill pass (the daemon's loop would have ended, and the pool never refilled again),
+    and its row stayed "stopping", a session no one owns (warm.py)."""
+
+    def steps(m: LovdMachine) -> None:
+        m.warm_refill(background=False)
+        m.runner_call_fails(op="stop", hang=False)
+        m.time_passes(seconds=WARM_MAX_AGE + 60)  # the next pass recycles it
+        m.warm_refill(background=False)
+        m.invariants_hold()
+        m.settle()  # reconcile removes the container lovd could not stop
+
+    _replay(steps, warm_pool=1)

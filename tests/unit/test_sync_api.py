@@ -182,7 +182,12 @@ async def test_two_hosts_scope_all_and_a_write_to_the_other_host_is_refused(
         check_schema("#/components/schemas/Problem", problem)
         assert "belongs to host 'b'" in problem["detail"] and "'b''s lovd API" in problem["detail"]
         assert problem["owner_host_id"] == "b"
-        assert b.store.get(sb) is not None  # untouched
+        # A stop too: it goes to the owner.
+        r = await a.client.post(f"/api/sessions/{sb}/stop")
+        stop = await r.json()
+        assert r.status == 409 and stop["code"] == "conflict" and stop["owner_host_id"] == "b"
+        row = b.store.get(sb)
+        assert row is not None and row.serving  # untouched
         r = await a.client.get("/api/sessions?scope=nope")
         assert r.status == 400
         # b stops heartbeating: a shows it as such.
