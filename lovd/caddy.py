@@ -25,6 +25,14 @@ OpenCode's CSP has its ``connect-src`` narrowed to ``'self'`` (it ships ``*``): 
 framing (clickjacking), no session link in a Referer, no page script talking to
 another origin (``RESPONSE_HEADERS``).
 
+HTTPS: a public_url ``https://<public name>`` gets a certificate Caddy manages. A host
+without a public name sets ``caddy.tls``: the server then speaks TLS on its addresses
+(``tls_connection_policies``) with the certificates the operator loaded into Caddy's own
+``tls`` app, which lovd never touches. Over TLS browsers speak HTTP/2, so the UI's burst
+of ~30 gated API calls shares one connection instead of queueing for six. Caddy tells
+lovd the scheme (``X-Forwarded-Proto: https``, set by reverse_proxy and forward_auth
+alike, never taken from the client), and the gate sets the ``__Host-`` Secure cookie.
+
 The container's password must never reach a browser, so lovd answers ``/_lovd/auth``
 only to a request carrying ``X-Lovd-Gate: <gate key>``, which only the forward_auth
 subrequest sets. The key is HMAC(host key, "caddy-gate"): it lives in Caddy's config
@@ -98,6 +106,8 @@ class Site:
     gate_key: str = GATE_KEY_PLACEHOLDER
     # OpenCode's UI files on the host (lovd/web/assets.py); "" = every file via the gate.
     assets_dir: str = ""
+    # caddy.tls: TLS on ``listen`` with the certificates Caddy has loaded itself.
+    tls: bool = False
 
     @property
     def hosts(self) -> list[str]:
@@ -357,8 +367,14 @@ def render_server(site: Site) -> dict[str, Any]:
         "routes": routes,
         "errors": {"routes": [upstream_failed]},
     }
+    if site.tls:
+        # One policy without matchers: every handshake on these addresses gets TLS (and
+        # HTTP/2) with whichever loaded certificate fits the name, or the address itself
+        # when the browser sends no SNI (an IP address).
+        server["tls_connection_policies"] = [{}]
     if not site.hosts:
-        # Plain HTTP on the configured addresses; no certificate management.
+        # No certificate management (ACME) and no HTTP->HTTPS redirect server: plain HTTP
+        # on the configured addresses, or TLS with the operator's own certificates.
         server["automatic_https"] = {"disable": True}
     return server
 
@@ -459,6 +475,7 @@ class CaddyManager:
             public_url=config.public_url,
             gate_key=gate_key(host_key),
             assets_dir=str(ui_root(config) / "www"),
+            tls=config.caddy_tls,
         )
         return cls(CaddyAdmin(config.caddy_admin), site, config.caddy_check_interval)
 

@@ -475,6 +475,15 @@ class Config:
         1.0,
         "Seconds between checks that lovd's server is still in Caddy's config.",
     )
+    caddy_tls: bool = setting(
+        "caddy.tls",
+        False,
+        "Serve the site over HTTPS (HTTP/2) on caddy.listen with the certificates Caddy "
+        "already has loaded (your Caddy config's tls app: load_files/load_pem or "
+        "automation), for hosts without a public name (e.g. listen [':443'] and public_url "
+        "https://10.0.0.5). With an https public_url whose host is a public name, Caddy "
+        "manages the certificate and this is not needed.",
+    )
     browser_start_limit: int = setting(
         "browser.start_limit",
         5,

@@ -22,6 +22,11 @@ Issue 17's targets: lovd/direct ≤ 0.6 at p50; first visit ≤ 1.5 MB; returnin
 ``--trace``: instead, PROFILES clicks each way with no throttling, and where the time
 went: every request after the click (start, first byte, end in ms from the click) and
 the main thread's busy time by kind (Chromium's trace).
+
+The lovd side is served over HTTPS (caddy.tls, a self-signed certificate Chromium trusts
+by its key, HTTP/2) as a deployment is reached; ``--scheme http`` measures it over plain
+HTTP/1.1 (six connections per host, one of them held by the UI's event stream). The
+direct side is always the container's own plain HTTP port.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ async def lovd_click(
     before = {s.id for s in h.sessions.all()}
     n0 = counter.n
     spec: dict[str, Any] = {"mode": "lovd", "base": h.url, "read_ms": 2000, "throttle": throttle}
+    if h.tls is not None:
+        spec["spki"] = h.tls.spki  # trusted by its key: the HTTP cache stays on
     if profile is not None:
         spec.update(profile=profile, clear_cookies=True)
     spec.update(extra)
@@ -117,6 +124,16 @@ async def direct_click(
         throttle=throttle,
         **extra,
     )
+
+
+def protocols(results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> str:
+    """The protocols the lovd side's responses came over, as Chromium reported them."""
+    seen: dict[str, int] = {}
+    for lovd, _ in results.values():
+        for r in lovd:
+            for proto, n in r.get("protocols", {}).items():
+                seen[proto] = seen.get(proto, 0) + n
+    return ", ".join(f"{p} {n}" for p, n in sorted(seen.items())) or "none seen"
 
 
 def row_line(name: str, lovd: list[dict[str, Any]], direct: list[dict[str, Any]]) -> str:
@@ -163,7 +180,7 @@ def show_trace(name: str, r: dict[str, Any]) -> None:
         print(f"{start:7} {head:5} {end:5} {method:6} {status:3} {size:8} {cached!s:5} {path}")
 
 
-async def main(profiles: int, returning: int, trace: bool = False) -> None:
+async def main(profiles: int, returning: int, trace: bool = False, scheme: str = "https") -> None:
     counter = Counter()
     results: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     back: list[dict[str, Any]] = []
@@ -180,6 +197,7 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
                 "browser": {"start_limit": 10000, "max_running_per_client": 0},
             },
             allowlist=Allowlist(),
+            https=scheme == "https",
         ) as h,
         aiohttp.ClientSession() as http,
     ):
@@ -241,7 +259,8 @@ async def main(profiles: int, returning: int, trace: bool = False) -> None:
     print(
         f"\nbench_browser: {profiles} fresh profiles per row, load average at start "
         f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; lovd over {scheme} "
+        f"({protocols(results)}), direct over http\n"
     )
     print(
         "| network | lovd p50 / p95 | direct p50 / p95 | lovd/direct p50 | lovd bytes after "
@@ -271,5 +290,11 @@ if __name__ == "__main__":
     ap.add_argument("--profiles", type=int, default=10)
     ap.add_argument("--returning", type=int, default=3)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument(
+        "--scheme",
+        choices=("https", "http"),
+        default="https",
+        help="the lovd side over HTTPS/HTTP/2 (caddy.tls, as deployed) or plain HTTP/1.1",
+    )
     a = ap.parse_args()
-    asyncio.run(main(a.profiles, a.returning, a.trace))
+    asyncio.run(main(a.profiles, a.returning, a.trace, a.scheme))

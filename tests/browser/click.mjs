@@ -10,6 +10,10 @@
 //   mode "direct": open URL (a chat on a container's own port, HTTP Basic USER/PASSWORD)
 //                  → the chat's prompt. The same UI without lovd, Caddy or the gate.
 //   throttle:      {latency_ms, mbit} via CDP Network.emulateNetworkConditions.
+//   spki:          base64(sha256(SPKI)) of the site's self-signed certificate (https):
+//                  Chromium trusts that one key as if a known CA had signed it, so its
+//                  HTTP cache works as on a real site (with --ignore-certificate-errors
+//                  or ignoreHTTPSErrors it stores nothing).
 //   reload:        after the prompt, reload and report whether the same chat is shown.
 //   fail_start_fetch: the landing page's script's fetch of the start fails (the network
 //                  drops it): the page must fall back to its form.
@@ -49,7 +53,8 @@ const ctx = await chromium.launchPersistentContext(spec.profile, {
   headless: true,
   locale: "nb-NO",
   args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"],
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         ...(spec.spki ? [`--ignore-certificate-errors-spki-list=${spec.spki}`] : [])],
   viewport: { width: 1280, height: 800 },
   ...(spec.user ? { httpCredentials: { username: spec.user, password: spec.password } } : {}),
 });
@@ -84,6 +89,7 @@ try {
     const r = reqs.get(e.requestId); if (!r) return;
     const h = Object.fromEntries(Object.entries(e.response.headers).map(([k, v]) => [k.toLowerCase(), v]));
     r.status = e.response.status;
+    r.protocol = e.response.protocol || "";
     r.t_head = now();
     r.encoding = h["content-encoding"] || "";
     r.cache_control = h["cache-control"] || "";
@@ -153,6 +159,9 @@ try {
   const path = (r) => { try { return new URL(r.url).pathname; } catch { return r.url; } };
   const assets = list.filter((r) => path(r).startsWith("/assets/"));
   result.requests = list.length;
+  // Requests after the click by the protocol their response names ("http/1.1", "h2").
+  result.protocols = {};
+  for (const r of list) if (r.protocol) result.protocols[r.protocol] = (result.protocols[r.protocol] || 0) + 1;
   // A new document after the click (the form's redirect chain, the UI's HTML shell), or
   // none: the landing page ran the UI in place (lovd/web/static/instant.js).
   result.documents_after_click = list.filter((r) => r.type === "Document")

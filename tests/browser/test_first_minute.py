@@ -94,21 +94,32 @@ async def warm_ready(h: Harness, timeout: float = 180.0) -> str:
 RETRY_PREP = 20.0
 
 
-async def test_first_minute_prefetch_cache_compression_reload() -> None:
+def trust(h: Harness) -> dict[str, Any]:
+    """click.mjs's spec for the harness's certificate (harness(https=True)): Chromium
+    trusts its key, with the HTTP cache on."""
+    return {"spki": h.tls.spki} if h.tls else {}
+
+
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+async def test_first_minute_prefetch_cache_compression_reload(https: bool) -> None:
+    """Over plain HTTP and over HTTPS (caddy.tls, HTTP/2; the browser's cache must work
+    there as well)."""
     browser_ready()
     async with harness(
         image=SESSION_IMAGE,
         settings={"warm_pool": 1, "ready_timeout": 60},
         allowlist=Allowlist(),
+        https=https,
     ) as h:
         task = asyncio.create_task(h.sessions.pool(max_age=3600).run())
         try:
             await warm_ready(h)
-            r = await click(mode="lovd", base=h.url, read_ms=3000, reload=True)
+            r = await click(mode="lovd", base=h.url, read_ms=3000, reload=True, **trust(h))
         finally:
             task.cancel()
     print(json.dumps(r))
     assert r["ok"], r.get("error")
+    assert set(r["protocols"]) == ({"h2"} if https else {"http/1.1"}), r["protocols"]
     # The landing page fetched the UI bundle ahead of the click: compressed, immutable.
     assert r["prefetched"], r
     assert all(p["encoding"] in ("zstd", "gzip") for p in r["prefetched"]), r

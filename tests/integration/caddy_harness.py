@@ -20,11 +20,15 @@ of OpenCode's allowlist. Tests of the allowlist itself, and the browser test, pa
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import socket
+import ssl
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -69,6 +73,46 @@ def free_port() -> int:
 
 def caddy_binary() -> str | None:
     return shutil.which("caddy")
+
+
+@dataclass(frozen=True)
+class SiteCert:
+    """A self-signed certificate for 127.0.0.1 (an IP SAN: browsers send no SNI for an
+    address), as an operator's own certificate for a host without a public name."""
+
+    cert: Path
+    key: Path
+    # base64(sha256(SubjectPublicKeyInfo DER)): what Chromium's
+    # --ignore-certificate-errors-spki-list takes to trust this one certificate as if a
+    # known CA had signed it (the HTTP cache stays on, unlike --ignore-certificate-errors).
+    spki: str
+
+    @classmethod
+    def make(cls, where: Path) -> SiteCert:
+        cert, key = where / "tls-cert.pem", where / "tls-key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec",
+             "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "7", "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1",
+             "-addext", "extendedKeyUsage=serverAuth"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "pkey", "-in", str(key), "-pubout", "-outform", "DER"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        return cls(cert, key, base64.b64encode(hashlib.sha256(der).digest()).decode())
+
+    def caddy_config(self) -> dict[str, Any]:
+        """Caddy's own tls app holding the certificate (an operator's config, not lovd's)."""
+        files = [{"certificate": str(self.cert), "key": str(self.key)}]
+        return {"apps": {"tls": {"certificates": {"load_files": files}}}}
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
 
 
 class CaddyProc:
@@ -234,10 +278,13 @@ class Harness:
     host: Host
     public: web.AppRunner | None = None
     upstreams: list[HostUpstream] = field(default_factory=list)
+    # harness(https=True): the site's certificate (caddy.tls); None: plain HTTP.
+    tls: SiteCert | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def auth_socket(self) -> str:
@@ -298,11 +345,16 @@ async def harness(
     image: str = "localhost/lovd-test:latest",
     run_manager: bool = True,
     allowlist: Allowlist | None = None,
+    https: bool = False,
 ) -> AsyncIterator[Harness]:
+    """``https``: the site over TLS (caddy.tls, an https public_url) with a self-signed
+    certificate loaded into this Caddy's tls app (``Harness.tls``); ``Harness.http``
+    trusts it."""
     # Short paths: unix socket paths are limited to 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="lovd-caddy-", dir="/tmp"))
     port = free_port()
-    caddy = CaddyProc(workdir)
+    tls = SiteCert.make(workdir) if https else None
+    caddy = CaddyProc(workdir, tls.caddy_config() if tls else None)
     base = 20000 + (os.getpid() * 7 + port) % 9000
     conf: dict[str, Any] = {
         "state_dir": str(workdir / "state"),
@@ -324,12 +376,16 @@ async def harness(
             "check_interval": 0.5,
         },
     }
+    if tls is not None:
+        conf["caddy"]["tls"] = True
+        conf["public_url"] = f"https://127.0.0.1:{port}"
     conf = settings_merged(conf, settings or {})
     cfg = config_mod.from_mapping(conf)  # the Podman settings the runner is made with
     await caddy.start()
     # The tests read lovd's English texts; Norwegian, the default, is tested in
     # tests/unit/test_pages_i18n.py and with a Norwegian browser in tests/browser.
     http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls.client_context()) if tls else None,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         # Raw bodies (auto_decompress=False): ask for them uncompressed unless a test
@@ -365,6 +421,7 @@ async def harness(
                 http,
                 host.env,
                 host,
+                tls=tls,
             )
             try:
                 h.public = await serve_public(host.public_app, sock)

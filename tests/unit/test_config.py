@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lovd import config
+from lovd.caddy import CaddyManager
 from lovd.config import ConfigError
 from tests.conftest import ROOT
 
@@ -81,3 +82,41 @@ def test_example_is_generated_from_the_settings() -> None:
     assert (ROOT / "lovd.conf.example").read_text() == config.render_example(), (
         "regenerate with: python -m lovd.config > lovd.conf.example"
     )
+
+
+@pytest.mark.parametrize(
+    ("conf", "tls", "hosts"),
+    [
+        ({}, False, []),
+        ({"caddy": {"tls": True}}, True, []),
+        # Names and addresses in public_url are matched; a loaded certificate for them
+        # keeps Caddy from managing one.
+        ({"caddy": {"tls": True}, "public_url": "https://10.0.0.5"}, True, ["10.0.0.5"]),
+        ({"caddy": {"tls": True}, "public_url": "https://127.0.0.1:8443"}, True, []),
+        (
+            {"caddy": {"tls": True}, "public_url": "https://chat.example.org"},
+            True,
+            ["chat.example.org"],
+        ),
+    ],
+)
+async def test_caddy_tls_reaches_lovds_server(
+    conf: dict[str, object], tls: bool, hosts: list[str]
+) -> None:
+    """caddy.tls (default off): lovd's server speaks TLS with the certificates Caddy has
+    loaded; without a public name still no ACME and no redirect server."""
+    c = config.from_mapping(conf)
+    assert c.caddy_tls is tls
+    manager = CaddyManager.from_config(c, "/run/lovd/auth.sock", host_key=b"k" * 32)
+    assert manager is not None
+    try:
+        server = manager.desired
+    finally:
+        await manager.close()
+    assert ("tls_connection_policies" in server) is tls
+    if tls:
+        assert server["tls_connection_policies"] == [{}]
+    # A name: Caddy's automatic HTTPS (a certificate unless one is loaded, the redirect);
+    # none (localhost, 127.0.0.1): no ACME, no redirect server.
+    assert ("automatic_https" in server) is not hosts
+    assert server["routes"][0].get("match", [{}])[0].get("host", []) == hosts
