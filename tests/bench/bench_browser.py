@@ -147,6 +147,8 @@ def row_line(name: str, lovd: list[dict[str, Any]], direct: list[dict[str, Any]]
     return (
         f"| {name} | {pct(lt, 50):.2f} s / {pct(lt, 95):.2f} s | {pct(dt, 50):.2f} s / "
         f"{pct(dt, 95):.2f} s | {pct(lt, 50) / pct(dt, 50):.2f} | "
+        f"{med(lovd, 'api_ttfb_ms'):.0f} / {med(direct, 'api_ttfb_ms'):.0f} ms "
+        f"({med(lovd, 'api_ttfb_ms') / med(direct, 'api_ttfb_ms'):.2f}) | "
         f"{med(lovd, 'bytes') / 1e6:.2f} MB (+{med(lovd, 'bytes_before_click') / 1e6:.2f} MB "
         f"before) | {med(direct, 'bytes') / 1e6:.2f} MB | {med(lovd, 'requests'):.0f} / "
         f"{med(direct, 'requests'):.0f} | {med(lovd, 'gate_answers'):.0f} | "
@@ -263,10 +265,11 @@ async def main(profiles: int, returning: int, trace: bool = False, scheme: str =
         f"({protocols(results)}), direct over http\n"
     )
     print(
-        "| network | lovd p50 / p95 | direct p50 / p95 | lovd/direct p50 | lovd bytes after "
+        "| network | lovd p50 / p95 | direct p50 / p95 | lovd/direct p50 | API call TTFB "
+        "p50 lovd / direct | lovd bytes after "
         "click | direct bytes | requests lovd / direct | lovd answers per visit | runs |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (lovd, direct) in results.items():
         print(row_line(name, lovd, direct))
     ok = [r for r in back if r["ok"]]
@@ -275,7 +278,7 @@ async def main(profiles: int, returning: int, trace: bool = False, scheme: str =
         ab = [r["asset_bytes"] for r in ok]
         wire = statistics.median([r["bytes"] for r in ok]) / 1e6
         print(
-            f"| returning (none) | p50 {pct(t, 50):.2f} s | | | {wire:.2f} MB, UI files "
+            f"| returning (none) | p50 {pct(t, 50):.2f} s | | | | {wire:.2f} MB, UI files "
             f"{statistics.median(ab) / 1e3:.0f} KB | | | | {len(ok)}/{len(back)} ok |"
         )
     first = [r for r in results.get("none", ([], []))[0] if r["ok"]]

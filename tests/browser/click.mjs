@@ -158,6 +158,14 @@ try {
   const before = [...reqs.values()].filter((r) => r.phase === "before");
   const path = (r) => { try { return new URL(r.url).pathname; } catch { return r.url; } };
   const assets = list.filter((r) => path(r).startsWith("/assets/"));
+  // The UI's API calls after the click (fetch/XHR to the session, not lovd's own start
+  // nor the event stream): time from the page asking to the answer's first byte, queueing
+  // for a connection included, as the page waits for it.
+  const api = list.filter((r) => (r.type === "Fetch" || r.type === "XHR") && r.t_head >= 0 &&
+    !r.cached && !path(r).startsWith("/_lovd/") && path(r) !== "/global/event")
+    .map((r) => r.t_head - r.t_start).sort((a, b) => a - b);
+  result.api_ttfb_ms = api.length ? api[Math.floor((api.length - 1) / 2)] : -1;
+  result.api_calls = api.length;
   result.requests = list.length;
   // Requests after the click by the protocol their response names ("http/1.1", "h2").
   result.protocols = {};
