@@ -549,7 +549,27 @@ class CaddyManager:
             )
         elif not self.ok:
             log.info("Caddy: lovd's server '%s' is in place", self.site.name)
+        if self.site.tls and not await self._has_certificates():
+            detail = (
+                "caddy.tls is on but Caddy has no certificate to serve: browsers cannot "
+                "connect; load one in Caddy's own config (apps.tls.certificates, e.g. "
+                "load_files) or set caddy.tls false"
+            )
+            if self.ok or self.detail != detail:
+                log.warning("Caddy: %s", detail)
+            self.ok, self.detail = False, detail
+            return
         self.ok, self.detail = True, f"server '{self.site.name}' on {', '.join(self.site.listen)}"
+
+    async def _has_certificates(self) -> bool:
+        """Whether Caddy's tls app (the operator's, never written by lovd) loads or
+        manages any certificate lovd's TLS server could serve."""
+        try:
+            loaded = await self.admin.get("/config/apps/tls/certificates")
+            managed = await self.admin.get("/config/apps/tls/automation/policies")
+        except CaddyError:
+            return True  # unknown: the server check above reports an unreachable Caddy
+        return bool(loaded) or bool(managed)
 
     async def run(self) -> None:
         while True:

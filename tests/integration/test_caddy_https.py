@@ -13,14 +13,16 @@ import asyncio
 import contextlib
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from lovd.caddy import CaddyAdmin
+from lovd.caddy import CaddyAdmin, CaddyManager, Site
 from tests.conftest import need
-from tests.integration.caddy_harness import Harness, harness
+from tests.integration.caddy_harness import CaddyProc, Harness, SiteCert, harness
 from tests.waiting import until
 
 pytestmark = [pytest.mark.caddy]
@@ -160,3 +162,25 @@ async def test_gated_call_and_event_stream_over_http2(caddy_bin: str, curl: str)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+async def test_caddy_tls_without_a_certificate_is_reported(caddy_bin: str, tmp_path: Path) -> None:
+    """caddy.tls on a Caddy that holds no certificate would fail every browser's
+    handshake: lovd's Caddy health says so, and what to do; with one loaded it is fine."""
+    site = Site("lovd", ("127.0.0.1:0",), str(tmp_path / "auth.sock"), tls=True)
+    for extra, ok in ((None, False), (SiteCert.make(tmp_path).caddy_config(), True)):
+        workdir = Path(tempfile.mkdtemp(prefix="lovd-caddy-", dir="/tmp"))
+        caddy = CaddyProc(workdir, extra)
+        await caddy.start()
+        manager = CaddyManager(CaddyAdmin(caddy.admin_address), site, interval=1.0)
+        try:
+            await manager.check()
+            healthy, detail = await manager.health()
+            assert healthy is ok, detail
+            if not ok:
+                assert "caddy.tls is on but Caddy has no certificate" in detail
+                assert "load_files" in detail
+        finally:
+            await manager.close()
+            await caddy.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
