@@ -23,6 +23,7 @@ from lovd.config import Config
 from lovd.errors import LovdError
 from lovd.metrics import Metrics
 from lovd.podman import ContainerInfo
+from lovd.runner import UnitState
 from lovd.session.launcher import Launcher
 from lovd.session.machine import StateMachine
 from lovd.session.model import UNIT_BUSY, Session, SessionState
@@ -83,66 +84,83 @@ class Reconciler:
                 elif not alive and (unit is None or unit.active not in UNIT_BUSY):
                     await self.discard_warm(sid, "warm container stopped")
                 continue
-            if s.adoptable and alive:
-                assert c is not None
-                if not s.serving:
-                    if not await self._move(
-                        s, SessionState.RUNNING, reason="re-adopted", container_id=c.id
-                    ):
-                        continue
-                elif s.container_id != c.id:
-                    await self.store.update(sid, reason="re-adopted", container_id=c.id)
-                report["adopted"].append(sid)
-            elif s.status in _RESTING and alive:
-                # A stop that failed (Podman stuck at a failed start's cleanup) left it;
-                # nothing runs for a stopped or failed session.
-                log.warning(
-                    "stopping the container of a %s session", s.status, extra={"SESSION_ID": sid}
-                )
-                await self.launcher.stop_container(sid)
-            elif s.expects_container and not alive:
-                if unit is not None and unit.active in UNIT_BUSY:
-                    # systemd is still acting on it: stopping it now would cancel the
-                    # restart policy (ExecStopPost keeps a crashed unit "deactivating").
-                    continue
-                if unit is not None and unit.active == "failed":
-                    reason = (  # NRestarts also counts the attempt refused at the start limit
-                        f"unit failed ({unit.result}); gave up after "
-                        f"{max(0, unit.restarts - 1)} restarts"
-                    )
-                    to = SessionState.FAILED
-                elif c is not None and c.exit_code == SIGTERM_EXIT:
-                    # `podman stop`: a clean stop, not a failure.
-                    reason = "container was stopped (SIGTERM)"
-                    to = SessionState.STOPPED
-                elif c is not None and c.exit_code:
-                    reason = f"container exited with code {c.exit_code}"
-                    to = SessionState.FAILED
-                elif startup and s.starting_up:
-                    # A start the previous lovd did not finish (a shutdown, a crash): the
-                    # caller starts it again rather than failing a session nobody failed.
-                    if await self._move(
-                        s, SessionState.STARTING, reason="resumed after lovd restarted"
-                    ):
-                        report["resume"].append(sid)
-                    continue
-                elif s.status == SessionState.CREATING:
-                    reason = "interrupted: lovd stopped while the session was being created"
-                    to = SessionState.FAILED
-                else:
-                    reason = (
-                        "container vanished while lovd was down"
-                        if startup
-                        else "container stopped unexpectedly"
-                    )
-                    to = SessionState.STOPPED
-                await self.launcher.stop_container(sid)
-                if not await self._move(s, to, reason=reason, container_id="", broker_hash=""):
-                    continue
-                report["lost"].append(sid)
-                log.warning("session %s: %s", to, reason, extra={"SESSION_ID": sid})
+            # Decided and written under the session's lock (taken at once: nothing was
+            # awaited since the check above), so a start cannot launch a container between
+            # this pass's look and its write.
+            async with self.launcher.lock(sid):
+                await self._settle(s, c, alive, unit, startup, report)
         await self._orphans(containers, report)
         return report
+
+    async def _settle(
+        self,
+        s: Session,
+        c: ContainerInfo | None,
+        alive: bool,
+        unit: UnitState | None,
+        startup: bool,
+        report: dict[str, list[str]],
+    ) -> None:
+        """One session's row against its container (the caller holds its lock)."""
+        sid = s.id
+        if s.adoptable and alive:
+            assert c is not None
+            if not s.serving:
+                if not await self._move(
+                    s, SessionState.RUNNING, reason="re-adopted", container_id=c.id
+                ):
+                    return
+            elif s.container_id != c.id:
+                await self.store.update(sid, reason="re-adopted", container_id=c.id)
+            report["adopted"].append(sid)
+        elif s.status in _RESTING and alive:
+            # A stop that failed (Podman stuck at a failed start's cleanup) left it;
+            # nothing runs for a stopped or failed session.
+            log.warning(
+                "stopping the container of a %s session", s.status, extra={"SESSION_ID": sid}
+            )
+            await self.launcher.stop_container(sid)
+        elif s.expects_container and not alive:
+            if unit is not None and unit.active in UNIT_BUSY:
+                # systemd is still acting on it: stopping it now would cancel the
+                # restart policy (ExecStopPost keeps a crashed unit "deactivating").
+                return
+            if unit is not None and unit.active == "failed":
+                reason = (  # NRestarts also counts the attempt refused at the start limit
+                    f"unit failed ({unit.result}); gave up after "
+                    f"{max(0, unit.restarts - 1)} restarts"
+                )
+                to = SessionState.FAILED
+            elif c is not None and c.exit_code == SIGTERM_EXIT:
+                # `podman stop`: a clean stop, not a failure.
+                reason = "container was stopped (SIGTERM)"
+                to = SessionState.STOPPED
+            elif c is not None and c.exit_code:
+                reason = f"container exited with code {c.exit_code}"
+                to = SessionState.FAILED
+            elif startup and s.starting_up:
+                # A start the previous lovd did not finish (a shutdown, a crash): the
+                # caller starts it again rather than failing a session nobody failed.
+                if await self._move(
+                    s, SessionState.STARTING, reason="resumed after lovd restarted"
+                ):
+                    report["resume"].append(sid)
+                return
+            elif s.status == SessionState.CREATING:
+                reason = "interrupted: lovd stopped while the session was being created"
+                to = SessionState.FAILED
+            else:
+                reason = (
+                    "container vanished while lovd was down"
+                    if startup
+                    else "container stopped unexpectedly"
+                )
+                to = SessionState.STOPPED
+            await self.launcher.stop_container(sid)
+            if not await self._move(s, to, reason=reason, container_id="", broker_hash=""):
+                return
+            report["lost"].append(sid)
+            log.warning("session %s: %s", to, reason, extra={"SESSION_ID": sid})
 
     async def _move(self, s: Session, to: SessionState, **fields: Any) -> bool:
         """A compare-and-set from the state this pass decided on: a stop, a wake or a

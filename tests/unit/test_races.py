@@ -6,6 +6,7 @@ Real app and SQLite, the fake runner; each test fails against the code before it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,42 @@ async def test_reconcile_asks_the_supervisor_once_per_pass(
         before = a.runner.unit_queries
         await a.sessions.reconcile()
         assert a.runner.unit_queries - before == 1
+
+
+async def test_a_start_cannot_launch_while_reconcile_settles_its_row(
+    tmp_path: Path, free_ports: list[int]
+) -> None:
+    """Before: reconcile checked the session's lock, then stopped the (gone) container and
+    wrote "stopped" without holding it; a health restart's start launched its container
+    in between, and the row ended stopped with a container running (found by
+    test_state_props.py). Now reconcile holds the lock: the start waits, sees the stop,
+    and launches nothing."""
+    async with open_api(tmp_path, free_ports, warm_pool=0) as a:
+        s, _ = await a.sessions.create(wait=True)
+        sid = s.id
+        async with a.sessions.launcher.lock(sid):
+            secret = await a.sessions.starts.begin(sid, "restarting: test")
+        await a.runner.vanish(sid)  # the old container is gone; the new one not yet made
+        real_stop = a.runner.stop
+        in_stop, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow_stop(session_id: str) -> None:
+            in_stop.set()
+            await go_on.wait()
+            await real_stop(session_id)
+
+        a.runner.stop = slow_stop  # type: ignore[method-assign]
+        settle = asyncio.create_task(a.sessions.reconcile())
+        await asyncio.wait_for(in_stop.wait(), 5)
+        start = asyncio.create_task(a.sessions.starts.start(sid, secret=secret))
+        await asyncio.sleep(0.2)  # time for a start that does not wait to launch
+        go_on.set()
+        await settle
+        with contextlib.suppress(LovdError):
+            await start
+        row = a.store.get(sid)
+        assert row is not None
+        if row.status in (SessionState.STOPPED, SessionState.FAILED):
+            assert sid not in a.runner.servers, f"{row.status} with a container running"
+        else:
+            assert row.status == SessionState.RUNNING and sid in a.runner.servers
