@@ -246,26 +246,30 @@ async def test_a_stop_is_retried_after_its_container_stop_failed(
         assert row.status == S.STOPPED and row.container_id == ""
 
 
-async def test_reconcile_loses_to_a_stop_that_came_in_meanwhile(
+async def test_a_stop_that_comes_in_during_reconcile_waits_and_then_wins(
     tmp_path: Path, free_ports: list[int]
 ) -> None:
-    """Reconcile decides from a snapshot; a stop landing while it removes the container
-    wins (its compare-and-set fails), rather than being overwritten, or raising."""
+    """Reconcile settles a row under the session's lock; a person's stop arriving while
+    it removes the container waits for it, then applies (rather than being overwritten,
+    or raising)."""
     async with open_api(tmp_path, free_ports, warm_pool=0) as a:
         s, _ = await a.sessions.create(wait=True)
         await a.runner.stop(s.id)  # the container vanished
         real_stop = a.runner.stop
+        stops: list[asyncio.Task[object]] = []
 
         async def stop_while_a_person_stops_it(sid: str) -> None:
             a.runner.stop = real_stop  # type: ignore[method-assign]
-            await a.sessions.stop(sid, S.IDLE_STOPPED, "idle")
+            stops.append(asyncio.ensure_future(a.sessions.stop(sid, S.IDLE_STOPPED, "idle")))
+            await asyncio.sleep(0.05)  # the person's stop is under way meanwhile
             await real_stop(sid)
 
         a.runner.stop = stop_while_a_person_stops_it  # type: ignore[method-assign]
-        report = await a.sessions.reconcile()
+        await a.sessions.reconcile()
+        await asyncio.wait_for(stops[0], 5)
         row = a.store.get(s.id)
         assert row is not None and (row.status, row.reason) == (S.IDLE_STOPPED, "idle")
-        assert s.id not in report["lost"]
+        assert s.id not in a.runner.servers
 
 
 async def test_requests_on_two_sockets_share_one_wake_and_its_failure(
