@@ -150,3 +150,28 @@ async def test_opencode_pages_leave_caddy_unframeable_and_same_origin(
     assert "frame-ancestors 'none'" in policies
     assert not [p for p in policies if re.search(r"connect-src[^;]*\*", p)], policies
     assert any("connect-src 'self'" in p for p in policies if "default-src" in p), policies
+
+
+async def test_a_chats_record_is_fresh_for_two_seconds_and_nothing_else_is(
+    opencode: tuple[Harness, str, str],
+) -> None:
+    """GET /session/<chat> through Caddy is marked fresh for 2 s, private (the UI's
+    identical requests for it then share one answer in Chromium); its messages, the
+    chat list, an unknown chat and a refused request are not."""
+    h, value, oc = opencode
+    api = {"Cookie": value, "Accept": "application/json"}
+
+    async def cache_control(path: str, headers: dict[str, str]) -> tuple[int, str]:
+        async with h.http.get(h.url + path, headers=headers, allow_redirects=False) as r:
+            await r.read()
+            return r.status, r.headers.get("Cache-Control", "")
+
+    assert await cache_control(f"/session/{oc}", api) == (200, "private, max-age=2")
+    for path in (f"/session/{oc}/message", "/session", f"/session/{oc}x/message"):
+        status, cc = await cache_control(path, api)
+        assert "max-age" not in cc, (path, status, cc)
+    status, cc = await cache_control("/session/ses_doesnotexist0000000000000", api)
+    assert status != 200 and "max-age" not in cc, (status, cc)
+    # No cookie: lovd refuses (never OpenCode's answer), and says not to keep it.
+    status, cc = await cache_control(f"/session/{oc}", {"Accept": "application/json"})
+    assert status in (401, 403) and "max-age" not in cc, (status, cc)
