@@ -7,7 +7,8 @@
 // SPEC: {mode, profile, base?, url?, user?, password?, read_ms?, throttle?, reload?}
 //   mode "lovd":   open BASE/ (the landing page), wait READ_MS (a person reading; the
 //                  page's prefetch runs meanwhile), click start → the chat's prompt.
-//   mode "direct": open URL (a chat on a container's own port, HTTP Basic USER/PASSWORD)
+//   mode "direct": open URL (a chat on a container's own port, HTTP Basic USER/PASSWORD
+//                  sent as a header: the browser's cache on, as on the lovd side)
 //                  → the chat's prompt. The same UI without lovd, Caddy or the gate.
 //   throttle:      {latency_ms, mbit} via CDP Network.emulateNetworkConditions.
 //   spki:          base64(sha256(SPKI)) of the site's self-signed certificate (https):
@@ -56,7 +57,12 @@ const ctx = await chromium.launchPersistentContext(spec.profile, {
          "--disable-component-update", "--disable-sync", "--no-first-run",
          ...(spec.spki ? [`--ignore-certificate-errors-spki-list=${spec.spki}`] : [])],
   viewport: { width: 1280, height: 800 },
-  ...(spec.user ? { httpCredentials: { username: spec.user, password: spec.password } } : {}),
+  // HTTP Basic as a plain header on every request. Not Playwright's httpCredentials:
+  // that pauses every request in CDP's Fetch domain and turns Chromium's HTTP cache off,
+  // which is not how a person's browser loads the page (with the cache on, Chromium
+  // makes identical GETs in flight wait for each other: the UI's four of /session/<id>).
+  ...(spec.user ? { extraHTTPHeaders: { Authorization: "Basic " +
+    Buffer.from(spec.user + ":" + spec.password).toString("base64") } } : {}),
 });
 try {
   const page = ctx.pages()[0] || (await ctx.newPage());
@@ -109,6 +115,11 @@ try {
   });
   result.page_errors = [];
   page.on("pageerror", (e) => result.page_errors.push(String(e).slice(0, 300)));
+  result.console_errors = [];
+  page.on("console", (m) => {
+    if (m.type() === "error" && result.console_errors.length < 20)
+      result.console_errors.push(m.text().slice(0, 300));
+  });
   if (spec.fail_start_fetch) {
     await page.route("**/_lovd/start", (route) =>
       route.request().resourceType() === "fetch" ? route.abort("connectionreset") : route.continue());
@@ -116,22 +127,46 @@ try {
   const prompt = () => page.locator('[data-component="prompt-input"]').first();
   const inChat = async () =>
     /\/session\/ses_/.test(new URL(page.url()).pathname) && (await prompt().isVisible());
+  // Every address the page showed while the chat loaded (sampled every 25 ms): a UI
+  // that moves itself from one chat route to another shows two.
+  result.paths_seen = [];
   const waitChat = async (ms) => {
     const end = Date.now() + ms;
     while (Date.now() < end) {
+      const seen = new URL(page.url()).pathname;
+      if (result.paths_seen.at(-1) !== seen) result.paths_seen.push(seen);
       if (await inChat().catch(() => false)) return true;
       await page.waitForTimeout(25);
     }
+    // What the page showed instead: the UI's components on screen and every request that
+    // failed or never finished, so a failure says where the page got stuck.
+    result.stuck = {
+      url: page.url(),
+      components: await page.evaluate(() => [...new Set([...document.querySelectorAll(
+        "[data-component]")].map((e) => e.getAttribute("data-component")))].slice(0, 40))
+        .catch((e) => [String(e)]),
+      text: (await page.evaluate(() => document.body.innerText).catch(() => "")).slice(0, 400),
+      requests: [...reqs.values()].filter((r) => !(r.status < 400) || r.t_end === undefined)
+        .map((r) => [r.method, r.status ?? 0, r.url.replace(/^https?:\/\/[^/]+/, "").slice(0, 90)])
+        .slice(0, 30),
+    };
     throw new Error("no chat prompt within " + ms + " ms at " + page.url());
   };
   if (spec.clear_cookies) await ctx.clearCookies(); // a returning visitor's new session
   if (spec.mode === "lovd") {
     await page.goto(spec.base + "/", { waitUntil: "load" });
     await page.waitForTimeout(spec.read_ms ?? 2000);
+    // Where the person's pointer goes, found before the clock starts: Playwright's own
+    // checks before a locator click (visible, stable over two frames, hit target) took
+    // ~50 ms that are no part of a person's wait; the clock starts at the click itself.
+    const button = page.locator('form[action="/_lovd/start"] button').first();
+    await button.scrollIntoViewIfNeeded();
+    const box = await button.boundingBox();
     if (spec.trace) await startTrace();
     phase = "after";
     t0 = Date.now();
-    await page.locator('form[action="/_lovd/start"] button').first().click();
+    if (box) await page.mouse.click(box.x + box.width / 2, box.y + box.height / 2);
+    else await button.click();
   } else {
     if (spec.trace) await startTrace();
     phase = "after";
@@ -166,6 +201,10 @@ try {
     .map((r) => r.t_head - r.t_start).sort((a, b) => a - b);
   result.api_ttfb_ms = api.length ? api[Math.floor((api.length - 1) / 2)] : -1;
   result.api_calls = api.length;
+  // The chat's own record (GET /session/ses_…), which the UI asks for several times at
+  // once: bytes on the wire of each answer (0: it shared another request's answer).
+  result.chat_record_bytes = list.filter((r) => r.method === "GET" &&
+    /^\/session\/ses_[A-Za-z0-9]+$/.test(path(r))).map((r) => r.bytes);
   result.requests = list.length;
   // Requests after the click by the protocol their response names ("http/1.1", "h2").
   result.protocols = {};

@@ -134,6 +134,14 @@ async def test_first_minute_prefetch_cache_compression_reload(https: bool) -> No
     assert all(a["cached"] for a in code), r["after_assets"]
     assert r["page_errors"] == [], r["page_errors"]
     assert r["chat_path"].split("/")[-2] == "session", r
+    # The script put the address on OpenCode's server-scoped chat route at once: the UI
+    # did not have to move it there (a second route and render).
+    chats = [p for p in r["paths_seen"] if "/session/ses_" in p]
+    assert len(chats) == 1 and chats[0].startswith("/server/"), r["paths_seen"]
+    # The UI asks for the chat's record several times at once; they shared one answer
+    # over the network (lovd/caddy.py CHAT_RECORD_CACHE) instead of waiting in line.
+    fetched = r["chat_record_bytes"]
+    assert len(fetched) >= 2 and len([b for b in fetched if b > 0]) == 1, fetched
     # A reload loads OpenCode's own page: its bundle from the browser's cache, the
     # same chat.
     assert r["reload_documents"] and r["reload_documents"][0][1] == 200, r
