@@ -80,6 +80,7 @@ MAX_FILES = 5000
 MAX_BYTES = 200 * 1024 * 1024
 FETCH_TIMEOUT = 30.0
 CONCURRENCY = 8
+SERVER_ROUTE = b'"/server/:serverKey/session/:id"'
 
 
 class _Shell(HTMLParser):
@@ -116,6 +117,9 @@ class UiSet:
     # What the UI's first paint needs besides its entry files: its text font (the code
     # font and KaTeX's load later, if at all).
     fonts: list[str] = field(default_factory=list)
+    # Whether the UI has the server-scoped chat route (SERVER_ROUTE, OpenCode 1.18's
+    # layout), where the landing page's script can put the address directly.
+    server_route: bool = False
 
 
 def _stored(path: str) -> bool:
@@ -183,6 +187,7 @@ class UiAssets:
                 scripts=[str(s) for s in raw.get("scripts", [])],
                 styles=[str(s) for s in raw.get("styles", [])],
                 fonts=[str(s) for s in raw.get("fonts", [])],
+                server_route=raw.get("server_route") is True,
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -256,6 +261,7 @@ class UiAssets:
             scripts=[s for s in shell.scripts if s in got],
             styles=styles,
             fonts=_body_font(styles, got),
+            server_route=any(SERVER_ROUTE in got.get(s, b"") for s in shell.scripts),
         )
         await asyncio.to_thread(self._write, ui, got)
         log.info(
@@ -306,6 +312,7 @@ class UiAssets:
             "scripts": ui.scripts,
             "styles": ui.styles,
             "fonts": ui.fonts,
+            "server_route": ui.server_route,
         }
         _atomic(self.sets / f"{ui.version}.json", json.dumps(meta, indent=1).encode())
 

@@ -165,7 +165,9 @@ class WarmPrep:
             tags.append(
                 '<script src="/_lovd/static/instant.js" defer '
                 f'data-version="{e(ui.version)}" data-entry="{e(ui.scripts[0])}" '
-                f'data-icon="{e(icon)}"></script>'
+                f'data-icon="{e(icon)}"'
+                + (' data-route="server"' if ui.server_route else "")
+                + "></script>"
             )
         return "".join(tags)
 

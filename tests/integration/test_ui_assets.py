@@ -198,3 +198,5 @@ def _check_stored_ui(root: Path, ui: UiSet, secrets: list[bytes]) -> None:
     main = www / ui.scripts[0].lstrip("/")
     assert (main.with_name(main.name + ".gz")).exists()
     assert raw > 1_000_000
+    # The shipped OpenCode has the server-scoped chat route instant.js lands on.
+    assert ui.server_route

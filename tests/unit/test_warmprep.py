@@ -62,6 +62,13 @@ async def test_prefetch_names_the_stored_versions_entry_files(tmp_path: Path) ->
         '<script src="/_lovd/static/instant.js" defer data-version="1.18.33" '
         'data-entry="/assets/index-A1b2C3d4.js" data-icon="/favicon-v3.svg"></script>' in shell
     )
+    # A UI with the server-scoped chat route: the script is told to land there directly.
+    assert "data-route" not in shell
+    assets._write(UiSet(**{**vars(ui), "server_route": True}), files)
+    assert assets.get("1.18.33").server_route  # type: ignore[union-attr]
+    assert 'data-icon="/favicon-v3.svg" data-route="server"></script>' in prep.prefetch_html(
+        "nb", True
+    )
     # A version no container runs any more is not what the next session runs.
     prep.next_version = "0.0.1"
     assert prep.prefetch_html() == ""

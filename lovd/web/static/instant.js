@@ -4,9 +4,10 @@
 // fetched and compiled (<link rel="modulepreload">), its stylesheet loaded but switched
 // off (media="not all"). A click then claims a session with a same-origin fetch of
 // POST /_lovd/start (the same checks as the form; lovd answers JSON and sets the
-// session cookie), moves the address to the session's chat, turns this page into
-// OpenCode's page (its root element, styles and theme) and runs the UI's entry module:
-// no redirect, no HTML to load, nothing to compile after the click.
+// session cookie), moves the address to the session's chat (the route OpenCode's UI
+// itself would move it to), turns this page into OpenCode's page (its root element,
+// styles and theme) and runs the UI's entry module: no redirect, no HTML to load,
+// nothing to compile after the click.
 //
 // Whenever that cannot work, the plain form post runs instead (no JavaScript at all, a
 // failed fetch, a session on another UI version, no chat made yet): the old path.
@@ -18,6 +19,7 @@
   var version = me.getAttribute("data-version") || "";
   var entry = me.getAttribute("data-entry") || "";
   var icon = me.getAttribute("data-icon") || "";
+  var serverScoped = me.getAttribute("data-route") === "server";
   // OpenCode's chat address: /<folder, base64url>/session/<chat id>.
   var CHAT = /^\/[A-Za-z0-9_-]+\/session\/ses_[A-Za-z0-9]+$/;
   var busy = false;
@@ -56,9 +58,18 @@
       location.assign(where); // the gate lands it (or loads the session's own UI)
       return;
     }
-    history.replaceState(null, "", where);
+    history.replaceState(null, "", serverScoped ? serverRoute(where) : where);
     become();
     import(entry).catch(function () { location.reload(); });
+  }
+
+  // The chat's address in OpenCode's newer layout (data-route="server": lovd found the
+  // route in this UI's script): /server/<this origin, base64url>/session/<chat id>. That
+  // UI sends /<folder>/session/<id> there itself once it runs (a second route and render
+  // in the person's first second); landing there directly skips that hop.
+  function serverRoute(where) {
+    var key = btoa(location.origin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    return "/server/" + key + "/session/" + where.split("/").pop();
   }
 
   // This page becomes OpenCode's own (its index.html): head bits, theme, styles, root.
