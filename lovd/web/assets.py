@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
 import json
 import logging
@@ -181,7 +182,7 @@ class UiAssets:
             return None
         try:
             raw = json.loads((self.sets / f"{version}.json").read_text())
-            return UiSet(
+            ui = UiSet(
                 version=str(raw["version"]),
                 files=[str(f) for f in raw["files"]],
                 scripts=[str(s) for s in raw.get("scripts", [])],
@@ -191,6 +192,20 @@ class UiAssets:
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if "server_route" not in raw:
+            # A set stored by an older lovd: look in its entry script once, and keep
+            # the answer (a stored version is never fetched again).
+            ui.server_route = self._has_server_route(ui.scripts)
+            with contextlib.suppress(OSError):
+                _atomic(self.sets / f"{version}.json", _meta(ui))
+        return ui
+
+    def _has_server_route(self, scripts: list[str]) -> bool:
+        for s in scripts:
+            with contextlib.suppress(OSError):
+                if _stored(s) and SERVER_ROUTE in (self.www / s.lstrip("/")).read_bytes():
+                    return True
+        return False
 
     def versions(self) -> list[str]:
         """Stored versions, newest file first."""
@@ -306,15 +321,7 @@ class UiAssets:
                 _atomic(dest.with_name(dest.name + ".gz"), gzip.compress(body, 9, mtime=0))
                 if zstd:
                     _zstd(zstd, dest)
-        meta = {
-            "version": ui.version,
-            "files": ui.files,
-            "scripts": ui.scripts,
-            "styles": ui.styles,
-            "fonts": ui.fonts,
-            "server_route": ui.server_route,
-        }
-        _atomic(self.sets / f"{ui.version}.json", json.dumps(meta, indent=1).encode())
+        _atomic(self.sets / f"{ui.version}.json", _meta(ui))
 
     def prune(self, live: Iterable[str]) -> int:
         """Forget every version not in ``live`` (the versions running containers use) and
@@ -346,6 +353,11 @@ class UiAssets:
                 version_file.unlink()
             log.info("removed OpenCode %s's UI files (no container uses it)", version_file.stem)
         return removed
+
+
+def _meta(ui: UiSet) -> bytes:
+    """``sets/<version>.json``."""
+    return json.dumps(dataclasses.asdict(ui), indent=1).encode()
 
 
 def _atomic(dest: Path, body: bytes) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import aiohttp
@@ -123,3 +124,23 @@ async def test_prune_keeps_live_versions_and_shared_files(tmp_path: Path) -> Non
     assert (www / "assets" / "index-AAA.js").exists()  # 2.0.0 has it too
     assert (www / "assets" / "lazy-CCC.js").exists()
     assert assets.versions() == ["2.0.0"]
+
+
+async def test_a_set_stored_by_an_older_lovd_learns_whether_it_has_the_server_route(
+    tmp_path: Path,
+) -> None:
+    assets = UiAssets(tmp_path, http=None)  # type: ignore[arg-type]
+    (tmp_path / "www" / "assets").mkdir(parents=True)
+    (tmp_path / "sets").mkdir()
+    for version, body in (("1.18.33", b'x("/server/:serverKey/session/:id",y)'), ("1.0", b"z")):
+        (tmp_path / "www" / "assets" / f"index-{version}.js").write_bytes(body)
+        old = {"version": version, "files": [f"/assets/index-{version}.js"],
+               "scripts": [f"/assets/index-{version}.js"], "styles": [], "fonts": []}  # fmt: skip
+        (tmp_path / "sets" / f"{version}.json").write_text(json.dumps(old))
+    new, older = assets.get("1.18.33"), assets.get("1.0")
+    assert new is not None and new.server_route
+    assert older is not None and not older.server_route
+    # The answer is kept: the script is not read again.
+    (tmp_path / "www" / "assets" / "index-1.18.33.js").unlink()
+    assert json.loads((tmp_path / "sets" / "1.18.33.json").read_text())["server_route"] is True
+    assert assets.get("1.18.33").server_route  # type: ignore[union-attr]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ async def test_prefetch_names_the_stored_versions_entry_files(tmp_path: Path) ->
     )
     # A UI with the server-scoped chat route: the script is told to land there directly.
     assert "data-route" not in shell
-    assets._write(UiSet(**{**vars(ui), "server_route": True}), files)
+    assets._write(dataclasses.replace(ui, server_route=True), files)
     assert assets.get("1.18.33").server_route  # type: ignore[union-attr]
     assert 'data-icon="/favicon-v3.svg" data-route="server"></script>' in prep.prefetch_html(
         "nb", True
