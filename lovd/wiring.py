@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 
 # A health check that needs Podman answers within this, or reports that it did not.
 HEALTH_CHECK_SECONDS = 3.0
+# How long an idle connection to a container, Caddy or a broker upstream is kept for
+# reuse. Below the 5 s after which uvicorn and Node close an idle connection (Bun: 10 s):
+# a connection kept longer than the server keeps it may be reused just as the server
+# closes it, and a POST sent into that close fails (aiohttp retries only idempotent
+# methods) — a chat's MCP call or model call lost to a race.
+IDLE_KEEPALIVE_SECONDS = 2.0
 
 # A harness's runner in place of the configured one, made from the store's instance id
 # (which a real runner marks its containers with).
@@ -167,12 +173,7 @@ async def _build(
     closers.append(store)
     if c.postgres_dsn and c.restore_on_start:  # before the runner: it takes the instance id
         await restore_if_lost(store, c, host_id)
-    # One pool for containers, Caddy and the broker's upstreams. No per-host limit:
-    # every session holds an MCP event stream open to the same upstream.
-    http = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30),
-        auto_decompress=False,
-    )
+    http = http_client()
     closers.append(http)
     spawner: procs.Spawner | None = None
     podman_cli = False
@@ -388,3 +389,14 @@ def _health_checks(
         "podman": cached("podman", 5.0, podman),
         "image": cached("image", 30.0, image),
     }
+
+
+def http_client() -> aiohttp.ClientSession:
+    """One pool for containers, Caddy and the broker's upstreams. No per-host limit:
+    every session holds an MCP event stream open to the same upstream."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=1024, limit_per_host=0, keepalive_timeout=IDLE_KEEPALIVE_SECONDS
+        ),
+        auto_decompress=False,
+    )

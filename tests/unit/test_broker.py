@@ -395,3 +395,67 @@ async def test_a_session_calling_through_the_broker_is_active(tmp_path: Path) ->
         # A model call is an answer in progress (idle_timeout never cuts it off); MCP
         # traffic alone is not (OpenCode's MCP client keeps its event stream open).
         assert seen == [s.id]
+
+
+class DropsIdle:
+    """An HTTP/1.1 upstream that, like uvicorn or Node after 5 s, drops a keep-alive
+    connection once it has been idle too long — here at the moment a request arrives on
+    it, the race a client that keeps idle connections longer than the server loses."""
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.dropped = 0
+        self.answered = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        last: float | None = None
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if last is not None and time.monotonic() - last > self.idle:
+                    self.dropped += 1
+                    return
+                length = 0
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                body = b'{"jsonrpc": "2.0", "id": 1, "result": {}}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+                self.answered += 1
+                last = time.monotonic()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_an_upstream_that_drops_idle_connections_loses_no_call(tmp_path: Path) -> None:
+    """A chat's MCP calls (POSTs: aiohttp never retries them) arrive seconds apart; lovd
+    keeps an idle connection for less time than common servers do, so none is reused
+    into the server's close (CI once lost a chat's Lovdata call this way)."""
+    from lovd.wiring import IDLE_KEEPALIVE_SECONDS
+
+    upstream = DropsIdle(idle=IDLE_KEEPALIVE_SECONDS + 0.5)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with rig(tmp_path, mcp={"lovdata": {"url": f"http://127.0.0.1:{port}/mcp"}}) as r:
+            _, cred = await r.session()
+            for pause in (0.0, 0.2, IDLE_KEEPALIVE_SECONDS + 0.7, 0.2):
+                await asyncio.sleep(pause)
+                resp = await r.client.post(
+                    "/mcp/lovdata", json={"jsonrpc": "2.0"}, headers=bearer(cred)
+                )
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+            assert upstream.answered == 4
+            assert upstream.dropped == 0  # lovd closed the idle connection first
+    finally:
+        server.close()
+        await server.wait_closed()
