@@ -421,8 +421,8 @@ class Config:
     broker_read_timeout: float = setting(
         "broker.read_timeout",
         30.0,
-        "Seconds a connection to the broker has to send a request's head (from opening, or "
-        "from its last answer) and then its body; slower ones are closed.",
+        "Seconds a connection to the broker has to send its request's head (from opening) "
+        "and then its body; slower ones are closed. Each call has a connection of its own.",
     )
     broker_max_connections: int = setting(
         "broker.max_connections",

@@ -186,6 +186,12 @@ class Broker:
         raise Refusal(404, f"the broker offers nothing at {path}")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        resp = await self._answer(request)
+        if not resp.prepared:  # a streamed answer was marked before it started
+            resp.force_close()
+        return resp
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         self.on_request()
         try:
             up, route = self.route(request)
@@ -276,6 +282,7 @@ class Broker:
                     if k.lower() not in _HOP_BY_HOP:
                         resp.headers.add(k, v)
                 reader = UsageReader(r.headers.get("Content-Type", ""))
+                resp.force_close()
                 await resp.prepare(request)
                 async for chunk in r.content.iter_any():
                     await resp.write(chunk)
@@ -368,15 +375,21 @@ def create_broker_app(broker: Broker) -> web.Application:
     return app
 
 
+# Every answer says "Connection: close" (Broker.handle): a session's client keeps idle
+# connections longer than the broker would (Bun's fetch: 5 min), so a POST could be sent
+# just as the broker closed an idle one and fail with "socket closed unexpectedly"
+# (measured with the session image's Bun: 1 in 60 calls made one keep-alive period
+# apart). A fresh connection per call costs a local TCP handshake and leaves no idle
+# connections to count against broker.max_connections.
 def make_runner(broker: Broker) -> web.AppRunner:
     return web.AppRunner(
         create_broker_app(broker),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=1,
-        # A connection must bring a whole request head within read_timeout of opening
-        # (or of its last answer): aiohttp closes it otherwise, so half-open or trickling
-        # connections do not pile up.
+        # A connection must bring a whole request head within read_timeout of opening:
+        # aiohttp closes it otherwise, so half-open or trickling connections do not
+        # pile up.
         keepalive_timeout=broker.limits.read_timeout,
         # A refused request's unread body is drained at most this long, then dropped.
         lingering_time=2.0,

@@ -459,3 +459,25 @@ async def test_an_upstream_that_drops_idle_connections_loses_no_call(tmp_path: P
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_every_answer_closes_its_connection(tmp_path: Path) -> None:
+    """A session's client (Bun's fetch) keeps idle connections for minutes; a call sent
+    as the broker closed one would fail. So no answer leaves a connection to reuse:
+    streamed or not, refused or failed upstream."""
+    async with rig(tmp_path, mcp={"lovdata": {"url": "http://127.0.0.1:9/mcp"}}) as r:
+        _, cred = await r.session()
+        r.upstream.release.set()
+        calls: list[tuple[str, dict[str, str], int]] = [
+            (OPENAI_CHAT, bearer(cred), 200),  # streamed (SSE) from the upstream
+            ("/llm/anthropic/messages", {"x-api-key": cred}, 200),
+            (OPENAI_CHAT, bearer("nobody.x"), 401),
+            ("/llm/nowhere", bearer(cred), 404),
+            ("/mcp/lovdata", bearer(cred), 502),  # nothing listens on port 9
+        ]
+        for path, headers, status in calls:
+            body = CLAUDE if "anthropic" in path else CHAT
+            resp = await r.client.post(path, json=body, headers=headers)
+            await resp.read()
+            assert resp.status == status, (path, await resp.text())
+            assert resp.headers.get("Connection", "").lower() == "close", (path, resp.headers)
